@@ -1,0 +1,90 @@
+"""LoRA / DoRA adapters (peft) on a base model, or full fine-tuning; and what they make trainable."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+from transformers import PreTrainedModel
+
+from finlora.config import AdapterConfig, AdapterMethod, DoraImpl
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(cfg: AdapterConfig) -> LoraConfig:
+    targets = cfg.target_modules
+    return LoraConfig(
+        task_type="CAUSAL_LM", r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        use_dora=cfg.method is AdapterMethod.dora, use_rslora=cfg.rslora, bias="none")
+
+
+def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool) -> nn.Module:
+    """Wrap the base model for training: a peft LoRA/DoRA model, or the model itself for full fine-tuning.
+
+    Quantized bases go through peft's `prepare_model_for_kbit_training` (norms and embeddings in float32,
+    input gradients enabled for checkpointing).
+    """
+    if getattr(model, "is_quantized", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if cfg.method is AdapterMethod.none:
+        return model
+    peft_model = get_peft_model(model, lora_config(cfg))
+    if cfg.method is AdapterMethod.dora and cfg.impl is DoraImpl.finlora:
+        from finlora.dora import use_fast_dora
+
+        log.info("finlora DoRA on %d layers", use_fast_dora(peft_model))
+    return peft_model
+
+
+@dataclass
+class ParamGroup:
+    """Trainable parameters of one kind of adapted matrix (e.g. every layer's q_proj)."""
+
+    module: str
+    matrices: int
+    shape: tuple[int, int]  # (d_out, d_in)
+    lora: int  # r·(d_in + d_out) per matrix
+    magnitude: int  # d_out per matrix for DoRA, else 0
+
+    @property
+    def total(self) -> int:
+        return self.matrices * (self.lora + self.magnitude)
+
+
+def trainable_breakdown(model: nn.Module) -> list[ParamGroup]:
+    """Trainable adapter parameters per matrix kind, read from the modules themselves (not from the config),
+    so the printed counts are what the optimizer really gets."""
+    groups: dict[tuple[str, tuple[int, int]], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Module) or not hasattr(module, "lora_A") or not module.lora_A:
+            continue
+        for adapter, a in module.lora_A.items():
+            b = module.lora_B[adapter]
+            kind = re.sub(r".*\.", "", name)
+            shape = (b.weight.shape[0], a.weight.shape[1])
+            entry = groups[(kind, shape)]
+            entry[0] += 1
+            entry[1] = a.weight.numel() + b.weight.numel()
+            mags = getattr(module, "lora_magnitude_vector", None)
+            entry[2] = mags[adapter].weight.numel() if mags and adapter in mags else 0
+    return [ParamGroup(kind, n, shape, lora, mag) for (kind, shape), (n, lora, mag) in sorted(groups.items())]
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; quantized 4-bit weights count as their logical size."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if isinstance(model, PeftModel):
+        _, total = model.get_nb_trainable_parameters()
+    else:
+        total = sum(p.numel() for p in model.parameters())
+    return trainable, total

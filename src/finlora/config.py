@@ -1,0 +1,283 @@
+"""Typed schema of finlora's Hydra config.
+
+Every value a user can set is declared here with its type and checked in its `problems()`, so a bad
+value fails in `validate()` with the key's dotted name, before any model or data is loaded. Hydra
+1.3 pins omegaconf < 2.4, which has no `Literal`; choices are Enums instead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = ("smollm2-135m-instruct",)
+
+
+class ConfigError(ValueError):
+    """A config value is wrong; the message names every offending key."""
+
+
+class AdapterMethod(Enum):
+    lora = "lora"
+    dora = "dora"
+    none = "none"  # full fine-tuning of every weight
+
+
+class DoraImpl(Enum):
+    finlora = "finlora"
+    peft = "peft"
+
+
+class TaskKind(Enum):
+    label = "label"
+    numeric = "numeric"
+    tags = "tags"
+    text = "text"
+
+
+class Scheduler(Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+
+
+class LoggerKind(Enum):
+    wandb = "wandb"
+    csv = "csv"
+    tensorboard = "tensorboard"
+    none = "none"
+
+
+class FourBitType(Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+def _check(problems: list[str], ok: bool, key: str, message: str) -> None:
+    if not ok:
+        problems.append(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_PREFIX + EMBEDDED_MODELS[0]
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        name = self.name_or_path
+        if name.startswith(EMBEDDED_PREFIX):
+            _check(problems, name[len(EMBEDDED_PREFIX):] in EMBEDDED_MODELS, "model.name_or_path",
+                   f"unknown embedded model {name!r}; embedded models: {list(EMBEDDED_MODELS)}")
+        elif looks_like_path(name):
+            _check(problems, Path(name).expanduser().is_dir(), "model.name_or_path",
+                   f"local model folder {name!r} does not exist")
+        return problems
+
+    @property
+    def embedded(self) -> str | None:
+        name = self.name_or_path
+        return name[len(EMBEDDED_PREFIX):] if name.startswith(EMBEDDED_PREFIX) else None
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is `org/name`; anything absolute, relative-dotted, home-based or present on disk is a path."""
+    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+@dataclass
+class QuantConfig:
+    bits: int | None = None
+    quant_type: FourBitType = FourBitType.nf4
+    double_quant: bool = True
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.bits in (None, 4, 8), "quant.bits", f"must be null, 4 or 8, got {self.bits}")
+        return problems
+
+
+@dataclass
+class AdapterConfig:
+    method: AdapterMethod = AdapterMethod.dora
+    impl: DoraImpl = DoraImpl.finlora
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
+    rslora: bool = False
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        if self.method is not AdapterMethod.none:
+            _check(problems, self.r > 0, "adapter.r", f"must be a positive integer, got {self.r}")
+            _check(problems, self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
+            _check(problems, 0 <= self.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
+            _check(problems, len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+        return problems
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.r**0.5 if self.rslora else self.r)
+
+
+@dataclass
+class DataSource:
+    file: str = "???"
+    repeat: int = 1
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    kind: TaskKind = TaskKind.label
+    labels: list[str] = field(default_factory=list)
+    train: list[DataSource] = field(default_factory=list)
+    test: str | None = None
+    max_new_tokens: int = 8
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        for i, src in enumerate(self.train):
+            _check(problems, src.repeat >= 1, f"task.train[{i}].repeat", f"must be >= 1, got {src.repeat}")
+        _check(problems, self.kind is not TaskKind.label or len(self.labels) >= 2, "task.labels",
+               "a label task needs at least two labels")
+        _check(problems, self.max_new_tokens > 0, "task.max_new_tokens", "must be > 0")
+        return problems
+
+
+@dataclass
+class DataConfig:
+    max_length: int = 256
+    val_size: int = 200
+    seed: int = 42
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.max_length >= 16, "data.max_length", f"must be >= 16, got {self.max_length}")
+        _check(problems, self.val_size >= 0, "data.val_size", f"must be >= 0, got {self.val_size}")
+        return problems
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    max_steps: int = -1
+    max_epochs: int = 1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    scheduler: Scheduler = Scheduler.cosine
+    grad_clip: float = 1.0
+    gradient_checkpointing: bool = False
+    val_every_n_steps: int | None = None
+    log_every_n_steps: int = 10
+    num_workers: int = 0
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "trainer.accelerator",
+               f"must be auto, cpu, gpu, cuda or mps, got {self.accelerator!r}")
+        _check(problems, self.precision in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
+               "trainer.precision", f"must be null, 32-true, bf16-mixed, 16-mixed or bf16-true, got {self.precision!r}")
+        _check(problems, self.max_steps == -1 or self.max_steps > 0, "trainer.max_steps", "must be -1 or > 0")
+        _check(problems, self.max_epochs > 0, "trainer.max_epochs", "must be > 0")
+        _check(problems, self.batch_size > 0, "trainer.batch_size", "must be > 0")
+        _check(problems, self.grad_accum > 0, "trainer.grad_accum", "must be > 0")
+        _check(problems, self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        _check(problems, self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
+        _check(problems, self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
+        _check(problems, self.val_every_n_steps is None or self.val_every_n_steps > 0,
+               "trainer.val_every_n_steps", "must be null or > 0")
+        _check(problems, self.log_every_n_steps > 0, "trainer.log_every_n_steps", "must be > 0")
+        return problems
+
+
+@dataclass
+class LoggerConfig:
+    kind: LoggerKind = LoggerKind.wandb
+    project: str = "finlora"
+    entity: str | None = None
+    mode: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.mode in (None, "online", "offline", "disabled"), "logger.mode",
+               f"must be null, online, offline or disabled, got {self.mode!r}")
+        return problems
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = "."
+    data_dir: str = "???"
+    cache_dir: str = "???"
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 42
+    run_name: str = "run"
+    output_dir: str = "???"
+    ckpt_path: str | None = None
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
+               f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
+        _check(problems, not (self.quant.bits and self.adapter.method is AdapterMethod.none), "quant.bits",
+               "full fine-tuning (adapter=none) cannot train quantized weights; use quant=none")
+        _check(problems, self.ckpt_path is None or Path(self.ckpt_path).is_file(), "ckpt_path",
+               f"checkpoint {self.ckpt_path!r} does not exist")
+        for section in (self.model, self.quant, self.adapter, self.task, self.data, self.trainer, self.logger):
+            problems += section.problems()
+        return problems
+
+
+def validate(cfg: DictConfig) -> Config:
+    """Merge the composed config into the schema and run every check. Type errors stop at the first one
+    (omegaconf's merge does); value problems are all collected into one ConfigError."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        OmegaConf.resolve(merged)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        msg = getattr(err, "msg", str(err)).splitlines()[0]
+        raise ConfigError(f"invalid config: {key}: {msg}" if key else f"invalid config: {msg}") from None
+    problems = config.problems()
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    return config
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    """Offline unless the user has said otherwise, so a run never stalls asking for a login."""
+    if cfg.mode:
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"

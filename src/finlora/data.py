@@ -1,0 +1,145 @@
+"""Task data: FinLoRA JSONL files → checked records → train/validation splits → token batches.
+
+Files are read and checked completely before any model is loaded, so a malformed line fails in
+seconds with its file and line number rather than after a minute of model loading.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from finlora.config import DataConfig, TaskConfig
+from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
+
+REQUIRED_KEYS = ("context", "target")
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file and line."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every record of a FinLoRA JSONL file, each checked for `context` and `target`."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    records = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            missing = [k for k in REQUIRED_KEYS if k not in record]
+            if missing:
+                raise DataError(f"{path}:{lineno}: record has no {' or '.join(repr(k) for k in missing)}")
+            if not isinstance(record["context"], str):
+                raise DataError(f"{path}:{lineno}: 'context' must be a string")
+            records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (empty data set)")
+    return records
+
+
+@dataclass
+class TaskData:
+    """The records of one task: training rows (repetitions applied), validation rows, test rows."""
+
+    train: list[dict]
+    val: list[dict]
+    test: list[dict]
+
+
+def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskData:
+    """Read a task's files and hold out validation rows.
+
+    Validation rows are drawn from each file before its repetition, in proportion to its size, so a
+    mixture never validates on a row it trains on.
+    """
+    root = Path(data_dir)
+    sources = [(read_jsonl(root / src.file), src.repeat) for src in task.train]
+    total = sum(len(rows) for rows, _ in sources)
+    rng = random.Random(data.seed)
+    train: list[dict] = []
+    val: list[dict] = []
+    for rows, repeat in sources:
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        n_val = round(data.val_size * len(rows) / total) if total else 0
+        val += [rows[i] for i in order[:n_val]]
+        train += [rows[i] for i in order[n_val:]] * repeat
+    rng.shuffle(train)
+    test = read_jsonl(root / task.test) if task.test else []
+    if task.train and not train:
+        raise DataError(f"task {task.name}: no training rows left after holding out {data.val_size}")
+    return TaskData(train, val, test)
+
+
+class EncodedDataset(Dataset):
+    """Records tokenized once up front; the truncation count is reported in the run summary."""
+
+    def __init__(self, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        cache: dict[int, Encoded] = {}  # a mixture repeats rows: encode each distinct one once
+        self.items = []
+        for record in records:
+            key = id(record)
+            if key not in cache:
+                cache[key] = encode_example(tokenizer, record, max_length)
+            self.items.append(cache[key])
+        self.num_truncated = sum(e.truncated for e in cache.values())
+        self.num_distinct = len(cache)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Encoded:
+        return self.items[i]
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+class TaskDataModule(L.LightningDataModule):
+    def __init__(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
+                 batch_size: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length)
+        self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = cfg.seed
+
+    def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          collate_fn=partial(collate, pad_id=self.pad_id),
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []

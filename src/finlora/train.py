@@ -1,0 +1,139 @@
+"""`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter, metrics and summary.
+
+Everything that can be checked cheaply (config values, data files, model path, device and precision)
+is checked before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from finlora.adapters import attach_adapter, count_parameters, trainable_breakdown
+from finlora.config import AdapterMethod, Config, ConfigError, validate
+from finlora.data import TaskDataModule, load_task
+from finlora.loggers import build_loggers, finish, log_summary
+from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
+from finlora.module import FinetuneModule
+from finlora.outputs import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(cfg: Config) -> tuple[str, str, torch.device]:
+    """(accelerator, precision, device of this process), refusing combinations known to fail."""
+    accelerator = cfg.trainer.accelerator
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator: a GPU was asked for but torch sees none (use trainer=cpu)")
+    precision = cfg.trainer.precision
+    if precision is None:
+        gpu_bf16 = accelerator != "cpu" and torch.cuda.is_bf16_supported()
+        precision = "bf16-mixed" if gpu_bf16 else "32-true"
+    if accelerator == "cpu" and cfg.quant.bits == 8 and precision != "32-true":
+        raise ConfigError(f"trainer.precision: bitsandbytes 8-bit on the CPU fails under {precision}; "
+                          "use trainer.precision=32-true (trainer=cpu)")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
+              else torch.device("cpu"))
+    return accelerator, precision, device
+
+
+def train(dict_cfg: DictConfig) -> dict:
+    """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
+    started = time.time()
+    cfg = validate(dict_cfg)
+    accelerator, precision, device = resolve_device(cfg)
+    task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True)
+
+    source = resolve_source(cfg.model, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(source, cfg.model)
+    full_finetune = cfg.adapter.method is AdapterMethod.none
+    dtype = torch.float32 if full_finetune else compute_dtype(precision)
+    model = load_model(source, cfg.model, cfg.quant, dtype, device)
+    model = attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
+    datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.trainer.num_workers)
+    trainable, total = count_parameters(model)
+    breakdown = trainable_breakdown(model)
+
+    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    config_dict["params"] = {"trainable": trainable, "total": total,
+                             "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
+    loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config_dict)
+    try:
+        trainer = L.Trainer(
+            accelerator=accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, precision=precision,
+            max_steps=cfg.trainer.max_steps, max_epochs=cfg.trainer.max_epochs,
+            accumulate_grad_batches=cfg.trainer.grad_accum, gradient_clip_val=cfg.trainer.grad_clip or None,
+            val_check_interval=cfg.trainer.val_every_n_steps, check_val_every_n_epoch=None
+            if cfg.trainer.val_every_n_steps else 1, log_every_n_steps=cfg.trainer.log_every_n_steps,
+            logger=loggers, default_root_dir=run_dir, enable_model_summary=False,
+            callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)],
+            num_sanity_val_steps=0)
+        module = FinetuneModule(model, cfg.trainer)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+        adapter_dir = run_dir / ("model" if full_finetune else "adapter")
+        if trainer.is_global_zero:
+            with atomic_dir(adapter_dir) as tmp:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        summary = {
+            "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
+            "final_train_loss": metrics.get("train/loss"), "final_val_loss": metrics.get("val/loss"),
+            "trainable_params": trainable, "total_params": total,
+            "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
+            "truncated_train_examples": datamodule.train_set.num_truncated,
+            "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
+            "device": str(device), "precision": precision,
+        }
+        if trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", summary)
+            log_summary(loggers, summary)
+            print_summary(summary, breakdown)
+        return summary
+    finally:
+        finish(loggers)
+
+
+def print_summary(summary: dict, breakdown: list) -> None:
+    console = Console()
+    params = Table(title="trainable parameters per adapted matrix")
+    for col in ("module", "matrices", "d_out × d_in", "LoRA r·(d_in+d_out)", "magnitude d_out", "total"):
+        params.add_column(col, justify="right")
+    for g in breakdown:
+        params.add_row(g.module, str(g.matrices), f"{g.shape[0]} × {g.shape[1]}", f"{g.lora:,}", f"{g.magnitude:,}",
+                       f"{g.total:,}")
+    if breakdown:
+        console.print(params)
+    table = Table(title=f"run {summary['run_name']}", show_header=False)
+    pct = 100 * summary["trainable_params"] / max(summary["total_params"], 1)
+    rows = [("trainable parameters", f"{summary['trainable_params']:,} of {summary['total_params']:,} ({pct:.3f}%)"),
+            ("optimizer steps", str(summary["steps"])),
+            ("final train loss", _fmt(summary["final_train_loss"])),
+            ("final val loss", _fmt(summary["final_val_loss"])),
+            ("train examples (truncated)", f"{summary['train_examples']:,} ({summary['truncated_train_examples']})"),
+            ("wall time", f"{summary['wall_time_s']:.0f} s on {summary['device']} ({summary['precision']})"),
+            ("adapter", summary["adapter_dir"])]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4f}"

@@ -1,0 +1,18 @@
+"""Fine-tune a (quantized) LLM with LoRA or DoRA: `python train.py adapter=dora adapter.r=8 quant=8bit`.
+
+All logic lives in `finlora.train`; `--cfg job` prints the resolved config, `-m` runs a sweep.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from finlora.cli import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
