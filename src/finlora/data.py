@@ -65,26 +65,42 @@ class TaskData:
 def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskData:
     """Read a task's files and hold out validation rows.
 
-    Validation rows are drawn from each file before its repetition, in proportion to its size, so a
-    mixture never validates on a row it trains on.
+    Validation rows are drawn from each file before its repetition, in proportion to its size (largest
+    remainders, so exactly `data.val_size` in all), and any training row whose context is also a
+    validation row is dropped, so a mixture never validates on a text it trains on.
     """
     root = Path(data_dir)
     sources = [(read_jsonl(root / src.file), src.repeat) for src in task.train]
-    total = sum(len(rows) for rows, _ in sources)
     rng = random.Random(data.seed)
-    train: list[dict] = []
-    val: list[dict] = []
-    for rows, repeat in sources:
+    shuffled = []
+    for rows, _ in sources:
         order = list(range(len(rows)))
         rng.shuffle(order)
-        n_val = round(data.val_size * len(rows) / total) if total else 0
-        val += [rows[i] for i in order[:n_val]]
-        train += [rows[i] for i in order[n_val:]] * repeat
+        shuffled.append([rows[i] for i in order])
+    n_val = _proportional([len(rows) for rows, _ in sources], data.val_size)
+    val = [row for rows, k in zip(shuffled, n_val, strict=True) for row in rows[:k]]
+    held_out = {row["context"] for row in val}
+    train = [row for rows, k, (_, repeat) in zip(shuffled, n_val, sources, strict=True)
+             for row in rows[k:] if row["context"] not in held_out for _ in range(repeat)]
     rng.shuffle(train)
     test = read_jsonl(root / task.test) if task.test else []
     if task.train and not train:
         raise DataError(f"task {task.name}: no training rows left after holding out {data.val_size}")
     return TaskData(train, val, test)
+
+
+def _proportional(sizes: list[int], total: int) -> list[int]:
+    """Split `total` over `sizes` in proportion, by largest remainders, never more than a size."""
+    grand = sum(sizes)
+    total = min(total, grand)
+    if not grand:
+        return [0] * len(sizes)
+    exact = [total * n / grand for n in sizes]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: exact[i] - counts[i], reverse=True)
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 class EncodedDataset(Dataset):

@@ -37,6 +37,7 @@ def write_json(path: Path, data: dict) -> None:
             json.dump(data, f, indent=2, default=str)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,64 @@
+"""Shared fixtures: the real FinLoRA data from ../shared, a tiny random Llama with SmolLM2's real
+tokenizer (saved as a local model folder, so the real local-path loading code is exercised), and
+Hydra composition of the real configs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FINLORA_DATA_DIR", ROOT.parent / "shared" / "data" / "finlora"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline_env():
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["FINLORA_DATA_DIR"] = str(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def smollm_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct, converted once to the shared cache."""
+    from finlora.models import convert_embedded
+
+    return convert_embedded("smollm2-135m-instruct", Path.home() / ".cache" / "finlora")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
+    """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, saved like any local model folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """The real configs composed as `python train.py OVERRIDES` would, with the hydra node set and removed."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        extra = [f"output_dir={output_dir}"] if output_dir else []
+        cfg = compose("train", overrides=overrides + extra, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

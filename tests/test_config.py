@@ -1,0 +1,95 @@
+"""Every config option composes and validates; every bad input fails early with a message naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose_cfg
+
+from finlora.config import ConfigError, validate
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "conf").iterdir()
+          if g.is_dir() and g.name not in ("paths", "hydra")}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes_and_validates(group, option, tmp_path):
+    cfg = validate(compose_cfg([f"{group}={option}"], tmp_path))
+    assert cfg.output_dir == str(tmp_path)
+
+
+def test_issue_example_composes(tmp_path):
+    cfg = validate(compose_cfg(["adapter=dora", "adapter.r=8", "quant=8bit"], tmp_path))
+    assert (cfg.adapter.method.value, cfg.adapter.r, cfg.quant.bits) == ("dora", 8, 8)
+    assert cfg.adapter.scale == 2.0
+    assert cfg.task.train[1].file.endswith("fiqa_train.jsonl") and cfg.task.train[1].repeat == 21
+
+
+def test_finlora_recipe_preset(tmp_path):
+    cfg = validate(compose_cfg(["experiment=sentiment_llama_3_1_8b_8bits_r8_dora"], tmp_path))
+    t = cfg.trainer
+    assert (t.lr, t.max_epochs, t.batch_size, t.grad_accum) == (1e-4, 4, 8, 2)
+    assert (cfg.adapter.r, cfg.quant.bits, cfg.adapter.method.value) == (8, 8, "dora")
+    assert cfg.model.name_or_path == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.r=0", "adapter.r: must be a positive integer"),
+    ("adapter.r=-4", "adapter.r: must be a positive integer"),
+    ("adapter.r=abc", "adapter.r"),
+    ("adapter.alpha=0", "adapter.alpha: must be > 0"),
+    ("adapter.alpha=-1", "adapter.alpha: must be > 0"),
+    ("adapter.dropout=1.0", "adapter.dropout: must be in [0, 1)"),
+    ("adapter.dropout=-0.1", "adapter.dropout: must be in [0, 1)"),
+    ("adapter.method=foo", "adapter.method"),
+    ("quant.bits=3", "quant.bits: must be null, 4 or 8"),
+    ("paths.data_dir=/no/such/folder", "paths.data_dir: data folder '/no/such/folder' does not exist"),
+    ("model.name_or_path=/no/such/model", "model.name_or_path: local model folder '/no/such/model' does not exist"),
+    ("model.name_or_path=embedded:gpt-9", "unknown embedded model"),
+    ("trainer.lr=0", "trainer.lr: must be > 0"),
+    ("trainer.precision=64", "trainer.precision"),
+    ("logger.mode=sometimes", "logger.mode"),
+    ("+adapter.rank=8", "adapter.rank"),
+    ("ckpt_path=/no/such.ckpt", "ckpt_path"),
+])
+def test_bad_values_are_named(override, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg([override], tmp_path))
+    assert message in str(err.value)
+
+
+def test_all_value_problems_reported_together(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_cfg(["adapter.r=0", "adapter.dropout=2", "trainer.batch_size=0"], tmp_path))
+    text = str(err.value)
+    assert "adapter.r" in text and "adapter.dropout" in text and "trainer.batch_size" in text
+
+
+def _train(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quant=3bit"], "quant/3bit"),
+    (["adapter=foo"], "adapter/foo"),
+    (["adapter.r=0"], "adapter.r: must be a positive integer"),
+    (["paths.data_dir=/no/such/folder"], "paths.data_dir"),
+])
+def test_cli_rejects_bad_input_before_loading(args, message, tmp_path):
+    """The real command exits non-zero with the message, and no adapter or metrics are written."""
+    run_dir = tmp_path / "run"
+    proc = _train(*args, f"hydra.run.dir={run_dir}")
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_cfg_job_prints_resolved_config():
+    proc = _train("--cfg", "job", "adapter=dora", "adapter.r=8", "quant=8bit")
+    assert proc.returncode == 0, proc.stderr
+    assert "use_dora" not in proc.stdout  # our config, not peft's
+    assert "method: dora" in proc.stdout and "r: 8" in proc.stdout and "bits: 8" in proc.stdout

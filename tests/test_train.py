@@ -1,0 +1,143 @@
+"""Real short training runs on a tiny Llama: quantized 8-bit and 4-bit bases, LoRA and DoRA; and the
+whole `train()` pipeline with the files it leaves."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import DATA_DIR, compose_cfg
+from peft import PeftModel
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from wandb_file import records
+
+from finlora.adapters import attach_adapter
+from finlora.config import (AdapterConfig, AdapterMethod, DoraImpl, ModelConfig, QuantConfig, Scheduler,
+                            TrainerConfig)
+from finlora.data import collate, read_jsonl
+from finlora.models import load_model, load_tokenizer
+from finlora.module import FinetuneModule
+from finlora.prompts import encode_example
+from finlora.train import train
+
+
+def _batches(tokenizer, n: int = 8) -> list[dict[str, torch.Tensor]]:
+    rows = read_jsonl(DATA_DIR / "train" / "fpb_train.jsonl")[:n]
+    return [collate([encode_example(tokenizer, r, 96) for r in rows], tokenizer.pad_token_id)]
+
+
+def _build(model_dir, method: str, bits: int | None, impl: str = "peft", dropout: float = 0.0):
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir), cfg)
+    base = load_model(str(model_dir), cfg, QuantConfig(bits=bits), torch.float32, torch.device("cpu"))
+    adapter = AdapterConfig(method=AdapterMethod(method), impl=DoraImpl(impl), r=4, alpha=8, dropout=dropout,
+                            target_modules=["all-linear"])
+    return tokenizer, attach_adapter(base, adapter, gradient_checkpointing=False)
+
+
+def _loss(model, batch: dict[str, torch.Tensor]) -> float:
+    """In train mode (dropout is 0 here): in eval mode, bitsandbytes' CPU 4-bit layers repack their weight
+    for inference, lossily (absmax changes), which would blur the bit-identity check below."""
+    model.train()
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def _fit(model, batches, steps: int) -> None:
+    """Train with Lightning on the same small batch, over and over."""
+    module = FinetuneModule(model, TrainerConfig(lr=1e-2, scheduler=Scheduler.constant, max_steps=steps))
+    trainer = L.Trainer(accelerator="cpu", precision="32-true", max_steps=steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=DataLoader(batches * steps, batch_size=None))
+
+
+def _frozen_state(model) -> dict[str, torch.Tensor]:
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k not in trainable}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_quantized_training_changes_only_the_adapter(tiny_model_dir, method, bits, tmp_path):
+    tokenizer, model = _build(tiny_model_dir, method, bits)
+    batches = _batches(tokenizer)
+    before = _loss(model, batches[0])
+    frozen = _frozen_state(model)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    _fit(model, batches, steps=15)
+    after = _loss(model, batches[0])
+    assert after < before - 0.3, (before, after)  # untrained, it would not move at all
+    for name, value in _frozen_state(model).items():
+        assert torch.equal(value, frozen[name]), f"frozen {name} changed"
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert {n for n in changed if "lora_B" in n} == {n for n in trainable if "lora_B" in n}
+
+    # The saved adapter reloads through plain peft on the same base and gives the same logits.
+    model.eval()
+    with torch.no_grad():
+        logits = model(**batches[0]).logits
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in saved) == (method == "dora")
+    fresh = load_model(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)), QuantConfig(bits=bits),
+                       torch.float32, torch.device("cpu"))
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batches[0]).logits, logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_merged_adapter_matches_unmerged(tiny_model_dir, method):
+    tokenizer, model = _build(tiny_model_dir, method, None)
+    batches = _batches(tokenizer)
+    _fit(model, batches, steps=5)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(**batches[0]).logits
+        merged_model = model.merge_and_unload()
+        assert not any("lora" in n for n, _ in merged_model.named_parameters())
+        merged = merged_model(**batches[0]).logits
+    assert torch.allclose(merged, unmerged, atol=1e-4), (merged - unmerged).abs().max()
+
+
+def test_train_pipeline_writes_a_complete_run(tiny_model_dir, tmp_path):
+    cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "quant=8bit", "adapter=dora", "adapter.impl=peft",
+                       "task=fpb", "trainer=cpu", "trainer.max_steps=6", "trainer.batch_size=4",
+                       "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=1", "data.val_size=16",
+                       "data.max_length=96", "logger=wandb"], tmp_path)
+    summary = train(cfg)
+    assert summary["steps"] == 6 and summary["final_val_loss"] > 0
+
+    adapter = tmp_path / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["use_dora"] is True and config["r"] == 8 and config["lora_alpha"] == 16
+    weights = load_file(adapter / "adapter_model.safetensors")
+    mags = {k: v for k, v in weights.items() if k.endswith("lora_magnitude_vector")}
+    assert len(mags) == 2 * 3  # two layers × q, k, v
+    assert (adapter / "tokenizer.json").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6
+    assert (tmp_path / "config.yaml").read_text().count("method: dora") == 1
+    assert "train/loss" in (tmp_path / "csv" / "metrics.csv").read_text()
+
+    # The checkpoint holds the trainable parameters and optimizer state, never the frozen base.
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert ckpt["optimizer_states"][0]["state"]
+
+    # A real W&B offline run, with the resolved config, the per-matrix parameter counts and the metrics.
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    recs = records(run_files[0])
+    config = {i.key: json.loads(i.value_json) for r in recs if r.HasField("run") for i in r.run.config.update}
+    assert {"adapter", "quant", "params", "trainer"} <= set(config)
+    assert config["params"]["trainable"] == summary["trainable_params"]
+    assert config["adapter"]["method"] == "dora"
+    history = {item.key or "/".join(item.nested_key) for r in recs if r.HasField("history") for item in r.history.item}
+    assert {"train/loss", "val/loss"} <= history
+    final = {i.key: i.value_json for r in recs if r.HasField("summary") for i in r.summary.update}
+    assert float(final["final_val_loss"]) == pytest.approx(summary["final_val_loss"])
