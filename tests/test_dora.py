@@ -41,13 +41,23 @@ def _quantize(model: Tiny, kind: str) -> Tiny:
     for name in TARGETS:
         lin = getattr(model, name)
         if kind == "int8":
-            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                    has_fp16_weights=False, threshold=6.0)  # fmt: skip
+            q = bnb.nn.Linear8bitLt(
+                lin.in_features,
+                lin.out_features,
+                bias=lin.bias is not None,
+                has_fp16_weights=False,
+                threshold=6.0,
+            )
             q.weight = bnb.nn.Int8Params(lin.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
         else:
             dtype = torch.bfloat16 if kind == "nf4-bf16" else torch.float32
-            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                  compute_dtype=dtype, quant_type="nf4")  # fmt: skip
+            q = bnb.nn.Linear4bit(
+                lin.in_features,
+                lin.out_features,
+                bias=lin.bias is not None,
+                compute_dtype=dtype,
+                quant_type="nf4",
+            )
             q.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4")
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)

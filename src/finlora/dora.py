@@ -96,15 +96,14 @@ def _is_plain(base: nn.Module) -> bool:
     return isinstance(base, nn.Linear) and type(base.weight) in (Tensor, nn.Parameter)
 
 
-def _int8_rows(base: nn.Module) -> Iterator[tuple[slice, Tensor]]:
-    """Row chunks of the dequantized int8 weight, W0 = CB · SCB / 127, in float32."""
+def _int8_rows(base: nn.Module, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
+    """Row chunks of the int8 weight CB in ``dtype`` (exact), with their row scales: W0 = CB · SCB / 127."""
     weight = base.weight
     scb = base.state.SCB if base.state.SCB is not None else weight.SCB
     scale = scb.float() / 127.0
     step = max(1, _CHUNK_ELEMENTS // weight.shape[1])
     for start in range(0, weight.shape[0], step):
-        rows = slice(start, start + step)
-        yield rows, weight.data[rows].float() * scale[rows, None]
+        yield weight.data[start : start + step].to(dtype), scale[start : start + step]
 
 
 def _base_without_bias(base: nn.Module, inputs: Tensor) -> Tensor:
@@ -128,7 +127,7 @@ def _row_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tenso
         step = max(1, _CHUNK_ELEMENTS // w.shape[1])
         return torch.cat([w[i : i + step].float().pow(2).sum(1) for i in range(0, w.shape[0], step)])
     if _is_int8(weight):
-        return torch.cat([w.pow(2).sum(1) for _, w in _int8_rows(base)])
+        return torch.cat([cb.pow(2).sum(1) * scale**2 for cb, scale in _int8_rows(base, torch.float32)])
     if _is_unpacked_4bit(weight):
         w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
         return w.float().pow(2).sum(1)
@@ -149,9 +148,11 @@ def _base_times_a(module: nn.Module, base: nn.Module, lora_a: Tensor, dtype: tor
         w = _plain_weight(module, base)
         with torch.autocast(w.device.type, enabled=False):
             return F.linear(lora_a.to(w.dtype), w).float().T
-    if _is_int8(base.weight):
-        a = lora_a.float()
-        return torch.cat([w @ a.T for _, w in _int8_rows(base)])
+    if _is_int8(base.weight):  # in the input's dtype, as peft does (CB is exact in bf16)
+        a = lora_a.to(dtype)
+        with torch.autocast(a.device.type, enabled=False):
+            parts = [F.linear(a, cb).float().T * scale[:, None] for cb, scale in _int8_rows(base, dtype)]
+        return torch.cat(parts)
     return _base_without_bias(base, lora_a.to(dtype))
 
 
@@ -199,9 +200,9 @@ if triton is not None:
         part_ptr,
         n_rows,
         n_cols,
-        rows_per_prog,
         BLOCK_T: tl.constexpr,
         BLOCK_N: tl.constexpr,
+        ITERS: tl.constexpr,
     ):
         """gz = g·scale and per-column partial sums of g·y (float32), one pass over g and y."""
         pid_t = tl.program_id(0)
@@ -209,11 +210,9 @@ if triton is not None:
         col_mask = cols < n_cols
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        row_start = pid_t * rows_per_prog
-        row_end = tl.minimum(row_start + rows_per_prog, n_rows)
-        for start in range(row_start, row_end, BLOCK_T):
-            rows = start + tl.arange(0, BLOCK_T)
-            mask = (rows[:, None] < row_end) & col_mask[None, :]
+        for i in range(ITERS):
+            rows = (pid_t * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
+            mask = (rows[:, None] < n_rows) & col_mask[None, :]
             offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -227,13 +226,14 @@ def _scale_grad_triton(g: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Ten
     block_t, block_n = 32, 128
     col_blocks = triton.cdiv(n_cols, block_n)
     target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count
-    row_progs = max(1, min(triton.cdiv(n_rows, block_t), triton.cdiv(target, col_blocks)))
-    rows_per_prog = triton.cdiv(triton.cdiv(n_rows, row_progs), block_t) * block_t
-    row_progs = triton.cdiv(n_rows, rows_per_prog)
+    row_tiles = triton.cdiv(n_rows, block_t)
+    # a power of two, so that few variants are compiled however the number of rows varies
+    iters = min(64, triton.next_power_of_2(triton.cdiv(row_tiles, triton.cdiv(target, col_blocks))))
+    row_progs = triton.cdiv(row_tiles, iters)
     gz = torch.empty_like(g)
     part = torch.empty(row_progs, n_cols, device=g.device, dtype=torch.float32)
     _scale_grad_kernel[(row_progs, col_blocks)](
-        g, y, scale, gz, part, n_rows, n_cols, rows_per_prog, BLOCK_T=block_t, BLOCK_N=block_n
+        g, y, scale, gz, part, n_rows, n_cols, BLOCK_T=block_t, BLOCK_N=block_n, ITERS=iters
     )
     return gz, part.sum(0)
 
