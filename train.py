@@ -6,12 +6,14 @@ All logic lives in `finlora.train`; `--cfg job` prints the resolved config, `-m`
 import hydra
 from omegaconf import DictConfig
 
-from finlora.cli import run
+from finlora.cli import guarded
+from finlora.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    """Returns the final validation loss, the value a Hydra sweeper minimizes."""
+    return guarded(train, cfg).get("final_val_loss")
 
 
 if __name__ == "__main__":

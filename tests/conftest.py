@@ -52,12 +52,13 @@ def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     return path
 
 
-def compose_cfg(overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """The real configs composed as `python train.py OVERRIDES` would, with the hydra node set and removed."""
+def compose_cfg(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:
+    """The real configs composed as `python train.py OVERRIDES` (or eval.py, with config="eval") would,
+    with the hydra node set and removed."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         extra = [f"output_dir={output_dir}"] if output_dir else []
-        cfg = compose("train", overrides=overrides + extra, return_hydra_config=True)
+        cfg = compose(config, overrides=overrides + extra, return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

@@ -7,18 +7,33 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_cfg
+from conftest import DATA_DIR, ROOT, compose_cfg
 
-from finlora.config import ConfigError, validate
+from finlora.config import ConfigError, EvalConfig, validate
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "conf").iterdir()
           if g.is_dir() and g.name not in ("paths", "hydra")}
+EVAL_ONLY_TASKS = {"nwgi", "finer", "fnxl", "xbrl_tags", "xbrl_value", "xbrl_formula"}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_validates(group, option, tmp_path):
-    cfg = validate(compose_cfg([f"{group}={option}"], tmp_path))
-    assert cfg.output_dir == str(tmp_path)
+    overrides = [f"{group}={option}"] + (["quant=none"] if option == "none" and group == "adapter" else [])
+    if group == "task" and option in EVAL_ONLY_TASKS:
+        with pytest.raises(ConfigError, match="has no training files"):
+            validate(compose_cfg(overrides, tmp_path))
+    else:
+        assert validate(compose_cfg(overrides, tmp_path)).output_dir == str(tmp_path)
+    if group in ("model", "quant", "task", "logger"):
+        cfg = validate(compose_cfg(overrides, tmp_path, config="eval"), EvalConfig)
+        assert cfg.task.test and all((DATA_DIR / t.file).is_file() for t in cfg.task.test)
+
+
+def test_every_test_file_is_a_task(tmp_path):
+    """Each FinLoRA test file in the data folder is some task's test set."""
+    files = {t.file for opt in GROUPS["task"]
+             for t in validate(compose_cfg([f"task={opt}"], tmp_path, config="eval"), EvalConfig).task.test}
+    assert {f"test/{p.name}" for p in (DATA_DIR / "test").glob("*.jsonl")} == files
 
 
 def test_issue_example_composes(tmp_path):
@@ -54,6 +69,8 @@ def test_finlora_recipe_preset(tmp_path):
     ("logger.mode=sometimes", "logger.mode"),
     ("+adapter.rank=8", "adapter.rank"),
     ("ckpt_path=/no/such.ckpt", "ckpt_path"),
+    ("adapter=none", "full fine-tuning (adapter=none) cannot train quantized weights"),
+    ("eval.batch_size=0", "eval.batch_size"),
 ])
 def test_bad_values_are_named(override, message, tmp_path):
     with pytest.raises(ConfigError) as err:

@@ -9,7 +9,7 @@ import pytest
 from conftest import DATA_DIR
 from transformers import AutoTokenizer
 
-from finlora.config import DataConfig, DataSource, TaskConfig
+from finlora.config import DataConfig, DataSource, TaskConfig, TestSet
 from finlora.data import DataError, EncodedDataset, collate, load_task, read_jsonl
 from finlora.prompts import IGNORE_INDEX, build_prompt, encode_example, encode_prompt
 
@@ -42,9 +42,9 @@ def test_read_jsonl_names_file_and_line(tmp_path):
 
 
 def test_sentiment_mixture_weights_and_disjoint_validation():
-    task = TaskConfig(name="sentiment", labels=["negative", "neutral", "positive"], train=[
+    task = TaskConfig(name="sentiment", train=[
         DataSource("train/fpb_train.jsonl", 6), DataSource("train/fiqa_train.jsonl", 21),
-        DataSource("train/tfns_train.jsonl", 2)], test="test/fpb_test.jsonl")
+        DataSource("train/tfns_train.jsonl", 2)], test=[TestSet("fpb", "test/fpb_test.jsonl")])
     data = load_task(task, DataConfig(val_size=200, seed=42), DATA_DIR)
     files = [read_jsonl(DATA_DIR / "train" / f"{name}_train.jsonl") for name in ("fpb", "fiqa", "tfns")]
     assert len(data.val) == 200
@@ -56,7 +56,7 @@ def test_sentiment_mixture_weights_and_disjoint_validation():
     counts = Counter(r["context"] for r in data.train)
     fiqa_only = {r["context"] for r in files[1]} - {r["context"] for r in files[0] + files[2]}
     assert all(counts[c] % 21 == 0 for c in fiqa_only - val_contexts)
-    assert len(data.test) == 1212
+    assert len(data.test[0][1]) == 1212
     again = load_task(task, DataConfig(val_size=200, seed=42), DATA_DIR)
     assert [r["context"] for r in again.val] == [r["context"] for r in data.val]
 

@@ -89,7 +89,7 @@ def test_label_metrics_against_hand_computed_values() -> None:
     generations = ["positive", "Positive.", "Negative!", "negative", "I think so", "neutral"]
     # parsed:        positive    positive     negative    negative    (none)        neutral
     # correct:       yes         yes          no          yes         no            yes      -> 4/6
-    got = score(TaskKind.LABEL, generations, references, SENTIMENT)
+    got = score(TaskKind.label, generations, references, SENTIMENT)
     assert got["n"] == 6
     assert got["accuracy"] == pytest.approx(4 / 6)
     assert got["unparsable_rate"] == pytest.approx(1 / 6)
@@ -107,7 +107,7 @@ def test_label_metrics_against_hand_computed_values() -> None:
 
 def test_wrong_answer_that_is_exactly_a_label_counts_against_that_label_as_in_finlora() -> None:
     # refs pos, neg; both answered "negative": positive F1 0; negative P 1/2, R 1 -> 2/3; weighted 1/3.
-    got = score(TaskKind.LABEL, ["negative", "negative"], ["positive", "negative"], SENTIMENT)
+    got = score(TaskKind.label, ["negative", "negative"], ["positive", "negative"], SENTIMENT)
     assert got["accuracy"] == 0.5
     assert got["f1"] == pytest.approx(1 / 3)
     assert got["f1_parsed"] == pytest.approx(1 / 3)
@@ -118,7 +118,7 @@ def test_label_metrics_on_nwgi_and_perfect_answers() -> None:
     got = score("label", ["Mildly positive", "strong negative.", "neutral"], references, NWGI)
     assert got == {"accuracy": 1.0, "f1": 1.0, "f1_parsed": 1.0, "unparsable_rate": 0.0, "n": 3.0}
     # "positive" alone is not an NWGI label: unparsable, not a near miss.
-    wrong = score(TaskKind.LABEL, ["positive"], ["mildly positive"], NWGI)
+    wrong = score(TaskKind.label, ["positive"], ["mildly positive"], NWGI)
     assert wrong["accuracy"] == 0.0 and wrong["unparsable_rate"] == 1.0 and wrong["f1"] == 0.0
 
 
@@ -153,7 +153,7 @@ def test_numeric_exact_match_after_rounding() -> None:
     generations = ["1,234.567", "$12.5", "-3", "The answer is 0.1249", "I don't know"]
     references = ["1234.57", "12.50", "3.00", "0.12", "5"]
     # correct:     yes         yes      no (sign)  yes (0.12)            no (unparsable)
-    got = score(TaskKind.NUMERIC, generations, references)
+    got = score(TaskKind.numeric, generations, references)
     assert got == {"accuracy": pytest.approx(3 / 5), "unparsable_rate": pytest.approx(1 / 5), "n": 5.0}
 
 
@@ -166,7 +166,7 @@ def test_tags_accuracy_with_missing_and_extra_tags() -> None:
     # example 1: A ok, b ok (case), X wrong, D missing -> 2 of 4
     # example 2: E ok, F ok, G and H dropped          -> 2 of 2
     # example 3: a longer tag is not the reference tag -> 0 of 1   total 4 of 7
-    got = score(TaskKind.TAGS, generations, references)
+    got = score(TaskKind.tags, generations, references)
     assert got == {"accuracy": pytest.approx(4 / 7), "n": 3.0, "n_entities": 7.0}
 
 
@@ -187,7 +187,7 @@ def test_rouge_l_on_identical_disjoint_and_partial_strings() -> None:
 
 
 def test_text_score_is_the_mean_rouge_l() -> None:
-    got = score(TaskKind.TEXT, ["Amount of goodwill", "yes"], ["amount of goodwill", "no"])
+    got = score(TaskKind.text, ["Amount of goodwill", "yes"], ["amount of goodwill", "no"])
     assert got == {"rouge_l_f1": 0.5, "n": 2.0}
 
 
@@ -195,20 +195,20 @@ def test_text_score_is_the_mean_rouge_l() -> None:
 
 
 def test_extract_answer() -> None:
-    assert extract_answer(TaskKind.LABEL, "Mildly Positive!", NWGI) == "mildly positive"
-    assert extract_answer(TaskKind.LABEL, "no idea", SENTIMENT) == "unparsable"
-    assert extract_answer(TaskKind.NUMERIC, "It is $1,234.567", None) == "1234.57"
-    assert extract_answer(TaskKind.NUMERIC, "none", None) == "unparsable"
-    assert extract_answer(TaskKind.TAGS, " A, B\n,C ", None) == "A,B,C"
-    assert extract_answer(TaskKind.TEXT, "  An amount.\n", None) == "An amount."
+    assert extract_answer(TaskKind.label, "Mildly Positive!", NWGI) == "mildly positive"
+    assert extract_answer(TaskKind.label, "no idea", SENTIMENT) == "unparsable"
+    assert extract_answer(TaskKind.numeric, "It is $1,234.567", None) == "1234.57"
+    assert extract_answer(TaskKind.numeric, "none", None) == "unparsable"
+    assert extract_answer(TaskKind.tags, " A, B\n,C ", None) == "A,B,C"
+    assert extract_answer(TaskKind.text, "  An amount.\n", None) == "An amount."
 
 
 def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError):
-        score(TaskKind.TEXT, ["a"], ["a", "b"])
+        score(TaskKind.text, ["a"], ["a", "b"])
     with pytest.raises(ValueError):
-        score(TaskKind.TEXT, [], [])
+        score(TaskKind.text, [], [])
     with pytest.raises(ValueError):
-        score(TaskKind.LABEL, ["positive"], ["positive"])
+        score(TaskKind.label, ["positive"], ["positive"])
     with pytest.raises(ValueError):
-        score(TaskKind.NUMERIC, ["1"], ["n/a"])
+        score(TaskKind.numeric, ["1"], ["n/a"])

@@ -15,8 +15,15 @@ from torch.utils.data import DataLoader
 from wandb_file import records
 
 from finlora.adapters import attach_adapter
-from finlora.config import (AdapterConfig, AdapterMethod, DoraImpl, ModelConfig, QuantConfig, Scheduler,
-                            TrainerConfig)
+from finlora.config import (
+    AdapterConfig,
+    AdapterMethod,
+    DoraImpl,
+    ModelConfig,
+    QuantConfig,
+    Scheduler,
+    TrainerConfig,
+)
 from finlora.data import collate, read_jsonl
 from finlora.models import load_model, load_tokenizer
 from finlora.module import FinetuneModule
@@ -109,7 +116,7 @@ def test_train_pipeline_writes_a_complete_run(tiny_model_dir, tmp_path):
     cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "quant=8bit", "adapter=dora", "adapter.impl=peft",
                        "task=fpb", "trainer=cpu", "trainer.max_steps=6", "trainer.batch_size=4",
                        "trainer.val_every_n_steps=3", "trainer.log_every_n_steps=1", "data.val_size=16",
-                       "data.max_length=96", "logger=wandb"], tmp_path)
+                       "data.max_length=96", "logger=wandb", "eval.limit=8"], tmp_path)
     summary = train(cfg)
     assert summary["steps"] == 6 and summary["final_val_loss"] > 0
 
@@ -123,6 +130,8 @@ def test_train_pipeline_writes_a_complete_run(tiny_model_dir, tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 6
     assert (tmp_path / "config.yaml").read_text().count("method: dora") == 1
     assert "train/loss" in (tmp_path / "csv" / "metrics.csv").read_text()
+    assert summary["test/fpb/n"] == 8 and 0 <= summary["test/fpb/accuracy"] <= 1
+    assert len((tmp_path / "eval" / "fpb_predictions.jsonl").read_text().splitlines()) == 8
 
     # The checkpoint holds the trainable parameters and optimizer state, never the frozen base.
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
@@ -138,6 +147,6 @@ def test_train_pipeline_writes_a_complete_run(tiny_model_dir, tmp_path):
     assert config["params"]["trainable"] == summary["trainable_params"]
     assert config["adapter"]["method"] == "dora"
     history = {item.key or "/".join(item.nested_key) for r in recs if r.HasField("history") for item in r.history.item}
-    assert {"train/loss", "val/loss"} <= history
+    assert {"train/loss", "val/loss", "test/fpb/accuracy", "test/fpb/f1"} <= history
     final = {i.key: i.value_json for r in recs if r.HasField("summary") for i in r.summary.update}
     assert float(final["final_val_loss"]) == pytest.approx(summary["final_val_loss"])

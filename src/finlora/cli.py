@@ -1,21 +1,23 @@
-"""What `train.py` does around `train()`: a clean one-paragraph error and a non-zero exit for bad input."""
+"""What `train.py` and `eval.py` do around the work: a one-paragraph error and exit status 2 for bad input."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from omegaconf import DictConfig
 
 from finlora.config import ConfigError
 from finlora.data import DataError
-from finlora.train import train
+
+R = TypeVar("R")
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Train; return the final validation loss for a sweeper. Bad input exits with status 2 and its message."""
+def guarded(work: Callable[[DictConfig], R], cfg: DictConfig) -> R:
+    """Run `work(cfg)`; bad input exits with status 2 and its message, without a traceback."""
     try:
-        summary = train(cfg)
+        return work(cfg)
     except (ConfigError, DataError) as err:
         print(f"finlora: {err}", file=sys.stderr)
         sys.exit(2)
-    return summary.get("final_val_loss")

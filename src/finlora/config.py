@@ -11,11 +11,14 @@ import os
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finlora.metrics import TaskKind
+
+T = TypeVar("T")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 
@@ -33,13 +36,6 @@ class AdapterMethod(Enum):
 class DoraImpl(Enum):
     finlora = "finlora"
     peft = "peft"
-
-
-class TaskKind(Enum):
-    label = "label"
-    numeric = "numeric"
-    tags = "tags"
-    text = "text"
 
 
 class Scheduler(Enum):
@@ -136,21 +132,37 @@ class DataSource:
 
 
 @dataclass
-class TaskConfig:
+class TestSet:
+    """One evaluation set: its file, how its answers are scored, and how long an answer may be."""
+
     name: str = "???"
+    file: str = "???"
     kind: TaskKind = TaskKind.label
     labels: list[str] = field(default_factory=list)
-    train: list[DataSource] = field(default_factory=list)
-    test: str | None = None
     max_new_tokens: int = 8
+
+    def problems(self, key: str) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.kind is not TaskKind.label or len(self.labels) >= 2, f"{key}.labels",
+               "a label task needs at least two labels")
+        _check(problems, self.max_new_tokens > 0, f"{key}.max_new_tokens", "must be > 0")
+        return problems
+
+
+@dataclass
+class TaskConfig:
+    name: str = "???"
+    train: list[DataSource] = field(default_factory=list)
+    test: list[TestSet] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
         for i, src in enumerate(self.train):
             _check(problems, src.repeat >= 1, f"task.train[{i}].repeat", f"must be >= 1, got {src.repeat}")
-        _check(problems, self.kind is not TaskKind.label or len(self.labels) >= 2, "task.labels",
-               "a label task needs at least two labels")
-        _check(problems, self.max_new_tokens > 0, "task.max_new_tokens", "must be > 0")
+        names = [t.name for t in self.test]
+        _check(problems, len(names) == len(set(names)), "task.test", f"test set names repeat: {names}")
+        for i, test in enumerate(self.test):
+            problems += test.problems(f"task.test[{i}]")
         return problems
 
 
@@ -230,6 +242,19 @@ class PathsConfig:
 
 
 @dataclass
+class EvalSettings:
+    enabled: bool = True  # training: evaluate the test sets at the end
+    batch_size: int = 32
+    limit: int | None = None  # the first N examples of each test set (quick checks)
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.batch_size > 0, "eval.batch_size", "must be > 0")
+        _check(problems, self.limit is None or self.limit > 0, "eval.limit", "must be null or > 0")
+        return problems
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -239,6 +264,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
     seed: int = 42
     run_name: str = "run"
     output_dir: str = "???"
@@ -250,20 +276,57 @@ class Config:
                f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
         _check(problems, not (self.quant.bits and self.adapter.method is AdapterMethod.none), "quant.bits",
                "full fine-tuning (adapter=none) cannot train quantized weights; use quant=none")
+        _check(problems, bool(self.task.train), "task.train",
+               f"task {self.task.name!r} has no training files (it is for evaluation only: use eval.py)")
         _check(problems, self.ckpt_path is None or Path(self.ckpt_path).is_file(), "ckpt_path",
                f"checkpoint {self.ckpt_path!r} does not exist")
-        for section in (self.model, self.quant, self.adapter, self.task, self.data, self.trainer, self.logger):
+        for section in (self.model, self.quant, self.adapter, self.task, self.data, self.trainer, self.logger,
+                        self.eval):
             problems += section.problems()
         return problems
 
 
-def validate(cfg: DictConfig) -> Config:
+@dataclass
+class EvalConfig:
+    """`eval.py`: a base model, optionally with a saved adapter (or merged), on a task's test sets."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    adapter_path: str | None = None
+    merge: bool = False
+    accelerator: str = "auto"
+    precision: str | None = None
+    seed: int = 42
+    run_name: str = "eval"
+    output_dir: str = "???"
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
+               f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
+        _check(problems, bool(self.task.test), "task.test", f"task {self.task.name!r} has no test sets")
+        if self.adapter_path is not None:
+            _check(problems, (Path(self.adapter_path) / "adapter_config.json").is_file(), "adapter_path",
+                   f"{self.adapter_path!r} is not a saved adapter (no adapter_config.json)")
+        _check(problems, not self.merge or self.adapter_path is not None, "merge", "merging needs an adapter_path")
+        _check(problems, not (self.merge and self.quant.bits), "merge",
+               "merging into quantized weights loses precision; use quant=none to merge")
+        for section in (self.model, self.quant, self.task, self.logger, self.eval):
+            problems += section.problems()
+        return problems
+
+
+def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[assignment]
     """Merge the composed config into the schema and run every check. Type errors stop at the first one
     (omegaconf's merge does); value problems are all collected into one ConfigError."""
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
         OmegaConf.resolve(merged)
-        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
         msg = getattr(err, "msg", str(err)).splitlines()[0]

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from finlora.config import DataConfig, TaskConfig
+from finlora.config import DataConfig, TaskConfig, TestSet
 from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
 REQUIRED_KEYS = ("context", "target")
@@ -55,11 +55,12 @@ def read_jsonl(path: Path) -> list[dict]:
 
 @dataclass
 class TaskData:
-    """The records of one task: training rows (repetitions applied), validation rows, test rows."""
+    """The records of one task: training rows (repetitions applied), validation rows, and the rows of
+    each test set."""
 
     train: list[dict]
     val: list[dict]
-    test: list[dict]
+    test: list[tuple[TestSet, list[dict]]]
 
 
 def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskData:
@@ -83,7 +84,7 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
     train = [row for rows, k, (_, repeat) in zip(shuffled, n_val, sources, strict=True)
              for row in rows[k:] if row["context"] not in held_out for _ in range(repeat)]
     rng.shuffle(train)
-    test = read_jsonl(root / task.test) if task.test else []
+    test = [(test_set, read_jsonl(root / test_set.file)) for test_set in task.test]
     if task.train and not train:
         raise DataError(f"task {task.name}: no training rows left after holding out {data.val_size}")
     return TaskData(train, val, test)
@@ -140,14 +141,14 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 class TaskDataModule(L.LightningDataModule):
     def __init__(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                 batch_size: int, num_workers: int = 0) -> None:
+                 batch_size: int, shuffle_seed: int, num_workers: int = 0) -> None:
         super().__init__()
         self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length)
         self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.seed = cfg.seed
+        self.seed = shuffle_seed
 
     def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,

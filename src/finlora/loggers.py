@@ -34,6 +34,14 @@ def log_summary(loggers: list[Logger], summary: dict) -> None:
             lg.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
 
 
+def log_predictions(loggers: list[Logger], key: str, rows: list[dict]) -> None:
+    """Per-example predictions as a W&B table (the JSONL file next to the metrics is the local copy)."""
+    for lg in loggers:
+        if isinstance(lg, WandbLogger) and rows:
+            columns = list(rows[0])
+            lg.log_table(key=key, columns=columns, data=[[row[c] for c in columns] for row in rows])
+
+
 def finish(loggers: list[Logger]) -> None:
     """Close the W&B run, so the next job of a multirun starts a run of its own."""
     if any(isinstance(lg, WandbLogger) for lg in loggers):

@@ -22,10 +22,10 @@ UNPARSABLE = "unparsable"
 class TaskKind(str, Enum):
     """How a task's answers are parsed and scored."""
 
-    LABEL = "label"
-    NUMERIC = "numeric"
-    TAGS = "tags"
-    TEXT = "text"
+    label = "label"
+    numeric = "numeric"
+    tags = "tags"
+    text = "text"
 
 
 def parse_label(generated: str, labels: Sequence[str]) -> str | None:
@@ -195,13 +195,13 @@ def score(
     """
     _check(predictions, references)
     kind = TaskKind(kind)
-    if kind is TaskKind.LABEL:
+    if kind is TaskKind.label:
         if not labels:
             raise ValueError("label tasks need their labels")
         return _score_label(predictions, references, labels)
-    if kind is TaskKind.NUMERIC:
+    if kind is TaskKind.numeric:
         return _score_numeric(predictions, references)
-    if kind is TaskKind.TAGS:
+    if kind is TaskKind.tags:
         return _score_tags(predictions, references)
     overlaps = [rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)]
     return {"rouge_l_f1": sum(overlaps) / len(overlaps), "n": float(len(overlaps))}
@@ -210,13 +210,13 @@ def score(
 def extract_answer(kind: TaskKind, generated: str, labels: Sequence[str] | None = None) -> str:
     """The normalised answer to save next to each example, so predictions can be checked by eye."""
     kind = TaskKind(kind)
-    if kind is TaskKind.LABEL:
+    if kind is TaskKind.label:
         if not labels:
             raise ValueError("label tasks need their labels")
         return parse_label(generated, labels) or UNPARSABLE
-    if kind is TaskKind.NUMERIC:
+    if kind is TaskKind.numeric:
         number = parse_number(generated)
         return UNPARSABLE if number is None else str(number)
-    if kind is TaskKind.TAGS:
+    if kind is TaskKind.tags:
         return ",".join(split_tags(generated))
     return generated.strip()

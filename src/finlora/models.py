@@ -99,13 +99,13 @@ def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.d
                ) -> PreTrainedModel:
     """The base model with its weights in `dtype`, quantized as asked.
 
-    Quantized weights are placed directly on the training device: bitsandbytes quantizes as it loads,
-    and moving an 8-bit model afterwards is not supported.
+    Weights are placed directly on `device`: bitsandbytes quantizes as it loads, and moving an 8-bit
+    model afterwards is not supported.
     """
     bnb = quantization_config(quant, dtype)
     model = AutoModelForCausalLM.from_pretrained(
         source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
-        quantization_config=bnb, device_map={"": device} if bnb is not None else None)
+        quantization_config=bnb, device_map={"": device})
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
     if quant.bits == 8:
         keep_int8_state_consistent(model)

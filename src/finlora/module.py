@@ -14,7 +14,7 @@ from finlora.config import TrainerConfig
 class FinetuneModule(L.LightningModule):
     def __init__(self, model: nn.Module, cfg: TrainerConfig) -> None:
         super().__init__()
-        self.model = model
+        self.model = model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
         self.cfg = cfg
         self.strict_loading = False  # checkpoints carry only the trainable parameters
 

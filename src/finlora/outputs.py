@@ -30,11 +30,21 @@ def atomic_dir(target: Path) -> Iterator[Path]:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and an atomic rename."""
+    write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object a line, written atomically."""
+    write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write through a temporary file beside `path`, fsync, then rename: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private

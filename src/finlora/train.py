@@ -7,7 +7,6 @@ is checked before the model is loaded.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,8 +19,10 @@ from rich.console import Console
 from rich.table import Table
 
 from finlora.adapters import attach_adapter, count_parameters, trainable_breakdown
-from finlora.config import AdapterMethod, Config, ConfigError, validate
+from finlora.config import AdapterMethod, validate
 from finlora.data import TaskDataModule, load_task
+from finlora.devices import resolve_device
+from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.loggers import build_loggers, finish, log_summary
 from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
 from finlora.module import FinetuneModule
@@ -30,30 +31,11 @@ from finlora.outputs import atomic_dir, write_json
 log = logging.getLogger(__name__)
 
 
-def resolve_device(cfg: Config) -> tuple[str, str, torch.device]:
-    """(accelerator, precision, device of this process), refusing combinations known to fail."""
-    accelerator = cfg.trainer.accelerator
-    if accelerator == "auto":
-        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
-        raise ConfigError("trainer.accelerator: a GPU was asked for but torch sees none (use trainer=cpu)")
-    precision = cfg.trainer.precision
-    if precision is None:
-        gpu_bf16 = accelerator != "cpu" and torch.cuda.is_bf16_supported()
-        precision = "bf16-mixed" if gpu_bf16 else "32-true"
-    if accelerator == "cpu" and cfg.quant.bits == 8 and precision != "32-true":
-        raise ConfigError(f"trainer.precision: bitsandbytes 8-bit on the CPU fails under {precision}; "
-                          "use trainer.precision=32-true (trainer=cpu)")
-    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
-              else torch.device("cpu"))
-    return accelerator, precision, device
-
-
 def train(dict_cfg: DictConfig) -> dict:
     """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
     started = time.time()
     cfg = validate(dict_cfg)
-    accelerator, precision, device = resolve_device(cfg)
+    accelerator, precision, device = resolve_device(cfg.trainer.accelerator, cfg.trainer.precision, cfg.quant.bits)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +48,8 @@ def train(dict_cfg: DictConfig) -> dict:
     dtype = torch.float32 if full_finetune else compute_dtype(precision)
     model = load_model(source, cfg.model, cfg.quant, dtype, device)
     model = attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
-    datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.trainer.num_workers)
+    datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
+                                cfg.trainer.num_workers)
     trainable, total = count_parameters(model)
     breakdown = trainable_breakdown(model)
 
@@ -93,6 +76,10 @@ def train(dict_cfg: DictConfig) -> dict:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        test_metrics = {}
+        if cfg.eval.enabled and task_data.test and trainer.is_global_zero:
+            test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, run_dir / "eval",
+                                         loggers)
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
             "final_train_loss": metrics.get("train/loss"), "final_val_loss": metrics.get("val/loss"),
@@ -100,12 +87,14 @@ def train(dict_cfg: DictConfig) -> dict:
             "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
-            "device": str(device), "precision": precision,
+            "device": str(device), "precision": precision, **test_metrics,
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)
             log_summary(loggers, summary)
             print_summary(summary, breakdown)
+            if test_metrics:
+                print_metrics(test_metrics)
         return summary
     finally:
         finish(loggers)

@@ -1,0 +1,19 @@
+"""Evaluate on FinLoRA's tasks: `python eval.py adapter_path=outputs/runs/<run>/adapter task=fpb`.
+
+All logic lives in `finlora.evaluate`; `--cfg job` prints the resolved config.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from finlora.cli import guarded
+from finlora.evaluate import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    guarded(run, cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Which device and precision a run uses, refusing combinations known to fail before anything loads."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from finlora.config import ConfigError
+
+
+def resolve_device(accelerator: str, precision: str | None, quant_bits: int | None) -> tuple[str, str, torch.device]:
+    """(accelerator, precision, this process's device). `auto` means the GPU with bf16-mixed if there is
+    one, else the CPU in 32-bit; under DDP each process takes the GPU of its LOCAL_RANK."""
+    if accelerator == "auto":
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator: a GPU was asked for but torch sees none (use trainer=cpu)")
+    if precision is None:
+        precision = "bf16-mixed" if accelerator != "cpu" and torch.cuda.is_bf16_supported() else "32-true"
+    if accelerator == "cpu" and quant_bits == 8 and precision != "32-true":
+        raise ConfigError(f"trainer.precision: bitsandbytes 8-bit on the CPU fails under {precision}; "
+                          "use trainer.precision=32-true (trainer=cpu)")
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
+              else torch.device("cpu"))
+    return accelerator, precision, device

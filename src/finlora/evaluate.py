@@ -1,0 +1,134 @@
+"""Generation on a task's test sets and FinLoRA's metrics, for a base model, an adapter or a merged model.
+
+Prompts come from `finlora.prompts.encode_prompt`, the function training uses, so an evaluation prompt is
+always the training prompt minus the answer. Generation is greedy and batched with left padding; the
+examples are sorted by length so a batch wastes little on padding, and the answers are put back in
+file order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from finlora.config import DataConfig, EvalConfig, EvalSettings, TestSet, validate
+from finlora.data import load_task
+from finlora.devices import resolve_device
+from finlora.loggers import build_loggers, finish, log_predictions, log_summary
+from finlora.metrics import extract_answer, score
+from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
+from finlora.outputs import write_json, write_jsonl
+from finlora.prompts import encode_prompt
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
+             batch_size: int, precision: str = "32-true", description: str = "generating") -> list[str]:
+    """Greedy answers for `records`, in their order, under the same autocast as training used."""
+    prompts = [encode_prompt(tokenizer, r) for r in records]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(p.device for p in model.parameters())
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision.endswith("mixed"))
+    answers: list[str] = [""] * len(prompts)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task(description, total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            with autocast:
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                     max_new_tokens=max_new_tokens, pad_token_id=pad,
+                                     eos_token_id=tokenizer.eos_token_id, use_cache=True)
+            for row, i in enumerate(idx):
+                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
+            progress.advance(bar, len(idx))
+    model.train(was_training)
+    return answers
+
+
+def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
+                 batch_size: int, precision: str, out_dir: Path) -> tuple[dict[str, float], list[dict]]:
+    """Generate, score, and write `<out_dir>/<name>_predictions.jsonl` and `<name>_metrics.json`."""
+    generations = generate(model, tokenizer, records, test_set.max_new_tokens, batch_size, precision,
+                           f"eval {test_set.name}")
+    labels = test_set.labels or None
+    metrics = score(test_set.kind, generations, [str(r["target"]) for r in records], labels)
+    predictions = [{"index": i, "target": str(r["target"]), "generated": g,
+                    "predicted": extract_answer(test_set.kind, g, labels)}
+                   for i, (r, g) in enumerate(zip(records, generations, strict=True))]
+    write_jsonl(out_dir / f"{test_set.name}_predictions.jsonl", predictions)
+    write_json(out_dir / f"{test_set.name}_metrics.json", metrics)
+    return metrics, predictions
+
+
+def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_sets: list[tuple[TestSet, list[dict]]],
+                  settings: EvalSettings, precision: str, out_dir: Path, loggers: list[Logger]) -> dict[str, float]:
+    """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
+    flat: dict[str, float] = {}
+    for test_set, records in test_sets:
+        records = records[: settings.limit] if settings.limit else records
+        metrics, predictions = evaluate_set(model, tokenizer, test_set, records, settings.batch_size, precision,
+                                            out_dir)
+        flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
+        log_predictions(loggers, f"test/{test_set.name}/predictions", predictions)
+    for lg in loggers:
+        lg.log_metrics(flat)
+    return flat
+
+
+def run(dict_cfg: DictConfig) -> dict[str, float]:
+    """`eval.py`: load the base model (and adapter, merged or not), evaluate, write `<output_dir>/eval/`."""
+    cfg = validate(dict_cfg, EvalConfig)
+    _, precision, device = resolve_device(cfg.accelerator, cfg.precision, cfg.quant.bits)
+    task_data = load_task(cfg.task, DataConfig(val_size=0), cfg.paths.data_dir)
+    out_dir = Path(cfg.output_dir)
+    source = resolve_source(cfg.model, cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(cfg.adapter_path or source, cfg.model)
+    model = load_model(source, cfg.model, cfg.quant, compute_dtype(precision), device)
+    if cfg.adapter_path:
+        model = PeftModel.from_pretrained(model, cfg.adapter_path)
+        if cfg.merge:
+            model = model.merge_and_unload()
+    loggers = build_loggers(cfg.logger, out_dir, cfg.run_name, OmegaConf.to_container(OmegaConf.structured(cfg)))
+    try:
+        metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, out_dir / "eval", loggers)
+        log_summary(loggers, metrics)
+        print_metrics(metrics)
+        return metrics
+    finally:
+        finish(loggers)
+
+
+def print_metrics(metrics: dict[str, float]) -> None:
+    table = Table(title="test metrics")
+    table.add_column("test set")
+    names = sorted({k.split("/")[2] for k in metrics})
+    for name in names:
+        table.add_column(name, justify="right")
+    for test_set in sorted({k.split("/")[1] for k in metrics}):
+        table.add_row(test_set, *[_fmt(metrics.get(f"test/{test_set}/{n}")) for n in names])
+    Console().print(table)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{int(value)}" if float(value).is_integer() and value > 1 else f"{value:.4f}"

@@ -1,0 +1,85 @@
+"""Evaluation: the generate input is the training prompt, left padding changes nothing, eval.py writes
+its predictions and metrics for a base model, an adapter and a merged model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import DATA_DIR, compose_cfg
+
+from finlora.adapters import attach_adapter
+from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, QuantConfig
+from finlora.data import read_jsonl
+from finlora.evaluate import generate, run
+from finlora.models import load_model, load_tokenizer
+from finlora.prompts import encode_example
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
+    return load_tokenizer(str(tiny_model_dir), cfg), model
+
+
+def test_generation_prompt_is_training_prompt_minus_answer(tiny):
+    tokenizer, model = tiny
+    records = read_jsonl(DATA_DIR / "test" / "fiqa_test.jsonl")[:6]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def capture(module, args, kwargs):
+        if not seen:  # the first call is the prompt's prefill
+            seen.append((kwargs["input_ids"].clone(), kwargs["attention_mask"].clone()))
+
+    handle = model.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        generate(model, tokenizer, records, max_new_tokens=2, batch_size=6)
+    finally:
+        handle.remove()
+    ids, mask = seen[0]
+    prompts = sorted((ids[row][mask[row].bool()].tolist() for row in range(len(records))), key=len)
+    expected = []
+    for record in records:
+        enc = encode_example(tokenizer, record, max_length=1024)
+        n_answer = sum(label != -100 for label in enc.labels)
+        expected.append(enc.input_ids[:-n_answer])
+    assert prompts == sorted(expected, key=len)
+    assert all(mask[row, -1] == 1 for row in range(len(records)))  # left padded: prompts end together
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny):
+    tokenizer, model = tiny
+    records = read_jsonl(DATA_DIR / "test" / "fpb_test.jsonl")[:5]
+    batched = generate(model, tokenizer, records, max_new_tokens=4, batch_size=5)
+    single = [generate(model, tokenizer, [r], max_new_tokens=4, batch_size=1)[0] for r in records]
+    assert batched == single
+
+
+def test_eval_cli_base_adapter_and_merged(tiny_model_dir, tmp_path):
+    tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
+    base = load_model(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)), QuantConfig(),
+                      torch.float32, torch.device("cpu"))
+    peft_model = attach_adapter(base, AdapterConfig(method=AdapterMethod.dora, r=4), gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # a non-trivial adapter, so merged and unmerged are really compared
+    peft_model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+
+    common = [f"model.name_or_path={tiny_model_dir}", "task=sentiment", "eval.limit=6", "eval.batch_size=4"]
+    results = {}
+    for name, extra in {"base": [], "adapter": [f"adapter_path={tmp_path / 'adapter'}"],
+                        "merged": [f"adapter_path={tmp_path / 'adapter'}", "merge=true"]}.items():
+        out = tmp_path / name
+        results[name] = run(compose_cfg(common + extra, out, config="eval"))
+        for test_set in ("fpb", "fiqa", "tfns", "nwgi"):
+            rows = [json.loads(line) for line in (out / "eval" / f"{test_set}_predictions.jsonl").open()]
+            assert len(rows) == 6 and {"target", "generated", "predicted"} <= set(rows[0])
+            saved = json.loads((out / "eval" / f"{test_set}_metrics.json").read_text())
+            assert saved["n"] == 6 and saved["accuracy"] == results[name][f"test/{test_set}/accuracy"]
+    assert results["merged"] == results["adapter"]
+    generated = {name: (tmp_path / name / "eval" / "nwgi_predictions.jsonl").read_text() for name in results}
+    assert generated["merged"] == generated["adapter"]
