@@ -59,6 +59,7 @@ class Result:
     impl: str
     step_ms: float
     spread_ms: float
+    cpu_ms: float  # until the step's Python returns, before waiting for the GPU
     tokens_per_s: float
     peak_gib: float
 
@@ -248,21 +249,23 @@ def time_config(setting: Setting, impl: str, args: argparse.Namespace) -> Result
     sync(args.device)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
+    times, cpu = [], []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
+        cpu.append(time.perf_counter() - t0)
         sync(args.device)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else float("nan")
     q = statistics.quantiles(times, n=4)
     med = statistics.median(times)
     tokens = setting.batch * setting.seq * setting.accum
-    return Result(setting.name, setting.bits, impl, 1e3 * med, 1e3 * (q[2] - q[0]), tokens / med, peak)
+    spread, cpu_ms = 1e3 * (q[2] - q[0]), 1e3 * statistics.median(cpu)
+    return Result(setting.name, setting.bits, impl, 1e3 * med, spread, cpu_ms, tokens / med, peak)
 
 
-def profile(bits: str, impl: str, args: argparse.Namespace, top: int = 15) -> str:
-    """Top GPU kernels of one step, to see where the time goes."""
+def profile(bits: str, impl: str, args: argparse.Namespace, top: int = 25) -> str:
+    """Top GPU kernels and CPU operations of one step, and any host-device synchronization."""
     setting = Setting("profile", bits)
     model = wrap(build_model(bits, args.vocab, args.layers, args.small, args.device), impl, 8)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
@@ -273,38 +276,50 @@ def profile(bits: str, impl: str, args: argparse.Namespace, top: int = 15) -> st
         opt.zero_grad(set_to_none=True)
     sync(args.device)
     gpu = args.device == "cuda"
-    activity = torch.profiler.ProfilerActivity.CUDA if gpu else torch.profiler.ProfilerActivity.CPU
-    with torch.profiler.profile(activities=[activity]) as prof:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if gpu:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
         forward_backward(model, ids)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(args.device)
-    sort = "self_device_time_total" if gpu else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=top, max_name_column_width=70)
-    return f"### {bits} {impl}\n{table}\n"
+    events = prof.key_averages()
+    words = ("Synchronize", "Memcpy", "item", "_local_scalar_dense")
+    syncs = [
+        f"{e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms" for e in events if any(w in e.key for w in words)
+    ]
+    out = [f"### {bits} {impl}", "syncs and copies: " + ("; ".join(syncs) or "none")]
+    for sort in ("self_device_time_total", "self_cpu_time_total") if gpu else ("self_cpu_time_total",):
+        out.append(events.table(sort_by=sort, row_limit=top, max_name_column_width=70))
+    return "\n".join(out) + "\n"
 
 
 def kernel_check(args: argparse.Namespace) -> list[str]:
-    """The Triton backward kernel against the PyTorch path, and their times, on one large layer output."""
+    """The Triton kernels against the PyTorch path (errors against float64), and their times."""
     lines = []
     for n_rows, n_cols in [(4096, 14336), (4096, 1024), (333, 4097)]:
         g = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16)
         y = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16)
         s = torch.rand(n_cols, device="cuda") + 0.5
-        gz_ref = (g.float() * s).to(torch.bfloat16)
-        gy_ref = (g.double() * y.double()).sum(0)
+        m = torch.rand(n_cols, device="cuda") + 0.5
+        gz_ref = g.double() * s
+        gm_ref = (g.double() * y.double()).sum(0) / m
+        add_ref = y.double() + g.double() * s
         out = {}
         for use in (True, False):
             dora.USE_TRITON = use
-            gz, gy = dora._scale_grad(g, y, s)
-            assert torch.isfinite(gz).all() and torch.isfinite(gy).all()
-            ms = timed(lambda gg=g, yy=y, ss=s: dora._scale_grad(gg, yy, ss))
-            out[use] = (rel(gz.float(), gz_ref.float()), rel(gy, gy_ref), ms)
-        lines.append(
-            f"{n_rows}x{n_cols}: triton gz err {out[True][0]:.1e} Σgy err {out[True][1]:.1e} "
-            f"{out[True][2]:.3f} ms | torch gz err {out[False][0]:.1e} Σgy err {out[False][1]:.1e} "
-            f"{out[False][2]:.3f} ms"
-        )
+            gz, gm = dora._scale_grad(g, y, s, m)
+            added = dora._scale_add_(y.clone(), g, s)
+            assert torch.isfinite(gz).all() and torch.isfinite(gm).all() and torch.isfinite(added).all()
+            bwd = timed(lambda gg=g, yy=y, ss=s, mm=m: dora._scale_grad(gg, yy, ss, mm))
+            buf = y.clone()
+            fwd = timed(lambda b=buf, gg=g, ss=s: dora._scale_add_(b, gg, ss))
+            errs = (rel(gz, gz_ref), rel(gm, gm_ref), rel(added, add_ref))
+            out["triton" if use else "torch"] = f"fwd {fwd:.3f} ms bwd {bwd:.3f} ms, errors " + " ".join(
+                f"{e:.1e}" for e in errs
+            )
+        lines.append(f"{n_rows}x{n_cols}: Triton {out['triton']} | PyTorch {out['torch']}")
     return lines
 
 
@@ -355,12 +370,14 @@ def markdown(results: list[Result], checks: list[dict], kernels: list[str], args
         "on q/k/v/o/gate/up/down, lora_alpha = 2r, dropout 0; AdamW; bf16 autocast; bf16 base, 8-bit "
         "(LLM.int8, threshold 6) or 4-bit (NF4, double quantization, bf16 compute). Step = forward + "
         f"backward (+ accumulation) + optimizer step; median of {args.steps} steps after {args.warmup} "
-        "warm-up steps (spread = interquartile range); peak = `torch.cuda.max_memory_allocated` over the "
+        "warm-up steps (spread = interquartile range; CPU ms = until the step's Python returns, before "
+        "waiting for the GPU: close to the step time means the step is bound by the CPU); "
+        "peak = `torch.cuda.max_memory_allocated` over the "
         "timed steps. Ratios are against peft LoRA in the same setting.",
         "",
-        "| setting | base | implementation | step ms | spread ms | tokens/s | peak GiB | time ×LoRA | "
-        "memory ×LoRA |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | base | implementation | step ms | spread ms | CPU ms | tokens/s | peak GiB | "
+        "time ×LoRA | memory ×LoRA |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = {(r.setting, r.bits): r for r in results if r.impl == "lora"}
     for r in results:
@@ -370,7 +387,7 @@ def markdown(results: list[Result], checks: list[dict], kernels: list[str], args
         setting = next(s for s, _ in settings(args) if s.name == r.setting and s.bits == r.bits)
         desc = f"{r.setting} (r={setting.r}, {setting.batch}×{setting.seq}×{setting.accum})"
         lines.append(
-            f"| {desc} | {r.bits} | {IMPLS[r.impl]} | {r.step_ms:.1f} | {r.spread_ms:.1f} | "
+            f"| {desc} | {r.bits} | {IMPLS[r.impl]} | {r.step_ms:.1f} | {r.spread_ms:.1f} | {r.cpu_ms:.1f} | "
             f"{r.tokens_per_s:,.0f} | {r.peak_gib:.2f} | {tr} | {mr} |"
         )
     lines += [
@@ -390,7 +407,12 @@ def markdown(results: list[Result], checks: list[dict], kernels: list[str], args
             f"{c.get('lora_magnitude_vector', float('nan')):.1e} |"
         )
     if kernels:
-        lines += ["", "Backward kernel (g·scale and Σ g·y in one pass) against the PyTorch path, bf16:", ""]
+        lines += [
+            "",
+            "Kernels, bf16, Triton against the PyTorch path: forward y += r·scale, backward g·scale with "
+            "Σ g·y / m in one pass; errors against float64 of g·scale, Σ g·y / m and y + r·scale:",
+            "",
+        ]
         lines += [f"- {k}" for k in kernels]
     return "\n".join(lines) + "\n"
 
@@ -447,7 +469,7 @@ def main() -> None:
             results.append(r)
             print(
                 f"{r.setting:>13} {r.bits:>5} {r.impl:>14} {r.step_ms:8.1f} ms ±{r.spread_ms:5.1f} "
-                f"{r.tokens_per_s:10,.0f} tok/s {r.peak_gib:6.2f} GiB",
+                f"cpu {r.cpu_ms:6.1f} {r.tokens_per_s:10,.0f} tok/s {r.peak_gib:6.2f} GiB",
                 flush=True,
             )
     section = markdown(results, checks, kernels, args)

@@ -150,20 +150,42 @@ def fast(model: nn.Module) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("kind", list(TOLERANCES))
-def test_matches_peft_train_and_eval(kind: str) -> None:
+def test_matches_peft_train_and_eval(kind: str, bias: bool) -> None:
     # A fresh model for each forward: on the CPU, peft's 8-bit DoRA breaks the layer it dequantizes
     # (``module.weight = module.weight.to(device)`` drops the int8 scales) for the next forward.
     x = x_for(kind)
-    ref_out, ref_grads = run(make_dora(kind), x, kind)
-    out, grads = run(fast(make_dora(kind)), x, kind)
+    ref_out, ref_grads = run(make_dora(kind, bias=bias), x, kind)
+    out, grads = run(fast(make_dora(kind, bias=bias)), x, kind)
     tol_out, tol_grad = TOLERANCES[kind]
     assert rel(out, ref_out) < tol_out
     assert set(grads) == set(ref_grads)
     assert any("lora_magnitude_vector" in n for n in grads)
     for name in ref_grads:
         assert rel(grads[name], ref_grads[name]) < tol_grad, name
-    assert rel(eval_out(fast(make_dora(kind)), x, kind), eval_out(make_dora(kind), x, kind)) < tol_out
+    ours = eval_out(fast(make_dora(kind, bias=bias)), x, kind)
+    assert rel(ours, eval_out(make_dora(kind, bias=bias), x, kind)) < tol_out
+
+
+def test_trainable_base_bias_matches_peft() -> None:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True, bias="all")
+        model = get_peft_model(make_base(), cfg)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3)
+        return model
+
+    x = x_for("fp32")
+    ref_out, ref_grads = run(build(), x)
+    out, grads = run(fast(build()), x)
+    assert any(name.endswith("base_layer.bias") for name in grads)
+    assert rel(out, ref_out) < 1e-5
+    for name in ref_grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-5, name
 
 
 def test_paper_worked_example() -> None:
@@ -182,7 +204,7 @@ def test_paper_worked_example() -> None:
     x = torch.randn(3, 4)
     out = model(x)  # B = 0 at initialization: DoRA starts as the base layer
     torch.testing.assert_close(out, base(x), atol=1e-5, rtol=1e-6)
-    norm = layer._finlora_dora_cache["default"][1]
+    norm = layer._finlora_dora_cache["default"][1].norm
     directions = w0.T / norm[:, None]
     torch.testing.assert_close(directions.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(norm, expected, atol=1e-4, rtol=0)
@@ -223,7 +245,7 @@ def test_gradient_accumulation_and_checkpointing() -> None:
     # two micro-batches, each backward recomputing its checkpointed forward
     for part, wp in zip(x.split(1), w.split(1), strict=True):
         (model(part) * wp).sum().backward()
-        norms.append(layer._finlora_dora_cache["default"][1])
+        norms.append(layer._finlora_dora_cache["default"][1].norm)
     assert norms[0] is norms[1]  # one norm per optimizer step, reused by micro-batches and recomputation
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -272,7 +294,7 @@ def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
         for part in x.split(1):  # gradient accumulation over two micro-batches
             model(part).pow(2).mean().backward()
             for layer in layers:
-                torch.testing.assert_close(layer._finlora_dora_cache["default"][1], _fresh_norm(layer))
+                torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
         opt.step()
         opt.zero_grad()
         current = _fresh_norm(layers[0])
@@ -281,7 +303,7 @@ def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
         previous = current
     model(x)
     for layer in layers:
-        torch.testing.assert_close(layer._finlora_dora_cache["default"][1], _fresh_norm(layer))
+        torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
 
 
 def test_norm_cache_follows_in_place_edits_and_explicit_clear() -> None:
@@ -293,14 +315,14 @@ def test_norm_cache_follows_in_place_edits_and_explicit_clear() -> None:
     with torch.no_grad():
         layer.lora_B["default"].weight.mul_(2)  # bumps the version counter
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1], _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
     layer.lora_A["default"].weight.data.mul_(3)  # invisible to version counters
     clear_dora_cache(model)
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1], _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
     layer.scaling["default"] *= 0.5
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1], _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
 
 
 def _train(model: nn.Module, steps: int = 2) -> None:
@@ -349,7 +371,7 @@ def test_nf4_cpu_packed_eval() -> None:
     x = x_for("fp32")
     train_out = run(model, x)[0]
     layers = dora_layers(model)
-    before = [layer._finlora_dora_cache["default"][1] for layer in layers]
+    before = [layer._finlora_dora_cache["default"][1].norm for layer in layers]
     model.eval()
     with torch.no_grad():
         model(x)  # repacks the weights where the CPU supports it
@@ -359,7 +381,7 @@ def test_nf4_cpu_packed_eval() -> None:
     with torch.no_grad():
         out = model(x)
     for layer, norm in zip(layers, before, strict=True):
-        assert rel(layer._finlora_dora_cache["default"][1], norm) < 5e-3  # packing keeps absmax in bf16
+        assert rel(layer._finlora_dora_cache["default"][1].norm, norm) < 5e-3  # packing keeps absmax in bf16
     assert rel(out, train_out) < 1e-2
 
 
@@ -390,7 +412,7 @@ def test_merge_unmerge_round_trip_refreshes_cache() -> None:
     assert rel(merged, before) < 1e-5
     assert rel(after, before) < 1e-5
     layer = model.base_model.model.up
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1], _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
 
 
 def test_frozen_row_norm_computed_once() -> None:

@@ -31,9 +31,10 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -74,9 +75,10 @@ def _install_step_hook() -> None:
         _step_hook = register_optimizer_step_post_hook(_count_optimizer_step)
 
 
-def _state(t: Tensor) -> tuple:
-    """What changes when a tensor's values may have changed, short of reading them."""
-    return (id(t), t.data_ptr(), t._version, t.dtype, t.device)
+def _state(t: Tensor) -> tuple[int, int, int]:
+    """What changes when a tensor's values may have changed, short of reading them (a new dtype or
+    device means new storage)."""
+    return (id(t), t.data_ptr(), t._version)
 
 
 def _is_int8(weight: Tensor) -> bool:
@@ -85,11 +87,7 @@ def _is_int8(weight: Tensor) -> bool:
 
 def _is_unpacked_4bit(weight: Tensor) -> bool:
     qs = getattr(weight, "quant_state", None)
-    return (
-        type(weight).__name__ == "Params4bit"
-        and qs is not None
-        and not getattr(qs, "packing_format_for_cpu", False)
-    )
+    return type(weight).__name__ == "Params4bit" and qs is not None and not getattr(qs, "packing_format_for_cpu", False)
 
 
 def _is_plain(base: nn.Module) -> bool:
@@ -156,31 +154,44 @@ def _base_times_a(module: nn.Module, base: nn.Module, lora_a: Tensor, dtype: tor
     return _base_without_bias(base, lora_a.to(dtype))
 
 
-def _weight_norm(module: nn.Module, adapter: str, dtype: torch.dtype) -> Tensor:
-    """‖W0 + s·B·A‖ per output row (float32, detached), cached until A, B, W0 or s change."""
-    base = module.get_base_layer()
-    lora_a = module.lora_A[adapter].weight
-    lora_b = module.lora_B[adapter].weight
-    scaling = module.scaling[adapter]
+class _Consts(NamedTuple):
+    """What a layer's DoRA needs that depends on parameters only: fixed until the next optimizer step."""
+
+    norm: Tensor  # ‖W0 + s·B·A‖ per output row, float32, detached
+    scale: Tensor  # m / norm, float32, detached
+    b_eff: Tensor  # s·scale ⊙ B in the LoRA branch's dtype: its forward weight
+    b_s: Tensor  # s·B in the LoRA branch's dtype: its backward weight
+
+
+def _consts(
+    module: nn.Module,
+    adapter: str,
+    base: nn.Module,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    magnitude: Tensor,
+    scaling: float,
+    dtype: torch.dtype,
+) -> _Consts:
+    """The layer's `_Consts`, recomputed when A, B, m, W0, s or the optimizer step count change."""
     cache = module.__dict__.setdefault("_finlora_dora_cache", {})
-
     w_key = _state(base.weight)
-    if cache.get("w2", (None,))[0] != w_key:
-        cache["w2"] = (w_key, _row_sqnorm(module, base, dtype))
-    w2 = cache["w2"][1]
-
-    key = (_optimizer_steps, _state(lora_a), _state(lora_b), scaling, w_key)
+    key = (_optimizer_steps, _state(lora_a), _state(lora_b), _state(magnitude), scaling, w_key, dtype)
     hit = cache.get(adapter)
     if hit is not None and hit[0] == key:
         return hit[1]
+    if cache.get("w2", (None,))[0] != w_key:
+        cache["w2"] = (w_key, _row_sqnorm(module, base, dtype))
     with torch.no_grad():
         a = lora_a.float()
         b = lora_b.float()
-        cross = (b * _base_times_a(module, base, lora_a, dtype)).sum(1)
-        quad = ((b @ (a @ a.T)) * b).sum(1)
-        norm = (w2 + 2 * scaling * cross + scaling**2 * quad).clamp_min(0).sqrt()
-    cache[adapter] = (key, norm)
-    return norm
+        # ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij)
+        t = torch.addmm(_base_times_a(module, base, lora_a, dtype), b, a @ a.T, beta=2 * scaling, alpha=scaling**2)
+        norm = torch.linalg.vecdot(b, t).add_(cache["w2"][1]).clamp_min_(0).sqrt_()
+        scale = magnitude.detach().float() / norm
+        consts = _Consts(norm, scale, (b * (scaling * scale)[:, None]).to(dtype), (scaling * b).to(dtype))
+    cache[adapter] = (key, consts)
+    return consts
 
 
 def clear_dora_cache(model: nn.Module) -> None:
@@ -192,10 +203,24 @@ def clear_dora_cache(model: nn.Module) -> None:
 if triton is not None:
 
     @triton.jit
+    def _scale_add_kernel(y_ptr, r_ptr, scale_ptr, n_rows, n_cols, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+        """y += r·scale[column], in float32, in place."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        mask = (rows[:, None] < n_rows) & col_mask[None, :]
+        offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
+        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, (y + r * scale[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _scale_grad_kernel(
         g_ptr,
         y_ptr,
         scale_ptr,
+        m_ptr,
         gz_ptr,
         part_ptr,
         n_rows,
@@ -204,7 +229,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         ITERS: tl.constexpr,
     ):
-        """gz = g·scale and per-column partial sums of g·y (float32), one pass over g and y."""
+        """gz = g·scale and per-column partial sums of g·y / m (float32), one pass over g and y."""
         pid_t = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
@@ -218,36 +243,53 @@ if triton is not None:
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(gz_ptr + offs, (g * scale[None, :]).to(gz_ptr.dtype.element_ty), mask=mask)
             acc += tl.sum(g * y, axis=0)
-        tl.store(part_ptr + pid_t * n_cols + cols, acc, mask=col_mask)
+        m = tl.load(m_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
+        tl.store(part_ptr + pid_t * n_cols + cols, acc / m, mask=col_mask)
 
 
-def _scale_grad_triton(g: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    n_rows, n_cols = g.shape
-    block_t, block_n = 32, 128
-    col_blocks = triton.cdiv(n_cols, block_n)
-    target = 4 * torch.cuda.get_device_properties(g.device).multi_processor_count
-    row_tiles = triton.cdiv(n_rows, block_t)
-    # a power of two, so that few variants are compiled however the number of rows varies
-    iters = min(64, triton.next_power_of_2(triton.cdiv(row_tiles, triton.cdiv(target, col_blocks))))
-    row_progs = triton.cdiv(row_tiles, iters)
-    gz = torch.empty_like(g)
-    part = torch.empty(row_progs, n_cols, device=g.device, dtype=torch.float32)
-    _scale_grad_kernel[(row_progs, col_blocks)](
-        g, y, scale, gz, part, n_rows, n_cols, BLOCK_T=block_t, BLOCK_N=block_n, ITERS=iters
-    )
-    return gz, part.sum(0)
+@functools.cache
+def _sm_count(device: int | None) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _scale_grad(g: Tensor, y: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
-    """(g·scale in g's dtype, Σ_rows g·y in float32) for 2-D contiguous g, y and float32 scale."""
-    if USE_TRITON and triton is not None and g.is_cuda:
-        return _scale_grad_triton(g, y, scale)
+def _on_triton(t: Tensor) -> bool:
+    return USE_TRITON and triton is not None and t.is_cuda
+
+
+def _scale_add_(y: Tensor, r: Tensor, scale: Tensor) -> Tensor:
+    """y += r ⊙ scale (scale float32, broadcast over the last dimension), in place; y and r contiguous."""
+    if _on_triton(y) and r.is_contiguous():
+        n_cols = y.shape[-1]
+        n_rows = y.numel() // n_cols
+        grid = (triton.cdiv(n_rows, 8), triton.cdiv(n_cols, 512))
+        _scale_add_kernel[grid](y, r, scale, n_rows, n_cols, BLOCK_T=8, BLOCK_N=512)
+        return y
+    return y.addcmul_(r, scale)
+
+
+def _scale_grad(g: Tensor, y: Tensor, scale: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    """(g·scale in g's dtype, Σ_rows g·y / m in float32) for 2-D contiguous g and y."""
+    if _on_triton(g):
+        n_rows, n_cols = g.shape
+        block_t, block_n = 32, 128
+        col_blocks = triton.cdiv(n_cols, block_n)
+        target = 4 * _sm_count(g.device.index)
+        row_tiles = triton.cdiv(n_rows, block_t)
+        # a power of two, so that few variants are compiled however the number of rows varies
+        iters = min(64, triton.next_power_of_2(triton.cdiv(row_tiles, triton.cdiv(target, col_blocks))))
+        row_progs = triton.cdiv(row_tiles, iters)
+        gz = torch.empty_like(g)
+        part = torch.empty(row_progs, n_cols, device=g.device, dtype=torch.float32)
+        _scale_grad_kernel[(row_progs, col_blocks)](
+            g, y, scale, magnitude, gz, part, n_rows, n_cols, BLOCK_T=block_t, BLOCK_N=block_n, ITERS=iters
+        )
+        return gz, part.sum(0)
     gz = torch.mul(g, scale, out=torch.empty_like(g))
-    return gz, (g * y).sum(0, dtype=torch.float32)
+    return gz, (g * y).sum(0, dtype=torch.float32).div_(magnitude)
 
 
 class _DoraTail(torch.autograd.Function):
-    """y = scale ⊙ (result - b) + b + ax·(s·scale·B)ᵀ with scale = m / norm; saves only y and ax."""
+    """y = scale ⊙ (result - b) + b + ax·b_effᵀ; saves y and ax, and takes m's gradient from y."""
 
     @staticmethod
     def forward(
@@ -256,44 +298,42 @@ class _DoraTail(torch.autograd.Function):
         ax: Tensor,
         lora_b: Tensor,
         magnitude: Tensor,
-        norm: Tensor,
+        consts: _Consts,
         scaling: float,
         bias: Tensor | None,
     ) -> Tensor:
-        with torch.autocast(result.device.type, enabled=False):
-            scale = magnitude.detach().float() / norm
-            b_eff = (lora_b.detach().float() * (scaling * scale)[:, None]).to(ax.dtype)
-            y = torch.matmul(ax, b_eff.T)
-            if bias is not None:
-                y += ((1 - scale) * bias.detach().float()).to(y.dtype)
-            y = y.addcmul_(result, scale).to(result.dtype)
-        ctx.save_for_backward(y, ax, lora_b, magnitude, scale, bias)
+        # b_eff and ax share a dtype, so an enclosing autocast casts nothing here
+        y = torch.matmul(ax, consts.b_eff.T)
+        if bias is not None:
+            y += ((1 - consts.scale) * bias.detach().float()).to(y.dtype)
+        y = _scale_add_(y, result.contiguous(), consts.scale).to(result.dtype)
+        ctx.save_for_backward(y, ax, magnitude, bias)
+        ctx.consts = consts
         ctx.scaling = scaling
+        ctx.b_dtype = lora_b.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        y, ax, lora_b, magnitude, scale, bias = ctx.saved_tensors
-        s = ctx.scaling
+        y, ax, magnitude, bias = ctx.saved_tensors
+        consts: _Consts = ctx.consts
         n_out = y.shape[-1]
-        with torch.autocast(grad.device.type, enabled=False):
-            g2 = grad.reshape(-1, n_out)
-            gz, gy = _scale_grad(g2, y.reshape(-1, n_out), scale)
-            grad_m = grad_ax = grad_b = grad_bias = None
-            if ctx.needs_input_grad[3]:
-                if bias is not None:  # Σ g·(y - b)
-                    gy = gy - bias.float() * g2.sum(0, dtype=torch.float32)
-                grad_m = (gy / magnitude.float()).to(magnitude.dtype)
-            ax2 = ax.reshape(-1, ax.shape[-1])
-            gz_lora = gz.to(ax.dtype)
-            if ctx.needs_input_grad[1]:
-                grad_ax = (gz_lora @ (s * lora_b.detach()).to(ax.dtype)).view(ax.shape)
-            if ctx.needs_input_grad[2]:
-                grad_b = (gz_lora.T @ ax2).to(lora_b.dtype).mul_(s)
-            if bias is not None and ctx.needs_input_grad[6]:
-                grad_bias = (g2.sum(0, dtype=torch.float32) * (1 - scale)).to(bias.dtype)
-        return gz.view(grad.shape), grad_ax, grad_b, grad_m, None, None, grad_bias
+        g2 = grad.reshape(-1, n_out)
+        grad_ax = grad_b = grad_m = grad_bias = None
+        if bias is None:
+            gz, grad_m = _scale_grad(g2, y.reshape(-1, n_out), consts.scale, magnitude)
+        else:  # Σ g·(y - b) / m
+            gz = torch.mul(g2, consts.scale, out=torch.empty_like(g2))
+            g_sum = g2.sum(0, dtype=torch.float32)
+            grad_m = ((g2 * y.reshape(-1, n_out)).sum(0, dtype=torch.float32) - bias.float() * g_sum) / magnitude
+            grad_bias = (g_sum * (1 - consts.scale)).to(bias.dtype)
+        gz_lora = gz.to(ax.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_ax = torch.matmul(gz_lora, consts.b_s).view(ax.shape)
+        if ctx.needs_input_grad[2]:
+            grad_b = (gz_lora.T @ ax.reshape(-1, ax.shape[-1])).to(ctx.b_dtype).mul_(ctx.scaling)
+        return gz.view(grad.shape), grad_ax, grad_b, grad_m.to(magnitude.dtype), None, None, grad_bias
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
@@ -304,17 +344,14 @@ class FastDoraLinearVariant(DoraLinearVariant):
         dropout = module.lora_dropout[active_adapter]
         if module.training and not isinstance(dropout, nn.Identity):
             x = dropout(x)
-        ax = module.lora_A[active_adapter](x)
-        norm = _weight_norm(module, active_adapter, x.dtype)
-        return _DoraTail.apply(
-            result,
-            ax,
-            module.lora_B[active_adapter].weight,
-            module.lora_magnitude_vector[active_adapter].weight,
-            norm,
-            module.scaling[active_adapter],
-            getattr(module.get_base_layer(), "bias", None),
-        )
+        lora_a = module.lora_A[active_adapter].weight
+        ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
+        base = module.get_base_layer()
+        lora_b = module.lora_B[active_adapter].weight
+        magnitude = module.lora_magnitude_vector[active_adapter].weight
+        scaling = module.scaling[active_adapter]
+        consts = _consts(module, active_adapter, base, lora_a, lora_b, magnitude, scaling, ax.dtype)
+        return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None))
 
     @staticmethod
     def merge_safe(module: nn.Module, active_adapter: str, orig_weight: Tensor) -> Tensor:
