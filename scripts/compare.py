@@ -118,8 +118,8 @@ trained row uses `experiment=compare` and differs only in `adapter` and `seed`.
   on the same base), bf16 mixed precision ({summary.get('precision')}).
 - Training data: the `sentiment` mixture (FPB×6 + FiQA×21 + TFNS×2 = {summary.get('train_examples', 0):,} rows,
   {summary.get('distinct_train_examples', 0):,} distinct), {summary.get('val_examples')} held out for validation;
-  {summary.get('steps')} optimizer steps of batch 16 (about {16 * (summary.get('steps') or 0):,} examples), AdamW lr 1e-4,
-  50 warm-up steps, cosine; LoRA and DoRA r=8, alpha=16, dropout 0.05 on q/k/v (FinLoRA's targets);
+  {summary.get('steps')} optimizer steps of batch 16 (about {16 * (summary.get('steps') or 0):,} examples),
+  AdamW lr 1e-4, 50 warm-up steps, cosine; LoRA and DoRA r=8, alpha=16, dropout 0.05 on q/k/v (FinLoRA's targets);
   full fine-tuning updates all {summary.get('total_params', 0):,} parameters.
 - Evaluation: greedy generation on FinLoRA's raw prompts; accuracy and weighted F1 as FinLoRA computes
   them (first label in the answer; wrong or unparsable answers are their own class); TFNS on the fixed

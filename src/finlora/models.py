@@ -70,7 +70,8 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | Path) -> str:
     """Where transformers should load from: the converted embedded folder, or the user's id / path."""
     if cfg.embedded:
         return str(convert_embedded(cfg.embedded, cache_dir))
-    return str(Path(cfg.name_or_path).expanduser()) if Path(cfg.name_or_path).expanduser().exists() else cfg.name_or_path
+    local = Path(cfg.name_or_path).expanduser()
+    return str(local) if local.exists() else cfg.name_or_path
 
 
 def compute_dtype(precision: str) -> torch.dtype:
