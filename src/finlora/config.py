@@ -51,6 +51,14 @@ class LoggerKind(Enum):
     none = "none"
 
 
+class Batching(Enum):
+    """How training examples become batches (`finlora.batching` says what each costs)."""
+
+    padded = "padded"
+    grouped = "grouped"
+    packed = "packed"
+
+
 class FourBitType(Enum):
     nf4 = "nf4"
     fp4 = "fp4"
@@ -171,6 +179,7 @@ class DataConfig:
     max_length: int = 256
     val_size: int = 200
     seed: int = 42
+    batching: Batching = Batching.packed
 
     def problems(self) -> list[str]:
         problems: list[str] = []

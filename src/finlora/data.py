@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from finlora.config import DataConfig, TaskConfig, TestSet
+from finlora.batching import LengthGroupedSampler, pack, with_stats
+from finlora.config import Batching, DataConfig, TaskConfig, TestSet
 from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
 REQUIRED_KEYS = ("context", "target")
@@ -140,6 +141,8 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 class TaskDataModule(L.LightningDataModule):
+    """Training batches as `data.batching` says (validation keeps its order); each carries its `BatchStats`."""
+
     def __init__(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                  batch_size: int, shuffle_seed: int, num_workers: int = 0) -> None:
         super().__init__()
@@ -149,11 +152,18 @@ class TaskDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = shuffle_seed
+        self.batching = cfg.batching
+        self.row_length = cfg.max_length
 
     def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          collate_fn=partial(collate, pad_id=self.pad_id),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+        inner = (partial(pack, pad_id=self.pad_id, row_length=self.row_length) if self.batching is Batching.packed
+                 else partial(collate, pad_id=self.pad_id))
+        grouped = shuffle and self.batching is Batching.grouped
+        sampler = (LengthGroupedSampler([len(e.input_ids) for e in dataset.items], self.batch_size, self.seed)
+                   if grouped else None)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and not grouped, sampler=sampler,
+                          num_workers=self.num_workers, collate_fn=partial(with_stats, inner),
+                          generator=torch.Generator().manual_seed(self.seed) if shuffle and not grouped else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

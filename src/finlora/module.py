@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from finlora.batching import model_inputs, num_examples
 from finlora.config import TrainerConfig
 
 
@@ -19,17 +20,17 @@ class FinetuneModule(L.LightningModule):
         self.strict_loading = False  # checkpoints carry only the trainable parameters
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**batch).loss
+        return self.model(**model_inputs(batch)).loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
         answer_tokens = (batch["labels"] != -100).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train/loss", loss, prog_bar=True, batch_size=num_examples(batch))
         self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self(batch), prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+        self.log("val/loss", self(batch), prog_bar=True, sync_dist=True, batch_size=num_examples(batch))
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]

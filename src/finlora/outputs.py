@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -52,3 +53,15 @@ def write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_section(path: Path, section: str) -> None:
+    """Put a markdown `## ...` section into `path` in place of the section with the same heading, or at
+    the end; the file's other sections (other people's benchmarks) stay as they are."""
+    heading = section.splitlines()[0]
+    parts = re.split(r"(?m)^(?=## )", path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n")
+    if heading in (p.splitlines()[0] for p in parts if p):
+        parts = [section if p and p.splitlines()[0] == heading else p for p in parts]
+    else:
+        parts.append(section)
+    write_text(path, "\n".join(p.strip("\n") + "\n" for p in parts if p.strip()))

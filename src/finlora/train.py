@@ -27,6 +27,7 @@ from finlora.loggers import build_loggers, finish, log_summary
 from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
+from finlora.throughput import ThroughputLogger, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ def train(dict_cfg: DictConfig) -> dict:
     config_dict["params"] = {"trainable": trainable, "total": total,
                              "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
     loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config_dict)
+    throughput = ThroughputLogger()
     try:
         trainer = L.Trainer(
             accelerator=accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, precision=precision,
@@ -65,7 +67,8 @@ def train(dict_cfg: DictConfig) -> dict:
             val_check_interval=cfg.trainer.val_every_n_steps, check_val_every_n_epoch=None
             if cfg.trainer.val_every_n_steps else 1, log_every_n_steps=cfg.trainer.log_every_n_steps,
             logger=loggers, default_root_dir=run_dir, enable_model_summary=False,
-            callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0)],
+            callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0), throughput,
+                       progress_bar(cfg.trainer.log_every_n_steps)],
             num_sanity_val_steps=0)
         module = FinetuneModule(model, cfg.trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
@@ -87,6 +90,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
+            "batching": cfg.data.batching.value, **throughput.summary(),
             "device": str(device), "precision": precision, **test_metrics,
         }
         if trainer.is_global_zero:
@@ -118,11 +122,13 @@ def print_summary(summary: dict, breakdown: list) -> None:
             ("final val loss", _fmt(summary["final_val_loss"])),
             ("train examples (truncated)", f"{summary['train_examples']:,} ({summary['truncated_train_examples']})"),
             ("wall time", f"{summary['wall_time_s']:.0f} s on {summary['device']} ({summary['precision']})"),
+            ("useful tokens/s (padding)", f"{_fmt(summary['tokens_per_s'], ',.0f')} "
+             f"({_fmt(summary['padding_fraction'], '.1%')} of the tokens, {summary['batching']} batches)"),
             ("adapter", summary["adapter_dir"])]
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
 
 
-def _fmt(x: float | None) -> str:
-    return "-" if x is None else f"{x:.4f}"
+def _fmt(x: float | None, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
