@@ -188,6 +188,37 @@ def test_trainable_base_bias_matches_peft() -> None:
         assert rel(grads[name], ref_grads[name]) < 1e-5, name
 
 
+def make_stack(seed: int = 0) -> nn.Module:
+    """Three layers of one shape, whose constants are computed in one batch."""
+    torch.manual_seed(seed)
+    layers = [nn.Linear(D_IN, D_IN), nn.GELU(), nn.Linear(D_IN, D_IN), nn.GELU(), nn.Linear(D_IN, D_IN)]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"], use_dora=True)
+    model = get_peft_model(nn.Sequential(*layers), cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
+def test_layers_of_one_shape_refresh_together() -> None:
+    x = x_for("fp32")
+    ref_out, ref_grads = run(make_stack(), x)
+    model = make_stack()
+    assert use_fast_dora(model) == 3
+    layers = dora_layers(model)
+    layers[0](x)  # the first stale layer refreshes its whole group
+    assert all("default" in layer._finlora_dora_cache for layer in layers)
+    out, grads = run(model, x)
+    assert rel(out, ref_out) < 1e-5
+    for name in ref_grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-5, name
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+    model(x)
+    for layer in layers:
+        torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+
+
 def test_paper_worked_example() -> None:
     w0 = torch.tensor([[1, 7, 2, 8, 5], [2, 10, 4, 12, 10], [3, 15, 12, 18, 27], [4, 12, 16, 16, 36.0]])
     torch.manual_seed(0)
@@ -204,7 +235,7 @@ def test_paper_worked_example() -> None:
     x = torch.randn(3, 4)
     out = model(x)  # B = 0 at initialization: DoRA starts as the base layer
     torch.testing.assert_close(out, base(x), atol=1e-5, rtol=1e-6)
-    norm = layer._finlora_dora_cache["default"][1].norm
+    norm = layer._finlora_dora_cache["default"].norm
     directions = w0.T / norm[:, None]
     torch.testing.assert_close(directions.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(norm, expected, atol=1e-4, rtol=0)
@@ -245,7 +276,7 @@ def test_gradient_accumulation_and_checkpointing() -> None:
     # two micro-batches, each backward recomputing its checkpointed forward
     for part, wp in zip(x.split(1), w.split(1), strict=True):
         (model(part) * wp).sum().backward()
-        norms.append(layer._finlora_dora_cache["default"][1].norm)
+        norms.append(layer._finlora_dora_cache["default"].norm)
     assert norms[0] is norms[1]  # one norm per optimizer step, reused by micro-batches and recomputation
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -294,7 +325,7 @@ def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
         for part in x.split(1):  # gradient accumulation over two micro-batches
             model(part).pow(2).mean().backward()
             for layer in layers:
-                torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
+                torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
         opt.step()
         opt.zero_grad()
         current = _fresh_norm(layers[0])
@@ -303,7 +334,7 @@ def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
         previous = current
     model(x)
     for layer in layers:
-        torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
+        torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
 
 
 def test_norm_cache_follows_in_place_edits_and_explicit_clear() -> None:
@@ -315,14 +346,14 @@ def test_norm_cache_follows_in_place_edits_and_explicit_clear() -> None:
     with torch.no_grad():
         layer.lora_B["default"].weight.mul_(2)  # bumps the version counter
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
     layer.lora_A["default"].weight.data.mul_(3)  # invisible to version counters
     clear_dora_cache(model)
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
     layer.scaling["default"] *= 0.5
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
 
 
 def _train(model: nn.Module, steps: int = 2) -> None:
@@ -371,7 +402,7 @@ def test_nf4_cpu_packed_eval() -> None:
     x = x_for("fp32")
     train_out = run(model, x)[0]
     layers = dora_layers(model)
-    before = [layer._finlora_dora_cache["default"][1].norm for layer in layers]
+    before = [layer._finlora_dora_cache["default"].norm for layer in layers]
     model.eval()
     with torch.no_grad():
         model(x)  # repacks the weights where the CPU supports it
@@ -381,7 +412,7 @@ def test_nf4_cpu_packed_eval() -> None:
     with torch.no_grad():
         out = model(x)
     for layer, norm in zip(layers, before, strict=True):
-        assert rel(layer._finlora_dora_cache["default"][1].norm, norm) < 5e-3  # packing keeps absmax in bf16
+        assert rel(layer._finlora_dora_cache["default"].norm, norm) < 5e-3  # packing keeps absmax in bf16
     assert rel(out, train_out) < 1e-2
 
 
@@ -412,7 +443,7 @@ def test_merge_unmerge_round_trip_refreshes_cache() -> None:
     assert rel(merged, before) < 1e-5
     assert rel(after, before) < 1e-5
     layer = model.base_model.model.up
-    torch.testing.assert_close(layer._finlora_dora_cache["default"][1].norm, _fresh_norm(layer))
+    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
 
 
 def test_frozen_row_norm_computed_once() -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -57,7 +56,7 @@ except ImportError:
 USE_TRITON: bool = os.environ.get("FINLORA_DORA_TRITON", "1") != "0"
 """Use the fused Triton kernel in backward on CUDA (set FINLORA_DORA_TRITON=0 to compare)."""
 
-_CHUNK_ELEMENTS = 1 << 24  # rows of a weight handled at once where it must be expanded to float32
+_CHUNK_ELEMENTS = 1 << 24  # elements of a weight expanded to float32 at once, for its frozen row norms
 
 _optimizer_steps = 0  # bumped after every torch optimizer step; part of every norm-cache key
 _step_hook: Any = None
@@ -94,104 +93,160 @@ def _is_plain(base: nn.Module) -> bool:
     return isinstance(base, nn.Linear) and type(base.weight) in (Tensor, nn.Parameter)
 
 
-def _int8_rows(base: nn.Module, dtype: torch.dtype) -> Iterator[tuple[Tensor, Tensor]]:
-    """Row chunks of the int8 weight CB in ``dtype`` (exact), with their row scales: W0 = CB · SCB / 127."""
-    weight = base.weight
-    scb = base.state.SCB if base.state.SCB is not None else weight.SCB
-    scale = scb.float() / 127.0
-    step = max(1, _CHUNK_ELEMENTS // weight.shape[1])
-    for start in range(0, weight.shape[0], step):
-        yield weight.data[start : start + step].to(dtype), scale[start : start + step]
+def _int8_scale(base: nn.Module) -> Tensor:
+    """Row scales of an int8 weight, W0 = CB · SCB / 127 (bitsandbytes moves SCB to the state on use)."""
+    scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
+    return scb.float() / 127.0
 
 
 def _base_without_bias(base: nn.Module, inputs: Tensor) -> Tensor:
-    """W0 · inputsᵀ through the base layer's own kernel, as float32 (out_features × rows)."""
+    """inputs · W0ᵀ through the base layer itself (rows × out_features)."""
     out = base(inputs)
     if getattr(base, "bias", None) is not None:
         out = out - base.bias.to(out.dtype)
-    return out.float().T
+    return out
 
 
 def _plain_weight(module: nn.Module, base: nn.Linear) -> Tensor:
     return base.weight.T if getattr(module, "fan_in_fan_out", False) else base.weight
 
 
-@torch.no_grad()
 def _row_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
     """‖w_i‖² of the dequantized base weight in float32: frozen, so computed once per weight."""
     weight = base.weight
-    if _is_plain(base):
-        w = _plain_weight(module, base)
+    if _is_plain(base) or _is_int8(weight):
+        w = _plain_weight(module, base) if _is_plain(base) else weight.data
         step = max(1, _CHUNK_ELEMENTS // w.shape[1])
-        return torch.cat([w[i : i + step].float().pow(2).sum(1) for i in range(0, w.shape[0], step)])
-    if _is_int8(weight):
-        return torch.cat([cb.pow(2).sum(1) * scale**2 for cb, scale in _int8_rows(base, torch.float32)])
+        sq = torch.cat([w[i : i + step].float().pow(2).sum(1) for i in range(0, w.shape[0], step)])
+        return sq if _is_plain(base) else sq * _int8_scale(base) ** 2
     if _is_unpacked_4bit(weight):
-        w = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
-        return w.float().pow(2).sum(1)
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float().pow(2).sum(1)
     # Anything else (bitsandbytes' CPU-packed 4-bit, other quantizers): the base layer on an identity.
     d_in = module.in_features
     step = max(1, _CHUNK_ELEMENTS // max(d_in, module.out_features))
     total = torch.zeros(module.out_features, device=weight.device)
     for i in range(0, d_in, step):
         eye = torch.eye(d_in, device=weight.device, dtype=dtype)[i : i + step]
-        total += _base_without_bias(base, eye).pow(2).sum(1)
+        total += _base_without_bias(base, eye).float().pow(2).sum(0)
     return total
 
 
-@torch.no_grad()
-def _base_times_a(module: nn.Module, base: nn.Module, lora_a: Tensor, dtype: torch.dtype) -> Tensor:
-    """W0 · Aᵀ (out_features × r, float32) without building or dequantizing W0 as a whole."""
+def _a_times_w0t(module: nn.Module, base: nn.Module, lora_a: Tensor, dtype: torch.dtype) -> Tensor:
+    """A · W0ᵀ (r × out_features): a skinny product over the r rows of A, never W0 + s·B·A."""
     if _is_plain(base):
         w = _plain_weight(module, base)
-        with torch.autocast(w.device.type, enabled=False):
-            return F.linear(lora_a.to(w.dtype), w).float().T
-    if _is_int8(base.weight):  # in the input's dtype, as peft does (CB is exact in bf16)
-        a = lora_a.to(dtype)
-        with torch.autocast(a.device.type, enabled=False):
-            parts = [F.linear(a, cb).float().T * scale[:, None] for cb, scale in _int8_rows(base, dtype)]
-        return torch.cat(parts)
+        return F.linear(lora_a.to(w.dtype), w)
+    if _is_int8(base.weight):  # CB is exact in any float dtype; A in the branch's dtype, as peft does
+        return F.linear(lora_a.to(dtype), base.weight.data.to(dtype)).float() * _int8_scale(base)
+    if _is_unpacked_4bit(base.weight):  # what bitsandbytes' 4-bit matmul does for more than one row
+        w = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
+        return F.linear(lora_a.to(w.dtype), w)
     return _base_without_bias(base, lora_a.to(dtype))
 
 
-class _Consts(NamedTuple):
-    """What a layer's DoRA needs that depends on parameters only: fixed until the next optimizer step."""
+class _Entry(NamedTuple):
+    """A layer's DoRA constants: they depend on parameters only, so they hold until the next step."""
 
-    norm: Tensor  # ‖W0 + s·B·A‖ per output row, float32, detached
-    scale: Tensor  # m / norm, float32, detached
+    key: tuple
+    norm: Tensor  # ‖W0 + s·B·A‖ per output row, float32
+    scale: Tensor  # m / norm, float32
+    sb: Tensor  # s·B, float32
+    derived: dict[torch.dtype, tuple[Tensor, Tensor]]  # dtype -> (s·scale ⊙ B, s·B) in that dtype
+
+
+class _Consts(NamedTuple):
+    norm: Tensor
+    scale: Tensor
     b_eff: Tensor  # s·scale ⊙ B in the LoRA branch's dtype: its forward weight
     b_s: Tensor  # s·B in the LoRA branch's dtype: its backward weight
 
 
-def _consts(
-    module: nn.Module,
-    adapter: str,
-    base: nn.Module,
-    lora_a: Tensor,
-    lora_b: Tensor,
-    magnitude: Tensor,
-    scaling: float,
-    dtype: torch.dtype,
-) -> _Consts:
-    """The layer's `_Consts`, recomputed when A, B, m, W0, s or the optimizer step count change."""
+class _Group:
+    """The layers switched by one `use_fast_dora` call: their constants are refreshed together."""
+
+    def __init__(self, members: list[tuple[nn.Module, str]]) -> None:
+        self.members = members
+        self.ids = {(id(m), a) for m, a in members}
+
+
+def _parts(module: nn.Module, adapter: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, float]:
+    return (
+        module.get_base_layer(),
+        module.lora_A[adapter].weight,
+        module.lora_B[adapter].weight,
+        module.lora_magnitude_vector[adapter].weight,
+        module.scaling[adapter],
+    )
+
+
+def _key(base: nn.Module, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, scaling: float) -> tuple:
+    return (_optimizer_steps, _state(lora_a), _state(lora_b), _state(magnitude), scaling, _state(base.weight))
+
+
+def _consts(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -> _Consts:
+    """The layer's constants; when stale, those of every stale layer of its group are recomputed."""
     cache = module.__dict__.setdefault("_finlora_dora_cache", {})
-    w_key = _state(base.weight)
-    key = (_optimizer_steps, _state(lora_a), _state(lora_b), _state(magnitude), scaling, w_key, dtype)
-    hit = cache.get(adapter)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    if cache.get("w2", (None,))[0] != w_key:
-        cache["w2"] = (w_key, _row_sqnorm(module, base, dtype))
-    with torch.no_grad():
-        a = lora_a.float()
-        b = lora_b.float()
-        # ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij)
-        t = torch.addmm(_base_times_a(module, base, lora_a, dtype), b, a @ a.T, beta=2 * scaling, alpha=scaling**2)
-        norm = torch.linalg.vecdot(b, t).add_(cache["w2"][1]).clamp_min_(0).sqrt_()
-        scale = magnitude.detach().float() / norm
-        consts = _Consts(norm, scale, (b * (scaling * scale)[:, None]).to(dtype), (scaling * b).to(dtype))
-    cache[adapter] = (key, consts)
-    return consts
+    entry = cache.get(adapter)
+    if entry is None or entry.key != _key(*parts):
+        group = module.__dict__.get("_finlora_dora_group")
+        _refresh(group.members if group and (id(module), adapter) in group.ids else [(module, adapter)], dtype)
+        entry = cache[adapter]
+    pair = entry.derived.get(dtype)
+    if pair is None:
+        with torch.no_grad():
+            pair = entry.derived[dtype] = (
+                torch.mul(entry.sb, entry.scale[:, None], out=torch.empty_like(entry.sb, dtype=dtype)),
+                entry.sb.to(dtype),
+            )
+    return _Consts(entry.norm, entry.scale, *pair)
+
+
+@torch.no_grad()
+def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype) -> None:
+    """Recompute the constants of the stale layers among ``members``, batched over layers of one shape."""
+    batches: dict[tuple, list] = {}
+    for module, adapter in members:
+        if adapter not in module.lora_A or not isinstance(module.lora_variant.get(adapter), FastDoraLinearVariant):
+            continue
+        parts = _parts(module, adapter)
+        key = _key(*parts)
+        entry = module.__dict__.setdefault("_finlora_dora_cache", {}).get(adapter)
+        if entry is None or entry.key != key:
+            base, lora_a, lora_b, _, scaling = parts
+            shape = (lora_a.device, tuple(lora_a.shape), tuple(lora_b.shape), scaling)
+            batches.setdefault(shape, []).append((module, adapter, parts, key))
+    for (device, *_), batch in batches.items():
+        with torch.autocast(device.type, enabled=False):
+            _refresh_batch(batch, dtype)
+
+
+def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
+    """‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij) for layers of one shape and scaling, at once."""
+    w2, cross = [], []
+    for module, _, (base, lora_a, *_), _ in batch:
+        cache = module.__dict__["_finlora_dora_cache"]
+        w_key = _state(base.weight)
+        if cache.get("w2", (None,))[0] != w_key:
+            cache["w2"] = (w_key, _row_sqnorm(module, base, dtype))
+        w2.append(cache["w2"][1])
+        cross.append(_a_times_w0t(module, base, lora_a, dtype))
+    scaling = batch[0][2][4]
+    a = torch.stack([parts[1] for _, _, parts, _ in batch]).float()  # L × r × d_in
+    b = torch.stack([parts[2] for _, _, parts, _ in batch]).float()  # L × d_out × r
+    m = torch.stack([parts[3] for _, _, parts, _ in batch]).float()  # L × d_out
+    t = torch.baddbmm(
+        torch.stack(cross).float().transpose(1, 2), b, a @ a.transpose(1, 2), beta=2 * scaling, alpha=scaling**2
+    )
+    n_layers, d_out, r = b.shape
+    sq = torch.baddbmm(torch.stack(w2).view(-1, 1, 1), b.view(-1, 1, r), t.view(-1, r, 1))
+    norm = sq.view(n_layers, d_out).clamp_min_(0).sqrt_()
+    scale = m / norm
+    sb = b * scaling
+    b_eff = torch.mul(sb, scale[..., None], out=torch.empty_like(sb, dtype=dtype))
+    b_s = sb.to(dtype)
+    for i, (module, adapter, _, key) in enumerate(batch):
+        entry = _Entry(key, norm[i], scale[i], sb[i], {dtype: (b_eff[i], b_s[i])})
+        module.__dict__["_finlora_dora_cache"][adapter] = entry
 
 
 def clear_dora_cache(model: nn.Module) -> None:
@@ -344,13 +399,10 @@ class FastDoraLinearVariant(DoraLinearVariant):
         dropout = module.lora_dropout[active_adapter]
         if module.training and not isinstance(dropout, nn.Identity):
             x = dropout(x)
-        lora_a = module.lora_A[active_adapter].weight
+        parts = _parts(module, active_adapter)
+        base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
-        base = module.get_base_layer()
-        lora_b = module.lora_B[active_adapter].weight
-        magnitude = module.lora_magnitude_vector[active_adapter].weight
-        scaling = module.scaling[active_adapter]
-        consts = _consts(module, active_adapter, base, lora_a, lora_b, magnitude, scaling, ax.dtype)
+        consts = _consts(module, active_adapter, parts, ax.dtype)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None))
 
     @staticmethod
@@ -383,15 +435,19 @@ def use_fast_dora(model: nn.Module) -> int:
     Returns the number of layers that now run finlora's DoRA.
     """
     _install_step_hook()
-    switched = 0
+    members: list[tuple[nn.Module, str]] = []
+    layers: list[nn.Module] = []
     for module in model.modules():
         variants = getattr(module, "lora_variant", None)
         if not isinstance(variants, dict) or not _supported(module.get_base_layer()):
             continue
-        fast = False
         for name, variant in variants.items():
             if type(variant) is DoraLinearVariant:
                 variants[name] = FastDoraLinearVariant()
-            fast = fast or isinstance(variants[name], FastDoraLinearVariant)
-        switched += fast
-    return switched
+        fast = [name for name, variant in variants.items() if isinstance(variant, FastDoraLinearVariant)]
+        members += [(module, name) for name in fast]
+        layers += [module] if fast else []
+    group = _Group(members)
+    for module in layers:
+        module.__dict__["_finlora_dora_group"] = group
+    return len(layers)
