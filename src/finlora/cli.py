@@ -10,14 +10,19 @@ from omegaconf import DictConfig
 
 from finlora.config import ConfigError
 from finlora.data import DataError
+from finlora.faults import RunFault
 
 R = TypeVar("R")
 
 
 def guarded(work: Callable[[DictConfig], R], cfg: DictConfig) -> R:
-    """Run `work(cfg)`; bad input exits with status 2 and its message, without a traceback."""
+    """Run `work(cfg)`; bad input exits with status 2, a run fault with its own status, each with its message
+    and without a traceback."""
     try:
         return work(cfg)
     except (ConfigError, DataError) as err:
         print(f"finlora: {err}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as err:  # a fault with its own advice (a signal, a non-finite loss, GPU memory)
+        print(f"finlora: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)

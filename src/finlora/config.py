@@ -8,7 +8,8 @@ value fails in `validate()` with the key's dotted name, before any model or data
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+import re
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -21,6 +22,8 @@ from finlora.metrics import TaskKind
 T = TypeVar("T")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")  # W&B keys look like commit hashes: env values only
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,11 @@ class Batching(Enum):
     packed = "packed"
 
 
+class NonFinitePolicy(Enum):
+    stop = "stop"  # stop with the step and the last good checkpoint
+    skip = "skip"  # drop the optimizer step whose loss or gradients are not finite
+
+
 class FourBitType(Enum):
     nf4 = "nf4"
     fp4 = "fp4"
@@ -90,6 +98,19 @@ class ModelConfig:
     def embedded(self) -> str | None:
         name = self.name_or_path
         return name[len(EMBEDDED_PREFIX):] if name.startswith(EMBEDDED_PREFIX) else None
+
+
+def token_problems(node: Any, key: str = "") -> list[str]:
+    """Config values that hold a token (one of SECRET_ENV's values, or shaped like one): tokens are read from
+    the environment only, never from the config, which is saved to the run folder and logged to W&B."""
+    if isinstance(node, dict):
+        return [p for name, value in node.items() for p in token_problems(value, f"{key}.{name}".lstrip("."))]
+    if isinstance(node, list):
+        return [p for i, value in enumerate(node) for p in token_problems(value, f"{key}[{i}]")]
+    secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 8]
+    text = str(node)
+    leaked = HF_TOKEN_PATTERN.search(text) or any(s in text for s in secrets)
+    return [f"{key}: looks like a token; set it in the environment ({', '.join(SECRET_ENV)})"] if leaked else []
 
 
 def looks_like_path(name: str) -> bool:
@@ -207,6 +228,7 @@ class TrainerConfig:
     val_every_n_steps: int | None = None
     log_every_n_steps: int = 10
     num_workers: int = 0
+    on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -224,6 +246,20 @@ class TrainerConfig:
         _check(problems, self.val_every_n_steps is None or self.val_every_n_steps > 0,
                "trainer.val_every_n_steps", "must be null or > 0")
         _check(problems, self.log_every_n_steps > 0, "trainer.log_every_n_steps", "must be > 0")
+        return problems
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 50
+    keep_last: int = 0
+    keep_best: int = 1
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        _check(problems, self.every_n_steps > 0, "checkpoint.every_n_steps", f"must be > 0, got {self.every_n_steps}")
+        _check(problems, self.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {self.keep_last}")
+        _check(problems, self.keep_best >= 0, "checkpoint.keep_best", f"must be >= 0, got {self.keep_best}")
         return problems
 
 
@@ -274,6 +310,7 @@ class Config:
     paths: PathsConfig = field(default_factory=PathsConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 42
     run_name: str = "run"
     output_dir: str = "???"
@@ -287,12 +324,12 @@ class Config:
                "full fine-tuning (adapter=none) cannot train quantized weights; use quant=none")
         _check(problems, bool(self.task.train), "task.train",
                f"task {self.task.name!r} has no training files (it is for evaluation only: use eval.py)")
-        _check(problems, self.ckpt_path is None or Path(self.ckpt_path).is_file(), "ckpt_path",
-               f"checkpoint {self.ckpt_path!r} does not exist")
+        _check(problems, self.ckpt_path in (None, "last") or Path(self.ckpt_path).is_file(), "ckpt_path",
+               f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.model, self.quant, self.adapter, self.task, self.data, self.trainer, self.logger,
-                        self.eval):
+                        self.eval, self.checkpoint):
             problems += section.problems()
-        return problems
+        return problems + token_problems(asdict(self))
 
 
 @dataclass
@@ -326,7 +363,7 @@ class EvalConfig:
                "merging into quantized weights loses precision; use quant=none to merge")
         for section in (self.model, self.quant, self.task, self.logger, self.eval):
             problems += section.problems()
-        return problems
+        return problems + token_problems(asdict(self))
 
 
 def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[assignment]

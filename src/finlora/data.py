@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import LengthGroupedSampler, pack, with_stats
+from finlora.checkpoints import ResumableLoader
 from finlora.config import Batching, DataConfig, TaskConfig, TestSet
 from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
@@ -161,9 +162,9 @@ class TaskDataModule(L.LightningDataModule):
         grouped = shuffle and self.batching is Batching.grouped
         sampler = (LengthGroupedSampler([len(e.input_ids) for e in dataset.items], self.batch_size, self.seed)
                    if grouped else None)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and not grouped, sampler=sampler,
-                          num_workers=self.num_workers, collate_fn=partial(with_stats, inner),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle and not grouped else None)
+        return ResumableLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and not grouped,
+                               sampler=sampler, num_workers=self.num_workers, collate_fn=partial(with_stats, inner),
+                               generator=torch.Generator().manual_seed(self.seed) if shuffle and not grouped else None)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 
 from finlora.config import LoggerConfig, LoggerKind, wandb_mode
+from finlora.faults import ResilientWandbLogger
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict) -> list[Logger]:
@@ -19,9 +20,9 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
         # Under Hydra, W&B's default process start can hang; thread start is the documented fix.
         os.environ.setdefault("WANDB_START_METHOD", "thread")
         os.environ["WANDB_MODE"] = mode
-        loggers.append(WandbLogger(name=run_name, save_dir=str(run_dir), project=cfg.project, entity=cfg.entity,
-                                   group=cfg.group, tags=list(cfg.tags), config=config,
-                                   offline=mode == "offline"))
+        loggers.append(ResilientWandbLogger(name=run_name, save_dir=str(run_dir), project=cfg.project,
+                                            entity=cfg.entity, group=cfg.group, tags=list(cfg.tags), config=config,
+                                            offline=mode == "offline"))
     elif cfg.kind is LoggerKind.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     return loggers
@@ -30,8 +31,8 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
 def log_summary(loggers: list[Logger], summary: dict) -> None:
     """End-of-run figures into the W&B run summary, where sweep and parallel-coordinate views read them."""
     for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.experiment.summary.update({k: v for k, v in summary.items() if v is not None})
+        if isinstance(lg, ResilientWandbLogger):
+            lg.update_summary({k: v for k, v in summary.items() if v is not None})
 
 
 def log_predictions(loggers: list[Logger], key: str, rows: list[dict]) -> None:

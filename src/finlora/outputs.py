@@ -10,17 +10,21 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside `target`; on success it replaces `target` in one rename."""
+    """Yield a temporary folder beside `target`; on success it replaces `target` (two renames: a kill between
+    them leaves `.<name>.old`, which the next `atomic_dir` on `target` puts back)."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    old = target.with_name(f".{target.name}.old")
+    if old.exists() and not target.exists():  # a kill between the two renames below: the old folder comes back
+        os.replace(old, target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished folder should read like any other
     try:
         yield tmp
-        old = target.with_name(f".{target.name}.old")
         if target.exists():
             os.replace(target, old)
         os.replace(tmp, target)
@@ -40,12 +44,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file beside `path`, fsync, then rename: a reader never sees half a file."""
+    """Write text atomically (see `atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file beside `path` that, once written, is fsynced and renamed onto `path`: a reader, or a
+    process killed mid-write, never sees half a file, and the previous file stays until the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it private

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +22,7 @@ from finlora.config import AdapterMethod, validate
 from finlora.data import TaskDataModule, load_task
 from finlora.devices import resolve_device
 from finlora.evaluate import evaluate_sets, print_metrics
+from finlora.faults import check_finite, guards, oom_advice
 from finlora.loggers import build_loggers, finish, log_summary
 from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
 from finlora.module import FinetuneModule
@@ -59,6 +59,7 @@ def train(dict_cfg: DictConfig) -> dict:
                              "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
     loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config_dict)
     throughput = ThroughputLogger()
+    guard = guards(cfg, run_dir, len(datamodule.val_set) > 0, loggers)
     try:
         trainer = L.Trainer(
             accelerator=accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, precision=precision,
@@ -67,11 +68,16 @@ def train(dict_cfg: DictConfig) -> dict:
             val_check_interval=cfg.trainer.val_every_n_steps, check_val_every_n_epoch=None
             if cfg.trainer.val_every_n_steps else 1, log_every_n_steps=cfg.trainer.log_every_n_steps,
             logger=loggers, default_root_dir=run_dir, enable_model_summary=False,
-            callbacks=[ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0), throughput,
-                       progress_bar(cfg.trainer.log_every_n_steps)],
-            num_sanity_val_steps=0)
+            callbacks=[*guard.callbacks, throughput, progress_bar(cfg.trainer.log_every_n_steps)],
+            plugins=guard.plugins, num_sanity_val_steps=0)
         module = FinetuneModule(model, cfg.trainer)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=guard.ckpt_path)
+        except torch.OutOfMemoryError as err:
+            raise oom_advice(cfg, "training") from err
+        if fault := guard.stopper.interrupted(trainer.global_step):
+            raise fault
+        check_finite(model, trainer.global_step)
 
         adapter_dir = run_dir / ("model" if full_finetune else "adapter")
         if trainer.is_global_zero:
@@ -81,8 +87,11 @@ def train(dict_cfg: DictConfig) -> dict:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         test_metrics = {}
         if cfg.eval.enabled and task_data.test and trainer.is_global_zero:
-            test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, run_dir / "eval",
-                                         loggers)
+            try:
+                test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, run_dir / "eval",
+                                             loggers)
+            except torch.OutOfMemoryError as err:
+                raise oom_advice(cfg, "eval") from err
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
             "final_train_loss": metrics.get("train/loss"), "final_val_loss": metrics.get("val/loss"),

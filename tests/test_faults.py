@@ -1,0 +1,329 @@
+"""Faults, for real: `python train.py` processes killed with SIGKILL (mid-run and mid-save), stopped with
+SIGTERM and Ctrl-C, then resumed; a learning rate that really drives the loss to NaN; W&B that cannot
+reach its server or dies mid-run; tokens planted in the environment; a checkpoint that would run code."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose_cfg
+from safetensors.torch import load_file
+from wandb_file import records
+
+from finlora.config import ConfigError, validate
+from finlora.data import TaskData, TaskDataModule
+from finlora.faults import NonFiniteLoss, OutOfMemory
+from finlora.module import FinetuneModule
+from finlora.train import train
+
+MAX_STEPS = 8
+
+
+def overrides(model_dir: Path, *extra: str) -> list[str]:
+    """A tiny run with dropout (so the RNG matters), a checkpoint every 2 steps and validation every 4."""
+    return [f"model.name_or_path={model_dir}", "quant=none", "adapter=lora", "adapter.dropout=0.1", "task=fpb",
+            "trainer=cpu", f"trainer.max_steps={MAX_STEPS}", "trainer.batch_size=4", "trainer.log_every_n_steps=1",
+            "trainer.val_every_n_steps=4", "data.val_size=8", "data.max_length=64", "logger=csv",
+            "eval.enabled=false", "checkpoint.every_n_steps=2", "checkpoint.keep_last=2", *extra]
+
+
+def start(model_dir: Path, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """`python train.py` in its own session (Ctrl-C reaches the whole group there, as in a terminal)."""
+    cmd = [sys.executable, "train.py", *overrides(model_dir, *extra), f"hydra.run.dir={run_dir}"]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def run(model_dir: Path, run_dir: Path, *extra: str, env: dict | None = None) -> str:
+    code, out = finish(start(model_dir, run_dir, *extra, env=env))
+    assert code == 0, out[-3000:]
+    return out
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    wa, wb = adapter(a), adapter(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], atol=1e-6, rtol=1e-5), (k, (wa[k] - wb[k]).abs().max())
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """train/loss by optimizer step (Lightning logs it at step-1 for the batch that makes step `step`)."""
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def step_of(ckpt: Path) -> int:
+    return torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, tmp_path_factory) -> Path:
+    """One uninterrupted run, the baseline every interrupted-and-resumed run must reproduce."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    run(tiny_model_dir, run_dir)
+    return run_dir
+
+
+def test_retention_keeps_last_k_and_best(tiny_model_dir, tmp_path):
+    train(compose_cfg(overrides(tiny_model_dir), tmp_path))
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert [n for n in names if not n.startswith("best")] == ["last.ckpt", "step-000006.ckpt", "step-000008.ckpt"]
+    assert len([n for n in names if n.startswith("best")]) == 1
+    assert step_of(tmp_path / "checkpoints" / "last.ckpt") == MAX_STEPS
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tiny_model_dir, reference, tmp_path):
+    proc = start(tiny_model_dir, tmp_path)
+    wait_for(tmp_path / "checkpoints" / "step-000004.ckpt", proc)
+    proc.send_signal(signal.SIGKILL)
+    finish(proc)
+    killed_at = step_of(tmp_path / "checkpoints" / "last.ckpt")
+    assert 2 <= killed_at < MAX_STEPS and not (tmp_path / "adapter").exists()
+
+    out = run(tiny_model_dir, tmp_path)  # the same command in the same folder continues
+    assert "resuming from" in out and "last.ckpt" in out
+    assert_same_adapter(tmp_path, reference)
+    # The loss logged after the resume continues the uninterrupted curve, step for step.
+    before, after = train_losses(reference), train_losses(tmp_path)
+    resumed = [s for s in after if s >= killed_at]
+    assert resumed and min(resumed) == killed_at
+    for s in resumed:
+        assert after[s] == pytest.approx(before[s], abs=1e-5), (s, after[s], before[s])
+
+
+KILL_AT_RENAME = """
+import os, signal, sys
+def hook(event, args):
+    if event == "os.rename" and str(args[1]).endswith(os.environ["KILL_AT_RENAME"]):
+        n = int(os.environ.get("KILL_COUNT", "0")) + 1
+        os.environ["KILL_COUNT"] = str(n)
+        if n == int(os.environ["KILL_NTH"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+sys.addaudithook(hook)
+"""
+
+
+def kill_at_rename(tmp_path: Path, target: str, nth: int) -> dict[str, str]:
+    """Environment for a child that SIGKILLs itself just before its `nth` rename onto `target`: the moment
+    a save has written everything and not yet put it in place."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(KILL_AT_RENAME)
+    return {"PYTHONPATH": f"{hooks}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "KILL_AT_RENAME": target,
+            "KILL_NTH": str(nth)}
+
+
+@pytest.mark.slow
+def test_sigkill_during_checkpoint_save_keeps_the_previous_one(tiny_model_dir, reference, tmp_path):
+    code, out = finish(start(tiny_model_dir, tmp_path, env=kill_at_rename(tmp_path, "last.ckpt", 2)))
+    assert code == -signal.SIGKILL, out[-2000:]
+    ckpts = tmp_path / "checkpoints"
+    assert step_of(ckpts / "last.ckpt") == 2  # the first save, whole; the second never replaced it
+    assert list(ckpts.glob(".last.ckpt-*.tmp"))  # the second save, written, never renamed
+    run(tiny_model_dir, tmp_path)
+    assert not list(ckpts.glob(".*.tmp"))
+    assert_same_adapter(tmp_path, reference)
+
+
+def test_sigkill_between_adapter_renames_loses_nothing(tmp_path):
+    script = ("from pathlib import Path\nfrom finlora.outputs import atomic_dir\nimport sys\n"
+              "with atomic_dir(Path(sys.argv[1])) as d:\n    (d / 'v').write_text(sys.argv[2])\n")
+    target = tmp_path / "adapter"
+    subprocess.run([sys.executable, "-c", script, target, "1"], check=True)
+    env = {**os.environ, **kill_at_rename(tmp_path, "/adapter", 1)}
+    done = subprocess.run([sys.executable, "-c", script, target, "2"], env=env)
+    assert done.returncode == -signal.SIGKILL
+    assert not target.exists() and (tmp_path / ".adapter.old" / "v").read_text() == "1"
+    subprocess.run([sys.executable, "-c", script, target, "3"], check=True)
+    assert (target / "v").read_text() == "3" and not (tmp_path / ".adapter.old").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_a_checkpoint_and_exits_cleanly(tiny_model_dir, reference, tmp_path, signum):
+    proc = start(tiny_model_dir, tmp_path, "logger=wandb")
+    wait_for(tmp_path / "checkpoints" / "step-000002.ckpt", proc)
+    os.killpg(proc.pid, signum)  # the whole group, as a scheduler's SIGTERM or a terminal's Ctrl-C does
+    code, out = finish(proc)
+    name = signal.Signals(signum).name
+    assert code == 128 + signum, out[-3000:]
+    assert f"stopped by {name} after step" in out and "Traceback" not in out
+    stopped_at = step_of(tmp_path / "checkpoints" / "last.ckpt")
+    assert f"after step {stopped_at};" in out and 2 <= stopped_at < MAX_STEPS
+    assert not (tmp_path / "adapter").exists()
+    [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    assert any(r.HasField("exit") for r in records(run_file)), "the W&B run was not closed"
+    if signum == signal.SIGTERM:
+        run(tiny_model_dir, tmp_path, "logger=wandb")
+        assert_same_adapter(tmp_path, reference)
+
+
+def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(tiny_model_dir, tmp_path):
+    cfg = compose_cfg(overrides(tiny_model_dir, "trainer.lr=1e30", "checkpoint.every_n_steps=1"), tmp_path)
+    with pytest.raises(NonFiniteLoss) as err:
+        train(cfg)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert f"step {step_of(last) + 1}: loss nan" in str(err.value) and str(last) in str(err.value)
+    assert not (tmp_path / "adapter").exists()
+    weights = torch.load(last, weights_only=True)["state_dict"]
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nonfinite_loss_skipped_when_configured(tiny_model_dir, tmp_path, caplog):
+    cfg = compose_cfg(overrides(tiny_model_dir, "trainer.lr=1e30", "trainer.on_nonfinite_loss=skip"), tmp_path)
+    with caplog.at_level(logging.WARNING, "finlora.faults"):
+        assert train(cfg)["steps"] == MAX_STEPS
+    skipped = [r for r in caplog.records if "skipped this optimizer step" in r.getMessage()]
+    assert len(skipped) == MAX_STEPS - 1  # step 1 made the weights huge; every later loss is NaN
+    assert all(torch.isfinite(w).all() for w in adapter(tmp_path).values())
+
+
+def test_gpu_oom_message_suggests_overrides(tiny_model_dir, tmp_path, monkeypatch):
+    """Only the message is tested here: the CPU cannot run out of GPU memory, so the step raises torch's
+    real OutOfMemoryError as CUDA would."""
+    def oom(self, batch, batch_idx):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FinetuneModule, "training_step", oom)
+    cfg = compose_cfg(overrides(tiny_model_dir), tmp_path)
+    with pytest.raises(OutOfMemory) as err:
+        train(cfg)
+    message = str(err.value)
+    for tip in ("trainer.batch_size=2 trainer.grad_accum=2", "trainer.gradient_checkpointing=true", "quant=4bit"):
+        assert tip in message, message
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_wandb_unreachable_falls_back_to_offline(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: no network
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    cfg = compose_cfg(overrides(tiny_model_dir, "logger=wandb", "trainer.max_steps=2"), tmp_path)
+    with caplog.at_level(logging.WARNING, "finlora.faults"):
+        assert train(cfg)["steps"] == 2
+    said = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+    assert len(said) == 1 and "offline" in said[0], said
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_wandb_failing_mid_run_never_stops_training(tiny_model_dir, tmp_path, caplog):
+    import lightning as L
+    import wandb
+
+    class KillWandb(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                wandb.finish()  # W&B's run is gone; its next log call raises
+
+    from finlora import faults
+
+    cfg = compose_cfg(overrides(tiny_model_dir, "logger=wandb"), tmp_path)
+    real_guards = faults.guards
+
+    def with_killer(*args, **kwargs):
+        g = real_guards(*args, **kwargs)
+        g.callbacks.append(KillWandb())
+        return g
+
+    with caplog.at_level(logging.WARNING, "finlora.faults"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("finlora.train.guards", with_killer)
+        assert train(cfg)["steps"] == MAX_STEPS
+    said = [r.getMessage() for r in caplog.records if "W&B failed mid-run" in r.getMessage()]
+    assert len(said) == 1, said
+    assert max(train_losses(tmp_path)) == MAX_STEPS - 1  # the CSV log kept every step
+
+
+def test_tokens_never_reach_configs_wandb_or_outputs(tiny_model_dir, tmp_path, monkeypatch):
+    hf, wb = "hf_" + "PlantedSecret" * 3, "f00d" * 10
+    monkeypatch.setenv("HF_TOKEN", hf)
+    monkeypatch.setenv("WANDB_API_KEY", wb)
+    cfg = compose_cfg(overrides(tiny_model_dir, "logger=wandb", "trainer.max_steps=2"), tmp_path)
+    assert validate(cfg).model.trust_remote_code is False
+    train(cfg)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.name == "config.yaml" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        assert hf.encode() not in data and wb.encode() not in data, f"token found in {p}"
+    # A token typed into the config is refused before anything is written or logged.
+    with pytest.raises(ConfigError, match=r"logger.tags\[0\]: looks like a token"):
+        validate(compose_cfg(overrides(tiny_model_dir, "logger=wandb", f"logger.tags=[{hf}]"), tmp_path / "x"))
+
+
+def test_checkpoints_load_without_running_code(tiny_model_dir, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"state_dict": {}, "x": Payload()}, tmp_path / "checkpoints" / "last.ckpt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        train(compose_cfg(overrides(tiny_model_dir), tmp_path))  # a rerun in this folder resumes from it
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("batching", ["padded", "grouped", "packed"])
+def test_loader_resumes_mid_epoch_in_a_later_epoch(tiny_model_dir, batching):
+    """The order after a resume in epoch 2 is the uninterrupted order, for each batching."""
+    from transformers import AutoTokenizer
+
+    from finlora.config import Batching, DataConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [{"context": "x " * (i % 7 + 1), "target": str(i)} for i in range(40)]
+    data = TaskData(rows, [], [])
+
+    def loader():
+        dm = TaskDataModule(data, tokenizer, DataConfig(max_length=32, batching=Batching(batching)), 4, 7)
+        return dm.train_dataloader()
+
+    def epoch(dl, e):
+        if hasattr(dl.sampler, "set_epoch"):
+            dl.sampler.set_epoch(e)
+        return [b["input_ids"].tolist() for b in dl]
+
+    dl = loader()
+    first, second = epoch(dl, 0), epoch(dl, 1)
+    assert first != second
+    dl = loader()
+    epoch(dl, 0)
+    it = iter(dl)
+    if hasattr(dl.sampler, "set_epoch"):
+        dl.sampler.set_epoch(1)
+    head = [next(it)["input_ids"].tolist() for _ in range(3)]
+    state = dl.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    assert head + epoch(resumed, 1) == second
