@@ -5,6 +5,7 @@ reach its server or dies mid-run; tokens planted in the environment; a checkpoin
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import os
 import pickle
@@ -327,3 +328,19 @@ def test_loader_resumes_mid_epoch_in_a_later_epoch(tiny_model_dir, batching):
     resumed = loader()
     resumed.load_state_dict(state)
     assert head + epoch(resumed, 1) == second
+
+
+def test_killed_test_stage_keeps_the_training_summary(tiny_model_dir, tmp_path, monkeypatch):
+    """A run cut off while it scores its test sets (a job's time limit, say) still leaves its adapter and
+    the training half of metrics.json; only the test metrics are missing."""
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("finlora.train.evaluate_sets", killed)
+    cfg = compose_cfg(overrides(tiny_model_dir, "eval.enabled=true", "eval.limit=4"), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["steps"] == MAX_STEPS and summary["final_train_loss"] > 0
+    assert not any(k.startswith("test/") for k in summary)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()

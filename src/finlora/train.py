@@ -85,13 +85,6 @@ def train(dict_cfg: DictConfig) -> dict:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        test_metrics = {}
-        if cfg.eval.enabled and task_data.test and trainer.is_global_zero:
-            try:
-                test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, run_dir / "eval",
-                                             loggers)
-            except torch.OutOfMemoryError as err:
-                raise oom_advice(cfg, "eval") from err
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
             "final_train_loss": metrics.get("train/loss"), "final_val_loss": metrics.get("val/loss"),
@@ -100,10 +93,20 @@ def train(dict_cfg: DictConfig) -> dict:
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **throughput.summary(),
-            "device": str(device), "precision": precision, **test_metrics,
+            "device": str(device), "precision": precision,
         }
-        if trainer.is_global_zero:
+        if trainer.is_global_zero:  # training's results are on disk before the (long) test stage starts
             write_json(run_dir / "metrics.json", summary)
+        test_metrics = {}
+        if cfg.eval.enabled and task_data.test and trainer.is_global_zero:
+            try:
+                test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, run_dir / "eval",
+                                             loggers)
+            except torch.OutOfMemoryError as err:
+                raise oom_advice(cfg, "eval") from err
+            summary.update(test_metrics, wall_time_s=round(time.time() - started, 1))
+            write_json(run_dir / "metrics.json", summary)
+        if trainer.is_global_zero:
             log_summary(loggers, summary)
             print_summary(summary, breakdown)
             if test_metrics:
