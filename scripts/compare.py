@@ -5,7 +5,7 @@ Every method trains with `experiment=compare` (same base, data, steps, schedule,
 are written to `docs/results.md` with a bar chart, plus 20 random predictions per test set for a
 hand-check. One command on one GPU:
 
-    python scripts/compare.py --seeds 1 2 --steps 1000
+    python scripts/compare.py --seeds 1 2 --steps 1000 --jobs 7     # all 7 cells at once on one big GPU
     python scripts/compare.py --report-only --runs outputs/compare   # re-write the report from the files
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -22,37 +23,77 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from finlora.outputs import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"lora": ["adapter=lora"], "dora": ["adapter=dora"], "full": ["adapter=none"]}
 TEST_SETS = ("fpb", "fiqa", "tfns", "nwgi")
 
 
-def run_all(runs: Path, seeds: list[int], steps: int, limit: int | None, extra: list[str]) -> None:
-    """Each cell is a separate process, as a user would run it, so no state leaks between runs."""
+def run_all(runs: Path, seeds: list[int], steps: int, limit: int | None, extra: list[str], jobs: int) -> None:
+    """Each cell is a separate process, as a user would run it, so no state leaks between runs.
+
+    With `jobs` > 1 that many cells share the GPU at once: a 135M model leaves a big GPU mostly idle, so
+    the cells' host-side work overlaps. Each cell's output goes to `run.log` in its own folder.
+    """
     common = [f"trainer.max_steps={steps}"] + ([f"eval.limit={limit}"] if limit else []) + extra
     cells = [("base", None, [sys.executable, "eval.py", "task=sentiment", "eval.batch_size=64"]
               + ([f"eval.limit={limit}"] if limit else []))]
     cells += [(m, s, [sys.executable, "train.py", "experiment=compare", *args, f"seed={s}", *common])
               for s in seeds for m, args in METHODS.items()]
-    for method, seed, cmd in cells:
-        out = runs / (method if seed is None else f"{method}-s{seed}")
-        if (out / "done.json").is_file():
-            continue
-        started = time.time()
-        proc = subprocess.run([*cmd, f"hydra.run.dir={out}"], cwd=ROOT)
-        (out / "done.json").write_text(json.dumps({"rc": proc.returncode, "wall_s": round(time.time() - started, 1)}))
-        print(f"{out.name}: rc={proc.returncode} in {time.time() - started:.0f} s", flush=True)
+    pending = [(runs / (m if s is None else f"{m}-s{s}"), cmd) for m, s, cmd in cells]
+    pending = [(out, cmd) for out, cmd in pending if not (out / "done.json").is_file()]
+    record_environment(runs)
+    running: list[tuple[Path, subprocess.Popen, float]] = []
+    while pending or running:
+        while pending and len(running) < jobs:
+            out, cmd = pending.pop(0)
+            out.mkdir(parents=True, exist_ok=True)
+            with (out / "run.log").open("w") as log:
+                proc = subprocess.Popen([*cmd, f"hydra.run.dir={out}"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            running.append((out, proc, time.time()))
+        time.sleep(2)
+        for item in [r for r in running if r[1].poll() is not None]:
+            out, proc, started = item
+            running.remove(item)
+            wall = round(time.time() - started, 1)
+            (out / "done.json").write_text(json.dumps({"rc": proc.returncode, "wall_s": wall, "jobs": jobs}))
+            print(f"{out.name}: rc={proc.returncode} in {wall:.0f} s (log: {out / 'run.log'})", flush=True)
+
+
+def data_sizes(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
+    """The training and validation rows of a run, rebuilt from its config exactly as train.py drew them."""
+    from finlora.config import DataConfig, TaskConfig
+    from finlora.data import load_task
+
+    task = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), cfg.task))
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
+    loaded = load_task(task, data, os.environ.get("FINLORA_DATA_DIR") or cfg.paths.data_dir)
+    return loaded.train, loaded.val
+
+
+def record_environment(runs: Path) -> None:
+    """The device and library versions the runs ran on, so a report written elsewhere names them."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    write_json(runs / "environment.json", {
+        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "CPU",
+        "precision": "bf16-mixed" if cuda else "32-true",
+        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lightning")}})
 
 
 def collect(runs: Path) -> dict[str, list[dict]]:
     """method -> one dict per seed: test metrics, wall time, steps."""
     results: dict[str, list[dict]] = {}
     for out in sorted(runs.iterdir()):
-        done = out / "done.json"
-        if not done.is_file() or json.loads(done.read_text())["rc"] != 0:
+        done = json.loads((out / "done.json").read_text()) if (out / "done.json").is_file() else {"rc": None}
+        if done["rc"] != 0:
             continue
         method = out.name.split("-s")[0]
-        row = {"wall_s": json.loads(done.read_text())["wall_s"], "run": out.name}
+        row = {"wall_s": done["wall_s"], "jobs": done.get("jobs", 1), "run": out.name}
         for name in TEST_SETS:
             row[name] = json.loads((out / "eval" / f"{name}_metrics.json").read_text())
         if (out / "metrics.json").is_file():
@@ -104,30 +145,35 @@ def write_report(runs: Path, results: dict[str, list[dict]], docs: Path, seeds: 
     fig.savefig(docs / "results.png", dpi=120)
 
     trained = next(r for m in ("dora", "lora", "full") if m in results for r in results[m])
-    summary = trained.get("summary", {})
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "CPU"
+    cfg = OmegaConf.load(runs / trained["run"] / "config.yaml")
+    train, val = data_sizes(cfg)
+    env = json.loads((runs / "environment.json").read_text())
     walls = {m: statistics.fmean(r["wall_s"] for r in results[m]) for m in order}
+    jobs = max(r["jobs"] for rows in results.values() for r in rows)
+    sharing = f", with {jobs} runs sharing the GPU at once" if jobs > 1 else ""
+    t, a = cfg.trainer, cfg.adapter
+    notes = runs / "NOTES.md"
     text = f"""# LoRA vs DoRA vs full fine-tuning on FinLoRA sentiment
 
-Produced by `python scripts/compare.py --seeds {' '.join(map(str, seeds))} --steps {summary.get('steps')}`; every
-trained row uses `experiment=compare` and differs only in `adapter` and `seed`.
+Produced by `python scripts/compare.py --seeds {' '.join(map(str, seeds))} --steps {t.max_steps}`; every
+trained row uses `experiment=compare` and differs only in `adapter` and `seed` (the settings below are read
+from the runs' own `config.yaml`).
 
 - Model: SmolLM2-135M-Instruct (the embedded default), unquantized base (so that full fine-tuning runs
-  on the same base), bf16 mixed precision ({summary.get('precision')}).
-- Training data: the `sentiment` mixture (FPB×6 + FiQA×21 + TFNS×2 = {summary.get('train_examples', 0):,} rows,
-  {summary.get('distinct_train_examples', 0):,} distinct), {summary.get('val_examples')} held out for validation;
-  {summary.get('steps')} optimizer steps of batch 16 (about {16 * (summary.get('steps') or 0):,} examples),
-  AdamW lr 1e-4, 50 warm-up steps, cosine; LoRA and DoRA r=8, alpha=16, dropout 0.05 on q/k/v (FinLoRA's targets);
-  full fine-tuning updates all {summary.get('total_params', 0):,} parameters.
+  on the same base), {env['precision']} precision.
+- Training data: the `sentiment` mixture (FPB×6 + FiQA×21 + TFNS×2 = {len(train):,} rows,
+  {len({r['context'] for r in train}):,} distinct), {len(val)} held out for validation; {t.max_steps} optimizer steps
+  of batch {t.batch_size} (about {t.max_steps * t.batch_size * t.grad_accum:,} examples, under a third of an epoch),
+  AdamW lr {t.lr:g}, {t.warmup_steps} warm-up steps, {t.scheduler}; LoRA and DoRA r={a.r}, alpha={a.alpha:g},
+  dropout {a.dropout:g} on {', '.join(a.target_modules)} (FinLoRA's targets); full fine-tuning updates every parameter.
 - Evaluation: greedy generation on FinLoRA's raw prompts; accuracy and weighted F1 as FinLoRA computes
   them (first label in the answer; wrong or unparsable answers are their own class); TFNS on the fixed
   labels, NWGI on its 7 labels (the model never trained on NWGI: it measures transfer).
-- Seeds: {', '.join(map(str, seeds))}. Hardware: {device}; torch {version('torch')}, transformers
-  {version('transformers')}, peft {version('peft')}, lightning {version('lightning')}.
-- Wall time per run (training + evaluation): """ + ", ".join(f"{names[m]} {walls[m]:.0f} s" for m in order) + f"""
-
+- Seeds: {', '.join(map(str, seeds))}. Hardware: {env['device']}; """ + ", ".join(
+        f"{k} {v}" for k, v in env["versions"].items()) + f""".
+- Wall time per run (training + evaluation{sharing}): """ + ", ".join(
+        f"{names[m]} {walls[m]:.0f} s" for m in order) + f"""
+{chr(10) + notes.read_text() if notes.is_file() else ""}
 ## Accuracy / weighted F1 (%, mean ± std over seeds)
 
 {chr(10).join(lines)}
@@ -166,12 +212,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="examples per test set (default: all)")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "compare")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at once on the one GPU")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every training run")
     args = parser.parse_args()
     args.runs.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
-        run_all(args.runs, args.seeds, args.steps, args.limit, args.overrides)
+        run_all(args.runs, args.seeds, args.steps, args.limit, args.overrides, args.jobs)
     args.docs.mkdir(parents=True, exist_ok=True)
     write_report(args.runs, collect(args.runs), args.docs, args.seeds)
     print((args.docs / "results.md").read_text())
