@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import finlora.dora as dora
+from finlora.outputs import replace_section
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IMPLS = {
@@ -417,18 +417,6 @@ def markdown(results: list[Result], checks: list[dict], kernels: list[str], args
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace this script's section of ``path`` (other sections stay), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text, count=1)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"))
@@ -474,7 +462,7 @@ def main() -> None:
             )
     section = markdown(results, checks, kernels, args)
     print(section)
-    write_section(args.out, section)
+    replace_section(args.out, section)
     if args.json:
         raw = {"results": [asdict(r) for r in results], "checks": checks}
         args.json.write_text(json.dumps(raw, indent=1))
