@@ -152,6 +152,7 @@ def write_report(runs: Path, results: dict[str, list[dict]], docs: Path, seeds: 
     jobs = max(r["jobs"] for rows in results.values() for r in rows)
     sharing = f", with {jobs} runs sharing the GPU at once" if jobs > 1 else ""
     t, a = cfg.trainer, cfg.adapter
+    seen = t.max_steps * t.batch_size * t.grad_accum
     notes = runs / "NOTES.md"
     text = f"""# LoRA vs DoRA vs full fine-tuning on FinLoRA sentiment
 
@@ -163,7 +164,7 @@ from the runs' own `config.yaml`).
   on the same base), {env['precision']} precision.
 - Training data: the `sentiment` mixture (FPB×6 + FiQA×21 + TFNS×2 = {len(train):,} rows,
   {len({r['context'] for r in train}):,} distinct), {len(val)} held out for validation; {t.max_steps} optimizer steps
-  of batch {t.batch_size} (about {t.max_steps * t.batch_size * t.grad_accum:,} examples, under a third of an epoch),
+  of batch {t.batch_size} (about {seen:,} examples, {seen / len(train):.2f} of an epoch),
   AdamW lr {t.lr:g}, {t.warmup_steps} warm-up steps, {t.scheduler}; LoRA and DoRA r={a.r}, alpha={a.alpha:g},
   dropout {a.dropout:g} on {', '.join(a.target_modules)} (FinLoRA's targets); full fine-tuning updates every parameter.
 - Evaluation: greedy generation on FinLoRA's raw prompts; accuracy and weighted F1 as FinLoRA computes
