@@ -201,8 +201,8 @@ def bench_framework(datamodule: TaskDataModule, model: nn.Module, dict_cfg: Any,
 
 def gpu_bound_model(cfg: Config, vocab: int, args: argparse.Namespace, device: torch.device, folder: Path
                     ) -> nn.Module:
-    """(d)'s model: 2 decoder layers of Llama-3.1-8B's shapes (unquantized, the run's adapter), where the GPU's
-    work, not the host's kernel launches, sets the step time, so padding costs what it computes."""
+    """(d)'s model: 2 decoder layers of Llama-3.1-8B's shapes (unquantized, the run's adapter): far more GPU
+    work per token than the embedded model, so padding costs more of the step."""
     shape = TINY if args.smoke else LLAMA_8B
     shape = shape | {"vocab_size": max(vocab, shape["vocab_size"])}  # every token id of the real batches fits
     random_llama(shape, 2, folder, device)

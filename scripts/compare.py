@@ -25,6 +25,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from finlora.config import DataConfig, TaskConfig
+from finlora.data import load_task
+from finlora.devices import resolve_device
 from finlora.outputs import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +62,12 @@ def run_all(runs: Path, seeds: list[int], steps: int, limit: int | None, extra: 
             out, proc, started = item
             running.remove(item)
             wall = round(time.time() - started, 1)
-            (out / "done.json").write_text(json.dumps({"rc": proc.returncode, "wall_s": wall, "jobs": jobs}))
+            write_json(out / "done.json", {"rc": proc.returncode, "wall_s": wall, "jobs": jobs})
             print(f"{out.name}: rc={proc.returncode} in {wall:.0f} s (log: {out / 'run.log'})", flush=True)
 
 
 def data_sizes(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
     """The training and validation rows of a run, rebuilt from its config exactly as train.py drew them."""
-    from finlora.config import DataConfig, TaskConfig
-    from finlora.data import load_task
-
     task = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), cfg.task))
     data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
     loaded = load_task(task, data, os.environ.get("FINLORA_DATA_DIR") or cfg.paths.data_dir)
@@ -78,10 +78,10 @@ def record_environment(runs: Path) -> None:
     """The device and library versions the runs ran on, so a report written elsewhere names them."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    _, precision, device = resolve_device("auto", None, None)  # what experiment=compare's trainer=auto picks
     write_json(runs / "environment.json", {
-        "device": torch.cuda.get_device_name() if cuda else platform.processor() or "CPU",
-        "precision": "bf16-mixed" if cuda else "32-true",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
+        "precision": precision,
         "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lightning")}})
 
 

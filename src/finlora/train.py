@@ -95,18 +95,17 @@ def train(dict_cfg: DictConfig) -> dict:
             "batching": cfg.data.batching.value, **throughput.summary(),
             "device": str(device), "precision": precision,
         }
-        if trainer.is_global_zero:  # training's results are on disk before the (long) test stage starts
-            write_json(run_dir / "metrics.json", summary)
-        test_metrics = {}
-        if cfg.eval.enabled and task_data.test and trainer.is_global_zero:
-            try:
-                test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, run_dir / "eval",
-                                             loggers)
-            except torch.OutOfMemoryError as err:
-                raise oom_advice(cfg, "eval") from err
-            summary.update(test_metrics, wall_time_s=round(time.time() - started, 1))
-            write_json(run_dir / "metrics.json", summary)
         if trainer.is_global_zero:
+            write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
+            test_metrics = {}
+            if cfg.eval.enabled and task_data.test:
+                try:
+                    test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision,
+                                                 run_dir / "eval", loggers)
+                except torch.OutOfMemoryError as err:
+                    raise oom_advice(cfg, "eval") from err
+                summary.update(test_metrics, wall_time_s=round(time.time() - started, 1))
+                write_json(run_dir / "metrics.json", summary)
             log_summary(loggers, summary)
             print_summary(summary, breakdown)
             if test_metrics:
