@@ -6,13 +6,13 @@ All logic lives in `finlora.evaluate`; `--cfg job` prints the resolved config.
 import hydra
 from omegaconf import DictConfig
 
-from finlora.evaluate import run
-from finlora.sweep import run_job
+from finlora.evaluate import evaluate
+from finlora.run.entry import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run_job(run, cfg)
+    run(evaluate, cfg)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,14 @@ All logic lives in `finlora.train`; `--cfg job` prints the resolved config, `-m`
 import hydra
 from omegaconf import DictConfig
 
-from finlora.sweep import run_job
+from finlora.run.entry import run
 from finlora.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss, the value a Hydra sweeper minimizes."""
-    return run_job(train, cfg).get("final_val_loss")
+    return run(train, cfg).get("final_val_loss")
 
 
 if __name__ == "__main__":

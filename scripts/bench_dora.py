@@ -137,9 +137,8 @@ def wrap(model: nn.Module, impl: str, r: int) -> nn.Module:
     cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0, use_dora=impl != "lora")
     model = get_peft_model(model, cfg)
     if impl.startswith("finlora"):
-        n = dora.use_fast_dora(model)
+        n = dora.use_fast_dora(model, use_triton=impl == "finlora")
         assert n == 7 * len(model.base_model.model.model.layers), n
-    dora.USE_TRITON = impl == "finlora"
     return model
 
 
@@ -208,9 +207,8 @@ def check(bits: str, args: argparse.Namespace) -> list[dict]:
             if name in adapters:
                 p.data = adapters[name]
         results["peft-dora"] = run()
-    dora.use_fast_dora(model)
     for impl in ("finlora", "finlora-torch"):
-        dora.USE_TRITON = impl == "finlora"
+        dora.use_fast_dora(model, use_triton=impl == "finlora")
         results[impl] = run()
     rows = []
     refs = ["peft-dora"] + (["fp32 peft-dora"] if bits == "bf16" else [])
@@ -308,13 +306,12 @@ def kernel_check(args: argparse.Namespace) -> list[str]:
         add_ref = y.double() + g.double() * s
         out = {}
         for use in (True, False):
-            dora.USE_TRITON = use
-            gz, gm = dora._scale_grad(g, y, s, m)
-            added = dora._scale_add_(y.clone(), g, s)
+            gz, gm = dora._scale_grad(g, y, s, m, use)
+            added = dora._scale_add_(y.clone(), g, s, use)
             assert torch.isfinite(gz).all() and torch.isfinite(gm).all() and torch.isfinite(added).all()
-            bwd = timed(lambda gg=g, yy=y, ss=s, mm=m: dora._scale_grad(gg, yy, ss, mm))
+            bwd = timed(lambda gg=g, yy=y, ss=s, mm=m, u=use: dora._scale_grad(gg, yy, ss, mm, u))
             buf = y.clone()
-            fwd = timed(lambda b=buf, gg=g, ss=s: dora._scale_add_(b, gg, ss))
+            fwd = timed(lambda b=buf, gg=g, ss=s, u=use: dora._scale_add_(b, gg, ss, u))
             errs = (rel(gz, gz_ref), rel(gm, gm_ref), rel(added, add_ref))
             out["triton" if use else "torch"] = f"fwd {fwd:.3f} ms bwd {bwd:.3f} ms, errors " + " ".join(
                 f"{e:.1e}" for e in errs

@@ -23,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from finlora.outputs import replace_section, write_json
-from finlora.report import load_sweep
+from finlora.run.report import load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ["adapter=lora,dora", "adapter.r=8,16"]

@@ -29,6 +29,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
 
-from finlora.adapters import attach_adapter
 from finlora.batching import STATS_KEY, BatchStats, model_inputs
+from finlora.build import build, placement
 from finlora.config import (
     AdapterConfig,
     AdapterMethod,
@@ -55,8 +56,7 @@ from finlora.config import (
     validate,
 )
 from finlora.data import TaskDataModule, load_task
-from finlora.devices import resolve_device
-from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
+from finlora.models import load_tokenizer, resolve_source
 from finlora.outputs import replace_section
 from finlora.train import train
 
@@ -123,7 +123,7 @@ class BareLoop:
         return time.perf_counter() - start, tokens, slots
 
 
-def run_config(args: argparse.Namespace, work: Path, device: torch.device) -> Any:
+def run_config(args: argparse.Namespace, work: Path, device: torch.device, tokenizer: Any) -> Any:
     """finlora's config for a DoRA r=8 run on the `sentiment` mixture (the embedded model; in --smoke a
     2-layer random Llama with its tokenizer), composed from conf/ as `python train.py ...` would."""
     overrides = [f"output_dir={work / 'run'}", "run_name=bench", "task=sentiment", "quant=none", "adapter=dora",
@@ -131,20 +131,16 @@ def run_config(args: argparse.Namespace, work: Path, device: torch.device) -> An
                  "eval.enabled=false", f"trainer.max_steps={args.warmup + args.steps}",
                  f"trainer.batch_size={args.batch_sizes[0]}", f"paths.data_dir={args.data_dir}"]
     if args.smoke:
-        tokenizer = load_tokenizer(resolve_source(ModelConfig(), args.cache_dir), ModelConfig())
-        random_llama(TINY | {"vocab_size": len(tokenizer)}, 2, work / "tiny", device)
-        tokenizer.save_pretrained(work / "tiny")
+        random_llama(TINY | {"vocab_size": len(tokenizer)}, 2, work / "tiny", device, tokenizer)
         overrides.append(f"model.name_or_path={work / 'tiny'}")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
 
 
-def small_model(cfg: Config, device: torch.device) -> tuple[Any, nn.Module]:
-    """The run's tokenizer and model with its adapter, built as train.py builds them."""
-    source = resolve_source(cfg.model, cfg.paths.cache_dir)
-    dtype = compute_dtype(resolve_device(cfg.trainer.accelerator, cfg.trainer.precision, None)[1])
-    model = load_model(source, cfg.model, cfg.quant, dtype, device)
-    return load_tokenizer(source, cfg.model), attach_adapter(model, cfg.adapter, gradient_checkpointing=False).train()
+def on_model(cfg: Config, folder: Path, **sections: Any) -> nn.Module:
+    """The run's config on the model saved in `folder`, with `sections` replaced, built by finlora's build step."""
+    cfg = replace(cfg, model=ModelConfig(name_or_path=str(folder)), **sections)
+    return build(cfg, placement(cfg)).model.train()
 
 
 def loaders(datamodule: TaskDataModule, batch_size: int) -> dict[Batching, DataLoader]:
@@ -199,40 +195,38 @@ def bench_framework(datamodule: TaskDataModule, model: nn.Module, dict_cfg: Any,
             "batching": DataConfig().batching.value, "steps": args.warmup + args.steps - 1}
 
 
-def gpu_bound_model(cfg: Config, vocab: int, args: argparse.Namespace, device: torch.device, folder: Path
+def gpu_bound_model(cfg: Config, tokenizer: Any, args: argparse.Namespace, device: torch.device, folder: Path
                     ) -> nn.Module:
     """(d)'s model: 2 decoder layers of Llama-3.1-8B's shapes (unquantized, the run's adapter): far more GPU
     work per token than the embedded model, so padding costs more of the step."""
     shape = TINY if args.smoke else LLAMA_8B
-    shape = shape | {"vocab_size": max(vocab, shape["vocab_size"])}  # every token id of the real batches fits
-    random_llama(shape, 2, folder, device)
-    dtype = torch.bfloat16 if args.amp else torch.float32
-    model = load_model(str(folder), ModelConfig(name_or_path=str(folder)), QuantConfig(), dtype, device)
-    return attach_adapter(model, cfg.adapter, gradient_checkpointing=False).train()
+    shape = shape | {"vocab_size": max(len(tokenizer), shape["vocab_size"])}  # every token id of the batches fits
+    random_llama(shape, 2, folder, device, tokenizer)
+    return on_model(cfg, folder)
 
 
-def random_llama(shape: dict, layers: int, folder: Path, device: torch.device) -> None:
-    """A random-init Llama with the given shapes, saved in bf16 like a downloaded checkpoint."""
+def random_llama(shape: dict, layers: int, folder: Path, device: torch.device, tokenizer: Any) -> None:
+    """A random-init Llama with the given shapes, saved in bf16 like a downloaded checkpoint, with a tokenizer."""
     cfg = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=8192, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     del model
     free()
 
 
-def bench_llama(args: argparse.Namespace, device: torch.device) -> list[dict]:
+def bench_llama(cfg: Config, tokenizer: Any, args: argparse.Namespace, device: torch.device) -> list[dict]:
     """(c): finlora's 4-bit load + LoRA r=8, one batch of `seq` tokens, at 4 and then 2 decoder layers."""
     rows = []
     shape = TINY if args.smoke else LLAMA_8B
-    dtype = torch.bfloat16 if args.amp else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
-        random_llama(shape, max(args.llama_layers), Path(tmp), device)
+        random_llama(shape, max(args.llama_layers), Path(tmp), device, tokenizer)
         for checkpointing in (False, True):
-            model = load_model(tmp, ModelConfig(name_or_path=tmp), QuantConfig(bits=4), dtype, device)
-            adapter = AdapterConfig(method=AdapterMethod.lora, r=8, alpha=16, dropout=0.0)
-            model = attach_adapter(model, adapter, gradient_checkpointing=checkpointing).train()
+            model = on_model(cfg, Path(tmp), quant=QuantConfig(bits=4),
+                             adapter=AdapterConfig(method=AdapterMethod.lora, r=8, alpha=16, dropout=0.0),
+                             trainer=replace(cfg.trainer, gradient_checkpointing=checkpointing))
             gen = torch.Generator().manual_seed(0)
             ids = torch.randint(0, shape["vocab_size"], (args.llama_batch, args.seq), generator=gen)
             batch = {"input_ids": ids, "labels": ids, STATS_KEY: BatchStats(args.llama_batch, ids.numel(), ids.numel())}
@@ -338,20 +332,22 @@ def main() -> None:
     vars(args).update(smoke if args.smoke else full, llama_layers=[2, 4], llama_batch=1)
 
     with tempfile.TemporaryDirectory() as work:
-        dict_cfg = run_config(args, Path(work), device)
+        tokenizer = load_tokenizer(resolve_source(ModelConfig(), args.cache_dir), ModelConfig())
+        dict_cfg = run_config(args, Path(work), device, tokenizer)
         cfg = validate(dict_cfg)
-        tokenizer, model = small_model(cfg, device)
+        tokenizer, model = build(cfg, placement(cfg))
+        model.train()
         datamodule = TaskDataModule(load_task(cfg.task, cfg.data, args.data_dir), tokenizer, cfg.data,
                                     cfg.trainer.batch_size, cfg.seed)
         a = bench_batching(datamodule, model, args, device)
         b = bench_framework(datamodule, model, dict_cfg, args, device)
         del model
         free()
-        model = gpu_bound_model(cfg, len(tokenizer), args, device, Path(work) / "gpu-bound")
+        model = gpu_bound_model(cfg, tokenizer, args, device, Path(work) / "gpu-bound")
         d = bench_batching(datamodule, model, args, device, label="(d)")
         del model
         free()
-        c = bench_llama(args, device)
+        c = bench_llama(cfg, tokenizer, args, device)
     c32 = extrapolate(c, 32)
     section = markdown(a, b, sorted(c, key=lambda r: (r["checkpointing"], r["layers"])), c32, d, args, device)
     replace_section(args.out, section)

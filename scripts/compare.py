@@ -25,7 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from finlora.config import DataConfig, TaskConfig
+from finlora.config import validate
 from finlora.data import load_task
 from finlora.devices import resolve_device
 from finlora.outputs import write_json
@@ -67,10 +67,11 @@ def run_all(runs: Path, seeds: list[int], steps: int, limit: int | None, extra: 
 
 
 def data_sizes(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
-    """The training and validation rows of a run, rebuilt from its config exactly as train.py drew them."""
-    task = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig), cfg.task))
-    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
-    loaded = load_task(task, data, os.environ.get("FINLORA_DATA_DIR") or cfg.paths.data_dir)
+    """The training and validation rows of a run, rebuilt from its saved config exactly as train.py drew them
+    (the data folder of this machine: the runs may have been made on another)."""
+    data_dir = os.environ.get("FINLORA_DATA_DIR") or cfg.paths.data_dir
+    run = validate(OmegaConf.merge(cfg, {"paths": {"data_dir": data_dir}}))
+    loaded = load_task(run.task, run.data, run.paths.data_dir)
     return loaded.train, loaded.val
 
 

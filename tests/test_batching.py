@@ -10,9 +10,9 @@ import torch
 from conftest import DATA_DIR, compose_cfg
 from transformers import AutoModelForCausalLM
 
-from finlora.batching import STATS_KEY, model_inputs, pack
+from finlora.batching import STATS_KEY, model_inputs, pack, pad_right
 from finlora.config import Batching, DataConfig, DataSource, ModelConfig, TaskConfig
-from finlora.data import TaskDataModule, collate, load_task, read_jsonl
+from finlora.data import TaskDataModule, load_task, read_jsonl
 from finlora.models import load_tokenizer
 from finlora.prompts import IGNORE_INDEX, encode_example
 from finlora.train import train
@@ -90,7 +90,7 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, tokenizer, row_length):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).train()
     rows = [r for name in ("fiqa", "fpb") for r in read_jsonl(DATA_DIR / "train" / f"{name}_train.jsonl")[:6]]
     batch = [encode_example(tokenizer, r, 128) for r in rows]
-    padded, packed = collate(batch, tokenizer.pad_token_id), pack(batch, tokenizer.pad_token_id, row_length)
+    padded, packed = pad_right(batch, tokenizer.pad_token_id), pack(batch, tokenizer.pad_token_id, row_length)
     assert packed["input_ids"].numel() < padded["input_ids"].numel()
     losses, grads = [], []
     for inputs in (padded, packed):

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from conftest import DATA_DIR, ROOT, compose_cfg
+from hydra.errors import ConfigCompositionException
 
-from finlora.config import ConfigError, EvalConfig, validate
+from finlora.config import EvalConfig, validate
+from finlora.errors import ConfigError
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "conf").iterdir()
           if g.is_dir() and g.name not in ("paths", "hydra")}
@@ -54,12 +56,10 @@ def test_finlora_recipe_preset(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("adapter.r=0", "adapter.r: must be a positive integer"),
     ("adapter.r=-4", "adapter.r: must be a positive integer"),
-    ("adapter.r=abc", "adapter.r"),
     ("adapter.alpha=0", "adapter.alpha: must be > 0"),
     ("adapter.alpha=-1", "adapter.alpha: must be > 0"),
     ("adapter.dropout=1.0", "adapter.dropout: must be in [0, 1)"),
     ("adapter.dropout=-0.1", "adapter.dropout: must be in [0, 1)"),
-    ("adapter.method=foo", "adapter.method"),
     ("quant.bits=3", "quant.bits: must be null, 4 or 8"),
     ("paths.data_dir=/no/such/folder", "paths.data_dir: data folder '/no/such/folder' does not exist"),
     ("model.name_or_path=/no/such/model", "model.name_or_path: local model folder '/no/such/model' does not exist"),
@@ -75,6 +75,19 @@ def test_finlora_recipe_preset(tmp_path):
 def test_bad_values_are_named(override, message, tmp_path):
     with pytest.raises(ConfigError) as err:
         validate(compose_cfg([override], tmp_path))
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("adapter.r=abc", "adapter.r"),
+    ("adapter.method=foo", "adapter.method"),
+    ("trainer.max_steps=1.5", "trainer.max_steps"),
+    ("data.batching=nope", "data.batching"),
+])
+def test_type_errors_are_named_while_composing(override, message, tmp_path):
+    """The schema is registered with Hydra, so a wrong type fails while the config is composed."""
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg([override], tmp_path)
     assert message in str(err.value)
 
 
@@ -103,6 +116,11 @@ def test_cli_rejects_bad_input_before_loading(args, message, tmp_path):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (run_dir / "adapter").exists() and not (run_dir / "metrics.json").exists()
+
+
+def test_cfg_job_refuses_a_wrong_type_naming_the_key():
+    proc = _train("--cfg", "job", "adapter.r=abc")
+    assert proc.returncode != 0 and "adapter.r" in proc.stderr and "r: abc" not in proc.stdout
 
 
 def test_cfg_job_prints_resolved_config():

@@ -9,8 +9,10 @@ import pytest
 from conftest import DATA_DIR
 from transformers import AutoTokenizer
 
+from finlora.batching import pad_right
 from finlora.config import DataConfig, DataSource, TaskConfig, TestSet
-from finlora.data import DataError, EncodedDataset, collate, load_task, read_jsonl
+from finlora.data import EncodedDataset, load_task, read_jsonl
+from finlora.errors import DataError
 from finlora.prompts import IGNORE_INDEX, build_prompt, encode_example, encode_prompt
 
 
@@ -95,7 +97,7 @@ def test_truncation_keeps_answer_and_cue_and_is_counted(tokenizer):
 def test_collate_pads_right_and_masks(tokenizer):
     recs = [{"context": "Answer: ", "target": "yes"}, {"context": "Instruction: a longer prompt\nAnswer: ",
                                                        "target": "no"}]
-    batch = collate([encode_example(tokenizer, r, 64) for r in recs], pad_id=tokenizer.pad_token_id)
+    batch = pad_right([encode_example(tokenizer, r, 64) for r in recs], pad_id=tokenizer.pad_token_id)
     n0 = len(encode_example(tokenizer, recs[0], 64).input_ids)
     assert batch["attention_mask"][0].tolist() == [1] * n0 + [0] * (batch["input_ids"].shape[1] - n0)
     assert (batch["labels"][0, n0:] == IGNORE_INDEX).all()

@@ -8,11 +8,13 @@ import json
 import pytest
 import torch
 from conftest import DATA_DIR, compose_cfg
+from peft.tuners.lora.variants import DoraLinearVariant
 
 from finlora.adapters import attach_adapter
 from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, QuantConfig
 from finlora.data import read_jsonl
-from finlora.evaluate import generate, run
+from finlora.dora import FastDoraLinearVariant
+from finlora.evaluate import evaluate, generate
 from finlora.models import load_model, load_tokenizer
 from finlora.prompts import encode_example
 
@@ -57,7 +59,9 @@ def test_batched_left_padded_generation_equals_one_by_one(tiny):
     assert batched == single
 
 
-def test_eval_cli_base_adapter_and_merged(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def dora_adapter(tiny_model_dir, tmp_path_factory):
+    """A saved DoRA adapter on the tiny model, with a non-zero B (so that it changes the outputs)."""
     tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
     base = load_model(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)), QuantConfig(),
                       torch.float32, torch.device("cpu"))
@@ -66,15 +70,19 @@ def test_eval_cli_base_adapter_and_merged(tiny_model_dir, tmp_path):
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # a non-trivial adapter, so merged and unmerged are really compared
-    peft_model.save_pretrained(tmp_path / "adapter")
-    tokenizer.save_pretrained(tmp_path / "adapter")
+    path = tmp_path_factory.mktemp("dora") / "adapter"
+    peft_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
+
+def test_eval_cli_base_adapter_and_merged(tiny_model_dir, dora_adapter, tmp_path):
     common = [f"model.name_or_path={tiny_model_dir}", "task=sentiment", "eval.limit=6", "eval.batch_size=4"]
     results = {}
-    for name, extra in {"base": [], "adapter": [f"adapter_path={tmp_path / 'adapter'}"],
-                        "merged": [f"adapter_path={tmp_path / 'adapter'}", "merge=true"]}.items():
+    for name, extra in {"base": [], "adapter": [f"adapter_path={dora_adapter}"],
+                        "merged": [f"adapter_path={dora_adapter}", "merge=true"]}.items():
         out = tmp_path / name
-        results[name] = run(compose_cfg(common + extra, out, config="eval"))
+        results[name] = evaluate(compose_cfg(common + extra, out, config="eval"))
         for test_set in ("fpb", "fiqa", "tfns", "nwgi"):
             rows = [json.loads(line) for line in (out / "eval" / f"{test_set}_predictions.jsonl").open()]
             assert len(rows) == 6 and {"target", "generated", "predicted"} <= set(rows[0])
@@ -83,3 +91,31 @@ def test_eval_cli_base_adapter_and_merged(tiny_model_dir, tmp_path):
     assert results["merged"] == results["adapter"]
     generated = {name: (tmp_path / name / "eval" / "nwgi_predictions.jsonl").read_text() for name in results}
     assert generated["merged"] == generated["adapter"]
+
+
+def test_eval_runs_a_dora_adapter_with_the_chosen_implementation(tiny_model_dir, dora_adapter, tmp_path, monkeypatch):
+    """eval.py on a DoRA adapter computes it with finlora's DoRA by default (adapter.impl=finlora), with peft's
+    on adapter.impl=peft; both give the same answers."""
+    calls = {"finlora": 0, "peft": 0}
+    fast, slow = FastDoraLinearVariant.forward, DoraLinearVariant.forward
+
+    def counted_fast(self, *args, **kwargs):
+        calls["finlora"] += 1
+        return fast(self, *args, **kwargs)
+
+    def counted_slow(*args, **kwargs):
+        calls["peft"] += 1
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(FastDoraLinearVariant, "forward", counted_fast)
+    monkeypatch.setattr(DoraLinearVariant, "forward", staticmethod(counted_slow))
+    common = [f"model.name_or_path={tiny_model_dir}", "task=fpb", "eval.limit=4", f"adapter_path={dora_adapter}"]
+    answers = {}
+    for impl in ("finlora", "peft"):
+        before = dict(calls)
+        out = tmp_path / impl
+        evaluate(compose_cfg(common + ([] if impl == "finlora" else ["adapter.impl=peft"]), out, config="eval"))
+        ran = {k: calls[k] - before[k] for k in calls}
+        assert ran[impl] > 0 and ran["peft" if impl == "finlora" else "finlora"] == 0, (impl, ran)
+        answers[impl] = [json.loads(line)["generated"] for line in (out / "eval" / "fpb_predictions.jsonl").open()]
+    assert answers["finlora"] == answers["peft"]

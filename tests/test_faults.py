@@ -21,9 +21,9 @@ from conftest import ROOT, compose_cfg
 from safetensors.torch import load_file
 from wandb_file import records
 
-from finlora.config import ConfigError, validate
+from finlora.config import validate
 from finlora.data import TaskData, TaskDataModule
-from finlora.faults import NonFiniteLoss, OutOfMemory
+from finlora.errors import ConfigError, NonFiniteLoss, OutOfMemory
 from finlora.module import FinetuneModule
 from finlora.train import train
 
@@ -201,7 +201,7 @@ def test_nonfinite_loss_stops_naming_the_step_and_checkpoint(tiny_model_dir, tmp
 
 def test_nonfinite_loss_skipped_when_configured(tiny_model_dir, tmp_path, caplog):
     cfg = compose_cfg(overrides(tiny_model_dir, "trainer.lr=1e30", "trainer.on_nonfinite_loss=skip"), tmp_path)
-    with caplog.at_level(logging.WARNING, "finlora.faults"):
+    with caplog.at_level(logging.WARNING, "finlora.callbacks"):
         assert train(cfg)["steps"] == MAX_STEPS
     skipped = [r for r in caplog.records if "skipped this optimizer step" in r.getMessage()]
     assert len(skipped) == MAX_STEPS - 1  # step 1 made the weights huge; every later loss is NaN
@@ -230,7 +230,7 @@ def test_wandb_unreachable_falls_back_to_offline(tiny_model_dir, tmp_path, monke
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there: no network
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     cfg = compose_cfg(overrides(tiny_model_dir, "logger=wandb", "trainer.max_steps=2"), tmp_path)
-    with caplog.at_level(logging.WARNING, "finlora.faults"):
+    with caplog.at_level(logging.WARNING, "finlora.loggers"):
         assert train(cfg)["steps"] == 2
     said = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
     assert len(said) == 1 and "offline" in said[0], said
@@ -246,18 +246,18 @@ def test_wandb_failing_mid_run_never_stops_training(tiny_model_dir, tmp_path, ca
             if trainer.global_step == 3:
                 wandb.finish()  # W&B's run is gone; its next log call raises
 
-    from finlora import faults
+    from finlora import callbacks
 
     cfg = compose_cfg(overrides(tiny_model_dir, "logger=wandb"), tmp_path)
-    real_guards = faults.guards
+    real_callbacks = callbacks.run_callbacks
 
     def with_killer(*args, **kwargs):
-        g = real_guards(*args, **kwargs)
-        g.callbacks.append(KillWandb())
-        return g
+        c = real_callbacks(*args, **kwargs)
+        c.all.append(KillWandb())
+        return c
 
-    with caplog.at_level(logging.WARNING, "finlora.faults"), pytest.MonkeyPatch.context() as mp:
-        mp.setattr("finlora.train.guards", with_killer)
+    with caplog.at_level(logging.WARNING, "finlora.loggers"), pytest.MonkeyPatch.context() as mp:
+        mp.setattr("finlora.train.run_callbacks", with_killer)
         assert train(cfg)["steps"] == MAX_STEPS
     said = [r.getMessage() for r in caplog.records if "W&B failed mid-run" in r.getMessage()]
     assert len(said) == 1, said

@@ -5,6 +5,7 @@ the report read back from the files the jobs wrote."""
 from __future__ import annotations
 
 import json
+import runpy
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,10 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from wandb_file import records
 
-from finlora.report import load_sweep, main, unexplained_differences
-from finlora.sweep import multi_device_problem
+from finlora.run.job import multi_device_problem
+from finlora.run.report import load_sweep, unexplained_differences
+
+main = runpy.run_path(str(ROOT / "scripts" / "report.py"))["main"]  # the command's own entry
 
 SHORT = ["quant=none", "trainer=cpu", "task=fpb", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
          "trainer.val_every_n_steps=2", "trainer.batch_size=4", "data.max_length=96", "data.val_size=8",

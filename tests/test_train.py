@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from wandb_file import records
 
 from finlora.adapters import attach_adapter
+from finlora.batching import pad_right
 from finlora.config import (
     AdapterConfig,
     AdapterMethod,
@@ -24,7 +25,7 @@ from finlora.config import (
     Scheduler,
     TrainerConfig,
 )
-from finlora.data import collate, read_jsonl
+from finlora.data import read_jsonl
 from finlora.models import load_model, load_tokenizer
 from finlora.module import FinetuneModule
 from finlora.prompts import encode_example
@@ -33,7 +34,7 @@ from finlora.train import train
 
 def _batches(tokenizer, n: int = 8) -> list[dict[str, torch.Tensor]]:
     rows = read_jsonl(DATA_DIR / "train" / "fpb_train.jsonl")[:n]
-    return [collate([encode_example(tokenizer, r, 96) for r in rows], tokenizer.pad_token_id)]
+    return [pad_right([encode_example(tokenizer, r, 96) for r in rows], tokenizer.pad_token_id)]
 
 
 def _build(model_dir, method: str, bits: int | None, impl: str = "peft", dropout: float = 0.0):

@@ -1,4 +1,5 @@
-"""LoRA / DoRA adapters (peft) on a base model, or full fine-tuning; and what they make trainable."""
+"""LoRA / DoRA adapters (peft) on a base model: new ones to train, or saved ones to evaluate; and what they
+make trainable."""
 
 from __future__ import annotations
 
@@ -39,11 +40,32 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
     if cfg.method is AdapterMethod.none:
         return model
     peft_model = get_peft_model(model, lora_config(cfg))
-    if cfg.method is AdapterMethod.dora and cfg.impl is DoraImpl.finlora:
-        from finlora.dora import use_fast_dora
-
-        log.info("finlora DoRA on %d layers", use_fast_dora(peft_model))
+    if cfg.method is AdapterMethod.dora:
+        choose_dora(peft_model, cfg.impl)
     return peft_model
+
+
+def load_adapter(model: PreTrainedModel, path: str, impl: DoraImpl, merge: bool) -> nn.Module:
+    """A saved peft adapter on its base, for evaluation: DoRA layers computed by `impl`, or the adapter
+    merged into the base weights (a plain model: no adapter at inference)."""
+    peft_model = PeftModel.from_pretrained(model, path)
+    if merge:
+        return peft_model.merge_and_unload()
+    choose_dora(peft_model, impl)
+    return peft_model
+
+
+def choose_dora(model: PeftModel, impl: DoraImpl) -> int:
+    """Run the model's DoRA layers with finlora's implementation (`impl=finlora`) or leave peft's; returns the
+    number of layers finlora computes."""
+    if impl is not DoraImpl.finlora:
+        return 0
+    from finlora.dora import use_fast_dora
+
+    layers = use_fast_dora(model)
+    if layers:
+        log.info("finlora DoRA on %d layers", layers)
+    return layers
 
 
 @dataclass

@@ -1,12 +1,17 @@
-"""How encoded examples become training batches, and what share of each batch is padding.
+"""The batch formats: how encoded examples become the tensors a model takes, for training and generation.
+
+A training batch is a dict of tensors (`input_ids`, `labels`, and `attention_mask` or `position_ids`) plus
+its `BatchStats` under `STATS_KEY`, counted on the host; `model_inputs` strips what the model does not
+take. Generation batches are left-padded prompts (`pad_left`). Padding uses the tokenizer's pad token,
+which `models.load_tokenizer` always sets.
 
 FinLoRA's sentiment prompts are short and uneven (32 to 219 tokens, median 56 with SmolLM2's tokenizer),
 so a shuffled batch of 8 padded to its longest example is about 29% padding, 39% at 32. Three ways:
 
 - `padded`: shuffled, right-padded to the longest example of the batch (the plain DataLoader).
-- `grouped`: shuffled mega-batches of 64 batches, sorted by length inside, cut into batches, and the
-  batches shuffled: little padding, but each batch holds examples of similar length (and so often of
-  one source file of a mixture).
+- `grouped`: padded batches of examples of similar length (`data.LengthGroupedSampler` picks them):
+  little padding, but each batch holds examples of similar length (and so often of one source file of
+  a mixture).
 - `packed`: the very batches `padded` draws, each packed into a few rows with no attention mask and
   `position_ids` restarting at every example; transformers then keeps attention inside each example
   (a block-diagonal mask for SDPA and eager, varlen kernels for FlashAttention). Same examples, same
@@ -17,11 +22,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-from torch.utils.data import Sampler
 
 from finlora.prompts import IGNORE_INDEX, Encoded
 
@@ -34,6 +38,30 @@ class BatchStats(NamedTuple):
     examples: int
     tokens: int  # real (non-padding) tokens
     slots: int  # tokens the model computes on: rows × width
+
+
+def pad_right(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; padding is masked out of attention and loss."""
+    return {"input_ids": _padded([e.input_ids for e in batch], pad_id),
+            "attention_mask": _padded([[1] * len(e.input_ids) for e in batch], 0),
+            "labels": _padded([e.labels for e in batch], IGNORE_INDEX)}
+
+
+def pad_left(prompts: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Prompts for `generate`, left-padded so that every row's next token comes at the same position."""
+    return {"input_ids": _padded(prompts, pad_id, left=True),
+            "attention_mask": _padded([[1] * len(p) for p in prompts], 0, left=True)}
+
+
+def _padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tensor:
+    width = max(len(row) for row in rows)
+    out = torch.full((len(rows), width), fill, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if left:
+            out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        else:
+            out[i, :len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
 
 
 def pack(batch: list[Encoded], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
@@ -84,32 +112,3 @@ def num_examples(batch: dict[str, Any]) -> int:
     """Examples in a batch: a packed row holds several."""
     stats = batch.get(STATS_KEY)
     return stats.examples if stats is not None else batch["input_ids"].shape[0]
-
-
-class LengthGroupedSampler(Sampler[int]):
-    """Indices whose consecutive runs of `batch_size` have similar lengths, in a seeded order that changes
-    with the epoch (Lightning calls `set_epoch`). Only the last batch of the epoch can be short."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batches: int = 64) -> None:
-        self.lengths = lengths
-        self.batch_size = batch_size
-        self.seed = seed
-        self.mega = batch_size * mega_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=gen).tolist()
-        batches = []
-        for start in range(0, len(order), self.mega):
-            chunk = sorted(order[start:start + self.mega], key=self.lengths.__getitem__)
-            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()] + short
-        return (i for batch in shuffled for i in batch)

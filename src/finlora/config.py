@@ -1,8 +1,11 @@
-"""Typed schema of finlora's Hydra config.
+"""Typed schema of finlora's Hydra config, and the source of every default.
 
-Every value a user can set is declared here with its type and checked in its `problems()`, so a bad
-value fails in `validate()` with the key's dotted name, before any model or data is loaded. Hydra
-1.3 pins omegaconf < 2.4, which has no `Literal`; choices are Enums instead.
+The dataclasses below are registered with Hydra's ConfigStore as the schema of `train.yaml` and
+`eval.yaml`, so every config group is typed: a wrong type or an unknown key fails while Hydra composes
+the config (`--cfg job` included), naming the key, and the YAML files under `conf/` hold only what differs
+from the defaults written here. Value ranges are checked in each section's `problems()`, collected by
+`validate()` into one error naming every offending key, before any model or data is loaded. Hydra 1.3
+pins omegaconf < 2.4, which has no `Literal`; choices are Enums instead.
 """
 
 from __future__ import annotations
@@ -14,20 +17,17 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finlora.metrics import TaskKind
+from finlora.errors import ConfigError
 
 T = TypeVar("T")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")  # W&B keys look like commit hashes: env values only
-
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names every offending key."""
 
 
 class AdapterMethod(Enum):
@@ -67,6 +67,15 @@ class NonFinitePolicy(Enum):
     skip = "skip"  # drop the optimizer step whose loss or gradients are not finite
 
 
+class TaskKind(str, Enum):
+    """How a task's answers are parsed and scored (`finlora.metrics`)."""
+
+    label = "label"
+    numeric = "numeric"
+    tags = "tags"
+    text = "text"
+
+
 class FourBitType(Enum):
     nf4 = "nf4"
     fp4 = "fp4"
@@ -79,7 +88,7 @@ def _check(problems: list[str], ok: bool, key: str, message: str) -> None:
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = EMBEDDED_PREFIX + EMBEDDED_MODELS[0]
+    name_or_path: str = EMBEDDED_PREFIX + EMBEDDED_MODELS[0]  # a hub id, a local folder, or embedded:<name>
     revision: str | None = None
     trust_remote_code: bool = False
 
@@ -120,9 +129,9 @@ def looks_like_path(name: str) -> bool:
 
 @dataclass
 class QuantConfig:
-    bits: int | None = None
-    quant_type: FourBitType = FourBitType.nf4
-    double_quant: bool = True
+    bits: int | None = None  # null: the base weights stay in the trainer's precision; 8: LLM.int8; 4: 4-bit
+    quant_type: FourBitType = FourBitType.nf4  # 4-bit only
+    double_quant: bool = True  # 4-bit only: quantize the quantization constants too
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -133,10 +142,11 @@ class QuantConfig:
 @dataclass
 class AdapterConfig:
     method: AdapterMethod = AdapterMethod.dora
-    impl: DoraImpl = DoraImpl.finlora
+    impl: DoraImpl = DoraImpl.finlora  # DoRA only: finlora's faster implementation, or peft's own
     r: int = 8
-    alpha: float = 16.0
+    alpha: float = 16.0  # scale s = alpha / r (alpha / sqrt(r) with rslora)
     dropout: float = 0.05
+    # FinLoRA's choice; [all-linear] adapts every linear layer
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     rslora: bool = False
 
@@ -156,8 +166,8 @@ class AdapterConfig:
 
 @dataclass
 class DataSource:
-    file: str = "???"
-    repeat: int = 1
+    file: str = "???"  # relative to paths.data_dir
+    repeat: int = 1  # up-weights a file of a mixture
 
 
 @dataclass
@@ -181,7 +191,7 @@ class TestSet:
 @dataclass
 class TaskConfig:
     name: str = "???"
-    train: list[DataSource] = field(default_factory=list)
+    train: list[DataSource] = field(default_factory=list)  # [] for an evaluation-only task
     test: list[TestSet] = field(default_factory=list)
 
     def problems(self) -> list[str]:
@@ -197,10 +207,10 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    max_length: int = 256
-    val_size: int = 200
-    seed: int = 42
-    batching: Batching = Batching.packed
+    max_length: int = 256  # prompt + answer tokens; longer prompts are cut in the middle (counted and reported)
+    val_size: int = 200  # examples held out of the training files for validation (before any repetition)
+    seed: int = 42  # fixes the validation split (the top-level seed fixes init and shuffling)
+    batching: Batching = Batching.packed  # padded | grouped (by length) | packed (whole examples per row)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -211,21 +221,21 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
+    accelerator: str = "auto"  # auto: the GPU if there is one, else the CPU
     devices: Any = 1
     strategy: str = "auto"
-    precision: str | None = None
+    precision: str | None = None  # null: bf16-mixed on a GPU that supports it, else 32-true
     max_steps: int = -1
     max_epochs: int = 1
-    batch_size: int = 8
+    batch_size: int = 8  # examples per micro-batch, whatever the batching
     grad_accum: int = 1
     lr: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
     scheduler: Scheduler = Scheduler.cosine
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 disables clipping
     gradient_checkpointing: bool = False
-    val_every_n_steps: int | None = None
+    val_every_n_steps: int | None = None  # null: once per epoch
     log_every_n_steps: int = 10
     num_workers: int = 0
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
@@ -235,7 +245,8 @@ class TrainerConfig:
         _check(problems, self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "trainer.accelerator",
                f"must be auto, cpu, gpu, cuda or mps, got {self.accelerator!r}")
         _check(problems, self.precision in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
-               "trainer.precision", f"must be null, 32-true, bf16-mixed, 16-mixed or bf16-true, got {self.precision!r}")
+               "trainer.precision",
+               f"must be null, 32-true, bf16-mixed, 16-mixed or bf16-true, got {self.precision!r}")
         _check(problems, self.max_steps == -1 or self.max_steps > 0, "trainer.max_steps", "must be -1 or > 0")
         _check(problems, self.max_epochs > 0, "trainer.max_epochs", "must be > 0")
         _check(problems, self.batch_size > 0, "trainer.batch_size", "must be > 0")
@@ -251,9 +262,11 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_n_steps: int = 50
-    keep_last: int = 0
-    keep_best: int = 1
+    """last.ckpt (adapter, optimizer, schedule, loop and data position) is always the newest."""
+
+    every_n_steps: int = 50  # write last.ckpt every N optimizer steps (and at the end, and on SIGTERM / Ctrl-C)
+    keep_last: int = 0  # step-NNNNNN.ckpt files kept besides last.ckpt; older ones are deleted
+    keep_best: int = 1  # best-*.ckpt files kept by lowest val/loss (0: none; needs data.val_size > 0)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -268,7 +281,7 @@ class LoggerConfig:
     kind: LoggerKind = LoggerKind.wandb
     project: str = "finlora"
     entity: str | None = None
-    mode: str | None = None
+    mode: str | None = None  # online | offline | disabled; null: WANDB_MODE, else online with a key, else offline
     group: str | None = None
     tags: list[str] = field(default_factory=list)
 
@@ -282,13 +295,12 @@ class LoggerConfig:
 @dataclass
 class PathsConfig:
     root_dir: str = "."
-    data_dir: str = "???"
-    cache_dir: str = "???"
+    data_dir: str = "???"  # FinLoRA's data, with train/ and test/
+    cache_dir: str = "???"  # converted embedded models
 
 
 @dataclass
 class EvalSettings:
-    enabled: bool = True  # training: evaluate the test sets at the end
     batch_size: int = 32
     limit: int | None = None  # the first N examples of each test set (quick checks)
 
@@ -300,60 +312,76 @@ class EvalSettings:
 
 
 @dataclass
-class Config:
+class TrainEvalSettings(EvalSettings):
+    enabled: bool = True  # generate on the task's test sets at the end of training and score them
+
+
+@dataclass
+class RunConfig:
+    """What a training run and an evaluation share: the base model, the task, where things are, the logger."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    seed: int = 42
     run_name: str = "run"
     output_dir: str = "???"
-    ckpt_path: str | None = None
 
     def problems(self) -> list[str]:
         problems: list[str] = []
         _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
                f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
+        for section in (self.model, self.quant, self.task, self.logger):
+            problems += section.problems()
+        return problems
+
+
+@dataclass
+class Config(RunConfig):
+    """`train.py`: fine-tune the base model with an adapter (or fully) on a task."""
+
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: TrainEvalSettings = field(default_factory=TrainEvalSettings)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 42  # weights init, dropout and the order of training batches
+    ckpt_path: str | None = None  # a checkpoint file, or last; null: a rerun in a run folder resumes its last.ckpt
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         _check(problems, not (self.quant.bits and self.adapter.method is AdapterMethod.none), "quant.bits",
                "full fine-tuning (adapter=none) cannot train quantized weights; use quant=none")
         _check(problems, bool(self.task.train), "task.train",
                f"task {self.task.name!r} has no training files (it is for evaluation only: use eval.py)")
         _check(problems, self.ckpt_path in (None, "last") or Path(self.ckpt_path).is_file(), "ckpt_path",
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
-        for section in (self.model, self.quant, self.adapter, self.task, self.data, self.trainer, self.logger,
-                        self.eval, self.checkpoint):
+        for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
         return problems + token_problems(asdict(self))
 
 
 @dataclass
-class EvalConfig:
+class SavedAdapterConfig:
+    """`eval.py`: how a saved DoRA adapter is computed; its adapter_config.json says the rest."""
+
+    impl: DoraImpl = DoraImpl.finlora
+
+
+@dataclass
+class EvalConfig(RunConfig):
     """`eval.py`: a base model, optionally with a saved adapter (or merged), on a task's test sets."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    quant: QuantConfig = field(default_factory=QuantConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
     eval: EvalSettings = field(default_factory=EvalSettings)
+    adapter: SavedAdapterConfig = field(default_factory=SavedAdapterConfig)
     adapter_path: str | None = None
-    merge: bool = False
+    merge: bool = False  # merge the adapter into the base weights (a plain model, no adapter at inference)
     accelerator: str = "auto"
-    precision: str | None = None
-    seed: int = 42
-    run_name: str = "eval"
-    output_dir: str = "???"
+    precision: str | None = None  # null: bf16-mixed on a GPU, else 32-true
 
     def problems(self) -> list[str]:
-        problems: list[str] = []
-        _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
-               f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
+        problems = super().problems()
         _check(problems, bool(self.task.test), "task.test", f"task {self.task.name!r} has no test sets")
         if self.adapter_path is not None:
             _check(problems, (Path(self.adapter_path) / "adapter_config.json").is_file(), "adapter_path",
@@ -361,16 +389,24 @@ class EvalConfig:
         _check(problems, not self.merge or self.adapter_path is not None, "merge", "merging needs an adapter_path")
         _check(problems, not (self.merge and self.quant.bits), "merge",
                "merging into quantized weights loses precision; use quant=none to merge")
-        for section in (self.model, self.quant, self.task, self.logger, self.eval):
-            problems += section.problems()
+        problems += self.eval.problems()
         return problems + token_problems(asdict(self))
+
+
+# The schemas of conf/train.yaml and conf/eval.yaml (each lists its schema first in its defaults).
+ConfigStore.instance().store(name="train_schema", node=Config)
+ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 
 def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[assignment]
     """Merge the composed config into the schema and run every check. Type errors stop at the first one
-    (omegaconf's merge does); value problems are all collected into one ConfigError."""
+    (omegaconf's merge does); value problems are all collected into one ConfigError.
+
+    Hydra composes into the schema already, but a `+key=value` override adds a key even to a typed node;
+    merged as plain values into the schema, such a key is refused by name.
+    """
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.to_container(cfg))
         OmegaConf.resolve(merged)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -381,12 +417,3 @@ def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[as
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
-
-
-def wandb_mode(cfg: LoggerConfig) -> str:
-    """Offline unless the user has said otherwise, so a run never stalls asking for a login."""
-    if cfg.mode:
-        return cfg.mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"

@@ -1,33 +1,33 @@
-"""Task data: FinLoRA JSONL files → checked records → train/validation splits → token batches.
+"""Task data: FinLoRA JSONL files → checked records → train/validation splits → loaders of token batches.
 
 Files are read and checked completely before any model is loaded, so a malformed line fails in
-seconds with its file and line number rather than after a minute of model loading.
+seconds with its file and line number rather than after a minute of model loading. The loaders decide
+which examples share a batch and in what order (and resume mid-epoch); `finlora.batching` decides the
+tensors a batch becomes.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from finlora.batching import LengthGroupedSampler, pack, with_stats
-from finlora.checkpoints import ResumableLoader
+from finlora.batching import pack, pad_right, with_stats
 from finlora.config import Batching, DataConfig, TaskConfig, TestSet
-from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
+from finlora.errors import DataError
+from finlora.prompts import Encoded, encode_example
 
 REQUIRED_KEYS = ("context", "target")
-
-
-class DataError(ValueError):
-    """A data file is missing or malformed; the message names the file and line."""
-
 
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a FinLoRA JSONL file, each checked for `context` and `target`."""
@@ -86,10 +86,15 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
     train = [row for rows, k, (_, repeat) in zip(shuffled, n_val, sources, strict=True)
              for row in rows[k:] if row["context"] not in held_out for _ in range(repeat)]
     rng.shuffle(train)
-    test = [(test_set, read_jsonl(root / test_set.file)) for test_set in task.test]
+    test = load_test_sets(task, data_dir)
     if task.train and not train:
         raise DataError(f"task {task.name}: no training rows left after holding out {data.val_size}")
     return TaskData(train, val, test)
+
+
+def load_test_sets(task: TaskConfig, data_dir: str | Path) -> list[tuple[TestSet, list[dict]]]:
+    """Each test set of a task with its records."""
+    return [(test_set, read_jsonl(Path(data_dir) / test_set.file)) for test_set in task.test]
 
 
 def _proportional(sizes: list[int], total: int) -> list[int]:
@@ -127,20 +132,6 @@ class EncodedDataset(Dataset):
         return self.items[i]
 
 
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 class TaskDataModule(L.LightningDataModule):
     """Training batches as `data.batching` says (validation keeps its order); each carries its `BatchStats`."""
 
@@ -149,7 +140,7 @@ class TaskDataModule(L.LightningDataModule):
         super().__init__()
         self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length)
         self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = shuffle_seed
@@ -158,7 +149,7 @@ class TaskDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
         inner = (partial(pack, pad_id=self.pad_id, row_length=self.row_length) if self.batching is Batching.packed
-                 else partial(collate, pad_id=self.pad_id))
+                 else partial(pad_right, pad_id=self.pad_id))
         grouped = shuffle and self.batching is Batching.grouped
         sampler = (LengthGroupedSampler([len(e.input_ids) for e in dataset.items], self.batch_size, self.seed)
                    if grouped else None)
@@ -171,3 +162,84 @@ class TaskDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices whose consecutive runs of `batch_size` have similar lengths, in a seeded order that changes
+    with the epoch (Lightning calls `set_epoch`). Only the last batch of the epoch can be short."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, mega_batches: int = 64) -> None:
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.mega = batch_size * mega_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=gen).tolist()
+        batches = []
+        for start in range(0, len(order), self.mega):
+            chunk = sorted(order[start:start + self.mega], key=self.lengths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        short = [batches.pop()] if len(batches[-1]) < self.batch_size else []
+        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()] + short
+        return (i for batch in shuffled for i in batch)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose place in the epoch goes into the checkpoint.
+
+    Lightning saves and restores the state of a training loader that has `state_dict`/`load_state_dict`;
+    for any other loader a mid-epoch resume starts the epoch again from its first batch, so the resumed
+    run trains on other data than an uninterrupted one. The state is the shuffle generator's state when
+    the epoch began and the number of batches handed out since: on resume the epoch's order is drawn again
+    from that state and the batches already trained on are skipped as indices, never loaded or collated.
+    Samplers that seed themselves from `set_epoch` (Lightning sets the epoch before each) need nothing more.
+    torchdata's StatefulDataLoader does the same and more (worker states), but for in-memory datasets
+    this is all that is needed, and it keeps a dependency and its torch-version coupling out.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._epoch_start: torch.Tensor | None = None
+        self._yielded = 0
+        self._skip = 0
+        self._pending: dict[str, Any] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._yielded >= len(self):  # the epoch is over: the next one draws from the generator as it is now
+            return {"generator": self._generator_state(), "batches": 0}
+        return {"generator": self._epoch_start, "batches": self._yielded}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._pending = state
+
+    def __iter__(self) -> Iterator[Any]:
+        state, self._pending = self._pending, None
+        if state is not None and state["generator"] is not None and self.generator is not None:
+            self.generator.set_state(state["generator"])
+        self._epoch_start = self._generator_state()
+        self._skip = self._yielded = state["batches"] if state else 0
+        iterator = super().__iter__()  # takes `_index_sampler`, with the skip, right now
+        self._skip = 0
+        return self._counted(iterator)
+
+    @property
+    def _index_sampler(self) -> Any:
+        sampler = super()._index_sampler
+        return itertools.islice(sampler, self._skip, None) if self._skip else sampler
+
+    def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
+        for batch in iterator:
+            self._yielded += 1
+            yield batch
+
+    def _generator_state(self) -> torch.Tensor | None:
+        return self.generator.get_state() if self.generator is not None else None

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
-from finlora.config import ConfigError
+from finlora.errors import ConfigError
 
 
-def resolve_device(accelerator: str, precision: str | None, quant_bits: int | None) -> tuple[str, str, torch.device]:
-    """(accelerator, precision, this process's device). `auto` means the GPU with bf16-mixed if there is
-    one, else the CPU in 32-bit; under DDP each process takes the GPU of its LOCAL_RANK."""
+class Placement(NamedTuple):
+    accelerator: str  # Lightning's name: cpu, gpu, cuda or mps
+    precision: str  # Lightning's precision setting
+    device: torch.device  # this process's device
+
+
+def resolve_device(accelerator: str, precision: str | None, quant_bits: int | None) -> Placement:
+    """`auto` means the GPU with bf16-mixed if there is one, else the CPU in 32-bit; under DDP each process
+    takes the GPU of its LOCAL_RANK."""
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -23,4 +30,4 @@ def resolve_device(accelerator: str, precision: str | None, quant_bits: int | No
                           "use trainer.precision=32-true (trainer=cpu)")
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
               else torch.device("cpu"))
-    return accelerator, precision, device
+    return Placement(accelerator, precision, device)

@@ -32,7 +32,6 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, NamedTuple
 
 import torch
@@ -52,9 +51,6 @@ try:
     import bitsandbytes as bnb
 except ImportError:
     bnb = None
-
-USE_TRITON: bool = os.environ.get("FINLORA_DORA_TRITON", "1") != "0"
-"""Use the fused Triton kernel in backward on CUDA (set FINLORA_DORA_TRITON=0 to compare)."""
 
 _CHUNK_ELEMENTS = 1 << 24  # elements of a weight expanded to float32 at once, for its frozen row norms
 
@@ -307,13 +303,13 @@ def _sm_count(device: int | None) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _on_triton(t: Tensor) -> bool:
-    return USE_TRITON and triton is not None and t.is_cuda
+def _on_triton(t: Tensor, use: bool) -> bool:
+    return use and triton is not None and t.is_cuda
 
 
-def _scale_add_(y: Tensor, r: Tensor, scale: Tensor) -> Tensor:
+def _scale_add_(y: Tensor, r: Tensor, scale: Tensor, use_triton: bool = True) -> Tensor:
     """y += r ⊙ scale (scale float32, broadcast over the last dimension), in place; y and r contiguous."""
-    if _on_triton(y) and r.is_contiguous():
+    if _on_triton(y, use_triton) and r.is_contiguous():
         n_cols = y.shape[-1]
         n_rows = y.numel() // n_cols
         grid = (triton.cdiv(n_rows, 8), triton.cdiv(n_cols, 512))
@@ -322,9 +318,10 @@ def _scale_add_(y: Tensor, r: Tensor, scale: Tensor) -> Tensor:
     return y.addcmul_(r, scale)
 
 
-def _scale_grad(g: Tensor, y: Tensor, scale: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+def _scale_grad(g: Tensor, y: Tensor, scale: Tensor, magnitude: Tensor, use_triton: bool = True,
+                ) -> tuple[Tensor, Tensor]:
     """(g·scale in g's dtype, Σ_rows g·y / m in float32) for 2-D contiguous g and y."""
-    if _on_triton(g):
+    if _on_triton(g, use_triton):
         n_rows, n_cols = g.shape
         block_t, block_n = 32, 128
         col_blocks = triton.cdiv(n_cols, block_n)
@@ -356,13 +353,15 @@ class _DoraTail(torch.autograd.Function):
         consts: _Consts,
         scaling: float,
         bias: Tensor | None,
+        use_triton: bool,
     ) -> Tensor:
         # b_eff and ax share a dtype, so an enclosing autocast casts nothing here
         y = torch.matmul(ax, consts.b_eff.T)
         if bias is not None:
             y += ((1 - consts.scale) * bias.detach().float()).to(y.dtype)
-        y = _scale_add_(y, result.contiguous(), consts.scale).to(result.dtype)
+        y = _scale_add_(y, result.contiguous(), consts.scale, use_triton).to(result.dtype)
         ctx.save_for_backward(y, ax, magnitude, bias)
+        ctx.use_triton = use_triton
         ctx.consts = consts
         ctx.scaling = scaling
         ctx.b_dtype = lora_b.dtype
@@ -377,7 +376,7 @@ class _DoraTail(torch.autograd.Function):
         g2 = grad.reshape(-1, n_out)
         grad_ax = grad_b = grad_m = grad_bias = None
         if bias is None:
-            gz, grad_m = _scale_grad(g2, y.reshape(-1, n_out), consts.scale, magnitude)
+            gz, grad_m = _scale_grad(g2, y.reshape(-1, n_out), consts.scale, magnitude, ctx.use_triton)
         else:  # Σ g·(y - b) / m
             gz = torch.mul(g2, consts.scale, out=torch.empty_like(g2))
             g_sum = g2.sum(0, dtype=torch.float32)
@@ -388,14 +387,17 @@ class _DoraTail(torch.autograd.Function):
             grad_ax = torch.matmul(gz_lora, consts.b_s).view(ax.shape)
         if ctx.needs_input_grad[2]:
             grad_b = (gz_lora.T @ ax.reshape(-1, ax.shape[-1])).to(ctx.b_dtype).mul_(ctx.scaling)
-        return gz.view(grad.shape), grad_ax, grad_b, grad_m.to(magnitude.dtype), None, None, grad_bias
+        return gz.view(grad.shape), grad_ax, grad_b, grad_m.to(magnitude.dtype), None, None, grad_bias, None
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
-    """peft's DoRA variant with finlora's forward; init, merge and unmerge stay peft's."""
+    """peft's DoRA variant with finlora's forward; init, merge and unmerge stay peft's. `use_triton`: the
+    fused Triton kernels on CUDA (False: the same computation in PyTorch ops, to compare)."""
 
-    @staticmethod
-    def forward(module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
+    def __init__(self, use_triton: bool = True) -> None:
+        self.use_triton = use_triton
+
+    def forward(self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
         dropout = module.lora_dropout[active_adapter]
         if module.training and not isinstance(dropout, nn.Identity):
             x = dropout(x)
@@ -403,7 +405,8 @@ class FastDoraLinearVariant(DoraLinearVariant):
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
         consts = _consts(module, active_adapter, parts, ax.dtype)
-        return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None))
+        return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None),
+                               self.use_triton)
 
     @staticmethod
     def merge_safe(module: nn.Module, active_adapter: str, orig_weight: Tensor) -> Tensor:
@@ -427,12 +430,12 @@ def _supported(base: nn.Module) -> bool:
     return bnb is not None and isinstance(base, (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit))
 
 
-def use_fast_dora(model: nn.Module) -> int:
+def use_fast_dora(model: nn.Module, use_triton: bool = True) -> int:
     """Switch every DoRA-enabled LoRA linear layer of ``model`` to finlora's DoRA, in place.
 
     Layers whose base finlora does not handle (not nn.Linear or bitsandbytes 8-/4-bit) keep peft's
-    DoRA. Adapters added or loaded later get peft's variant: call this again after loading them.
-    Returns the number of layers that now run finlora's DoRA.
+    DoRA. Adapters added or loaded later get peft's variant: call this again after loading them (a call
+    also sets `use_triton` on layers switched before). Returns the number of layers that now run finlora's DoRA.
     """
     _install_step_hook()
     members: list[tuple[nn.Module, str]] = []
@@ -443,7 +446,9 @@ def use_fast_dora(model: nn.Module) -> int:
             continue
         for name, variant in variants.items():
             if type(variant) is DoraLinearVariant:
-                variants[name] = FastDoraLinearVariant()
+                variants[name] = FastDoraLinearVariant(use_triton)
+            elif isinstance(variant, FastDoraLinearVariant):
+                variant.use_triton = use_triton
         fast = [name for name, variant in variants.items() if isinstance(variant, FastDoraLinearVariant)]
         members += [(module, name) for name in fast]
         layers += [module] if fast else []

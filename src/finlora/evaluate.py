@@ -3,7 +3,7 @@
 Prompts come from `finlora.prompts.encode_prompt`, the function training uses, so an evaluation prompt is
 always the training prompt minus the answer. Generation is greedy and batched with left padding; the
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
-file order.
+file order. `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is also training's test stage.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finlora.config import DataConfig, EvalConfig, EvalSettings, TestSet, validate
-from finlora.data import load_task
-from finlora.devices import resolve_device
+from finlora.batching import pad_left
+from finlora.build import build, placement
+from finlora.config import EvalConfig, EvalSettings, TestSet, validate
+from finlora.data import load_test_sets
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
 from finlora.metrics import extract_answer, score
-from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
+from finlora.models import compute_dtype
 from finlora.outputs import write_json, write_jsonl
 from finlora.prompts import encode_prompt
 
@@ -36,7 +36,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     """Greedy answers for `records`, in their order, under the same autocast as training used."""
     prompts = [encode_prompt(tokenizer, r) for r in records]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
     device = next(p.device for p in model.parameters())
     was_training = model.training
     model.eval()
@@ -47,14 +47,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
         bar = progress.add_task(description, total=len(prompts))
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
-            width = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[row, width - len(prompts[i]):] = 1
+            batch = pad_left([prompts[i] for i in idx], pad)
+            width = batch["input_ids"].shape[1]
             with autocast:
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                out = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=False,
                                      max_new_tokens=max_new_tokens, pad_token_id=pad,
                                      eos_token_id=tokenizer.eos_token_id, use_cache=True)
             for row, i in enumerate(idx):
@@ -94,22 +90,16 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
     return flat
 
 
-def run(dict_cfg: DictConfig) -> dict[str, float]:
+def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
     """`eval.py`: load the base model (and adapter, merged or not), evaluate, write `<output_dir>/eval/`."""
     cfg = validate(dict_cfg, EvalConfig)
-    _, precision, device = resolve_device(cfg.accelerator, cfg.precision, cfg.quant.bits)
-    task_data = load_task(cfg.task, DataConfig(val_size=0), cfg.paths.data_dir)
+    where = placement(cfg)
+    test_sets = load_test_sets(cfg.task, cfg.paths.data_dir)
     out_dir = Path(cfg.output_dir)
-    source = resolve_source(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(cfg.adapter_path or source, cfg.model)
-    model = load_model(source, cfg.model, cfg.quant, compute_dtype(precision), device)
-    if cfg.adapter_path:
-        model = PeftModel.from_pretrained(model, cfg.adapter_path)
-        if cfg.merge:
-            model = model.merge_and_unload()
+    tokenizer, model = build(cfg, where)
     loggers = build_loggers(cfg.logger, out_dir, cfg.run_name, OmegaConf.to_container(OmegaConf.structured(cfg)))
     try:
-        metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision, out_dir / "eval", loggers)
+        metrics = evaluate_sets(model, tokenizer, test_sets, cfg.eval, where.precision, out_dir / "eval", loggers)
         log_summary(loggers, metrics)
         print_metrics(metrics)
         return metrics

@@ -1,14 +1,19 @@
-"""Experiment loggers: W&B (offline unless told otherwise), TensorBoard, and always a local CSV."""
+"""Experiment loggers: W&B (offline unless told otherwise, and never the reason a run stops),
+TensorBoard, and always a local CSV."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from finlora.config import LoggerConfig, LoggerKind, wandb_mode
-from finlora.faults import ResilientWandbLogger
+from finlora.config import LoggerConfig, LoggerKind
+
+log = logging.getLogger(__name__)
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict) -> list[Logger]:
@@ -26,6 +31,15 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
     elif cfg.kind is LoggerKind.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
     return loggers
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    """Offline unless the user has said otherwise, so a run never stalls asking for a login."""
+    if cfg.mode:
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def log_summary(loggers: list[Logger], summary: dict) -> None:
@@ -49,3 +63,53 @@ def finish(loggers: list[Logger]) -> None:
         import wandb
 
         wandb.finish()
+
+
+class ResilientWandbLogger(WandbLogger):
+    """A WandbLogger whose trouble never stops training. If the run cannot start online (no network, no
+    key) it starts offline; if not even that, or if W&B fails mid-run, it carries on as W&B's own no-op
+    run and the CSV log keeps every metric. Each fallback is said once, as a warning."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        for fallback in ("offline", "disabled"):
+            try:
+                return super().experiment
+            except Exception as err:
+                log.warning("W&B could not start (%s: %s); continuing with W&B %s, metrics in csv/metrics.csv",
+                            type(err).__name__, err, fallback)
+                self._wandb_init["mode"] = fallback
+                os.environ["WANDB_MODE"] = fallback
+        return super().experiment  # W&B's disabled mode is a no-op run that cannot fail
+
+    def _give_up(self, err: Exception) -> None:
+        import wandb
+
+        log.warning("W&B failed mid-run (%s: %s); training goes on, metrics stay in csv/metrics.csv",
+                    type(err).__name__, err)
+        self._experiment = wandb.init(mode="disabled")
+
+    def log_metrics(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log_metrics(*args, **kwargs)
+        except Exception as err:
+            self._give_up(err)
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log_hyperparams(*args, **kwargs)
+        except Exception as err:
+            self._give_up(err)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            super().log_table(*args, **kwargs)
+        except Exception as err:
+            self._give_up(err)
+
+    def update_summary(self, values: dict[str, Any]) -> None:
+        try:
+            self.experiment.summary.update(values)
+        except Exception as err:
+            self._give_up(err)

@@ -14,18 +14,10 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
-from enum import Enum
+
+from finlora.config import TaskKind
 
 UNPARSABLE = "unparsable"
-
-
-class TaskKind(str, Enum):
-    """How a task's answers are parsed and scored."""
-
-    label = "label"
-    numeric = "numeric"
-    tags = "tags"
-    text = "text"
 
 
 def parse_label(generated: str, labels: Sequence[str]) -> str | None:

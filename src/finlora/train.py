@@ -1,6 +1,6 @@
 """`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter, metrics and summary.
 
-Everything that can be checked cheaply (config values, data files, model path, device and precision)
+Everything that can be checked cheaply (config values, device and precision, data files, model path)
 is checked before the model is loaded.
 """
 
@@ -17,17 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from finlora.adapters import attach_adapter, count_parameters, trainable_breakdown
-from finlora.config import AdapterMethod, validate
+from finlora.adapters import count_parameters, trainable_breakdown
+from finlora.build import build, placement
+from finlora.callbacks import run_callbacks
+from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path
+from finlora.config import AdapterMethod, Config, validate
 from finlora.data import TaskDataModule, load_task
-from finlora.devices import resolve_device
+from finlora.errors import NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
-from finlora.faults import check_finite, guards, oom_advice
 from finlora.loggers import build_loggers, finish, log_summary
-from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
-from finlora.throughput import ThroughputLogger, progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +36,14 @@ def train(dict_cfg: DictConfig) -> dict:
     """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
     started = time.time()
     cfg = validate(dict_cfg)
-    accelerator, precision, device = resolve_device(cfg.trainer.accelerator, cfg.trainer.precision, cfg.quant.bits)
+    where = placement(cfg)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
 
-    source = resolve_source(cfg.model, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(source, cfg.model)
-    full_finetune = cfg.adapter.method is AdapterMethod.none
-    dtype = torch.float32 if full_finetune else compute_dtype(precision)
-    model = load_model(source, cfg.model, cfg.quant, dtype, device)
-    model = attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
+    tokenizer, model = build(cfg, where)
     datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
                                 cfg.trainer.num_workers)
     trainable, total = count_parameters(model)
@@ -58,27 +53,30 @@ def train(dict_cfg: DictConfig) -> dict:
     config_dict["params"] = {"trainable": trainable, "total": total,
                              "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
     loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config_dict)
-    throughput = ThroughputLogger()
-    guard = guards(cfg, run_dir, len(datamodule.val_set) > 0, loggers)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
+    if ckpt_path:
+        keep_earlier_rows(loggers, ckpt_path)
+    callbacks = run_callbacks(cfg, ckpt_dir, len(datamodule.val_set) > 0)
     try:
+        t = cfg.trainer
         trainer = L.Trainer(
-            accelerator=accelerator, devices=cfg.trainer.devices, strategy=cfg.trainer.strategy, precision=precision,
-            max_steps=cfg.trainer.max_steps, max_epochs=cfg.trainer.max_epochs,
-            accumulate_grad_batches=cfg.trainer.grad_accum, gradient_clip_val=cfg.trainer.grad_clip or None,
-            val_check_interval=cfg.trainer.val_every_n_steps, check_val_every_n_epoch=None
-            if cfg.trainer.val_every_n_steps else 1, log_every_n_steps=cfg.trainer.log_every_n_steps,
-            logger=loggers, default_root_dir=run_dir, enable_model_summary=False,
-            callbacks=[*guard.callbacks, throughput, progress_bar(cfg.trainer.log_every_n_steps)],
-            plugins=guard.plugins, num_sanity_val_steps=0)
-        module = FinetuneModule(model, cfg.trainer)
+            accelerator=where.accelerator, devices=t.devices, strategy=t.strategy, precision=where.precision,
+            max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.grad_accum,
+            gradient_clip_val=t.grad_clip or None, val_check_interval=t.val_every_n_steps,
+            check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
+            logger=loggers, default_root_dir=run_dir, enable_model_summary=False, callbacks=callbacks.all,
+            plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0)
+        module = FinetuneModule(model, t)
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=guard.ckpt_path)
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except torch.OutOfMemoryError as err:
             raise oom_advice(cfg, "training") from err
-        if fault := guard.stopper.interrupted(trainer.global_step):
+        if fault := callbacks.stopper.interrupted(trainer.global_step):
             raise fault
         check_finite(model, trainer.global_step)
 
+        full_finetune = cfg.adapter.method is AdapterMethod.none
         adapter_dir = run_dir / ("model" if full_finetune else "adapter")
         if trainer.is_global_zero:
             with atomic_dir(adapter_dir) as tmp:
@@ -92,15 +90,15 @@ def train(dict_cfg: DictConfig) -> dict:
             "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
-            "batching": cfg.data.batching.value, **throughput.summary(),
-            "device": str(device), "precision": precision,
+            "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
+            "device": str(where.device), "precision": where.precision,
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
             test_metrics = {}
             if cfg.eval.enabled and task_data.test:
                 try:
-                    test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, precision,
+                    test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, where.precision,
                                                  run_dir / "eval", loggers)
                 except torch.OutOfMemoryError as err:
                     raise oom_advice(cfg, "eval") from err
@@ -113,6 +111,30 @@ def train(dict_cfg: DictConfig) -> dict:
         return summary
     finally:
         finish(loggers)
+
+
+def check_finite(model: torch.nn.Module, step: int) -> None:
+    """Refuse to write an adapter whose trainable weights are not all finite."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLoss(f"after step {step}, {len(bad)} trainable tensors are not finite (e.g. {bad[0]}); "
+                            "the adapter was not written")
+
+
+def oom_advice(cfg: Config, stage: str) -> OutOfMemory:
+    """An `OutOfMemory` naming the overrides that lower memory from where this run stands."""
+    t = cfg.trainer
+    if stage == "eval":
+        tips = [f"eval.batch_size={max(cfg.eval.batch_size // 2, 1)}"]
+    else:
+        tips = [f"trainer.batch_size={t.batch_size // 2} trainer.grad_accum={t.grad_accum * 2} (same effective batch)"
+                if t.batch_size > 1 else f"data.max_length={cfg.data.max_length // 2}"]
+        if not t.gradient_checkpointing:
+            tips.append("trainer.gradient_checkpointing=true")
+        if cfg.quant.bits != 4 and cfg.adapter.method.value != "none":
+            tips.append("quant=4bit")
+    return OutOfMemory(f"out of GPU memory during {stage}; try " + ", or ".join(tips)
+                       + ("; then ckpt_path=last continues from the last checkpoint" if stage == "training" else ""))
 
 
 def print_summary(summary: dict, breakdown: list) -> None:

@@ -1,21 +1,18 @@
 """A finished sweep, read back from the files its jobs wrote: a table of jobs, whether they differ only in
-the swept keys, plots, and the commands that rerun failed jobs. Needs no W&B.
+the swept keys, plots, and the commands that rerun failed jobs. Reads files only (no W&B, no training);
+`scripts/report.py` is the command, and reruns failed jobs.
 
-    python scripts/report.py outputs/sweeps/<sweep>                  # writes report.md and two PNGs there
-    python scripts/report.py outputs/sweeps/<sweep> --rerun-failed   # reruns each failed job in its folder
-
-Each job folder holds `.hydra/overrides.yaml` and `.hydra/hydra.yaml` (Hydra), `job.json` (`finlora.sweep`),
-and, as far as the job got, `config.yaml`, `metrics.json` and `csv/metrics.csv` (`finlora.train`).
+Each job folder holds `.hydra/overrides.yaml` and `.hydra/hydra.yaml` (Hydra), `job.json`
+(`finlora.run.job`), and, as far as the job got, `config.yaml`, `metrics.json` and `csv/metrics.csv`
+(`finlora.train`).
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -28,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finlora.outputs import write_text
-from finlora.sweep import JOB_FILE
+from finlora.run.job import JOB_FILE
 
 # Keys that differ between the jobs of any sweep by design (a folder and a name per job; tags name the
 # adapter and quant choices), never evidence of a job run under other settings.
@@ -290,24 +287,3 @@ def _fmt(x: Any) -> str:
 
 def _one_line(text: str | None) -> str:
     return " ".join(text.split())[:300] if text and text.strip() else "no error recorded"
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--rerun-failed", action="store_true",
-                        help="run each job that did not finish again, one after another, in its own folder")
-    args = parser.parse_args(argv)
-    sweep = load_sweep(args.sweep_dir)
-    if not sweep.jobs:
-        print(f"report: no job folders (with .hydra/overrides.yaml) in {args.sweep_dir}", file=sys.stderr)
-        return 2
-    if args.rerun_failed:
-        # Each rerun is a sweep of one job that ends with this sweep's table; statuses are read back after.
-        for job in sweep.failed:
-            subprocess.run(job.rerun_command())
-        sweep = load_sweep(args.sweep_dir)
-    path = write_report(sweep)
-    print_table(sweep)
-    print(f"wrote {path}")
-    return 0 if not args.rerun_failed or not sweep.failed else 1

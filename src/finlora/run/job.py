@@ -1,0 +1,94 @@
+"""One job of a Hydra multirun: its record (`job.json`: status, error, the device it saw, start and end) and
+what it sets before it runs (its W&B names, and the refusal of several devices)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, open_dict
+
+from finlora.errors import ConfigError
+from finlora.outputs import write_json
+
+JOB_FILE = "job.json"
+
+
+class JobRecord:
+    """`job.json` in the job's folder: written as "running" when the job starts, and again when it ends. A
+    record left "running" tells of a process that was killed."""
+
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.data = data
+
+    @classmethod
+    def start(cls, hydra: DictConfig) -> JobRecord:
+        record = cls(Path(hydra.runtime.output_dir) / JOB_FILE, {
+            "overrides": list(hydra.overrides.task), "status": "running",
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "host": socket.gethostname(),
+            "pid": os.getpid(), "started": time.time()})
+        write_json(record.path, record.data)
+        return record
+
+    def succeeded(self, summary: dict) -> None:
+        self.data |= {"status": "ok", "device": summary.get("device")}
+
+    def failed(self, err: BaseException, exit_code: int) -> None:
+        self.data |= {"status": "failed", "exit_code": exit_code, "error": f"{type(err).__name__}: {err}"}
+
+    def close(self) -> None:
+        """Write the final record; stop W&B's service while it is alive, not in an exiting Ray worker's atexit."""
+        self.data |= {"ended": time.time(), **_gpu()}
+        self.data.setdefault("device", None)
+        write_json(self.path, self.data)
+        if "wandb" in sys.modules:
+            sys.modules["wandb"].teardown()
+
+
+def prepare_job(cfg: DictConfig, hydra: DictConfig) -> None:
+    """Refuse several devices in a job, and name the job's W&B run."""
+    problem = multi_device_problem(cfg.trainer.devices) if "trainer" in cfg else None
+    if problem:
+        raise ConfigError(problem)
+    name_job(cfg, hydra)
+
+
+def multi_device_problem(devices: Any) -> str | None:
+    """Why a job with this device count cannot run inside a multirun, if it cannot. Lightning's DDP launcher
+    starts each extra rank by re-running the command line, which under `-m` starts the whole sweep once more
+    per rank; a sweep spreads one device per job instead."""
+    if devices in (1, "1") or (isinstance(devices, Sequence) and not isinstance(devices, str) and len(devices) == 1):
+        return None
+    return (f"trainer.devices={devices} inside a sweep (-m): Lightning's DDP would re-run the "
+            "command for each extra rank, and each rank would start the sweep again. Sweep with one device per "
+            "job (trainer.devices=1, hydra/launcher=ray puts each job on its own GPU), or run the multi-GPU "
+            "job on its own without -m")
+
+
+def name_job(cfg: DictConfig, hydra: DictConfig) -> None:
+    """W&B: group = the sweep's folder name, run name = the job's overrides (unless run_name or logger.group
+    were set), tags = the config's plus adapter, quant and task."""
+    overridden = {o.lstrip("+~").split("=", 1)[0] for o in hydra.overrides.task}
+    choices = hydra.runtime.choices
+    with open_dict(cfg):
+        if "run_name" not in overridden and hydra.job.override_dirname:
+            cfg.run_name = hydra.job.override_dirname
+        if cfg.logger.get("group") is None:
+            cfg.logger.group = Path(hydra.sweep.dir).name
+        extra = [f"adapter:{choices.get('adapter')}", f"quant:{choices.get('quant')}", f"task:{cfg.task.name}"]
+        cfg.logger.tags = list(dict.fromkeys([*cfg.logger.get("tags", []), *extra]))
+
+
+def _gpu() -> dict:
+    """The GPU this job's torch saw, by name and UUID (what tells two GPUs apart across processes)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return {}
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"gpu_name": props.name, "gpu_uuid": str(getattr(props, "uuid", ""))}
