@@ -1,11 +1,12 @@
 """DoRA vs LoRA on one GPU: peft's LoRA, peft's DoRA and finlora's DoRA, side by side.
 
-Builds a random-init Llama with Llama-3.1-8B layer shapes (hidden 4096, intermediate 14336, 32 heads /
-8 KV heads) and 4 decoder layers itself (no download; vocabulary 32000 by default, smaller than
-Llama-3.1's 128256, so the LM head weighs less in the step), puts r=8 adapters on all seven
-projections, and times forward + backward + AdamW under bf16 autocast on a bf16, 8-bit (LLM.int8)
-or 4-bit (NF4, double quantization, bf16 compute) base. Before timing it checks on the GPU that
-finlora's DoRA computes what peft's does (loss, logits and gradients of A, B and the magnitude).
+Saves a random-init Llama with Llama-3.1-8B layer shapes (hidden 4096, intermediate 14336, 32 heads /
+8 KV heads) and 4 decoder layers (no download; vocabulary 32000 by default, smaller than Llama-3.1's
+128256, so the LM head weighs less in the step), loads it through finlora's build step as a run does
+(bf16, 8-bit LLM.int8 or 4-bit NF4 with double quantization and bf16 compute; peft's k-bit preparation),
+with r=8 adapters on all seven projections, and times forward + backward + AdamW under bf16 autocast.
+Before timing it checks on the GPU that finlora's DoRA computes what peft's does (loss, logits and
+gradients of A, B and the magnitude).
 
     PYTHONPATH=src python scripts/bench_dora.py --out docs/benchmarks.md
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,11 +28,12 @@ import bitsandbytes as bnb
 import peft
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
 from torch import Tensor, nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import finlora.dora as dora
+from finlora.build import build, placement
+from finlora.config import AdapterConfig, AdapterMethod, Config, DoraImpl, ModelConfig, QuantConfig, TrainerConfig
+from finlora.models import load_tokenizer, resolve_source, save_random_llama
 from finlora.outputs import replace_section
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -64,82 +68,30 @@ class Result:
     peak_gib: float
 
 
-def build_model(bits: str, vocab: int, layers: int, small: bool, device: str) -> nn.Module:
-    """Random-init Llama in bf16 on ``device``; the decoder's linear layers quantized for 8/4 bits."""
-    shape = (
-        {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
-        if small
-        else {
-            "hidden_size": 4096,
-            "intermediate_size": 14336,
-            "num_attention_heads": 32,
-            "num_key_value_heads": 8,
-        }
-    )
-    cfg = LlamaConfig(
-        **shape,
-        num_hidden_layers=layers,
-        vocab_size=vocab,
-        max_position_embeddings=8192,
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(default)
-    if bits != "bf16":
-        for layer in model.model.layers:
-            for parent in (layer.self_attn, layer.mlp):
-                for name, lin in list(parent.named_children()):
-                    if isinstance(lin, nn.Linear):
-                        setattr(parent, name, quantize(lin, bits))
-        model.is_loaded_in_8bit = bits == "8bit"
-        model.is_loaded_in_4bit = bits == "4bit"
+def build_model(bits: str, impl: str, r: int, args: argparse.Namespace) -> nn.Module:
+    """The random-init Llama saved in `args.model_dir`, loaded through finlora's build step as a run would load
+    it: quantized as `bits` says, with an r-rank `impl` adapter on all seven projections."""
+    quant = QuantConfig(bits={"bf16": None, "8bit": 8, "4bit": 4}[bits])
+    adapter = AdapterConfig(method=AdapterMethod.lora if impl == "lora" else AdapterMethod.dora,
+                            impl=DoraImpl.peft if impl == "peft-dora" else DoraImpl.finlora, r=r, alpha=2 * r,
+                            dropout=0.0, target_modules=TARGETS)
+    cuda = args.device == "cuda"
+    cfg = Config(model=ModelConfig(name_or_path=str(args.model_dir)), quant=quant, adapter=adapter,
+                 trainer=TrainerConfig(accelerator="gpu" if cuda else "cpu", precision="bf16-mixed" if cuda else None))
+    model = build(cfg, placement(cfg)).model.train()
+    if impl == "finlora-torch":
+        dora.use_fast_dora(model, use_triton=False)
     return model
 
 
-def quantize(lin: nn.Linear, bits: str) -> nn.Module:
-    w = lin.weight.data
-    if bits == "8bit":
-        q = bnb.nn.Linear8bitLt(
-            lin.in_features,
-            lin.out_features,
-            bias=False,
-            has_fp16_weights=False,
-            threshold=6.0,
-            device="meta",
-        )
-        if w.is_cuda:
-            cb, scb, _ = bnb.functional.int8_vectorwise_quant(w.half())
-            q.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=scb)
-        else:  # bitsandbytes quantizes on the way from the CPU
-            q.weight = bnb.nn.Int8Params(w.clone(), requires_grad=False, has_fp16_weights=False).to(w.device)
-        return q
-    q = bnb.nn.Linear4bit(
-        lin.in_features,
-        lin.out_features,
-        bias=False,
-        compute_dtype=torch.bfloat16,
-        quant_type="nf4",
-        compress_statistics=True,
-        device="meta",
-    )
-    q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", compress_statistics=True)
-    q.weight = q.weight.to(w.device)  # quantizes
-    return q
-
-
-def wrap(model: nn.Module, impl: str, r: int) -> nn.Module:
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS, lora_dropout=0.0, use_dora=impl != "lora")
-    model = get_peft_model(model, cfg)
-    if impl.startswith("finlora"):
-        n = dora.use_fast_dora(model, use_triton=impl == "finlora")
-        assert n == 7 * len(model.base_model.model.model.layers), n
-    return model
+def save_model(args: argparse.Namespace) -> None:
+    """Llama-3.1-8B layer shapes (tiny ones with --small), `args.layers` decoder layers, into `args.model_dir`."""
+    shape = ({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
+             if args.small else
+             {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8})
+    tokenizer = load_tokenizer(resolve_source(ModelConfig(), args.cache_dir), ModelConfig())
+    save_random_llama(args.model_dir, shape | {"vocab_size": args.vocab}, args.layers, tokenizer,
+                      torch.device(args.device))
 
 
 def randomize_adapters(model: nn.Module) -> None:
@@ -185,7 +137,7 @@ def rel(a: Tensor, b: Tensor) -> float:
 
 def check(bits: str, args: argparse.Namespace) -> list[dict]:
     """finlora's DoRA (Triton and PyTorch backward) against peft's DoRA on one batch, same parameters."""
-    model = wrap(build_model(bits, args.vocab, args.layers, args.small, args.device), "peft-dora", 8)
+    model = build_model(bits, "peft-dora", 8, args)
     randomize_adapters(model)
     ids = batch(Setting("check", bits, batch=2, seq=512), args.vocab, args.device, seed=7)
 
@@ -232,7 +184,7 @@ def free() -> None:
 
 
 def time_config(setting: Setting, impl: str, args: argparse.Namespace) -> Result:
-    model = wrap(build_model(setting.bits, args.vocab, args.layers, args.small, args.device), impl, setting.r)
+    model = build_model(setting.bits, impl, setting.r, args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     micro = [batch(setting, args.vocab, args.device, seed=i) for i in range(setting.accum)]
 
@@ -265,7 +217,7 @@ def time_config(setting: Setting, impl: str, args: argparse.Namespace) -> Result
 def profile(bits: str, impl: str, args: argparse.Namespace, top: int = 25) -> str:
     """Top GPU kernels and CPU operations of one step, and any host-device synchronization."""
     setting = Setting("profile", bits)
-    model = wrap(build_model(bits, args.vocab, args.layers, args.small, args.device), impl, 8)
+    model = build_model(bits, impl, 8, args)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ids = batch(setting, args.vocab, args.device)
     for _ in range(2):
@@ -427,8 +379,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="main rows only")
     p.add_argument("--small", action="store_true", help="tiny shapes, for a smoke test")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--cache-dir", default=os.environ.get("FINLORA_CACHE_DIR", "~/.cache/finlora"))
     args = p.parse_args()
 
+    work = tempfile.TemporaryDirectory()
+    args.model_dir = Path(work.name)
+    save_model(args)
     kernels = kernel_check(args) if args.device == "cuda" and dora.triton is not None else []
     for line in kernels:
         print(line, flush=True)

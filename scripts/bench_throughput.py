@@ -41,7 +41,7 @@ import transformers
 from hydra import compose, initialize_config_dir
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM, get_scheduler
+from transformers import get_scheduler
 
 from finlora.batching import STATS_KEY, BatchStats, model_inputs
 from finlora.build import build, placement
@@ -56,7 +56,7 @@ from finlora.config import (
     validate,
 )
 from finlora.data import TaskDataModule, load_task
-from finlora.models import load_tokenizer, resolve_source
+from finlora.models import load_tokenizer, resolve_source, save_random_llama
 from finlora.outputs import replace_section
 from finlora.train import train
 
@@ -131,7 +131,7 @@ def run_config(args: argparse.Namespace, work: Path, device: torch.device, token
                  "eval.enabled=false", f"trainer.max_steps={args.warmup + args.steps}",
                  f"trainer.batch_size={args.batch_sizes[0]}", f"paths.data_dir={args.data_dir}"]
     if args.smoke:
-        random_llama(TINY | {"vocab_size": len(tokenizer)}, 2, work / "tiny", device, tokenizer)
+        save_random_llama(work / "tiny", TINY | {"vocab_size": len(tokenizer)}, 2, tokenizer, device)
         overrides.append(f"model.name_or_path={work / 'tiny'}")
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=overrides)
@@ -201,20 +201,9 @@ def gpu_bound_model(cfg: Config, tokenizer: Any, args: argparse.Namespace, devic
     work per token than the embedded model, so padding costs more of the step."""
     shape = TINY if args.smoke else LLAMA_8B
     shape = shape | {"vocab_size": max(len(tokenizer), shape["vocab_size"])}  # every token id of the batches fits
-    random_llama(shape, 2, folder, device, tokenizer)
-    return on_model(cfg, folder)
-
-
-def random_llama(shape: dict, layers: int, folder: Path, device: torch.device, tokenizer: Any) -> None:
-    """A random-init Llama with the given shapes, saved in bf16 like a downloaded checkpoint, with a tokenizer."""
-    cfg = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=8192, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    del model
+    save_random_llama(folder, shape, 2, tokenizer, device)
     free()
+    return on_model(cfg, folder)
 
 
 def bench_llama(cfg: Config, tokenizer: Any, args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -222,7 +211,8 @@ def bench_llama(cfg: Config, tokenizer: Any, args: argparse.Namespace, device: t
     rows = []
     shape = TINY if args.smoke else LLAMA_8B
     with tempfile.TemporaryDirectory() as tmp:
-        random_llama(shape, max(args.llama_layers), Path(tmp), device, tokenizer)
+        save_random_llama(Path(tmp), shape, max(args.llama_layers), tokenizer, device)
+        free()
         for checkpointing in (False, True):
             model = on_model(cfg, Path(tmp), quant=QuantConfig(bits=4),
                              adapter=AdapterConfig(method=AdapterMethod.lora, r=8, alpha=16, dropout=0.0),

@@ -42,12 +42,16 @@ class DoraImpl(Enum):
 
 
 class Scheduler(Enum):
+    """The learning rate after warmup (`trainer.warmup_steps`)."""
+
     cosine = "cosine"
     linear = "linear"
     constant = "constant"
 
 
 class LoggerKind(Enum):
+    """Where metrics go besides the CSV log that every run keeps."""
+
     wandb = "wandb"
     csv = "csv"
     tensorboard = "tensorboard"

@@ -113,6 +113,21 @@ def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.d
     return model
 
 
+def save_random_llama(folder: Path, shape: dict, layers: int, tokenizer: Tokenizer, device: torch.device) -> Path:
+    """A random-init Llama of the given shapes (LlamaConfig keys) saved in bf16 with `tokenizer`, like a
+    downloaded checkpoint: what speed and memory benchmarks load through the real loading path, since the
+    time and memory of a step depend on the shapes, not on the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**shape, num_hidden_layers=layers, max_position_embeddings=8192, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return Path(folder)
+
+
 def keep_int8_state_consistent(model: nn.Module) -> int:
     """Guard bitsandbytes 8-bit layers against a stale `weight.CB` without its `weight.SCB`.
 

@@ -10,6 +10,7 @@ from transformers import get_scheduler
 
 from finlora.batching import model_inputs, num_examples
 from finlora.config import TrainerConfig
+from finlora.prompts import IGNORE_INDEX
 
 
 class FinetuneModule(L.LightningModule):
@@ -24,7 +25,7 @@ class FinetuneModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
-        answer_tokens = (batch["labels"] != -100).sum()
+        answer_tokens = (batch["labels"] != IGNORE_INDEX).sum()
         self.log("train/loss", loss, prog_bar=True, batch_size=num_examples(batch))
         self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
         return loss
