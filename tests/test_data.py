@@ -43,6 +43,34 @@ def test_read_jsonl_names_file_and_line(tmp_path):
         read_jsonl(tmp_path / "missing.jsonl")
 
 
+def test_non_utf8_file_names_file_line_and_byte(tmp_path):
+    """Issue 14, row 2: a Latin-1 file was a UnicodeDecodeError traceback."""
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(json.dumps({"context": "c", "target": "t"}).encode() + b"\n"
+                  + '{"context": "caf\u00e9", "target": "t"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.jsonl:2: not UTF-8 \(byte 0xe9 at column 17\)"):
+        read_jsonl(f)
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"context": "c", "target": "t"}).encode() + b"\n")
+    assert read_jsonl(bom) == [{"context": "c", "target": "t"}]
+
+
+@pytest.mark.parametrize("target,shown", [(None, "null"), ("", '""'), ("  ", '"  "'), ([1], "[1]"),
+                                          ({"a": 1}, '{"a": 1}'), (True, "true")])
+def test_target_that_is_not_text_is_refused_by_line(tmp_path, target, shown):
+    """Issue 14, row 3: `"target": null` trained on the string "None"."""
+    f = _write(tmp_path / "t.jsonl", [json.dumps({"context": "c", "target": "ok"}),
+                                      json.dumps({"context": "c", "target": target})])
+    with pytest.raises(DataError) as err:
+        read_jsonl(f)
+    assert str(err.value) == f"{f}:2: 'target' must be a non-empty string (or a number), got {shown}"
+
+
+def test_number_target_is_read_as_its_json_form(tmp_path):
+    f = _write(tmp_path / "n.jsonl", ['{"context": "c", "target": 12}', '{"context": "c", "target": 1.50}'])
+    assert [r["target"] for r in read_jsonl(f)] == ["12", "1.5"]
+
+
 def test_sentiment_mixture_weights_and_disjoint_validation():
     task = TaskConfig(name="sentiment", train=[
         DataSource("train/fpb_train.jsonl", 6), DataSource("train/fiqa_train.jsonl", 21),

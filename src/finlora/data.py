@@ -29,13 +29,20 @@ from finlora.prompts import Encoded, encode_example
 
 REQUIRED_KEYS = ("context", "target")
 
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Every record of a FinLoRA JSONL file, each checked for `context` and `target`."""
+    """Every record of a FinLoRA JSONL file (UTF-8, a byte-order mark allowed), each checked for a string
+    `context` and a non-empty `target`; a number as target is read as its shortest JSON form (1.50 → "1.5")."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -47,12 +54,22 @@ def read_jsonl(path: Path) -> list[dict]:
             missing = [k for k in REQUIRED_KEYS if k not in record]
             if missing:
                 raise DataError(f"{path}:{lineno}: record has no {' or '.join(repr(k) for k in missing)}")
-            if not isinstance(record["context"], str):
-                raise DataError(f"{path}:{lineno}: 'context' must be a string")
+            if not isinstance(record["context"], str) or not record["context"].strip():
+                raise DataError(f"{path}:{lineno}: 'context' must be a non-empty string")
+            record["target"] = _target(record["target"], f"{path}:{lineno}")
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records (empty data set)")
     return records
+
+
+def _target(value: object, where: str) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, str) and value.strip():
+        return value
+    shown = json.dumps(value)[:40]
+    raise DataError(f"{where}: 'target' must be a non-empty string (or a number), got {shown}")
 
 
 @dataclass
