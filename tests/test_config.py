@@ -9,13 +9,15 @@ from pathlib import Path
 import pytest
 from conftest import DATA_DIR, ROOT, compose_cfg
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from finlora.config import EvalConfig, validate
 from finlora.errors import ConfigError
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "conf").iterdir()
           if g.is_dir() and g.name not in ("paths", "hydra")}
-EVAL_ONLY_TASKS = {"nwgi", "finer", "fnxl", "xbrl_tags", "xbrl_value", "xbrl_formula"}
+# A task is its YAML file: one without training files is for evaluation only (issue 14, row 1: this was a list).
+EVAL_ONLY_TASKS = {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml") if not OmegaConf.load(p).get("train")}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
@@ -29,6 +31,31 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     if group in ("model", "quant", "task", "logger"):
         cfg = validate(compose_cfg(overrides, tmp_path, config="eval"), EvalConfig)
         assert cfg.task.test and all((DATA_DIR / t.file).is_file() for t in cfg.task.test)
+
+
+def test_eval_only_tasks_are_known_from_their_files():
+    assert {"nwgi", "finer", "fnxl", "xbrl_tags", "xbrl_value", "xbrl_formula"} == EVAL_ONLY_TASKS
+
+
+@pytest.mark.parametrize("value", ["0123456789abcdef0123456789abcdef01234567", "hf_" + "a1B2" * 9])
+@pytest.mark.parametrize("key", ["logger.tags=[{}]", "logger.project={}", "run_name={}"])
+def test_token_shaped_values_are_refused(key, value, tmp_path, monkeypatch):
+    """Issue 14, row 9: a 40-hex W&B-style key in logger.tags was accepted and saved."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(ConfigError, match="looks like a token"):
+        validate(compose_cfg([key.format(value)], tmp_path))
+
+
+def test_a_commit_hash_is_a_revision_not_a_token(tmp_path):
+    cfg = validate(compose_cfg(["model.revision=0123456789abcdef0123456789abcdef01234567"], tmp_path))
+    assert cfg.model.revision == "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_no_known_harmless_library_message_on_the_command_line():
+    """Issue 14, row 17: every command printed bitsandbytes' missing-`kernels` warning."""
+    proc = _train("--help")
+    assert proc.returncode == 0 and "gemm_4bit_forward" not in proc.stdout + proc.stderr
 
 
 def test_every_test_file_is_a_task(tmp_path):

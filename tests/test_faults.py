@@ -344,3 +344,12 @@ def test_killed_test_stage_keeps_the_training_summary(tiny_model_dir, tmp_path, 
     assert summary["steps"] == MAX_STEPS and summary["final_train_loss"] > 0
     assert not any(k.startswith("test/") for k in summary)
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_checkpoint_saves_say_nothing_about_weights_only(tiny_model_dir, tmp_path, caplog):
+    """Issue 14, row 17: every checkpoint save logged "`weights_only` was not set, defaulting to `False`",
+    which read as contradicting the README (checkpoints are *loaded* with weights_only=True)."""
+    with caplog.at_level(logging.INFO, "lightning.pytorch"):
+        train(compose_cfg(overrides(tiny_model_dir, "trainer.max_steps=2"), tmp_path))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert not [r.getMessage() for r in caplog.records if "weights_only" in r.getMessage()]

