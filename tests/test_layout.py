@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def _same(baseline: Any, values: dict, where: str) -> list[str]:
     same = []
     before = OmegaConf.to_container(baseline, resolve=False)
     for key, value in _leaves(values).items():
-        updated = OmegaConf.merge(baseline, OmegaConf.from_dotlist([]))
+        updated = copy.deepcopy(baseline)
         OmegaConf.update(updated, key, value, merge=True)
         if OmegaConf.to_container(updated, resolve=False) == before:
             same.append(f"{where}: {key}: {value}")

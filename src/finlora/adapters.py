@@ -55,17 +55,12 @@ def load_adapter(model: PreTrainedModel, path: str, impl: DoraImpl, merge: bool)
     return peft_model
 
 
-def choose_dora(model: PeftModel, impl: DoraImpl) -> int:
-    """Run the model's DoRA layers with finlora's implementation (`impl=finlora`) or leave peft's; returns the
-    number of layers finlora computes."""
-    if impl is not DoraImpl.finlora:
-        return 0
-    from finlora.dora import use_fast_dora
+def choose_dora(model: PeftModel, impl: DoraImpl) -> None:
+    """Run the model's DoRA layers with finlora's implementation (`impl=finlora`), or leave peft's."""
+    if impl is DoraImpl.finlora:
+        from finlora.dora import use_fast_dora
 
-    layers = use_fast_dora(model)
-    if layers:
-        log.info("finlora DoRA on %d layers", layers)
-    return layers
+        log.info("finlora DoRA on %d layers", use_fast_dora(model))
 
 
 @dataclass
