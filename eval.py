@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finlora.evaluate import evaluate
-from finlora.run.entry import run
+from finlora.run.entry import cli, run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
@@ -16,4 +16,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -6,7 +6,7 @@ All logic lives in `finlora.train`; `--cfg job` prints the resolved config, `-m`
 import hydra
 from omegaconf import DictConfig
 
-from finlora.run.entry import run
+from finlora.run.entry import cli, run
 from finlora.train import train
 
 
@@ -17,4 +17,4 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -155,3 +155,49 @@ def test_cfg_job_prints_resolved_config():
     assert proc.returncode == 0, proc.stderr
     assert "use_dora" not in proc.stdout  # our config, not peft's
     assert "method: dora" in proc.stdout and "r: 8" in proc.stdout and "bits: 8" in proc.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["adapter=nonexistent"], "Available options in 'adapter':\n\tdora\n\tlora\n\tnone"),
+    (["quant=3bit"], "Available options in 'quant':\n\t4bit\n\t8bit\n\tnone"),
+    (["foo=1"], "Could not override 'foo'"),
+    (["adapter.r=abc"], "adapter.r"),
+])
+def test_unknown_option_or_key_exits_2_naming_what_exists(args, message, tmp_path):
+    """Issue 14, row 15: Hydra's own exit status was 1; the README promises 2 for bad input."""
+    proc = _train(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+TOKEN = "hf_" + "Planted1" * 5
+
+
+@pytest.mark.parametrize("args", [[f"run_name={TOKEN}"], [f"logger.project={TOKEN}"], ["adapter.r=0"],
+                                  ["paths.data_dir=/no/such/folder"]])
+def test_refused_run_writes_nothing(args, tmp_path):
+    """Issue 14, rows 8 and 16: a refused run left a folder holding `.hydra/` (with the token in it) and an
+    empty log; now it is refused before Hydra makes the folder."""
+    proc = _train(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert not list(tmp_path.rglob("*")), list(tmp_path.rglob("*"))
+
+
+def test_refused_sweep_with_a_token_writes_nothing(tmp_path):
+    proc = _train("-m", "adapter.r=4,8", f"logger.tags=[{TOKEN}]", cwd=tmp_path)
+    assert proc.returncode == 2 and "logger.tags: looks like a token" in proc.stderr, proc.stderr
+    assert not list(tmp_path.rglob("*"))
+
+
+def test_bad_data_leaves_no_run_folder(tmp_path):
+    """Issue 14, row 16: a data error comes after Hydra made the run folder; the folder holds nothing of the
+    run's own, so it goes."""
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "test").mkdir()
+    (data / "train" / "fpb_train.jsonl").write_text('{"context": "c", "target": "t"}\n'
+                                                    '{"context": "c", "target": null}\n')
+    (data / "test" / "fpb_test.jsonl").write_text('{"context": "c", "target": "positive"}\n')
+    proc = _train("task=fpb", f"paths.data_dir={data}", cwd=tmp_path)
+    assert proc.returncode == 2 and "fpb_train.jsonl:2: 'target'" in proc.stderr, proc.stderr
+    assert not (tmp_path / "outputs" / "runs").exists() or not list((tmp_path / "outputs" / "runs").iterdir())

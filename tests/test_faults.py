@@ -353,3 +353,16 @@ def test_checkpoint_saves_say_nothing_about_weights_only(tiny_model_dir, tmp_pat
         train(compose_cfg(overrides(tiny_model_dir, "trainer.max_steps=2"), tmp_path))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert not [r.getMessage() for r in caplog.records if "weights_only" in r.getMessage()]
+
+
+def test_nonfinite_loss_before_any_checkpoint_gives_advice_that_can_work(tiny_model_dir, tmp_path):
+    """Issue 14, row 13: the advice was `ckpt_path=last` when no checkpoint existed; the error also goes to the
+    run's log file, and the run's folder (it had started) is kept."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides(tiny_model_dir, "trainer.lr=1e30",
+                                                                                "checkpoint.every_n_steps=50"),
+                           f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert "No checkpoint was saved yet, so nothing to resume" in proc.stderr and "ckpt_path=last" not in proc.stderr
+    assert "No checkpoint was saved yet" in (run_dir / "train.log").read_text()

@@ -156,10 +156,11 @@ class NonFiniteGuard(Callback):
                 for p in group["params"]:
                     p.grad = None
             return
-        last = str(self.last) if self.last.is_file() else "none yet (the run had not saved one)"
-        raise NonFiniteLoss(f"step {step}: {what}; stopped before it reached the weights. Last good checkpoint: "
-                            f"{last}. Lower trainer.lr or raise trainer.warmup_steps, then resume with "
-                            "ckpt_path=last; or set trainer.on_nonfinite_loss=skip to drop such steps")
+        then = (f"Last good checkpoint: {self.last}. Lower trainer.lr or raise trainer.warmup_steps, then resume "
+                "with ckpt_path=last" if self.last.is_file() else "No checkpoint was saved yet, so nothing to resume: "
+                "lower trainer.lr or raise trainer.warmup_steps and start the run again")
+        raise NonFiniteLoss(f"step {step}: {what}; stopped before it reached the weights. {then}; or set "
+                            "trainer.on_nonfinite_loss=skip to drop such steps")
 
 
 def checkpoint_callbacks(cfg: CheckpointConfig, ckpt_dir: Path, has_val: bool) -> list[Callback]:

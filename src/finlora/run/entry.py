@@ -1,18 +1,25 @@
 """The body of `train.py` and `eval.py`: run the work, and turn what it raised into an exit status.
 
 A single run exits with the status of a finlora error (`finlora.errors`: 2 for bad input, 3 for a run fault,
-128 + the signal for an interrupted run), printing its message without a traceback; any other exception
-keeps its traceback. Inside a multirun each job is recorded (`job.json`), and a failed job never ends the
-sweep, except when a signal stopped it: then the user or the scheduler is stopping the whole sweep.
+128 + the signal for an interrupted run), printing its message without a traceback and into the run's log
+file; any other exception keeps its traceback. A command line that Hydra cannot compose (an unknown group
+option or key) exits with status 2 and Hydra's message, which lists the options that exist. Inside a
+multirun each job is recorded (`job.json`), and a failed job never ends the sweep, except when a signal
+stopped it: then the user or the scheduler is stopping the whole sweep.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
@@ -21,6 +28,24 @@ from finlora.errors import FinloraError, Interrupted
 from finlora.run.job import JobRecord, prepare_job
 
 log = logging.getLogger(__name__)
+HYDRA_FILES = {".hydra", "train.log", "eval.log"}  # what Hydra writes into a run folder before the run starts
+
+
+def cli(main: Callable[[], object]) -> None:
+    """Call a `@hydra.main` function: Hydra's composition errors exit with status 2 (Hydra's own: 1)."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of exiting 1, so the type can be told apart
+    try:
+        main()
+    except (ConfigCompositionException, MissingConfigException, OverrideParseException) as err:
+        cause = f"\n{err.__cause__}" if err.__cause__ and str(err.__cause__) not in str(err) else ""
+        print(f"finlora: {err}{cause}", file=sys.stderr)
+        sys.exit(2)
+
+
+def fail(err: FinloraError) -> NoReturn:
+    """Print the error's message and exit with its status."""
+    print(f"finlora: {err}", file=sys.stderr)
+    sys.exit(err.exit_code)
 
 
 def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
@@ -30,8 +55,9 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         try:
             return work(cfg) or {}
         except FinloraError as err:
-            print(f"finlora: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
+            _log_to_files(f"finlora: {err}")
+            _drop_if_unstarted(Path(hydra.runtime.output_dir))
+            fail(err)
     job = JobRecord.start(hydra)
     try:
         prepare_job(cfg, hydra)
@@ -40,6 +66,7 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         return summary
     except FinloraError as err:
         print(f"finlora: {err}", file=sys.stderr)
+        _log_to_files(f"finlora: {err}")
         job.failed(err, err.exit_code)
         if isinstance(err, Interrupted):
             sys.exit(err.exit_code)
@@ -50,3 +77,19 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         return {}
     finally:
         job.close()
+
+
+def _log_to_files(message: str) -> None:
+    """The error into the run's log file (Hydra's file handler), not a second time onto the terminal."""
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def _drop_if_unstarted(run_dir: Path) -> None:
+    """A run refused before it wrote anything of its own leaves no folder behind (Hydra made it, with only
+    its config copies and the log); a folder with anything else in it is kept as it is."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_FILES:
+        logging.shutdown()
+        shutil.rmtree(run_dir, ignore_errors=True)

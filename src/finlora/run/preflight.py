@@ -1,0 +1,42 @@
+"""Checks that run before Hydra creates a run folder or writes its `.hydra/` copies of the config: a
+refused command leaves nothing behind, and a token typed on the command line is never written to disk."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, open_dict
+
+from finlora.config import Config, EvalConfig, token_problems, validate
+from finlora.errors import ConfigError
+from finlora.run.entry import fail
+
+SCHEMAS = {"train": Config, "eval": EvalConfig}
+
+
+class Preflight(Callback):
+    """A single run: its whole config is validated (every value check of `finlora.config`). A sweep: each
+    value on its command line is checked for tokens (its jobs' configs are validated as each job starts)."""
+
+    def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
+        schema = SCHEMAS.get(config_name or "")
+        if schema is None:
+            return
+        HydraConfig.instance().set_config(config)
+        task = copy.deepcopy(config)
+        with open_dict(task):
+            del task["hydra"]
+            task.output_dir = str(config.hydra.run.dir)  # Hydra sets its runtime folder only when the job starts
+        try:
+            validate(task, schema)
+        except ConfigError as err:
+            fail(err)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        values = dict(o.lstrip("+~").split("=", 1) for o in config.hydra.overrides.task if "=" in o)
+        problems = token_problems(values)
+        if problems:
+            fail(ConfigError("invalid config:\n  " + "\n  ".join(problems)))
