@@ -52,7 +52,7 @@ def test_non_utf8_file_names_file_line_and_byte(tmp_path):
         read_jsonl(f)
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"context": "c", "target": "t"}).encode() + b"\n")
-    assert read_jsonl(bom) == [{"context": "c", "target": "t"}]
+    assert [(r["context"], r["target"], r["_source"]) for r in read_jsonl(bom)] == [("c", "t", f"{bom}:1")]
 
 
 @pytest.mark.parametrize("target,shown", [(None, "null"), ("", '""'), ("  ", '"  "'), ([1], "[1]"),

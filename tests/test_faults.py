@@ -366,3 +366,26 @@ def test_nonfinite_loss_before_any_checkpoint_gives_advice_that_can_work(tiny_mo
     assert not (run_dir / "checkpoints" / "last.ckpt").exists()
     assert "No checkpoint was saved yet, so nothing to resume" in proc.stderr and "ckpt_path=last" not in proc.stderr
     assert "No checkpoint was saved yet" in (run_dir / "train.log").read_text()
+
+
+def test_sigterm_exits_promptly_without_another_validation(tiny_model_dir, tmp_path):
+    """Issue 14, row 12: after saving, a full validation pass ran and Lightning said `max_epochs=1` reached."""
+    proc = start(tiny_model_dir, tmp_path, "trainer.max_steps=400", "trainer.val_every_n_steps=200")
+    wait_for(tmp_path / "checkpoints" / "step-000002.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM after step" in out and "Traceback" not in out and "max_epochs" not in out
+    assert "val/loss" not in (tmp_path / "csv" / "metrics.csv").read_text()
+
+
+def test_second_ctrl_c_aborts_at_once_with_one_line(tiny_model_dir, tmp_path):
+    """Issue 14, row 12: a second Ctrl-C went through Lightning's graceful shutdown and exited 1."""
+    proc = start(tiny_model_dir, tmp_path, "trainer.max_steps=400", "trainer.val_every_n_steps=200",
+                 "checkpoint.every_n_steps=1")
+    wait_for(tmp_path / "checkpoints" / "last.ckpt", proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out = finish(proc)
+    assert code == 130 and "Traceback" not in out, out[-3000:]
+    assert "finlora: Ctrl-C again: aborted at once" in out or "stopped by SIGINT after step" in out

@@ -3,16 +3,20 @@ make trainable."""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from finlora.config import AdapterConfig, AdapterMethod, DoraImpl
+from finlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,47 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
     if cfg.method is AdapterMethod.dora:
         choose_dora(peft_model, cfg.impl)
     return peft_model
+
+
+BASE_FILE = "base_model.json"  # in a saved adapter: `models.base_identity` of the base it was trained on
+
+
+def target_problems(config: PretrainedConfig, cfg: AdapterConfig) -> list[str]:
+    """`adapter.target_modules` entries that name no module of the model, found from its config alone (the
+    model is built on the meta device: no weights), with the linear layers it has."""
+    if cfg.method is AdapterMethod.none or cfg.target_modules == ["all-linear"]:
+        return []
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    names = [name for name, _ in skeleton.named_modules()]
+    missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if not missing:
+        return []
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)})
+    return [f"adapter.target_modules: {missing} name no module of {config.architectures[0]}; its linear layers: "
+            f"{linear} (or [all-linear])"]
+
+
+def check_base(adapter_path: str, base: dict) -> None:
+    """Refuse a saved adapter on a base other than the one it was trained on: the weights would not be its
+    own (a size mismatch at best, silently wrong scores if the shapes agree). Adapters saved without
+    `BASE_FILE` (plain peft) are not checked."""
+    path = Path(adapter_path) / BASE_FILE
+    if not path.is_file():
+        return
+    trained = json.loads(path.read_text())
+    same = (trained.get("weights") == base.get("weights") if trained.get("weights") and base.get("weights")
+            else (trained.get("name_or_path"), trained.get("revision")) == (base["name_or_path"], base["revision"]))
+    if not same or trained.get("shapes") != base["shapes"]:
+        raise ConfigError(f"adapter_path: {adapter_path} was trained on {_describe(trained)}, not on the base asked "
+                          f"for, {_describe(base)}; set model.name_or_path (and model.revision) to its base")
+
+
+def _describe(base: dict) -> str:
+    revision = f" at {base['revision']}" if base.get("revision") else ""
+    weights = f", weights {base['weights'][:12]}" if base.get("weights") else ""
+    layers = (base.get("shapes") or {}).get("num_hidden_layers")
+    return f"{base.get('name_or_path')}{revision} ({layers} layers{weights})"
 
 
 def load_adapter(model: PreTrainedModel, path: str, impl: DoraImpl, merge: bool) -> nn.Module:

@@ -1,6 +1,7 @@
 """The one build step: a validated config → where it runs, and the tokenizer and model ready to train or
 evaluate. `train`, `eval.py` and every script under `scripts/` build through here, so a model is never
-put together two ways.
+put together two ways. Training loads the tokenizer first and the model last, with its data checked in
+between.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finlora.adapters import attach_adapter, load_adapter
+from finlora.adapters import attach_adapter, check_base, load_adapter, target_problems
 from finlora.config import AdapterMethod, Config, EvalConfig
 from finlora.devices import Placement, resolve_device
-from finlora.models import compute_dtype, load_model, load_tokenizer, resolve_source
+from finlora.errors import ConfigError
+from finlora.models import base_identity, compute_dtype, load_model, load_tokenizer, model_config, resolve_source
 
 
 class Built(NamedTuple):
@@ -29,22 +31,38 @@ def placement(cfg: Config | EvalConfig) -> Placement:
     return resolve_device(asked.accelerator, asked.precision, cfg.quant.bits)
 
 
-def build(cfg: Config | EvalConfig, where: Placement) -> Built:
+def build_tokenizer(cfg: Config | EvalConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer: a saved adapter's own (`eval.py`), else the base model's. Loads in a second, so a
+    training run encodes (and checks) its data with it before the model loads."""
+    if isinstance(cfg, EvalConfig) and cfg.adapter_path:
+        return load_tokenizer(cfg.adapter_path, cfg.model)
+    return load_tokenizer(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
+
+
+def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
     """The base model (converted, quantized as asked) on `where.device`, with the training adapter of a
-    `Config` or the saved adapter of an `EvalConfig`, and its tokenizer.
+    `Config` or the saved adapter of an `EvalConfig`. What can be checked from the model's config alone is
+    checked before any weight is read: the adapter's target modules, and that a saved adapter was trained
+    on this base.
 
     Full fine-tuning (`adapter=none`) keeps float32 weights whatever the precision, for the optimizer;
     otherwise the base weights are in the compute dtype of the precision.
     """
     source = resolve_source(cfg.model, cfg.paths.cache_dir)
     if isinstance(cfg, EvalConfig):
-        tokenizer = load_tokenizer(cfg.adapter_path or source, cfg.model)
-        model = load_model(source, cfg.model, cfg.quant, compute_dtype(where.precision), where.device)
         if cfg.adapter_path:
-            model = load_adapter(model, cfg.adapter_path, cfg.adapter.impl, cfg.merge)
-        return Built(tokenizer, model)
-    tokenizer = load_tokenizer(source, cfg.model)
+            check_base(cfg.adapter_path, base_identity(source, cfg.model))
+        model = load_model(source, cfg.model, cfg.quant, compute_dtype(where.precision), where.device)
+        return load_adapter(model, cfg.adapter_path, cfg.adapter.impl, cfg.merge) if cfg.adapter_path else model
+    problems = target_problems(model_config(source, cfg.model), cfg.adapter)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     full = cfg.adapter.method is AdapterMethod.none
     dtype = torch.float32 if full else compute_dtype(where.precision)
     model = load_model(source, cfg.model, cfg.quant, dtype, where.device)
-    return Built(tokenizer, attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing))
+    return attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
+
+
+def build(cfg: Config | EvalConfig, where: Placement) -> Built:
+    """Tokenizer and model together, for callers with no data to check in between (`eval.py`, scripts)."""
+    return Built(build_tokenizer(cfg), build_model(cfg, where))

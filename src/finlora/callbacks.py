@@ -8,7 +8,9 @@ and progress (`ThroughputLogger`, `progress_bar`).
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -98,7 +100,9 @@ class SaveAndStop(Callback):
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            print(f"finlora: Ctrl-C again: aborted at once; {self.last} holds the last saved step", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signal.SIGINT)  # no cleanup: every file finlora writes is renamed into place whole
         self.signum = signum
         log.warning("%s: saving a checkpoint after this optimizer step, then stopping (Ctrl-C again aborts)",
                     signal.Signals(signum).name)
@@ -113,11 +117,12 @@ class SaveAndStop(Callback):
             epoch_loop.batch_progress.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
         if stop or final or trainer.global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.last, weights_only=False)  # optimizer and loops too
-        if stop:
-            trainer.should_stop = True
+        if stop:  # out of the loop now: `should_stop` would still run validation and Lightning's end-of-fit messages
+            raise self.interrupted(trainer.global_step)
 
     def interrupted(self, step: int) -> Interrupted | None:
-        """The fault to end the run with if a signal stopped it."""
+        """The fault to end the run with if a signal stopped it (raised at the next optimizer-step boundary,
+        or by `train` after `fit` when the signal came during the last validation)."""
         if self.signum is None:
             return None
         name = signal.Signals(self.signum).name

@@ -39,21 +39,45 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def resume_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
-    """The checkpoint to continue from: `ckpt_path` as given; for `last`, or nothing given in a run folder
-    that already has checkpoints (a rerun), its last.ckpt or else its newest checkpoint. Writes are
-    atomic, so any `*.ckpt` there is whole; temporary files of a killed save are removed."""
+    """The checkpoint to continue from, checked to be readable before the model loads: `ckpt_path` as given;
+    for `last`, or nothing given in a run folder that already has checkpoints (a rerun), its last.ckpt or
+    else its newest checkpoint, skipping (and naming) damaged ones. Writes are atomic, so a damaged file
+    came from elsewhere (a copy cut short, a full disk outside finlora); temporary files of a killed save are
+    removed."""
     if ckpt_path not in (None, "last"):
+        if problem := damage(Path(ckpt_path)):
+            raise ConfigError(f"ckpt_path: {ckpt_path} cannot be read ({problem}); pass another checkpoint, or "
+                              "leave ckpt_path out to start over")
         return ckpt_path
     for stale in ckpt_dir.glob(".*.tmp"):
         stale.unlink()
     found = sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name == LAST, p.stat().st_mtime), reverse=True)
-    if found:
-        log.warning("resuming from %s", found[0])
-        return str(found[0])
+    damaged = []
+    for path in found:
+        if problem := damage(path):
+            damaged.append(f"{path} ({problem})")
+            continue
+        if damaged:
+            log.warning("skipping damaged checkpoints: %s", "; ".join(damaged))
+        log.warning("resuming from %s", path)
+        return str(path)
+    if damaged:
+        raise ConfigError(f"every checkpoint of this run folder is damaged: {'; '.join(damaged)}. Move them away "
+                          "to start the run over, or pass ckpt_path=<a checkpoint file> to continue from another")
     if ckpt_path == "last":
         raise ConfigError(f"ckpt_path=last: no checkpoint in {ckpt_dir} (run in the folder of the run to resume: "
                           "hydra.run.dir=<its folder>)")
     return None
+
+
+def damage(path: Path) -> str | None:
+    """Why a checkpoint file cannot be resumed from, or None; reads its index, not its tensors."""
+    try:
+        checkpoint = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except Exception as err:
+        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
+    missing = [k for k in ("state_dict", "global_step", "optimizer_states") if k not in checkpoint]
+    return f"not a finlora checkpoint (no {', '.join(missing)})" if missing else None
 
 
 def keep_earlier_rows(loggers: list[Logger], ckpt_path: str) -> None:

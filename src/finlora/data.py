@@ -28,11 +28,13 @@ from finlora.errors import DataError
 from finlora.prompts import Encoded, encode_example
 
 REQUIRED_KEYS = ("context", "target")
+SOURCE_KEY = "_source"  # each record's "file:line", for errors found after reading (an answer too long to fit)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     """Every record of a FinLoRA JSONL file (UTF-8, a byte-order mark allowed), each checked for a string
-    `context` and a non-empty `target`; a number as target is read as its shortest JSON form (1.50 → "1.5")."""
+    `context` and a non-empty `target`; a number as target is read as its shortest JSON form (1.50 → "1.5").
+    Each record also gets its `SOURCE_KEY`."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     records = []
@@ -57,6 +59,7 @@ def read_jsonl(path: Path) -> list[dict]:
             if not isinstance(record["context"], str) or not record["context"].strip():
                 raise DataError(f"{path}:{lineno}: 'context' must be a non-empty string")
             record["target"] = _target(record["target"], f"{path}:{lineno}")
+            record[SOURCE_KEY] = f"{path}:{lineno}"
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records (empty data set)")
@@ -129,7 +132,8 @@ def _proportional(sizes: list[int], total: int) -> list[int]:
 
 
 class EncodedDataset(Dataset):
-    """Records tokenized once up front; the truncation count is reported in the run summary."""
+    """Records tokenized once up front (before the model loads: an answer too long to fit is refused by its
+    file and line); the truncation count is reported in the run summary."""
 
     def __init__(self, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
         cache: dict[int, Encoded] = {}  # a mixture repeats rows: encode each distinct one once
@@ -137,7 +141,10 @@ class EncodedDataset(Dataset):
         for record in records:
             key = id(record)
             if key not in cache:
-                cache[key] = encode_example(tokenizer, record, max_length)
+                try:
+                    cache[key] = encode_example(tokenizer, record, max_length)
+                except DataError as err:
+                    raise DataError(f"{record.get(SOURCE_KEY, 'a record')}: {err}") from None
             self.items.append(cache[key])
         self.num_truncated = sum(e.truncated for e in cache.values())
         self.num_distinct = len(cache)

@@ -6,6 +6,7 @@ is converted once into a safetensors folder under `paths.cache_dir` and every la
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from finlora.config import ModelConfig, QuantConfig
@@ -68,6 +76,33 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | Path) -> str:
         return str(convert_embedded(cfg.embedded, cache_dir))
     local = Path(cfg.name_or_path).expanduser()
     return str(local) if local.exists() else cfg.name_or_path
+
+
+def model_config(source: str, cfg: ModelConfig) -> PretrainedConfig:
+    """The model's config alone: its shapes and module names are known before any weight is read."""
+    return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+
+
+SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads")
+
+
+def base_identity(source: str, cfg: ModelConfig) -> dict:
+    """What tells one base model from another without loading it: the name it was asked by (a local folder as
+    its absolute path), its revision, its shapes, and for a local folder a hash of each weights file's size
+    and first MiB (two random-init or fine-tuned models of the same shapes differ there)."""
+    config = model_config(source, cfg).to_dict()
+    local = Path(source).is_dir() and not cfg.embedded
+    identity = {"name_or_path": str(Path(source).resolve()) if local else cfg.name_or_path,
+                "revision": cfg.revision, "shapes": {k: config.get(k) for k in SHAPE_KEYS}}
+    files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
+    if files:
+        digest = hashlib.sha256()
+        for f in files:
+            with f.open("rb") as fh:
+                digest.update(f"{f.name}:{f.stat().st_size}:".encode() + fh.read(1 << 20))
+        identity["weights"] = digest.hexdigest()
+    return identity
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
+from finlora.errors import DataError
+
 IGNORE_INDEX = -100  # label value that the causal-LM loss skips
 
 
@@ -44,7 +46,8 @@ def encode_example(tokenizer: PreTrainedTokenizerBase, record: dict, max_length:
     truncated = len(prompt) > budget
     if truncated:
         if budget < 2:
-            raise ValueError(f"answer of {len(answer)} tokens does not fit data.max_length={max_length}")
+            raise DataError(f"its answer takes {len(answer)} tokens with EOS, more than data.max_length={max_length} "
+                            "leaves room for (the answer is never cut): raise data.max_length or shorten the target")
         tail = min(16, budget // 2)
         prompt = prompt[: budget - tail] + prompt[-tail:]
     return Encoded(prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, truncated)

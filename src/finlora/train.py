@@ -1,7 +1,8 @@
 """`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter, metrics and summary.
 
-Everything that can be checked cheaply (config values, device and precision, data files, model path)
-is checked before the model is loaded.
+Everything that can be checked cheaply (config values, device and precision, data files and their
+encoded lengths, the checkpoint to resume, the adapter's target modules) is checked before the model is
+loaded.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from finlora.adapters import count_parameters, trainable_breakdown
-from finlora.build import build, placement
+from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
+from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path
 from finlora.config import AdapterMethod, Config, validate
@@ -26,6 +27,7 @@ from finlora.data import TaskDataModule, load_task
 from finlora.errors import NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.loggers import build_loggers, finish, log_summary
+from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
 
@@ -39,13 +41,16 @@ def train(dict_cfg: DictConfig) -> dict:
     where = placement(cfg)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
     run_dir = Path(cfg.output_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
+    tokenizer = build_tokenizer(cfg)
+    datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
+                                cfg.trainer.num_workers)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
 
-    tokenizer, model = build(cfg, where)
-    datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
-                                cfg.trainer.num_workers)
+    model = build_model(cfg, where)
     trainable, total = count_parameters(model)
     breakdown = trainable_breakdown(model)
 
@@ -53,8 +58,6 @@ def train(dict_cfg: DictConfig) -> dict:
     config_dict["params"] = {"trainable": trainable, "total": total,
                              "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
     loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config_dict)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
     if ckpt_path:
         keep_earlier_rows(loggers, ckpt_path)
     callbacks = run_callbacks(cfg, ckpt_dir, len(datamodule.val_set) > 0)
@@ -82,6 +85,7 @@ def train(dict_cfg: DictConfig) -> dict:
             with atomic_dir(adapter_dir) as tmp:
                 model.save_pretrained(tmp)
                 tokenizer.save_pretrained(tmp)
+                write_json(tmp / BASE_FILE, base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
