@@ -2,8 +2,8 @@
 
 Writes report.md (a table of every job, whether the jobs differ only in the swept keys, the rerun commands
 of failed jobs) and PNG plots into the sweep folder (`finlora.run.report`). `--rerun-failed` first reruns
-each job that did not finish, one after another, each in its own folder (where its last checkpoint
-resumes it), and exits 1 if one still failed.
+each job that did not finish (failed, killed, or never started because the sweep was stopped), one after
+another, each in its own folder (where its last checkpoint resumes it), and exits 1 if one still failed.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rerun_failed:
         # Each rerun is a sweep of one job that ends with this sweep's table; statuses are read back after.
         for job in sweep.failed:
-            subprocess.run(job.rerun_command())
+            subprocess.run(job.rerun_command(sweep.script))
         sweep = load_sweep(args.sweep_dir)
     path = write_report(sweep)
     print_table(sweep)

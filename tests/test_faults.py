@@ -389,3 +389,16 @@ def test_second_ctrl_c_aborts_at_once_with_one_line(tiny_model_dir, tmp_path):
     code, out = finish(proc)
     assert code == 130 and "Traceback" not in out, out[-3000:]
     assert "finlora: Ctrl-C again: aborted at once" in out or "stopped by SIGINT after step" in out
+
+
+def test_wandb_with_a_key_but_no_server_goes_offline_without_waiting(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """Issue 14, row 14: a wrong key with no reachable server cost about 100 s (W&B's own retries)."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    cfg = compose_cfg(overrides(tiny_model_dir, "logger=wandb", "trainer.max_steps=2"), tmp_path)
+    with caplog.at_level(logging.WARNING, "finlora.loggers"):
+        assert train(cfg)["steps"] == 2
+    said = [r.getMessage() for r in caplog.records if "W&B" in r.getMessage()]
+    assert len(said) == 1 and "cannot reach http://127.0.0.1:9" in said[0] and "offline" in said[0], said
+    assert list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

@@ -4,9 +4,12 @@ model loads are run against a model folder without weights: had loading begun, i
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from finlora.checkpoints import resume_path
 from finlora.errors import ConfigError
+from finlora.run.report import load_sweep
 from finlora.train import train
 
 TINY = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "trainer.batch_size=4",
@@ -112,3 +116,28 @@ def test_damaged_checkpoint_given_by_path_is_named_before_loading(weightless, tm
                 f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"ckpt_path: {bad} cannot be read" in proc.stderr
+
+
+def test_killed_sweep_reruns_every_unfinished_job_and_keeps_its_records(tiny_model_dir, tmp_path):
+    """Rows 10 and 11: after kill -9 during job 1 of 3, `--rerun-failed` ran job 1 alone (job 2 never ran),
+    reported "2 jobs: 2 finished" with exit 0, and overwrote the sweep's multirun.yaml with one job's settings."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}",
+                             f"model.name_or_path={tiny_model_dir}", *TINY, "adapter.r=2,4,8"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not any(json.loads(p.read_text()).get("status") == "running" for p in sweep_dir.glob("1_*/job.json")):
+        assert proc.poll() is None and time.time() < deadline, "job 1 never started"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    multirun = (sweep_dir / "multirun.yaml").read_bytes()
+    assert [j.status for j in load_sweep(sweep_dir).jobs] == ["ok", "crashed", "never started"]
+
+    rerun = _cli("scripts/report.py", str(sweep_dir), "--rerun-failed")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    sweep = load_sweep(sweep_dir)
+    assert [(j.status, j.overrides["adapter.r"]) for j in sweep.jobs] == [("ok", "2"), ("ok", "4"), ("ok", "8")]
+    assert sorted(d.name.split("_")[0] for d in sweep_dir.iterdir() if d.is_dir()) == ["0", "1", "2"]
+    assert (sweep_dir / "multirun.yaml").read_bytes() == multirun
+    assert "3 jobs: 3 finished, 0 did not" in (sweep_dir / "report.md").read_text()

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
@@ -22,6 +24,9 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
     loggers: list[Logger] = [CSVLogger(run_dir, name="", version="csv")]
     if cfg.kind is LoggerKind.wandb:
         mode = wandb_mode(cfg)
+        if mode == "online" and (problem := wandb_unreachable()):
+            log.warning("W&B could not start (%s); continuing with W&B offline, metrics in csv/metrics.csv", problem)
+            mode = "offline"
         # Under Hydra, W&B's default process start can hang; thread start is the documented fix.
         os.environ.setdefault("WANDB_START_METHOD", "thread")
         os.environ["WANDB_MODE"] = mode
@@ -40,6 +45,21 @@ def wandb_mode(cfg: LoggerConfig) -> str:
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def wandb_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why W&B's server cannot be reached, or None. Asked before `wandb.init`, which retries an unreachable
+    server for about a minute and a half before it gives up."""
+    import wandb
+
+    url = os.environ.get("WANDB_BASE_URL") or wandb.Settings().base_url
+    parsed = urlparse(url)
+    try:
+        socket.create_connection((parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)),
+                                 timeout=timeout_s).close()
+    except OSError as err:
+        return f"cannot reach {url}: {err}"
+    return None
 
 
 def log_summary(loggers: list[Logger], summary: dict) -> None:

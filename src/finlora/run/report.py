@@ -19,6 +19,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from hydra._internal.config_loader_impl import get_overrides_dirname
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 from rich.console import Console
@@ -75,18 +77,18 @@ class Job:
             rows = [r for r in csv.DictReader(f) if r.get(key)]
         return [int(r["step"]) for r in rows], [float(r[key]) for r in rows]
 
-    def rerun_command(self) -> list[str]:
-        """The command that runs this job again, alone, in its own folder (where a checkpoint resumes it)."""
-        hydra = OmegaConf.load(self.dir / ".hydra" / "hydra.yaml").hydra
-        sweep_dir = self.dir.parent.resolve()
-        return [sys.executable, str(Path(hydra.runtime.cwd) / f"{hydra.job.name}.py"), "-m",
-                f"hydra.sweep.dir={sweep_dir}", f"hydra.sweep.subdir='{self.dir.name}'", *self.raw_overrides]
+    def rerun_command(self, script: Path) -> list[str]:
+        """The command that runs this job again, alone, in its own folder (where a checkpoint resumes it). The
+        folder is the rerun's whole sweep folder, so the sweep's own `multirun.yaml` is never rewritten."""
+        return [sys.executable, str(script), "-m", f"hydra.sweep.dir='{self.dir.resolve()}'", "hydra.sweep.subdir=.",
+                *self.raw_overrides]
 
 
 @dataclass
 class Sweep:
     dir: Path
     jobs: list[Job]
+    script: Path  # train.py or eval.py, the command that ran the sweep
     swept: list[str] = field(init=False)
     unexplained: dict[str, list[Any]] = field(init=False)  # keys that differ but were not swept -> values
 
@@ -120,18 +122,36 @@ class Sweep:
 
 
 def load_sweep(sweep_dir: Path) -> Sweep:
-    """Every job folder (one with `.hydra/overrides.yaml`) directly under `sweep_dir`, in job order."""
+    """Every job of the sweep, in job order: each job folder (one with `.hydra/overrides.yaml`) directly under
+    `sweep_dir`, and, for a sweep of Hydra's basic sweeper, each job its command line asked for that never
+    started (the sweep was killed before it), as "never started"."""
     parser = OverridesParser.create()
     jobs = []
     for d in sorted(sweep_dir.iterdir(), key=_job_order):
         path = d / ".hydra" / "overrides.yaml"
-        if not path.is_file():
-            continue
-        raw = [str(o) for o in OmegaConf.load(path)]
-        overrides = {o.key_or_group.replace("/", "."): o.get_value_element_as_str()
-                     for o in parser.parse_overrides(raw)}
-        jobs.append(Job(d, overrides, raw, _read_json(d / JOB_FILE), _read_json(d / "metrics.json")))
-    return Sweep(sweep_dir, jobs)
+        if path.is_file():
+            raw = [str(o) for o in OmegaConf.load(path)]
+            jobs.append(Job(d, _by_key(parser, raw), raw, _read_json(d / JOB_FILE), _read_json(d / "metrics.json")))
+    sweep_file = sweep_dir / "multirun.yaml"
+    hydra = OmegaConf.load(sweep_file).hydra if sweep_file.is_file() else OmegaConf.load(
+        jobs[0].dir / ".hydra" / "hydra.yaml").hydra if jobs else None
+    script = Path(hydra.runtime.cwd) / f"{hydra.job.name}.py" if hydra else Path("train.py")
+    if jobs and sweep_file.is_file() and hydra.sweeper._target_.endswith("BasicSweeper"):
+        started = {_job_order(j.dir)[0] for j in jobs}
+        planned = BasicSweeper.split_arguments(parser.parse_overrides(list(hydra.overrides.task)), None)[0]
+        names = hydra.job.config.override_dirname
+        for num, raw in enumerate(planned):
+            if num not in started:
+                dirname = get_overrides_dirname(parser.parse_overrides(raw), list(names.exclude_keys),
+                                                names.item_sep, names.kv_sep)
+                jobs.append(Job(sweep_dir / f"{num}_{dirname}", _by_key(parser, raw), raw,
+                                {"status": "never started"}, {}))
+        jobs.sort(key=lambda j: _job_order(j.dir))
+    return Sweep(sweep_dir, jobs, script)
+
+
+def _by_key(parser: OverridesParser, raw: list[str]) -> dict[str, str]:
+    return {o.key_or_group.replace("/", "."): o.get_value_element_as_str() for o in parser.parse_overrides(raw)}
 
 
 def unexplained_differences(configs: list[dict[str, Any]], swept: list[str]) -> dict[str, list[Any]]:
@@ -190,7 +210,7 @@ def write_report(sweep: Sweep) -> Path:
                   f"Rerun them all: `python scripts/report.py {sweep.dir} --rerun-failed`; or one:", ""]
         for job in sweep.failed:
             lines += [f"- `{job.dir.name}` ({job.status}): {_one_line(job.record.get('error'))}",
-                      f"  `{shlex.join(job.rerun_command())}`"]
+                      f"  `{shlex.join(job.rerun_command(sweep.script))}`"]
     path = sweep.dir / "report.md"
     write_text(path, "\n".join(lines) + "\n")
     return path
