@@ -141,3 +141,25 @@ def test_killed_sweep_reruns_every_unfinished_job_and_keeps_its_records(tiny_mod
     assert sorted(d.name.split("_")[0] for d in sweep_dir.iterdir() if d.is_dir()) == ["0", "1", "2"]
     assert (sweep_dir / "multirun.yaml").read_bytes() == multirun
     assert "3 jobs: 3 finished, 0 did not" in (sweep_dir / "report.md").read_text()
+
+
+def test_resume_under_other_adapter_settings_is_refused_before_loading(tiny_model_dir, tmp_path):
+    """A neighbour of row 7: rerunning a run folder with adapter=dora (or another r) resumed its LoRA
+    checkpoint, silently (DoRA's magnitudes started fresh) or with a size-mismatch traceback."""
+    train(compose_cfg([f"model.name_or_path={tiny_model_dir}", *TINY], tmp_path / "run"))
+    proc = _cli("train.py", *TINY, f"model.name_or_path={tiny_model_dir}", "adapter=dora", "adapter.r=16",
+                f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "was trained under other settings (adapter.method: 'lora' → 'dora'; adapter.r: 8 → 16)" in proc.stderr
+    assert (tmp_path / "run" / "config.yaml").read_text().count("method: lora") == 1  # the run's record stays
+
+
+def test_adapter_cut_short_is_named_before_the_base_loads(tiny_model_dir, weightless, tmp_path):
+    """A neighbour of rows 6 and 7: a truncated adapter file was a safetensors traceback after the base loaded."""
+    train(compose_cfg([f"model.name_or_path={tiny_model_dir}", *TINY], tmp_path / "run"))
+    weights = tmp_path / "run" / "adapter" / "adapter_model.safetensors"
+    _truncate(weights)
+    proc = _cli("eval.py", f"model.name_or_path={weightless}", "task=fpb", f"adapter_path={weights.parent}",
+                f"hydra.run.dir={tmp_path / 'eval'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"adapter_path: {weights} cannot be read" in proc.stderr

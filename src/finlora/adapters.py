@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -68,10 +69,18 @@ def target_problems(config: PretrainedConfig, cfg: AdapterConfig) -> list[str]:
             f"{linear} (or [all-linear])"]
 
 
-def check_base(adapter_path: str, base: dict) -> None:
-    """Refuse a saved adapter on a base other than the one it was trained on: the weights would not be its
-    own (a size mismatch at best, silently wrong scores if the shapes agree). Adapters saved without
-    `BASE_FILE` (plain peft) are not checked."""
+def check_saved_adapter(adapter_path: str, base: dict) -> None:
+    """Refuse, before the base loads, a saved adapter whose weights file cannot be read (a copy cut short), or
+    one on a base other than the one it was trained on: the weights would not be its own (a size mismatch at
+    best, silently wrong scores if the shapes agree). Adapters saved without `BASE_FILE` (plain peft) are
+    not checked for their base."""
+    weights = Path(adapter_path) / "adapter_model.safetensors"
+    if weights.is_file():
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                f.keys()
+        except Exception as err:
+            raise ConfigError(f"adapter_path: {weights} cannot be read ({type(err).__name__}: {err})") from None
     path = Path(adapter_path) / BASE_FILE
     if not path.is_file():
         return

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from finlora.adapters import attach_adapter, check_base, load_adapter, target_problems
+from finlora.adapters import attach_adapter, check_saved_adapter, load_adapter, target_problems
 from finlora.config import AdapterMethod, Config, EvalConfig
 from finlora.devices import Placement, resolve_device
 from finlora.errors import ConfigError
@@ -51,7 +51,7 @@ def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
     source = resolve_source(cfg.model, cfg.paths.cache_dir)
     if isinstance(cfg, EvalConfig):
         if cfg.adapter_path:
-            check_base(cfg.adapter_path, base_identity(source, cfg.model))
+            check_saved_adapter(cfg.adapter_path, base_identity(source, cfg.model))
         model = load_model(source, cfg.model, cfg.quant, compute_dtype(where.precision), where.device)
         return load_adapter(model, cfg.adapter_path, cfg.adapter.impl, cfg.merge) if cfg.adapter_path else model
     problems = target_problems(model_config(source, cfg.model), cfg.adapter)

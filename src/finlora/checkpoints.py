@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import OmegaConf
 
 from finlora.errors import ConfigError
 from finlora.outputs import atomic_file
@@ -70,10 +72,30 @@ def resume_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return None
 
 
+# What a checkpoint's trained parameters mean: resuming one under other values of these would load them
+# into other shapes, or silently into other roles (LoRA weights into a DoRA run).
+SHAPING = ("model", "quant", "adapter")
+FREE = ("adapter.impl", "adapter.dropout", "model.trust_remote_code")  # the same parameters either way
+
+
+def setting_changes(ckpt_path: str, config: dict) -> list[str]:
+    """Keys of `SHAPING` whose values differ between the run that wrote the checkpoint (its run folder's
+    config.yaml, if there is one) and `config`, as `key: then → now`."""
+    saved_path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+    if not saved_path.is_file():
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    return [f"{section}.{key}: {then!r} → {config[section].get(key)!r}" for section in SHAPING
+            for key, then in (saved.get(section) or {}).items()
+            if config[section].get(key) != then and f"{section}.{key}" not in FREE]
+
+
 def damage(path: Path) -> str | None:
     """Why a checkpoint file cannot be resumed from, or None; reads its index, not its tensors."""
     try:
         checkpoint = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise  # it holds more than tensors (code, maybe): a planted file to stop on, not a damaged one to skip
     except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     missing = [k for k in ("state_dict", "global_step", "optimizer_states") if k not in checkpoint]

@@ -21,10 +21,10 @@ from rich.table import Table
 from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
 from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
-from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path
+from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
 from finlora.config import AdapterMethod, Config, validate
 from finlora.data import TaskDataModule, load_task
-from finlora.errors import NonFiniteLoss, OutOfMemory
+from finlora.errors import ConfigError, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.loggers import build_loggers, finish, log_summary
 from finlora.models import base_identity, resolve_source
@@ -43,6 +43,10 @@ def train(dict_cfg: DictConfig) -> dict:
     run_dir = Path(cfg.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    if ckpt_path and (changes := setting_changes(ckpt_path, config)):
+        raise ConfigError(f"ckpt_path: {ckpt_path} was trained under other settings ({'; '.join(changes)}); set "
+                          "them back to resume, or start a new run in a new folder")
     tokenizer = build_tokenizer(cfg)
     datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
                                 cfg.trainer.num_workers)
@@ -54,10 +58,9 @@ def train(dict_cfg: DictConfig) -> dict:
     trainable, total = count_parameters(model)
     breakdown = trainable_breakdown(model)
 
-    config_dict = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    config_dict["params"] = {"trainable": trainable, "total": total,
-                             "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
-    loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config_dict)
+    config["params"] = {"trainable": trainable, "total": total,
+                        "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
+    loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config)
     if ckpt_path:
         keep_earlier_rows(loggers, ckpt_path)
     callbacks = run_callbacks(cfg, ckpt_dir, len(datamodule.val_set) > 0)
