@@ -1,5 +1,6 @@
-"""The LightningModule: a causal-LM loss on answer tokens, AdamW on trainable parameters only, and
-checkpoints that hold those parameters and the optimizer, never the frozen base."""
+"""The LightningModule: a causal-LM loss on answer tokens (logits only there: `finlora.loss`), AdamW on
+trainable parameters only (fused on CUDA), and checkpoints that hold those parameters and the optimizer,
+never the frozen base."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from finlora.batching import model_inputs, num_examples
+from finlora.batching import num_examples
 from finlora.config import TrainerConfig
+from finlora.loss import answer_loss
 from finlora.prompts import IGNORE_INDEX
 
 
@@ -21,7 +23,7 @@ class FinetuneModule(L.LightningModule):
         self.strict_loading = False  # checkpoints carry only the trainable parameters
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.model(**model_inputs(batch)).loss
+        return answer_loss(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self(batch)
@@ -35,7 +37,9 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        # fused: one kernel for every parameter's update on CUDA instead of several per tensor
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
+                                      fused=all(p.is_cuda for p in params))
         name = {"constant": "constant_with_warmup"}.get(self.cfg.scheduler.value, self.cfg.scheduler.value)
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.cfg.warmup_steps,
                                   num_training_steps=int(self.trainer.estimated_stepping_batches))

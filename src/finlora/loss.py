@@ -1,0 +1,51 @@
+"""The training loss with logits only where the loss is.
+
+The loss covers the answer tokens and EOS only (`prompts.encode_example`), a few tokens of each example.
+A causal LM's own forward computes logits for every position, in float32 for the loss: at Llama-3's
+128,256-token vocabulary that is 0.5 MB per token, most of a step's activation memory on short answers,
+all of it for prompt tokens whose logits nobody reads. Here the decoder runs as usual and the LM head and
+cross-entropy run on the positions that predict a label only, in chunks with recomputation when there are
+many. The value is the one transformers computes (the mean over the label tokens of the shifted
+cross-entropy); tests/test_loss.py checks the loss and every gradient against the model's own forward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from finlora.prompts import IGNORE_INDEX
+
+CHUNK_TOKENS = 4096  # label positions whose logits are made at once; more are done chunk by chunk, recomputed
+INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+
+
+def answer_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
+    """Mean cross-entropy of the next-token predictions at the positions whose label is not ignored."""
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    if _head_transforms_logits(causal):  # softcapping or scaling lives in the model's own forward
+        return model(**{k: v for k, v in batch.items() if k in (*INPUT_KEYS, "labels")}, use_cache=False).loss
+    decoder, head = causal.get_decoder(), causal.get_output_embeddings()
+    hidden = decoder(**{k: v for k, v in batch.items() if k in INPUT_KEYS}, use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE_INDEX
+    hidden, targets = hidden[:, :-1][keep], labels[keep]
+    if len(targets) <= CHUNK_TOKENS:
+        return F.cross_entropy(head(hidden).float(), targets)
+    total = sum(checkpoint(_chunk_loss_sum, head, hidden[i:i + CHUNK_TOKENS], targets[i:i + CHUNK_TOKENS],
+                           use_reentrant=False) for i in range(0, len(targets), CHUNK_TOKENS))
+    return total / len(targets)
+
+
+def _chunk_loss_sum(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
+def _head_transforms_logits(causal: nn.Module) -> bool:
+    config = getattr(causal, "config", None)
+    return bool(getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)) or (
+        not hasattr(causal, "get_decoder") or causal.get_output_embeddings() is None)

@@ -1,0 +1,56 @@
+"""Logits only where the loss is: the same loss and gradients as the model's own forward (issue 12, item 4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DATA_DIR
+
+from finlora import loss as loss_module
+from finlora.adapters import attach_adapter
+from finlora.batching import model_inputs, pack, pad_right
+from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, QuantConfig
+from finlora.data import read_jsonl
+from finlora.loss import answer_loss
+from finlora.models import load_model, load_tokenizer
+from finlora.prompts import encode_example
+
+
+def _model(model_dir, method: str, bits: int | None):
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    base = load_model(str(model_dir), cfg, QuantConfig(bits=bits), torch.float32, torch.device("cpu"))
+    if method == "full":
+        return base.train()
+    model = attach_adapter(base, AdapterConfig(method=AdapterMethod(method), r=4, dropout=0.0,
+                                               target_modules=["all-linear"]), gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)  # B = 0 would leave A without gradient
+    return model.train()
+
+
+def _grads(model, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    value = compute()
+    value.backward()
+    return value.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method,bits", [("lora", None), ("dora", None), ("lora", 8), ("full", None)])
+@pytest.mark.parametrize("batching", ["padded", "packed"])
+@pytest.mark.parametrize("chunk", [4096, 7])
+def test_answer_loss_equals_the_models_own(tiny_model_dir, method, bits, batching, chunk, monkeypatch):
+    monkeypatch.setattr(loss_module, "CHUNK_TOKENS", chunk)  # 7: many chunks, each recomputed in backward
+    tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
+    rows = read_jsonl(DATA_DIR / "train" / "fiqa_train.jsonl")[:6]
+    encoded = [encode_example(tokenizer, r, 128) for r in rows]
+    batch = pad_right(encoded, tokenizer.pad_token_id) if batching == "padded" else pack(
+        encoded, tokenizer.pad_token_id, 256)
+    model = _model(tiny_model_dir, method, bits)
+    ref_loss, ref_grads = _grads(model, lambda: model(**model_inputs(batch)).loss)
+    loss, grads = _grads(model, lambda: answer_loss(model, batch))
+    assert torch.allclose(loss, ref_loss, rtol=1e-5, atol=1e-6), (loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name, grad in grads.items():
+        assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
