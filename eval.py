@@ -6,12 +6,13 @@ All logic lives in `finlora.evaluate`; `--cfg job` prints the resolved config.
 import hydra
 from omegaconf import DictConfig
 
-from finlora.evaluate import evaluate
 from finlora.run.entry import cli, run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
+    from finlora.evaluate import evaluate  # torch and the rest load only once a run starts
+
     run(evaluate, cfg)
 
 

@@ -7,12 +7,13 @@ import hydra
 from omegaconf import DictConfig
 
 from finlora.run.entry import cli, run
-from finlora.train import train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """Returns the final validation loss, the value a Hydra sweeper minimizes."""
+    from finlora.train import train  # torch and the rest load only once a run starts: --help stays quick
+
     return run(train, cfg).get("final_val_loss")
 
 

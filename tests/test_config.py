@@ -201,3 +201,18 @@ def test_bad_data_leaves_no_run_folder(tmp_path):
     proc = _train("task=fpb", f"paths.data_dir={data}", cwd=tmp_path)
     assert proc.returncode == 2 and "fpb_train.jsonl:2: 'target'" in proc.stderr, proc.stderr
     assert not (tmp_path / "outputs" / "runs").exists() or not list((tmp_path / "outputs" / "runs").iterdir())
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--cfg", "job"], ["adapter.r=0"], ["adapter=foo"]])
+def test_cold_start_paths_import_no_torch(args):
+    """Issue 13, item 5: `--help`, `--cfg job` and a refused config loaded torch, transformers, peft and
+    Lightning first (6 s on the dev CPU); they now answer from Hydra and the schema alone."""
+    code = ("import runpy, sys\n"
+            f"sys.argv = ['train.py', *{args!r}]\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\nexcept SystemExit as exit:\n"
+            "    print('exit', exit.code)\n"
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip().endswith("no torch"), proc.stdout[-2000:] + proc.stderr[-2000:]
+    if args == ["adapter.r=0"]:
+        assert "exit 2" in proc.stdout and "adapter.r: must be a positive integer, got 0" in proc.stderr

@@ -1,11 +1,13 @@
 """The body of `train.py` and `eval.py`: run the work, and turn what it raised into an exit status.
 
-A single run exits with the status of a finlora error (`finlora.errors`: 2 for bad input, 3 for a run fault,
-128 + the signal for an interrupted run), printing its message without a traceback and into the run's log
-file; any other exception keeps its traceback. A command line that Hydra cannot compose (an unknown group
-option or key) exits with status 2 and Hydra's message, which lists the options that exist. Inside a
-multirun each job is recorded (`job.json`), and a failed job never ends the sweep, except when a signal
-stopped it: then the user or the scheduler is stopping the whole sweep.
+The entry imports nothing heavy: torch and the rest load inside the task function, so `--help`,
+`--cfg job` and a refused config answer at once. A single run exits with the status of a finlora error
+(`finlora.errors`: 2 for bad input, 3 for a run fault, 128 + the signal for an interrupted run), printing
+its message without a traceback and into the run's log file; any other exception keeps its traceback. A
+command line that Hydra cannot compose (an unknown group option or key) exits with status 2 and Hydra's
+message, which lists the options that exist. Inside a multirun each job is recorded (`job.json`), and a
+failed job never ends the sweep, except when a signal stopped it: then the user or the scheduler is
+stopping the whole sweep.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+import finlora.config  # noqa: F401  (registers the schemas that train.yaml and eval.yaml compose into)
 import finlora.run.sweep  # noqa: F401  (registers ${finlora.ray_job:…}, which conf/hydra/launcher/ray.yaml uses)
 from finlora.errors import FinloraError, Interrupted
 from finlora.run.job import JobRecord, prepare_job
