@@ -4,6 +4,7 @@ its predictions and metrics for a base model, an adapter and a merged model."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -11,10 +12,18 @@ from conftest import DATA_DIR, compose_cfg
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from finlora.adapters import attach_adapter
-from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, QuantConfig
+from finlora.config import (
+    AdapterConfig,
+    AdapterMethod,
+    EvalSample,
+    EvalSettings,
+    ModelConfig,
+    QuantConfig,
+    TestSet,
+)
 from finlora.data import read_jsonl
 from finlora.dora import FastDoraLinearVariant
-from finlora.evaluate import evaluate, generate
+from finlora.evaluate import evaluate, generate, pick_rows, wilson_interval
 from finlora.models import load_model, load_tokenizer
 from finlora.prompts import encode_example
 
@@ -119,3 +128,46 @@ def test_eval_runs_a_dora_adapter_with_the_chosen_implementation(tiny_model_dir,
         assert ran[impl] > 0 and ran["peft" if impl == "finlora" else "finlora"] == 0, (impl, ran)
         answers[impl] = [json.loads(line)["generated"] for line in (out / "eval" / "fpb_predictions.jsonl").open()]
     assert answers["finlora"] == answers["peft"]
+
+
+def _fpb():
+    return TestSet(name="fpb", file="test/fpb_test.jsonl", labels=["negative", "neutral", "positive"]), read_jsonl(
+        DATA_DIR / "test" / "fpb_test.jsonl")
+
+
+def test_limit_draws_a_seeded_stratified_sample_not_a_prefix():
+    """Issue 13, item 3: `eval.limit` took the first N rows of files grouped by label."""
+    test_set, records = _fpb()
+    settings = EvalSettings(limit=100)
+    rows = pick_rows(records, test_set, settings)
+    assert rows == pick_rows(records, test_set, EvalSettings(limit=100)) and rows == sorted(set(rows))
+    assert len(rows) == 100 and rows != list(range(100))
+    assert rows != pick_rows(records, test_set, EvalSettings(limit=100, seed=7))
+    in_file = Counter(r["target"] for r in records)
+    in_sample = Counter(records[i]["target"] for i in rows)
+    assert sum(in_sample.values()) == 100
+    for label, count in in_file.items():  # the file's proportions, to within one row (largest remainders)
+        assert abs(in_sample[label] - 100 * count / len(records)) < 1, (label, in_sample, in_file)
+    assert pick_rows(records, test_set, EvalSettings(limit=100, sample=EvalSample.first)) == list(range(100))
+    assert len(pick_rows(records, test_set, EvalSettings(limit=100, sample=EvalSample.random))) == 100
+    assert pick_rows(records, test_set, EvalSettings()) == list(range(len(records)))
+
+
+def test_wilson_interval_on_known_numbers():
+    assert wilson_interval(0.5, 100) == pytest.approx([0.40383, 0.59617], abs=1e-5)  # z = 1.96
+    assert wilson_interval(0.0, 10) == pytest.approx([0.0, 0.27754], abs=1e-5)
+    assert wilson_interval(1.0, 10) == pytest.approx([0.72246, 1.0], abs=1e-5)
+
+
+def test_metrics_file_records_rows_interval_and_conditions(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    evaluate(compose_cfg([f"model.name_or_path={tiny_model_dir}", "task=fpb", "eval.limit=6", "eval.batch_size=4"],
+                         out, config="eval"))
+    saved = json.loads((out / "eval" / "fpb_metrics.json").read_text())
+    predictions = [json.loads(line) for line in (out / "eval" / "fpb_predictions.jsonl").open()]
+    test_set, records = _fpb()
+    assert saved["rows"] == pick_rows(records, test_set, EvalSettings(limit=6)) == [p["index"] for p in predictions]
+    low, high = saved["accuracy_ci95"]
+    assert low <= saved["accuracy"] <= high and high - low > 0.3  # 6 rows say little
+    assert saved["conditions"] == {"batch_size": 4, "quant_bits": None, "precision": "32-true", "limit": 6,
+                                   "sample": "stratified", "seed": 42}

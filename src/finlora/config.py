@@ -306,10 +306,20 @@ class PathsConfig:
     cache_dir: str = "???"  # converted embedded models
 
 
+class EvalSample(Enum):
+    """Which `eval.limit` rows of a test set are scored."""
+
+    stratified = "stratified"  # a seeded random sample with the labels in the file's proportions (label tasks)
+    random = "random"  # a seeded random sample
+    first = "first"  # the first rows of the file (FinLoRA's files are grouped: rarely representative)
+
+
 @dataclass
 class EvalSettings:
     batch_size: int = 32
-    limit: int | None = None  # the first N examples of each test set (quick checks)
+    limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
+    sample: EvalSample = EvalSample.stratified
+    seed: int = 42  # the sample's seed: the same seed, the same rows
 
     def problems(self) -> list[str]:
         problems: list[str] = []

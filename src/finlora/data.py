@@ -100,7 +100,7 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
         order = list(range(len(rows)))
         rng.shuffle(order)
         shuffled.append([rows[i] for i in order])
-    n_val = _proportional([len(rows) for rows, _ in sources], data.val_size)
+    n_val = proportional([len(rows) for rows, _ in sources], data.val_size)
     val = [row for rows, k in zip(shuffled, n_val, strict=True) for row in rows[:k]]
     held_out = {row["context"] for row in val}
     train = [row for rows, k, (_, repeat) in zip(shuffled, n_val, sources, strict=True)
@@ -117,7 +117,7 @@ def load_test_sets(task: TaskConfig, data_dir: str | Path) -> list[tuple[TestSet
     return [(test_set, read_jsonl(Path(data_dir) / test_set.file)) for test_set in task.test]
 
 
-def _proportional(sizes: list[int], total: int) -> list[int]:
+def proportional(sizes: list[int], total: int) -> list[int]:
     """Split `total` over `sizes` in proportion, by largest remainders, never more than a size."""
     grand = sum(sizes)
     total = min(total, grand)

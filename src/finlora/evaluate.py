@@ -8,6 +8,8 @@ file order. `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is also trai
 
 from __future__ import annotations
 
+import math
+import random
 from pathlib import Path
 
 import torch
@@ -21,8 +23,8 @@ from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import pad_left
 from finlora.build import build, placement
-from finlora.config import EvalConfig, EvalSettings, TestSet, validate
-from finlora.data import load_test_sets
+from finlora.config import EvalConfig, EvalSample, EvalSettings, TaskKind, TestSet, validate
+from finlora.data import load_test_sets, proportional
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
 from finlora.metrics import extract_answer, score
 from finlora.models import compute_dtype
@@ -61,28 +63,66 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
 
 
 def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
-                 batch_size: int, precision: str, out_dir: Path) -> tuple[dict[str, float], list[dict]]:
-    """Generate, score, and write `<out_dir>/<name>_predictions.jsonl` and `<name>_metrics.json`."""
-    generations = generate(model, tokenizer, records, test_set.max_new_tokens, batch_size, precision,
-                           f"eval {test_set.name}")
+                 rows: list[int], conditions: dict, out_dir: Path) -> tuple[dict[str, float], list[dict]]:
+    """Generate for the test set's `rows`, score, and write `<out_dir>/<name>_predictions.jsonl` and
+    `<name>_metrics.json` (the metrics, a 95% interval for accuracy, the rows scored and the `conditions` that
+    can change a score)."""
+    scored = [records[i] for i in rows]
+    generations = generate(model, tokenizer, scored, test_set.max_new_tokens, conditions["batch_size"],
+                           conditions["precision"], f"eval {test_set.name}")
     labels = test_set.labels or None
-    metrics = score(test_set.kind, generations, [str(r["target"]) for r in records], labels)
+    metrics = score(test_set.kind, generations, [str(r["target"]) for r in scored], labels)
     predictions = [{"index": i, "target": str(r["target"]), "generated": g,
                     "predicted": extract_answer(test_set.kind, g, labels)}
-                   for i, (r, g) in enumerate(zip(records, generations, strict=True))]
+                   for i, r, g in zip(rows, scored, generations, strict=True)]
+    interval = {"accuracy_ci95": wilson_interval(metrics["accuracy"], len(rows))} if "accuracy" in metrics else {}
     write_jsonl(out_dir / f"{test_set.name}_predictions.jsonl", predictions)
-    write_json(out_dir / f"{test_set.name}_metrics.json", metrics)
+    write_json(out_dir / f"{test_set.name}_metrics.json",
+               metrics | interval | {"conditions": conditions, "rows": rows if len(rows) < len(records) else "all"})
     return metrics, predictions
 
 
+def pick_rows(records: list[dict], test_set: TestSet, settings: EvalSettings) -> list[int]:
+    """The rows of a test set to score, in file order: all of them, or `eval.limit` drawn as `eval.sample`
+    says, seeded by `eval.seed` and the set's name (FinLoRA's files are grouped by label or source, so the
+    first rows are rarely a fair sample)."""
+    n, limit = len(records), settings.limit
+    if not limit or limit >= n:
+        return list(range(n))
+    if settings.sample is EvalSample.first:
+        return list(range(limit))
+    rng = random.Random(f"{settings.seed}:{test_set.name}")
+    if settings.sample is EvalSample.stratified and test_set.kind is TaskKind.label:
+        strata: dict[str, list[int]] = {}
+        for i, record in enumerate(records):
+            strata.setdefault(str(record["target"]).strip().lower(), []).append(i)
+        groups = [strata[k] for k in sorted(strata)]
+        chosen = [i for group, k in zip(groups, proportional([len(g) for g in groups], limit), strict=True)
+                  for i in rng.sample(group, k)]
+    else:
+        chosen = rng.sample(range(n), limit)
+    return sorted(chosen)
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of a proportion p measured on n items (sound near 0 and 1, unlike p ± 2σ)."""
+    if n == 0:
+        return [0.0, 1.0]
+    center = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(0.0, center - half), 6), round(min(1.0, center + half), 6)]
+
+
 def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_sets: list[tuple[TestSet, list[dict]]],
-                  settings: EvalSettings, precision: str, out_dir: Path, loggers: list[Logger]) -> dict[str, float]:
+                  settings: EvalSettings, precision: str, quant_bits: int | None, out_dir: Path,
+                  loggers: list[Logger]) -> dict[str, float]:
     """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
+    conditions = {"batch_size": settings.batch_size, "quant_bits": quant_bits, "precision": precision,
+                  "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
     for test_set, records in test_sets:
-        records = records[: settings.limit] if settings.limit else records
-        metrics, predictions = evaluate_set(model, tokenizer, test_set, records, settings.batch_size, precision,
-                                            out_dir)
+        rows = pick_rows(records, test_set, settings)
+        metrics, predictions = evaluate_set(model, tokenizer, test_set, records, rows, conditions, out_dir)
         flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
         log_predictions(loggers, f"test/{test_set.name}/predictions", predictions)
     for lg in loggers:
@@ -99,7 +139,8 @@ def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
     tokenizer, model = build(cfg, where)
     loggers = build_loggers(cfg.logger, out_dir, cfg.run_name, OmegaConf.to_container(OmegaConf.structured(cfg)))
     try:
-        metrics = evaluate_sets(model, tokenizer, test_sets, cfg.eval, where.precision, out_dir / "eval", loggers)
+        metrics = evaluate_sets(model, tokenizer, test_sets, cfg.eval, where.precision, cfg.quant.bits,
+                                out_dir / "eval", loggers)
         log_summary(loggers, metrics)
         print_metrics(metrics)
         return metrics

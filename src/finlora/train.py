@@ -106,7 +106,7 @@ def train(dict_cfg: DictConfig) -> dict:
             if cfg.eval.enabled and task_data.test:
                 try:
                     test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, where.precision,
-                                                 run_dir / "eval", loggers)
+                                                 cfg.quant.bits, run_dir / "eval", loggers)
                 except torch.OutOfMemoryError as err:
                     raise oom_advice(cfg, "eval") from err
                 summary.update(test_metrics, wall_time_s=round(time.time() - started, 1))
