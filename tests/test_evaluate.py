@@ -3,6 +3,7 @@ its predictions and metrics for a base model, an adapter and a merged model."""
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 
@@ -171,3 +172,31 @@ def test_metrics_file_records_rows_interval_and_conditions(tiny_model_dir, tmp_p
     assert low <= saved["accuracy"] <= high and high - low > 0.3  # 6 rows say little
     assert saved["conditions"] == {"batch_size": 4, "quant_bits": None, "precision": "32-true", "limit": 6,
                                    "sample": "stratified", "seed": 42}
+
+
+def test_task_scores_during_training_are_logged_and_keep_the_best_adapter(tiny_model_dir, tmp_path):
+    """Issue 13, item 4: `val/<task>/accuracy` at every validation, on a fixed sample of held-out rows, usable
+    as `checkpoint.monitor`."""
+    from finlora.train import train
+
+    cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "quant=none", "adapter=lora", "task=fpb",
+                       "trainer=cpu", "trainer.max_steps=6", "trainer.batch_size=4", "trainer.lr=3e-3",
+                       "trainer.val_every_n_steps=2", "data.val_size=12", "data.max_length=64", "logger=csv",
+                       "eval.enabled=false", "eval.during_training.size=6", "checkpoint.monitor=val/fpb/accuracy",
+                       "checkpoint.mode=max"], tmp_path)
+    train(cfg)
+    with (tmp_path / "csv" / "metrics.csv").open() as f:
+        logged = [(int(r["step"]), float(r["val/fpb/accuracy"])) for r in csv.DictReader(f) if r["val/fpb/accuracy"]]
+    assert [step for step, _ in logged] == [1, 3, 5]  # Lightning logs validation at the step before it counts
+    [best] = (tmp_path / "checkpoints").glob("best-*.ckpt")
+    assert best.name.startswith("best-step") and "-accuracy" in best.name
+    assert float(best.name.rsplit("accuracy", 1)[1].removesuffix(".ckpt")) == max(acc for _, acc in logged)
+
+
+def test_monitor_needs_a_score_that_is_logged(tmp_path):
+    from finlora.config import validate
+    from finlora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.monitor: must be val/loss or a task score val/fpb/<metric>"):
+        validate(compose_cfg(["task=fpb", "checkpoint.monitor=val/fpb/accuracy", "eval.during_training.size=0"],
+                             tmp_path))

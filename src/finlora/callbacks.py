@@ -21,11 +21,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import STATS_KEY, BatchStats
 from finlora.checkpoints import LAST
-from finlora.config import CheckpointConfig, Config, NonFinitePolicy
+from finlora.config import CheckpointConfig, Config, EvalSettings, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
+from finlora.evaluate import generate, pick_rows
+from finlora.metrics import score
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +42,40 @@ class RunCallbacks:
     all: list[Callback]
 
 
-def run_callbacks(cfg: Config, ckpt_dir: Path, has_val: bool) -> RunCallbacks:
+def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase,
+                  precision: str) -> RunCallbacks:
     stopper = SaveAndStop(ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
     throughput = ThroughputLogger()
+    scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
+               if cfg.eval.during_training.size and val_rows and cfg.task.test else [])
     return RunCallbacks(stopper, throughput, [
         ReloadData(), StepSeed(cfg.seed), stopper, NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST),
-        *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, has_val), throughput,
+        *scoring, *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
         progress_bar(cfg.trainer.log_every_n_steps)])
+
+
+class TaskScore(Callback):
+    """At every validation, greedy answers on a fixed sample of the held-out rows (`eval.during_training.size`,
+    stratified by label), scored as the task's first test set is scored (its kind and labels), and logged
+    as `val/<task>/<metric>`: what `checkpoint.monitor` can keep the best adapter by, and a sweep can
+    optimize. The loss says how likely the right answer is; this says how often it is the one generated."""
+
+    def __init__(self, cfg: Config, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase, precision: str) -> None:
+        self.test_set = cfg.task.test[0]
+        self.prefix = f"val/{cfg.task.name}/"
+        sample = EvalSettings(limit=cfg.eval.during_training.size, seed=cfg.seed)
+        self.rows = [val_rows[i] for i in pick_rows(val_rows, self.test_set, sample)]
+        self.tokenizer, self.precision, self.batch_size = tokenizer, precision, cfg.eval.batch_size
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens, self.batch_size,
+                           self.precision, f"val {self.prefix.split('/')[1]}")
+        metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
+        for name, value in metrics.items():
+            if name != "n":
+                pl_module.log(self.prefix + name, value, batch_size=len(self.rows))
 
 
 class ReloadData(Callback):
@@ -169,7 +199,7 @@ class NonFiniteGuard(Callback):
 
 
 def checkpoint_callbacks(cfg: CheckpointConfig, ckpt_dir: Path, has_val: bool) -> list[Callback]:
-    """Step checkpoints kept `keep_last` deep and the `keep_best` lowest val/loss ones; last.ckpt itself is
+    """Step checkpoints kept `keep_last` deep and the `keep_best` best by `monitor`; last.ckpt itself is
     written by `SaveAndStop`, at the optimizer-step boundaries where a resume is exact."""
     callbacks: list[Callback] = []
     if cfg.keep_last:
@@ -177,8 +207,9 @@ def checkpoint_callbacks(cfg: CheckpointConfig, ckpt_dir: Path, has_val: bool) -
                                          save_top_k=cfg.keep_last, every_n_train_steps=cfg.every_n_steps,
                                          auto_insert_metric_name=False))
     if cfg.keep_best and has_val:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best-step{step:06d}-loss{val/loss:.4f}",
-                                         monitor="val/loss", mode="min", save_top_k=cfg.keep_best,
+        name = f"best-step{{step:06d}}-{cfg.monitor.rsplit('/', 1)[-1]}{{{cfg.monitor}:.4f}}"  # -loss0.1234
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename=name,
+                                         monitor=cfg.monitor, mode=cfg.mode, save_top_k=cfg.keep_best,
                                          auto_insert_metric_name=False))
     return callbacks
 

@@ -273,13 +273,16 @@ class CheckpointConfig:
 
     every_n_steps: int = 50  # write last.ckpt every N optimizer steps (and at the end, and on SIGTERM / Ctrl-C)
     keep_last: int = 0  # step-NNNNNN.ckpt files kept besides last.ckpt; older ones are deleted
-    keep_best: int = 1  # best-*.ckpt files kept by lowest val/loss (0: none; needs data.val_size > 0)
+    keep_best: int = 1  # best-*.ckpt files kept by `monitor` (0: none; needs data.val_size > 0)
+    monitor: str = "val/loss"  # or a task score logged during training, e.g. val/sentiment/accuracy
+    mode: str = "min"  # min | max: which end of `monitor` is best
 
     def problems(self) -> list[str]:
         problems: list[str] = []
         _check(problems, self.every_n_steps > 0, "checkpoint.every_n_steps", f"must be > 0, got {self.every_n_steps}")
         _check(problems, self.keep_last >= 0, "checkpoint.keep_last", f"must be >= 0, got {self.keep_last}")
         _check(problems, self.keep_best >= 0, "checkpoint.keep_best", f"must be >= 0, got {self.keep_best}")
+        _check(problems, self.mode in ("min", "max"), "checkpoint.mode", f"must be min or max, got {self.mode!r}")
         return problems
 
 
@@ -329,8 +332,19 @@ class EvalSettings:
 
 
 @dataclass
+class DuringTraining:
+    size: int = 200  # held-out rows generated on and scored at every validation (0: validation loss only)
+
+
+@dataclass
 class TrainEvalSettings(EvalSettings):
     enabled: bool = True  # generate on the task's test sets at the end of training and score them
+    during_training: DuringTraining = field(default_factory=DuringTraining)
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
+        _check(problems, self.during_training.size >= 0, "eval.during_training.size", "must be >= 0")
+        return problems
 
 
 @dataclass
@@ -376,6 +390,11 @@ class Config(RunConfig):
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
+        scored = self.eval.during_training.size > 0 and bool(self.task.test)
+        _check(problems, self.checkpoint.monitor == "val/loss" or (scored and self.checkpoint.monitor.startswith(
+            f"val/{self.task.name}/")), "checkpoint.monitor",
+               f"must be val/loss or a task score val/{self.task.name}/<metric> (needs eval.during_training.size > 0), "
+               f"got {self.checkpoint.monitor!r}")
         return problems + token_problems(asdict(self))
 
 

@@ -63,7 +63,7 @@ def train(dict_cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config)
     if ckpt_path:
         keep_earlier_rows(loggers, ckpt_path)
-    callbacks = run_callbacks(cfg, ckpt_dir, len(datamodule.val_set) > 0)
+    callbacks = run_callbacks(cfg, ckpt_dir, task_data.val, tokenizer, where.precision)
     try:
         t = cfg.trainer
         trainer = L.Trainer(
