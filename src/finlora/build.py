@@ -56,7 +56,7 @@ def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
         return load_adapter(model, cfg.adapter_path, cfg.adapter.impl, cfg.merge) if cfg.adapter_path else model
     problems = target_problems(model_config(source, cfg.model), cfg.adapter)
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError.listing(problems)
     full = cfg.adapter.method is AdapterMethod.none
     dtype = torch.float32 if full else compute_dtype(where.precision)
     model = load_model(source, cfg.model, cfg.quant, dtype, where.device)

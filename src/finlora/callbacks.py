@@ -61,8 +61,7 @@ class TaskScore(Callback):
     optimize. The loss says how likely the right answer is; this says how often it is the one generated."""
 
     def __init__(self, cfg: Config, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase, precision: str) -> None:
-        self.test_set = cfg.task.test[0]
-        self.prefix = f"val/{cfg.task.name}/"
+        self.test_set, self.task = cfg.task.test[0], cfg.task.name
         sample = EvalSettings(limit=cfg.eval.during_training.size, seed=cfg.seed)
         self.rows = [val_rows[i] for i in pick_rows(val_rows, self.test_set, sample)]
         self.tokenizer, self.precision, self.batch_size = tokenizer, precision, cfg.eval.batch_size
@@ -71,11 +70,11 @@ class TaskScore(Callback):
         if trainer.sanity_checking:
             return
         answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens, self.batch_size,
-                           self.precision, f"val {self.prefix.split('/')[1]}")
+                           self.precision, f"val {self.task}")
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
             if name != "n":
-                pl_module.log(self.prefix + name, value, batch_size=len(self.rows))
+                pl_module.log(f"val/{self.task}/{name}", value, batch_size=len(self.rows))
 
 
 class ReloadData(Callback):

@@ -451,5 +451,5 @@ def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[as
         raise ConfigError(f"invalid config: {key}: {msg}" if key else f"invalid config: {msg}") from None
     problems = config.problems()
     if problems:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+        raise ConfigError.listing(problems)
     return config

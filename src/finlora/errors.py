@@ -18,6 +18,11 @@ class ConfigError(FinloraError, ValueError):
 
     exit_code = 2
 
+    @classmethod
+    def listing(cls, problems: list[str]) -> ConfigError:
+        """One error for every problem found, each `key: what is wrong` on its own line."""
+        return cls("invalid config:\n  " + "\n  ".join(problems))
+
 
 class DataError(FinloraError, ValueError):
     """A data file is missing or malformed; the message names the file and line."""

@@ -39,4 +39,4 @@ class Preflight(Callback):
         values = dict(o.lstrip("+~").split("=", 1) for o in config.hydra.overrides.task if "=" in o)
         problems = token_problems(values)
         if problems:
-            fail(ConfigError("invalid config:\n  " + "\n  ".join(problems)))
+            fail(ConfigError.listing(problems))
