@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import Counter
 
 import pytest
@@ -200,3 +201,18 @@ def test_monitor_needs_a_score_that_is_logged(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.monitor: must be val/loss or a task score val/fpb/<metric>"):
         validate(compose_cfg(["task=fpb", "checkpoint.monitor=val/fpb/accuracy", "eval.during_training.size=0"],
                              tmp_path))
+
+
+def test_8bit_scoring_with_a_batch_warns_why_scores_move(tiny, tmp_path, caplog):
+    """Issue 13, item 2: nothing said that an 8-bit base's scores depend on `eval.batch_size`."""
+    from finlora.evaluate import evaluate_sets
+
+    tokenizer, model = tiny
+    test_set, records = _fpb()
+    with caplog.at_level(logging.WARNING, "finlora.evaluate"):
+        evaluate_sets(model, tokenizer, [(test_set, records)], EvalSettings(batch_size=2, limit=2), "32-true", 8,
+                      tmp_path, [])
+        evaluate_sets(model, tokenizer, [(test_set, records)], EvalSettings(batch_size=1, limit=2), "32-true", 8,
+                      tmp_path, [])
+    said = [r.getMessage() for r in caplog.records if "8-bit" in r.getMessage()]
+    assert len(said) == 1 and "eval.batch_size=2" in said[0] and "eval.batch_size=1 scores each prompt alone" in said[0]

@@ -8,6 +8,7 @@ file order. `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is also trai
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from pathlib import Path
@@ -30,6 +31,8 @@ from finlora.metrics import extract_answer, score
 from finlora.models import compute_dtype
 from finlora.outputs import write_json, write_jsonl
 from finlora.prompts import encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
@@ -118,6 +121,10 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                   loggers: list[Logger]) -> dict[str, float]:
     """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
+    if quant_bits == 8 and settings.batch_size > 1:
+        log.warning("8-bit base: LLM.int8 picks outlier columns per batch, so scores depend on eval.batch_size=%d "
+                    "and on which prompts share a batch; eval.batch_size=1 scores each prompt alone (README)",
+                    settings.batch_size)
     conditions = {"batch_size": settings.batch_size, "quant_bits": quant_bits, "precision": precision,
                   "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
     for test_set, records in test_sets:
