@@ -37,13 +37,20 @@ class FinetuneModule(L.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
-        # fused: one kernel for every parameter's update on CUDA instead of several per tensor
-        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay,
-                                      fused=all(p.is_cuda for p in params))
+        # fused: one kernel for every parameter's update on CUDA instead of several per tensor (not under fp16's
+        # gradient scaler, whose scaled gradients `on_before_optimizer_step` would clip)
+        fused = all(p.is_cuda for p in params) and self.trainer.precision != "16-mixed"
+        optimizer = torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
         name = {"constant": "constant_with_warmup"}.get(self.cfg.scheduler.value, self.cfg.scheduler.value)
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.cfg.warmup_steps,
                                   num_training_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradient clipping by norm, done here rather than by Lightning's `gradient_clip_val`, which refuses
+        fused optimizers; at the same point (after the callbacks' hooks, before the step), the same result."""
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}

@@ -69,7 +69,7 @@ def train(dict_cfg: DictConfig) -> dict:
         trainer = L.Trainer(
             accelerator=where.accelerator, devices=t.devices, strategy=t.strategy, precision=where.precision,
             max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.grad_accum,
-            gradient_clip_val=t.grad_clip or None, val_check_interval=t.val_every_n_steps,
+            val_check_interval=t.val_every_n_steps,
             check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
             logger=loggers, default_root_dir=run_dir, enable_model_summary=False, callbacks=callbacks.all,
             plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0)
