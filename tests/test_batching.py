@@ -10,10 +10,11 @@ import torch
 from conftest import DATA_DIR, compose_cfg
 from transformers import AutoModelForCausalLM
 
-from finlora.batching import STATS_KEY, model_inputs, pack, pad_right
+from finlora.batching import LOSS_POSITIONS, STATS_KEY, model_inputs, pack, pad_right
 from finlora.config import Batching, DataConfig, DataSource, ModelConfig, TaskConfig
 from finlora.data import TaskDataModule, load_task, read_jsonl
 from finlora.models import load_tokenizer
+from finlora.loss import answer_loss
 from finlora.prompts import IGNORE_INDEX, encode_example
 from finlora.train import train
 
@@ -103,6 +104,25 @@ def test_packed_loss_equals_padded_loss(tiny_model_dir, tokenizer, row_length):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+def test_static_batches_take_a_few_fixed_shapes_and_give_the_packed_loss(tiny_model_dir, tokenizer):
+    """Static batches are the packed batches (same examples together, same loss) in one row of a fixed width
+    with a fixed number of loss positions: the shapes a compiled step is built for."""
+    static, packed = (_datamodule(tokenizer, b) for b in (Batching.static, Batching.packed))
+    shapes = {(1, w) for w in static.static_widths}
+    assert len(static.static_widths) <= 16
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    seen = set()
+    for i, (a, b) in enumerate(zip(static.train_dataloader(), packed.train_dataloader(), strict=True)):
+        seen.add(tuple(a["input_ids"].shape))
+        assert a[LOSS_POSITIONS].shape == (static.label_slots,)
+        real = [ex for ex in _examples(a) if any(t != IGNORE_INDEX for t in ex[1])]
+        assert sorted(real) == sorted(ex for ex in _examples(b) if any(t != IGNORE_INDEX for t in ex[1]))
+        if i < 3:
+            with torch.no_grad():
+                torch.testing.assert_close(answer_loss(model, a), answer_loss(model, b), rtol=1e-5, atol=1e-6)
+    assert seen <= shapes and 1 < len(seen) < len(shapes)
+
+
 def test_run_summary_reports_padding_and_tokens_per_s(tiny_model_dir, tmp_path):
     cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "quant=none", "adapter=lora", "task=fpb",
                        "trainer=cpu", "trainer.max_steps=4", "trainer.batch_size=4", "trainer.log_every_n_steps=1",
@@ -110,5 +130,6 @@ def test_run_summary_reports_padding_and_tokens_per_s(tiny_model_dir, tmp_path):
                        "eval.enabled=false"], tmp_path)
     summary = train(cfg)
     assert 0 <= summary["padding_fraction"] < 0.5 and summary["tokens_per_s"] > 0
+    assert summary["compile"] == "eager" and summary["compile_s"] is None and summary["batch_shapes"] >= 1
     header, *rows = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()
     assert {"train/padding_fraction", "train/tokens_per_s"} <= set(header.split(","))

@@ -8,7 +8,7 @@ from conftest import DATA_DIR
 
 from finlora import loss as loss_module
 from finlora.adapters import attach_adapter
-from finlora.batching import model_inputs, pack, pad_right
+from finlora.batching import model_inputs, pack, pack_static, pad_right, static_widths, with_stats
 from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, QuantConfig
 from finlora.data import read_jsonl
 from finlora.loss import answer_loss
@@ -38,15 +38,18 @@ def _grads(model, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize("method,bits", [("lora", None), ("dora", None), ("lora", 8), ("full", None)])
-@pytest.mark.parametrize("batching", ["padded", "packed"])
+@pytest.mark.parametrize("batching", ["padded", "packed", "static"])
 @pytest.mark.parametrize("chunk", [4096, 7])
 def test_answer_loss_equals_the_models_own(tiny_model_dir, method, bits, batching, chunk, monkeypatch):
     monkeypatch.setattr(loss_module, "CHUNK_TOKENS", chunk)  # 7: many chunks, each recomputed in backward
     tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
     rows = read_jsonl(DATA_DIR / "train" / "fiqa_train.jsonl")[:6]
     encoded = [encode_example(tokenizer, r, 128) for r in rows]
-    batch = pad_right(encoded, tokenizer.pad_token_id) if batching == "padded" else pack(
-        encoded, tokenizer.pad_token_id, 256)
+    pad = tokenizer.pad_token_id
+    if batching == "static":  # loss positions found on the host, padded to a fixed count with ignored labels
+        batch = with_stats(lambda b: pack_static(b, pad, static_widths(6, 128)), encoded, label_slots=64)
+    else:  # no loss positions: answer_loss finds them itself
+        batch = pad_right(encoded, pad) if batching == "padded" else pack(encoded, pad, 256)
     model = _model(tiny_model_dir, method, bits)
     ref_loss, ref_grads = _grads(model, lambda: model(**model_inputs(batch)).loss)
     loss, grads = _grads(model, lambda: answer_loss(model, batch))

@@ -16,6 +16,13 @@ so a shuffled batch of 8 padded to its longest example is about 29% padding, 39%
   `position_ids` restarting at every example; transformers then keeps attention inside each example
   (a block-diagonal mask for SDPA and eager, varlen kernels for FlashAttention). Same examples, same
   token-weighted loss as `padded`, so the run learns the same thing, on a fraction of the tokens.
+- `static`: the same batches packed into one row padded to the next of a few fixed widths
+  (`static_widths`), with a fixed number of loss positions: the shapes compiled code and CUDA graphs
+  reuse (`trainer.compile`). Same loss as `packed`; about 10% padding.
+
+Every training batch also carries the positions whose next token is a label and those labels
+(`LOSS_POSITIONS`, `LOSS_TARGETS`), found on the host, so the loss picks them out on the GPU without
+waiting for it (a boolean mask there would copy back to the host to learn how many there are).
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ import torch
 from finlora.prompts import IGNORE_INDEX, Encoded
 
 STATS_KEY = "stats"
+LOSS_POSITIONS = "loss_positions"  # flat indices into rows × width of the positions that predict a label
+LOSS_TARGETS = "loss_targets"  # the label each of them predicts (IGNORE_INDEX for static padding)
 
 
 class BatchStats(NamedTuple):
@@ -64,9 +73,9 @@ def _padded(rows: list[list[int]], fill: int, left: bool = False) -> torch.Tenso
     return out
 
 
-def pack(batch: list[Encoded], pad_id: int, row_length: int) -> dict[str, torch.Tensor]:
+def pack(batch: list[Encoded], pad_id: int, row_length: int, width: int = 0) -> dict[str, torch.Tensor]:
     """Pack whole examples into ceil(tokens / row_length) rows of near-equal fill (longest first into the
-    emptiest row), then right-pad the rows to the fullest one.
+    emptiest row), then right-pad the rows to the fullest one (or to `width`, if wider).
 
     The first label of each example is ignored: in a packed row the previous example's last token would
     predict it, where a padded batch predicts nothing (the first token of a prompt is never a target).
@@ -79,7 +88,7 @@ def pack(batch: list[Encoded], pad_id: int, row_length: int) -> dict[str, torch.
         used, r = heapq.heappop(fill)
         rows[r].append(e)
         heapq.heappush(fill, (used + len(e.input_ids), r))
-    width = max(used for used, _ in fill)
+    width = max(width, *(used for used, _ in fill))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     positions = torch.empty((len(rows), width), dtype=torch.long)
@@ -95,17 +104,58 @@ def pack(batch: list[Encoded], pad_id: int, row_length: int) -> dict[str, torch.
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
-def with_stats(collate: Callable[[list[Encoded]], dict[str, torch.Tensor]], batch: list[Encoded]) -> dict[str, Any]:
-    """`collate(batch)` plus the batch's `BatchStats`, under `STATS_KEY`."""
+def static_widths(batch_size: int, max_length: int, smallest: int = 128, growth: float = 1.25) -> list[int]:
+    """The row widths of `static` batches: multiples of 64 growing by about `growth` (so at most about a fifth
+    of a row is padding), up to the most tokens a batch can hold."""
+    top = _round_up(batch_size * max_length, 64)
+    widths = [min(_round_up(smallest, 64), top)]
+    while widths[-1] < top:
+        widths.append(min(top, _round_up(int(widths[-1] * growth) + 1, 64)))
+    return widths
+
+
+def pack_static(batch: list[Encoded], pad_id: int, widths: list[int]) -> dict[str, torch.Tensor]:
+    """The batch packed into one row as wide as the first of `widths` that holds it."""
+    total = sum(len(e.input_ids) for e in batch)
+    width = next((w for w in widths if w >= total), None)
+    if width is None:
+        raise ValueError(f"a batch of {total} tokens is wider than the widest static row ({widths[-1]})")
+    return pack(batch, pad_id, row_length=width, width=width)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def loss_positions(labels: torch.Tensor, slots: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat positions (rows × width) whose next token is a label, and those labels; with `slots`,
+    padded to exactly that many (position 0, label IGNORE_INDEX), so the shape is the same every batch."""
+    following = labels[:, 1:]
+    rows, cols = (following != IGNORE_INDEX).nonzero(as_tuple=True)
+    positions, targets = rows * labels.shape[1] + cols, following[rows, cols]
+    if slots is not None:
+        if len(targets) > slots:
+            raise ValueError(f"{len(targets)} label tokens in a batch with {slots} loss slots")
+        extra = slots - len(targets)
+        positions = torch.cat([positions, positions.new_zeros(extra)])
+        targets = torch.cat([targets, targets.new_full((extra,), IGNORE_INDEX)])
+    return positions, targets
+
+
+def with_stats(collate: Callable[[list[Encoded]], dict[str, torch.Tensor]], batch: list[Encoded],
+               label_slots: int | None = None) -> dict[str, Any]:
+    """`collate(batch)` plus its loss positions (`label_slots` of them, if given) and its `BatchStats`."""
     out: dict[str, Any] = collate(batch)
+    out[LOSS_POSITIONS], out[LOSS_TARGETS] = loss_positions(out["labels"], label_slots)
     out[STATS_KEY] = BatchStats(len(batch), sum(len(e.input_ids) for e in batch), out["input_ids"].numel())
     return out
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
-    """What the model's forward takes: the batch without its statistics, and no KV cache (with a cache,
-    transformers does not look for packed rows and would let packed examples attend to each other)."""
-    return {k: v for k, v in batch.items() if k != STATS_KEY} | {"use_cache": False}
+    """What the model's forward takes: the batch without its statistics and loss positions, and no KV cache
+    (with a cache, transformers does not look for packed rows and would let packed examples attend to each
+    other)."""
+    return {k: v for k, v in batch.items() if k not in (STATS_KEY, LOSS_POSITIONS, LOSS_TARGETS)} | {"use_cache": False}
 
 
 def num_examples(batch: dict[str, Any]) -> int:

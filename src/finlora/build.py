@@ -13,7 +13,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from finlora.adapters import attach_adapter, check_saved_adapter, load_adapter, target_problems
-from finlora.config import AdapterMethod, Config, EvalConfig
+from finlora.config import AdapterMethod, Compile, Config, EvalConfig
 from finlora.devices import Placement, resolve_device
 from finlora.errors import ConfigError
 from finlora.models import base_identity, compute_dtype, load_model, load_tokenizer, model_config, resolve_source
@@ -27,8 +27,10 @@ class Built(NamedTuple):
 def placement(cfg: Config | EvalConfig) -> Placement:
     """Accelerator, precision and device for the config, refusing combinations known to fail; cheap, so
     callers run it before reading data or loading anything."""
-    asked = cfg.trainer if isinstance(cfg, Config) else cfg
-    return resolve_device(asked.accelerator, asked.precision, cfg.quant.bits)
+    if isinstance(cfg, Config):
+        t = cfg.trainer
+        return resolve_device(t.accelerator, t.precision, cfg.quant.bits, t.compile is not Compile.eager)
+    return resolve_device(cfg.accelerator, cfg.precision, cfg.quant.bits)
 
 
 def build_tokenizer(cfg: Config | EvalConfig) -> PreTrainedTokenizerBase:

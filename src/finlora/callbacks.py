@@ -1,17 +1,19 @@
 """Every Lightning callback of a training run, and `run_callbacks`, which puts them together.
 
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
-non-finite steps (`NonFiniteGuard`), which checkpoints are kept (`checkpoint_callbacks`), and throughput
-and progress (`ThroughputLogger`, `progress_bar`).
+non-finite steps (`NonFiniteGuard`), which checkpoints are kept (`checkpoint_callbacks`), throughput,
+host-boundness and progress (`ThroughputLogger`, `StepProfile`, `progress_bar`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import STATS_KEY, BatchStats
 from finlora.checkpoints import LAST
-from finlora.config import CheckpointConfig, Config, EvalSettings, NonFinitePolicy
+from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
 from finlora.metrics import score
@@ -35,22 +37,27 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunCallbacks:
-    """The callbacks of a run, in order; `train` reads the stopper and the throughput back after `fit`."""
+    """The callbacks of a run, in order; `train` reads the stopper, throughput and profile back after `fit`."""
 
     stopper: SaveAndStop
     throughput: ThroughputLogger
+    profile: StepProfile
     all: list[Callback]
 
 
 def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase,
                   precision: str) -> RunCallbacks:
+    """In the order their hooks run: the profile first (its window must close before anything else reads
+    the GPU at a step's end), the guard before the stopper (it reads its verdicts back before a save)."""
     stopper = SaveAndStop(ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
-    throughput = ThroughputLogger()
+    warm_up = {Compile.eager: 0, Compile.inductor: 1, Compile.cudagraphs: 2}[cfg.trainer.compile]  # record, replay
+    throughput, profile = ThroughputLogger(warm_up), StepProfile()
     scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
                if cfg.eval.during_training.size and val_rows and cfg.task.test else [])
-    return RunCallbacks(stopper, throughput, [
-        ReloadData(), StepSeed(cfg.seed), stopper, NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST),
-        *scoring, *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
+    guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
+    return RunCallbacks(stopper, throughput, profile, [
+        profile, ReloadData(), StepSeed(cfg.seed), guard, stopper, *scoring,
+        *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
         progress_bar(cfg.trainer.log_every_n_steps)])
 
 
@@ -160,16 +167,25 @@ class SaveAndStop(Callback):
 
 
 class NonFiniteGuard(Callback):
-    """Checks the loss and the gradients before each optimizer step, after they are averaged over a whole
-    accumulation window and over DDP ranks, so every rank decides alike: `stop` raises `NonFiniteLoss`
-    before the weights are touched; `skip` drops the gradients, so AdamW leaves the weights and its
-    moments as they were. One host sync per step."""
+    """Keeps an optimizer step whose loss or gradients are not finite from the weights. The check runs before
+    each optimizer step, after the loss and gradients are averaged over a whole accumulation window and over
+    DDP ranks, so every rank decides alike.
 
-    def __init__(self, policy: NonFinitePolicy, last: Path) -> None:
+    With fused AdamW (CUDA) the check never makes the host wait for the GPU: its verdict goes to the
+    optimizer as the `found_inf` flag on which the fused kernel leaves weights, moments and step count as
+    they were (what GradScaler uses it for), and it is read back only on logging steps, before checkpoints
+    and at the end. `stop` then raises `NonFiniteLoss` naming the first such step; `skip` warns how many
+    were skipped. Otherwise (the CPU) the verdict is read at each step, and `skip` drops the gradients.
+    The gradient norm is logged as `train/grad_norm`.
+    """
+
+    def __init__(self, policy: NonFinitePolicy, last: Path, every_n_steps: int) -> None:
         self.policy = policy
         self.last = last
+        self.every_n_steps = every_n_steps
         self.loss: torch.Tensor | None = None
         self.skipped = 0
+        self.pending: dict[str, torch.Tensor] | None = None  # on the device: count, first step, its loss and norm
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
         self.loss = loss.detach()
@@ -177,12 +193,18 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
-        if bool(torch.isfinite(norm)) and (self.loss is None or bool(torch.isfinite(self.loss))):
-            return
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
+        loss = self.loss if self.loss is not None else torch.zeros_like(norm)
+        pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)
+        bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
         step = trainer.global_step + 1
-        what = f"loss {self.loss.item()}" if self.loss is not None and not torch.isfinite(self.loss) else (
-            f"gradient norm {norm.item()}")
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad.float()
+            self._record(bad, step, loss, norm)
+            return
+        if not bool(bad):
+            return
+        what = f"loss {loss.item()}" if not torch.isfinite(loss) else f"gradient norm {norm.item()}"
         if self.policy is NonFinitePolicy.skip:
             self.skipped += 1
             log.warning("step %d: %s; skipped this optimizer step (%d so far)", step, what, self.skipped)
@@ -190,11 +212,48 @@ class NonFiniteGuard(Callback):
                 for p in group["params"]:
                     p.grad = None
             return
+        raise self._fault(step, what)
+
+    def _record(self, bad: torch.Tensor, step: int, loss: torch.Tensor, norm: torch.Tensor) -> None:
+        if self.pending is None:
+            self.pending = {"count": torch.zeros((), dtype=torch.long, device=bad.device),
+                            "step": torch.zeros((), dtype=torch.long, device=bad.device),
+                            "loss": torch.zeros((), device=bad.device), "norm": torch.zeros((), device=bad.device)}
+        first = bad & (self.pending["count"] == 0)
+        for key, value in (("step", step), ("loss", loss.float()), ("norm", norm.float())):
+            self.pending[key] = torch.where(first, value, self.pending[key])
+        self.pending["count"] += bad
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step % trainer.log_every_n_steps == 0 or step % self.every_n_steps == 0 or step == trainer.max_steps:
+            self.check()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Read the fused path's verdicts back (one wait for the GPU): raise or warn about new ones."""
+        if self.pending is None or (count := int(self.pending["count"])) == self.skipped:
+            return
+        step, loss, norm = int(self.pending["step"]), float(self.pending["loss"]), float(self.pending["norm"])
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {norm}"
+        if self.policy is NonFinitePolicy.skip:
+            log.warning("%d optimizer steps skipped so far (the first at step %d: %s)", count, step, what)
+            self.skipped = count
+            return
+        raise self._fault(step, what)
+
+    def _fault(self, step: int, what: str) -> NonFiniteLoss:
         then = (f"Last good checkpoint: {self.last}. Lower trainer.lr or raise trainer.warmup_steps, then resume "
                 "with ckpt_path=last" if self.last.is_file() else "No checkpoint was saved yet, so nothing to resume: "
                 "lower trainer.lr or raise trainer.warmup_steps and start the run again")
-        raise NonFiniteLoss(f"step {step}: {what}; stopped before it reached the weights. {then}; or set "
-                            "trainer.on_nonfinite_loss=skip to drop such steps")
+        return NonFiniteLoss(f"step {step}: {what}; stopped before it reached the weights. {then}; or set "
+                             "trainer.on_nonfinite_loss=skip to drop such steps")
 
 
 def checkpoint_callbacks(cfg: CheckpointConfig, ckpt_dir: Path, has_val: bool) -> list[Callback]:
@@ -219,12 +278,16 @@ class ThroughputLogger(L.Callback):
 
     Rates are host time between the ends of training batches: they include data loading and add no GPU
     synchronization. The host can run ahead of the GPU by about one step, which a window of several
-    steps averages out. Validation time and the first batch (start-up) are left out.
+    steps averages out. Validation time and the first batch (start-up) are left out, and so, for a
+    compiled step, are the first `warm_up` batches of each batch shape: where compiling and recording CUDA
+    graphs happen, whose time is reported apart (`compile_s`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, warm_up: int = 0) -> None:
         self.tokens = self.slots = self.timed_tokens = 0
-        self.seconds = 0.0
+        self.seconds = self.compile_s = 0.0
+        self.warm_up = warm_up
+        self.shapes: dict[tuple, int] = {}
         self._last: float | None = None
         self._window: deque[tuple[int, float]] = deque()
 
@@ -239,8 +302,12 @@ class ThroughputLogger(L.Callback):
         now = time.perf_counter()
         self.tokens += stats.tokens
         self.slots += stats.slots
+        shape = tuple(batch["input_ids"].shape)
+        seen = self.shapes[shape] = self.shapes.get(shape, 0) + 1
         pl_module.log("train/padding_fraction", 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
-        if self._last is not None:
+        if self._last is not None and seen <= self.warm_up:
+            self.compile_s += now - self._last
+        elif self._last is not None:
             self.seconds += now - self._last
             self.timed_tokens += stats.tokens
             self._window.append((stats.tokens, now - self._last))
@@ -251,10 +318,85 @@ class ThroughputLogger(L.Callback):
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last = None
 
-    def summary(self) -> dict[str, float | None]:
-        """The run's padding fraction and useful tokens/s, for metrics.json and the summary table."""
+    def summary(self) -> dict[str, Any]:
+        """The run's padding fraction, useful tokens/s, batch shapes and compile time, for metrics.json."""
         return {"padding_fraction": 1 - self.tokens / self.slots if self.slots else None,
-                "tokens_per_s": self.timed_tokens / self.seconds if self.seconds else None}
+                "tokens_per_s": self.timed_tokens / self.seconds if self.seconds else None,
+                "batch_shapes": len(self.shapes), "compile_s": round(self.compile_s, 1) if self.warm_up else None}
+
+
+class StepProfile(L.Callback):
+    """On a GPU, whether the training step is bound by the host, and how often it waits for the GPU.
+
+    Every `log_every_n_steps`-th step (where logging waits for the GPU anyway) the GPU is waited for
+    before the step, and the host's part of the step (until its Python returns) is timed against the
+    whole step (until the GPU is done): when the host's part is most of it, the GPU sat waiting for
+    launches. Every other step runs under `torch.cuda.set_sync_debug_mode("warn")`, which warns at each
+    operation that makes the host wait for the GPU; those are counted (`host_syncs_per_step`) and where
+    they came from kept (`sync_sites`). Other warnings of those steps are passed on.
+    """
+
+    HOST_BOUND = 0.8  # the host's share of a step above which the step is bound by the host
+
+    def __init__(self) -> None:
+        self.probes: list[tuple[float, float]] = []  # (host s, step s)
+        self.syncs = self.counted_steps = 0
+        self.sites: dict[str, int] = {}
+        self._t0: float | None = None
+        self._catcher: warnings.catch_warnings | None = None
+        self._records: list[warnings.WarningMessage] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if pl_module.device.type != "cuda":
+            return
+        if (trainer.fit_loop.epoch_loop._batches_that_stepped + 1) % trainer.log_every_n_steps == 0:
+            torch.cuda.synchronize()
+            self._t0 = time.perf_counter()
+            return
+        self._catcher = warnings.catch_warnings(record=True)
+        self._records = self._catcher.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._t0 is not None:
+            host = time.perf_counter() - self._t0
+            torch.cuda.synchronize()
+            self.probes.append((host, time.perf_counter() - self._t0))
+            self._t0 = None
+        elif self._catcher is not None:
+            self.counted_steps += 1
+            self._close()
+
+    def _close(self) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        self._catcher.__exit__(None, None, None)
+        self._catcher = None
+        for w in self._records:
+            if "synchroniz" in str(w.message):
+                self.syncs += 1
+                site = f"{Path(w.filename).name}:{w.lineno}"
+                self.sites[site] = self.sites.get(site, 0) + 1
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._catcher is not None:
+            self._close()
+
+    def summary(self) -> dict[str, Any]:
+        """Step and host ms (medians, leaving the first probe out: compilation), host-bound verdict, syncs."""
+        probes = sorted(self.probes[1:] or self.probes, key=lambda p: p[1])
+        if not probes:
+            return {}
+        host, step = probes[len(probes) // 2]
+        top = sorted(self.sites.items(), key=lambda kv: -kv[1])[:3]
+        return {"step_ms": round(1000 * step, 2), "step_host_ms": round(1000 * host, 2),
+                "host_bound": host / step > self.HOST_BOUND,
+                "host_syncs_per_step": round(self.syncs / self.counted_steps, 2) if self.counted_steps else None,
+                "sync_sites": [f"{site} ×{n}" for site, n in top]}
 
 
 def progress_bar(refresh_every: int) -> TQDMProgressBar:

@@ -66,6 +66,15 @@ class Batching(Enum):
     padded = "padded"
     grouped = "grouped"
     packed = "packed"
+    static = "static"  # packed into one row of a few fixed widths: what compiled code and CUDA graphs reuse
+
+
+class Compile(Enum):
+    """How the training step runs on a GPU (`trainer.compile`)."""
+
+    eager = "eager"  # PyTorch as written
+    inductor = "inductor"  # torch.compile: fused kernels, fewer launches
+    cudagraphs = "cudagraphs"  # torch.compile(mode="reduce-overhead"): forward and backward replayed as CUDA graphs
 
 
 class NonFinitePolicy(Enum):
@@ -217,7 +226,7 @@ class DataConfig:
     max_length: int = 256  # prompt + answer tokens; longer prompts are cut in the middle (counted and reported)
     val_size: int = 200  # examples held out of the training files for validation (before any repetition)
     seed: int = 42  # fixes the validation split (the top-level seed fixes init and shuffling)
-    batching: Batching = Batching.packed  # padded | grouped (by length) | packed (whole examples per row)
+    batching: Batching = Batching.packed  # padded | grouped (by length) | packed (whole examples per row) | static
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -246,6 +255,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     num_workers: int = 0
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
+    compile: Compile = Compile.eager  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -307,6 +317,7 @@ class PathsConfig:
     root_dir: str = "."
     data_dir: str = "???"  # FinLoRA's data, with train/ and test/
     cache_dir: str = "???"  # converted embedded models
+    compile_cache: str = "???"  # torch.compile's kernels (trainer.compile), shared by the jobs of a sweep
 
 
 class EvalSample(Enum):
@@ -390,6 +401,14 @@ class Config(RunConfig):
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
+        graphs = self.trainer.compile is Compile.cudagraphs
+        _check(problems, not graphs or self.data.batching is Batching.static, "trainer.compile",
+               "cudagraphs replays fixed shapes: set data.batching=static "
+               f"(got data.batching={self.data.batching.value})")
+        _check(problems, not graphs or self.trainer.grad_accum == 1, "trainer.compile",
+               "cudagraphs replays the backward into the same memory each micro-batch, so gradients cannot "
+               "accumulate: use trainer.grad_accum=1 with a larger trainer.batch_size "
+               f"(got trainer.grad_accum={self.trainer.grad_accum})")
         scored = self.eval.during_training.size > 0 and bool(self.task.test)
         _check(problems, self.checkpoint.monitor == "val/loss" or (scored and self.checkpoint.monitor.startswith(
             f"val/{self.task.name}/")), "checkpoint.monitor",

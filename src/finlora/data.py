@@ -22,10 +22,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from finlora.batching import pack, pad_right, with_stats
+from finlora.batching import pack, pack_static, pad_right, static_widths, with_stats
 from finlora.config import Batching, DataConfig, TaskConfig, TestSet
 from finlora.errors import DataError
-from finlora.prompts import Encoded, encode_example
+from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
 REQUIRED_KEYS = ("context", "target")
 SOURCE_KEY = "_source"  # each record's "file:line", for errors found after reading (an answer too long to fit)
@@ -157,10 +157,11 @@ class EncodedDataset(Dataset):
 
 
 class TaskDataModule(L.LightningDataModule):
-    """Training batches as `data.batching` says (validation keeps its order); each carries its `BatchStats`."""
+    """Training batches as `data.batching` says (validation keeps its order); each carries its `BatchStats`.
+    `pin_memory` (for a GPU): batches copy to the device without the host waiting for the GPU."""
 
     def __init__(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
-                 batch_size: int, shuffle_seed: int, num_workers: int = 0) -> None:
+                 batch_size: int, shuffle_seed: int, num_workers: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length)
         self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length)
@@ -170,15 +171,25 @@ class TaskDataModule(L.LightningDataModule):
         self.seed = shuffle_seed
         self.batching = cfg.batching
         self.row_length = cfg.max_length
+        self.pin_memory = pin_memory
+        self.static_widths = static_widths(batch_size, cfg.max_length)
+        # a static batch's loss slots: room for the most labels any batch of the data can hold
+        most = max((sum(t != IGNORE_INDEX for t in e.labels) for e in self.train_set.items + self.val_set.items),
+                   default=1)
+        self.label_slots = batch_size * most
 
     def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
-        inner = (partial(pack, pad_id=self.pad_id, row_length=self.row_length) if self.batching is Batching.packed
+        static = self.batching is Batching.static
+        inner = (partial(pack_static, pad_id=self.pad_id, widths=self.static_widths) if static
+                 else partial(pack, pad_id=self.pad_id, row_length=self.row_length) if self.batching is Batching.packed
                  else partial(pad_right, pad_id=self.pad_id))
         grouped = shuffle and self.batching is Batching.grouped
         sampler = (LengthGroupedSampler([len(e.input_ids) for e in dataset.items], self.batch_size, self.seed)
                    if grouped else None)
+        collate = partial(with_stats, inner, label_slots=self.label_slots if static else None)
         return ResumableLoader(dataset, batch_size=self.batch_size, shuffle=shuffle and not grouped,
-                               sampler=sampler, num_workers=self.num_workers, collate_fn=partial(with_stats, inner),
+                               sampler=sampler, num_workers=self.num_workers, collate_fn=collate,
+                               pin_memory=self.pin_memory,
                                generator=torch.Generator().manual_seed(self.seed) if shuffle and not grouped else None)
 
     def train_dataloader(self) -> DataLoader:

@@ -24,6 +24,10 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA, a Triton
   kernel forms g·scale and Σ_t g ⊙ y in one pass over g and y.
+- Under torch.compile (`trainer.compile`), where a Python-side cache would be read once at tracing
+  and never again, the layer computes the same function as plain differentiable ops, the norm rebuilt
+  inside the graph every call from the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and
+  A·W0ᵀ; the compiler fuses what `_DoraTail` and the Triton kernels do by hand.
 - With dropout > 0 in training, dropout applies to the LoRA branch only (the formula above). peft
   instead runs the base matmul a second time on dropout(x) and adds that; outside training, or with
   dropout 0, both compute the same function.
@@ -216,15 +220,20 @@ def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype) -> None:
             _refresh_batch(batch, dtype)
 
 
+def _frozen_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
+    """‖w_i‖² of the layer's base weight, computed again only when the weight is another one."""
+    cache = module.__dict__.setdefault("_finlora_dora_cache", {})
+    w_key = _state(base.weight)
+    if cache.get("w2", (None,))[0] != w_key:
+        cache["w2"] = (w_key, _row_sqnorm(module, base, dtype))
+    return cache["w2"][1]
+
+
 def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
     """‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij) for layers of one shape and scaling, at once."""
     w2, cross = [], []
     for module, _, (base, lora_a, *_), _ in batch:
-        cache = module.__dict__["_finlora_dora_cache"]
-        w_key = _state(base.weight)
-        if cache.get("w2", (None,))[0] != w_key:
-            cache["w2"] = (w_key, _row_sqnorm(module, base, dtype))
-        w2.append(cache["w2"][1])
+        w2.append(_frozen_sqnorm(module, base, dtype))
         cross.append(_a_times_w0t(module, base, lora_a, dtype))
     scaling = batch[0][2][4]
     a = torch.stack([parts[1] for _, _, parts, _ in batch]).float()  # L × r × d_in
@@ -404,6 +413,8 @@ class FastDoraLinearVariant(DoraLinearVariant):
         parts = _parts(module, active_adapter)
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
+        if torch.compiler.is_compiling():
+            return _traced_tail(module, result, ax, parts)
         consts = _consts(module, active_adapter, parts, ax.dtype)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None),
                                self.use_triton)
@@ -422,6 +433,35 @@ class FastDoraLinearVariant(DoraLinearVariant):
     def unmerge(module: nn.Module, active_adapter: str, orig_weight: Tensor) -> Tensor:
         module.__dict__.pop("_finlora_dora_cache", None)
         return DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
+
+
+def _traced_tail(module: nn.Module, result: Tensor, ax: Tensor, parts: tuple) -> Tensor:
+    """`_DoraTail`'s function as plain differentiable ops, for torch.compile: the norm from the frozen ‖w_i‖²
+    (`prepare_compile`) and this call's A and B, detached as in `_DoraTail`; m's gradient through autograd."""
+    base, lora_a, lora_b, magnitude, scaling = parts
+    with torch.no_grad():
+        a, b = lora_a.float(), lora_b.float()
+        cross = _a_times_w0t(module, base, lora_a, ax.dtype).float().T  # d_out × r
+        sq = module.__dict__["_finlora_dora_cache"]["w2"][1] + (b * (2 * scaling * cross + scaling**2 * (b @ (a @ a.T)))
+                                                              ).sum(1)
+        norm = sq.clamp_min(0).sqrt()
+    scale = magnitude.float() / norm
+    bias = getattr(base, "bias", None)
+    plain = result.float() if bias is None else result.float() - bias.float()
+    y = scale * (plain + scaling * F.linear(ax, lora_b).float())
+    return (y if bias is None else y + bias.float()).to(result.dtype)
+
+
+@torch.no_grad()
+def prepare_compile(model: nn.Module) -> None:
+    """Compute every finlora DoRA layer's frozen ‖w_i‖² now, eagerly, for `_traced_tail` to read."""
+    for module in model.modules():
+        variants = getattr(module, "lora_variant", None)
+        if isinstance(variants, dict) and any(isinstance(v, FastDoraLinearVariant) for v in variants.values()):
+            base = module.get_base_layer()
+            dtype = base.weight.dtype if base.weight.is_floating_point() else torch.float32
+            with torch.autocast(base.weight.device.type, enabled=False):
+                _frozen_sqnorm(module, base, dtype)
 
 
 def _supported(base: nn.Module) -> bool:

@@ -7,6 +7,8 @@ all of it for prompt tokens whose logits nobody reads. Here the decoder runs as 
 cross-entropy run on the positions that predict a label only, in chunks with recomputation when there are
 many. The value is the one transformers computes (the mean over the label tokens of the shifted
 cross-entropy); tests/test_loss.py checks the loss and every gradient against the model's own forward.
+The positions come with the batch (`batching.LOSS_POSITIONS`, found on the host), so nothing here waits
+for the GPU; a fixed number of them (static batches, padded with ignored labels) keeps every shape fixed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from peft import PeftModel
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from finlora.batching import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
 from finlora.prompts import IGNORE_INDEX
 
 CHUNK_TOKENS = 4096  # label positions whose logits are made at once; more are done chunk by chunk, recomputed
@@ -31,18 +34,20 @@ def answer_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return model(**{k: v for k, v in batch.items() if k in (*INPUT_KEYS, "labels")}, use_cache=False).loss
     decoder, head = causal.get_decoder(), causal.get_output_embeddings()
     hidden = decoder(**{k: v for k, v in batch.items() if k in INPUT_KEYS}, use_cache=False).last_hidden_state
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE_INDEX
-    hidden, targets = hidden[:, :-1][keep], labels[keep]
+    if LOSS_POSITIONS in batch:
+        positions, targets = batch[LOSS_POSITIONS], batch[LOSS_TARGETS]
+    else:  # a batch made elsewhere: found here, at the cost of one wait for the GPU
+        positions, targets = loss_positions(batch["labels"])
+    hidden = hidden.flatten(0, 1).index_select(0, positions)
     if len(targets) <= CHUNK_TOKENS:
-        return F.cross_entropy(head(hidden).float(), targets)
+        return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX)
     total = sum(checkpoint(_chunk_loss_sum, head, hidden[i:i + CHUNK_TOKENS], targets[i:i + CHUNK_TOKENS],
                            use_reentrant=False) for i in range(0, len(targets), CHUNK_TOKENS))
-    return total / len(targets)
+    return total / (targets != IGNORE_INDEX).sum()
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(head(hidden).float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def _head_transforms_logits(causal: nn.Module) -> bool:

@@ -1,6 +1,6 @@
-"""The LightningModule: a causal-LM loss on answer tokens (logits only there: `finlora.loss`), AdamW on
-trainable parameters only (fused on CUDA), and checkpoints that hold those parameters and the optimizer,
-never the frozen base."""
+"""The LightningModule: a causal-LM loss on answer tokens (logits only there: `finlora.loss`), compiled as
+`trainer.compile` says, AdamW on trainable parameters only (fused on CUDA), and checkpoints that hold
+those parameters and the optimizer, never the frozen base."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
-from finlora.batching import num_examples
-from finlora.config import TrainerConfig
-from finlora.loss import answer_loss
+from finlora.batching import LOSS_POSITIONS, LOSS_TARGETS, num_examples
+from finlora.config import Compile, TrainerConfig
+from finlora.loss import INPUT_KEYS, answer_loss
 from finlora.prompts import IGNORE_INDEX
+
+STEP_KEYS = (*INPUT_KEYS, "labels", LOSS_POSITIONS, LOSS_TARGETS)  # the tensors a compiled step takes
 
 
 class FinetuneModule(L.LightningModule):
@@ -21,14 +23,16 @@ class FinetuneModule(L.LightningModule):
         self.model = model.train()  # from_pretrained returns eval mode, and Lightning keeps each module's mode
         self.cfg = cfg
         self.strict_loading = False  # checkpoints carry only the trainable parameters
+        self.train_loss = training_loss(model, cfg.compile)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_loss(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self(batch)
+        loss = self.train_loss({k: v for k, v in batch.items() if k in STEP_KEYS})
         answer_tokens = (batch["labels"] != IGNORE_INDEX).sum()
-        self.log("train/loss", loss, prog_bar=True, batch_size=num_examples(batch))
+        # a copy: a CUDA graph's output is overwritten by the next replay, before Lightning reads the logs
+        self.log("train/loss", loss.detach().clone(), prog_bar=True, batch_size=num_examples(batch))
         self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
         return loss
 
@@ -55,3 +59,26 @@ class FinetuneModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+
+def training_loss(model: nn.Module, mode: Compile):
+    """`answer_loss` on `model` for training steps: as written, or through torch.compile, with each static
+    batch shape compiled once (and, for `cudagraphs`, forward and backward recorded once as CUDA graphs and
+    replayed). finlora's DoRA layers compute their norms inside the compiled graph (`dora.prepare_compile`)."""
+    if mode is Compile.eager:
+        return lambda batch: answer_loss(model, batch)
+    from finlora.dora import prepare_compile
+
+    prepare_compile(model)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))  # a graph per static width
+    compiled = torch.compile(lambda batch: answer_loss(model, batch), dynamic=False,
+                             mode="reduce-overhead" if mode is Compile.cudagraphs else None)
+    if mode is not Compile.cudagraphs:
+        return compiled
+
+    def replayed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
+        return compiled(batch)
+
+    return replayed

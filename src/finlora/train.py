@@ -8,6 +8,7 @@ loaded.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -22,7 +23,7 @@ from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
 from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
-from finlora.config import AdapterMethod, Config, validate
+from finlora.config import AdapterMethod, Compile, Config, validate
 from finlora.data import TaskDataModule, load_task
 from finlora.errors import ConfigError, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
@@ -49,10 +50,12 @@ def train(dict_cfg: DictConfig) -> dict:
                           "them back to resume, or start a new run in a new folder")
     tokenizer = build_tokenizer(cfg)
     datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
-                                cfg.trainer.num_workers)
+                                cfg.trainer.num_workers, pin_memory=where.device.type == "cuda")
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.compile is not Compile.eager:  # compiled kernels kept for later runs and a sweep's other jobs
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.paths.compile_cache).resolve()))
 
     model = build_model(cfg, where)
     trainable, total = count_parameters(model)
@@ -98,6 +101,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
+            "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer.compile), **callbacks.profile.summary(),
             "device": str(where.device), "precision": where.precision,
         }
         if trainer.is_global_zero:
@@ -118,6 +122,20 @@ def train(dict_cfg: DictConfig) -> dict:
         return summary
     finally:
         finish(loggers)
+
+
+def compile_report(mode: Compile) -> dict:
+    """What torch.compile did with the step: graph breaks (each one a return to Python mid-step) and, for
+    cudagraphs, whether every graph was captured (inductor skips capture it cannot do safely, e.g. CPU ops)."""
+    if mode is Compile.eager:
+        return {}
+    from torch._dynamo.utils import counters
+
+    breaks = sum(counters["graph_break"].values())
+    report = {"graph_breaks": breaks}
+    if mode is Compile.cudagraphs:
+        report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
+    return report
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:
@@ -164,10 +182,29 @@ def print_summary(summary: dict, breakdown: list) -> None:
             ("wall time", f"{summary['wall_time_s']:.0f} s on {summary['device']} ({summary['precision']})"),
             ("useful tokens/s (padding)", f"{_fmt(summary['tokens_per_s'], ',.0f')} "
              f"({_fmt(summary['padding_fraction'], '.1%')} of the tokens, {summary['batching']} batches)"),
+            *_step_rows(summary),
             ("adapter", summary["adapter_dir"])]
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)
+
+
+def _step_rows(summary: dict) -> list[tuple[str, str]]:
+    """The step's compilation, its host/GPU split and what to do when the host sets the pace."""
+    rows = []
+    if summary["compile"] != "eager":
+        captured = {True: ", CUDA graphs captured", False: ", CUDA graphs NOT captured (eager parts remain)"}.get(
+            summary.get("cudagraphs_captured"), "")
+        rows.append(("compiled step", f"{summary['compile']}: {summary['compile_s']:.1f} s compiling "
+                     f"{summary['batch_shapes']} batch shapes, {summary['graph_breaks']} graph breaks{captured}"))
+    if "step_ms" in summary:
+        share = summary["step_host_ms"] / summary["step_ms"]
+        verdict = ("bound by the host: try trainer.compile=cudagraphs data.batching=static, or a larger "
+                   "trainer.batch_size" if summary["host_bound"] else "bound by the GPU")
+        rows.append(("step time (host part)", f"{summary['step_ms']:.1f} ms ({share:.0%}): {verdict}"))
+        rows.append(("host waits for the GPU", f"{summary['host_syncs_per_step']} times a step outside logging steps"
+                     + (f" ({', '.join(summary['sync_sites'])})" if summary["sync_sites"] else "")))
+    return rows
 
 
 def _fmt(x: float | None, spec: str = ".4f") -> str:

@@ -52,11 +52,14 @@ class JobRecord:
 
 
 def prepare_job(cfg: DictConfig, hydra: DictConfig) -> None:
-    """Refuse several devices in a job, and name the job's W&B run."""
+    """Refuse several devices in a job, name the job's W&B run, and share one compile cache in the sweep."""
     problem = multi_device_problem(cfg.trainer.devices) if "trainer" in cfg else None
     if problem:
         raise ConfigError(problem)
     name_job(cfg, hydra)
+    if "paths" in cfg and "compile_cache" in cfg.paths:
+        with open_dict(cfg):
+            cfg.paths.compile_cache = str(Path(hydra.sweep.dir) / "compile_cache")
 
 
 def multi_device_problem(devices: Any) -> str | None:

@@ -1,0 +1,127 @@
+"""`trainer.compile` (issue 12): refused where it cannot run, before the model loads; finlora's DoRA gives
+the eager loss and gradients when traced by torch.compile, step after step (its norms are rebuilt inside
+the graph, not read from a cache the graph would never re-read); the fused optimizer's skip of a
+non-finite step never waits for the GPU and leaves the weights as they were."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import DATA_DIR, compose_cfg
+
+from finlora.adapters import attach_adapter
+from finlora.batching import pack_static, static_widths, with_stats
+from finlora.callbacks import NonFiniteGuard, ThroughputLogger
+from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, NonFinitePolicy, QuantConfig, validate
+from finlora.data import read_jsonl
+from finlora.dora import prepare_compile
+from finlora.errors import ConfigError, NonFiniteLoss
+from finlora.loss import answer_loss
+from finlora.models import load_model, load_tokenizer
+from finlora.prompts import encode_example
+from finlora.train import train
+
+CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
+           "eval.enabled=false", "data.val_size=8"]
+
+
+def test_compile_refused_on_the_cpu_before_the_model_loads(tmp_path):
+    cfg = compose_cfg(["model.name_or_path=/nonexistent-never-loaded", *CPU_RUN, "trainer.compile=inductor"],
+                      tmp_path)
+    cfg.model.name_or_path = "org/never-loaded"  # a hub id: loading it here would fail with another error
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^trainer.compile: runs on a CUDA GPU only, and this run is on cpu"):
+        train(cfg)
+    assert time.perf_counter() - started < 30 and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("override,named", [("data.batching=packed", "data.batching=static"),
+                                            ("trainer.grad_accum=2", "trainer.grad_accum=1")])
+def test_cudagraphs_needs_static_batches_and_no_accumulation(tmp_path, override, named):
+    cfg = compose_cfg([*CPU_RUN, "trainer.compile=cudagraphs", "data.batching=static", override], tmp_path)
+    with pytest.raises(ConfigError, match=named):
+        validate(cfg)
+
+
+def _dora(model_dir: Path, bits: int | None):
+    base = load_model(str(model_dir), ModelConfig(name_or_path=str(model_dir)), QuantConfig(bits=bits),
+                      torch.float32, torch.device("cpu"))
+    model = attach_adapter(base, AdapterConfig(method=AdapterMethod.dora, r=4, dropout=0.0,
+                                               target_modules=["q_proj", "v_proj", "down_proj"]), False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
+    tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
+    rows = read_jsonl(DATA_DIR / "train" / "fpb_train.jsonl")[:8]
+    encoded = [encode_example(tokenizer, r, 96) for r in rows]
+    batch = with_stats(lambda b: pack_static(b, tokenizer.pad_token_id, static_widths(8, 96)), encoded,
+                       label_slots=64)
+    batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    eager_model, traced_model = _dora(tiny_model_dir, bits), _dora(tiny_model_dir, bits)
+    traced_model.load_state_dict(eager_model.state_dict())
+    prepare_compile(traced_model)
+    # aot_eager: what torch.compile traces and differentiates, without generating kernels (minutes on a CPU)
+    traced = torch.compile(lambda b: answer_loss(traced_model, b), backend="aot_eager", dynamic=False)
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+                  for m in (eager_model, traced_model)]
+    for _ in range(3):  # each step changes A, B and m: the traced norms must follow
+        losses, grads = [], []
+        for model, compute, opt in zip((eager_model, traced_model), (lambda: answer_loss(eager_model, batch),
+                                                                     lambda: traced(batch)), optimizers, strict=True):
+            opt.zero_grad()
+            loss = compute()
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            opt.step()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+        assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("policy", list(NonFinitePolicy))
+def test_fused_optimizer_skips_a_nonfinite_step_and_the_guard_reports_it_later(tmp_path, policy, caplog):
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)  # fused AdamW runs on the CPU too
+    guard = NonFiniteGuard(policy, tmp_path / "last.ckpt", every_n_steps=50)
+    module = SimpleNamespace(device=weight.device, log=lambda *a, **k: None)
+    for step, value in enumerate([1.0, float("nan"), 1.0]):
+        trainer = SimpleNamespace(global_step=step)
+        guard.on_before_backward(trainer, module, torch.tensor(value))
+        weight.grad = torch.full((4,), value)
+        before = weight.detach().clone()
+        guard.on_before_optimizer_step(trainer, module, optimizer)
+        optimizer.step()
+        assert torch.equal(weight, before) == (value != value)  # the NaN step left the weights alone
+    assert int(optimizer.state[weight]["step"]) == 2  # and did not count as a step
+    with caplog.at_level(logging.WARNING):
+        if policy is NonFinitePolicy.stop:
+            with pytest.raises(NonFiniteLoss, match=r"^step 2: loss nan; stopped before it reached the weights"):
+                guard.check()
+        else:
+            guard.check()
+            assert "1 optimizer steps skipped so far (the first at step 2: loss nan)" in caplog.text
+
+
+def test_first_batches_of_each_shape_are_reported_as_compile_time():
+    logger = ThroughputLogger(warm_up=2)
+    module = SimpleNamespace(log=lambda *a, **k: None)
+    from finlora.batching import BatchStats
+    for width in (64, 64, 64, 128, 128, 128, 64):
+        batch = {"input_ids": torch.zeros(1, width), "stats": BatchStats(2, width - 8, width)}
+        logger.on_train_batch_end(None, module, None, batch, 0)
+    summary = logger.summary()
+    assert summary["batch_shapes"] == 2 and summary["compile_s"] is not None
+    assert logger.timed_tokens == 56 + 120 + 56  # the 3rd batch of each shape onwards
