@@ -466,7 +466,7 @@ def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[as
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None)
-        msg = getattr(err, "msg", str(err)).splitlines()[0]
+        msg = (getattr(err, "msg", None) or str(err)).splitlines()[0]
         raise ConfigError(f"invalid config: {key}: {msg}" if key else f"invalid config: {msg}") from None
     problems = config.problems()
     if problems:

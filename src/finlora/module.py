@@ -62,23 +62,24 @@ class FinetuneModule(L.LightningModule):
 
 
 def training_loss(model: nn.Module, mode: Compile):
-    """`answer_loss` on `model` for training steps: as written, or through torch.compile, with each static
-    batch shape compiled once (and, for `cudagraphs`, forward and backward recorded once as CUDA graphs and
-    replayed). finlora's DoRA layers compute their norms inside the compiled graph (`dora.prepare_compile`)."""
+    """`answer_loss` on `model` for training steps: as written, or through torch.compile. The row width is
+    compiled as a symbolic size, so one compilation serves every static width; for `cudagraphs`, forward
+    and backward are recorded once per width and replayed. finlora's DoRA layers compute their norms inside
+    the compiled graph (`dora.prepare_compile`)."""
     if mode is Compile.eager:
         return lambda batch: answer_loss(model, batch)
     from finlora.dora import prepare_compile
 
     prepare_compile(model)
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))  # a graph per static width
-    compiled = torch.compile(lambda batch: answer_loss(model, batch), dynamic=False,
+    compiled = torch.compile(lambda batch: answer_loss(model, batch),
                              mode="reduce-overhead" if mode is Compile.cudagraphs else None)
-    if mode is not Compile.cudagraphs:
-        return compiled
 
-    def replayed(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
+    def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        for t in batch.values():
+            if t.dim() == 2:
+                torch._dynamo.maybe_mark_dynamic(t, 1)
+        if mode is Compile.cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
         return compiled(batch)
 
-    return replayed
+    return step

@@ -1,0 +1,267 @@
+"""Training speed through finlora's own `train()` (issue 12): eager and compiled steps side by side, in one run.
+
+Every row is one `train()` run composed from conf/ as `python train.py ...` composes it, on a random-init
+model saved with the real SmolLM2 tokenizer (speed depends on shapes, not weights); every figure is read
+from the run's own summary: useful tokens/s after warm-up (the first batches of each shape, where
+compiling and CUDA-graph recording happen, are left out and reported as compile seconds), the step's
+time and its host part, and how often the host waited for the GPU outside logging steps.
+
+Sections (`--only` picks some):
+  embedded  SmolLM2-135M shapes, task=sentiment, batch 8 and 32: today's eager packed step against
+            inductor and cudagraphs on static batches, LoRA and DoRA (r=8 on q/k/v, finlora's default).
+  numerics  50 steps from the same init, eager against cudagraphs (both static, so the same batches in the
+            same layout): the largest relative difference of the per-step losses; the adapter loads in peft.
+  cache     `python train.py` twice in fresh processes with one compile cache: the second run's compile s.
+  llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit, 8 sentiment examples a step:
+            LoRA against DoRA, eager packed and cudagraphs static.
+  memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
+            memory at 32 layers if `--llama-layers 32`, else at 2 and 4 layers extrapolated.
+
+    python scripts/bench_train_speed.py --data .gpu/data --tokenizer .gpu/tokenizer     # GPU
+    python scripts/bench_train_speed.py --smoke --only embedded                           # CPU, tiny
+
+Writes docs/train_speed.json (every run's summary) and the section "## Training speed" of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import peft
+import torch
+import transformers
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
+
+from finlora.config import ModelConfig
+from finlora.models import load_tokenizer, save_random_llama
+from finlora.outputs import replace_section, write_json
+from finlora.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "## Training speed"
+SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+           "vocab_size": 49152}
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 49152}
+
+
+def overrides(model: Path, out: Path, args: argparse.Namespace, *extra: str) -> list[str]:
+    """A short training run that measures only steps: no evaluation, small validation, CSV log."""
+    return [f"model.name_or_path={model}", f"paths.data_dir={args.data}", f"paths.compile_cache={args.cache}",
+            f"output_dir={out}", "logger=csv", "eval.enabled=false", "eval.during_training.size=0",
+            "data.val_size=16", "checkpoint.every_n_steps=100000", "checkpoint.keep_best=0",
+            "trainer=cpu" if args.smoke else "trainer=gpu", *extra]
+
+
+def run(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.work))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=overrides(model, out, args, *extra), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # run_name reads the chosen groups from it, as under train.py
+    with open_dict(cfg):
+        del cfg["hydra"]
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
+    started = time.perf_counter()
+    try:
+        summary = train(cfg)
+    except Exception as err:  # one failing mode must not lose the others' figures
+        summary = {"name": name, "overrides": list(extra), "error": f"{type(err).__name__}: {err}"[:400]}
+    else:
+        summary |= {"name": name, "overrides": list(extra), "run_s": round(time.perf_counter() - started, 1),
+                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available()
+                    else None, "losses": losses(out)}
+    keep(summary, args)
+    print(f"[{name}] {summary.get('error') or ''}{summary.get('tokens_per_s') or 0:,.0f} tok/s, step "
+          f"{summary.get('step_ms')} ms (host {summary.get('step_host_ms')}), syncs/step "
+          f"{summary.get('host_syncs_per_step')} {summary.get('sync_sites')}, compile {summary.get('compile_s')} s, "
+          f"breaks {summary.get('graph_breaks')}, captured {summary.get('cudagraphs_captured')}", flush=True)
+    return summary
+
+
+def keep(row: dict, args: argparse.Namespace) -> None:
+    """Every finished run on disk at once: a later crash or timeout keeps it."""
+    done = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else {"rows": []}
+    write_json(Path(args.json), {"device": args.device, "rows": [*done["rows"], row]})
+
+
+def losses(out: Path) -> list[float]:
+    """The run's logged training losses (a short run may have logged none)."""
+    path = out / "csv" / "metrics.csv"
+    rows = list(csv.DictReader(path.open())) if path.is_file() else []
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+MODES = {"eager": ["trainer.compile=eager", "data.batching=packed"],
+         "inductor": ["trainer.compile=inductor", "data.batching=static"],
+         "cudagraphs": ["trainer.compile=cudagraphs", "data.batching=static"]}
+
+
+def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
+    plan = [(8, "lora", "eager"), (8, "lora", "cudagraphs"), (8, "dora", "eager"), (8, "dora", "cudagraphs"),
+            (8, "dora", "inductor"), (32, "lora", "eager"), (32, "lora", "cudagraphs"), (32, "dora", "cudagraphs")]
+    return [run(f"embedded b{batch} {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}",
+                "quant=none", f"trainer.batch_size={batch}", f"trainer.max_steps={args.steps}", *MODES[mode])
+            for batch, adapter, mode in plan]
+
+
+def numerics(model: Path, args: argparse.Namespace) -> list[dict]:
+    rows = [run(f"numerics {mode}", model, args, "task=sentiment", "adapter=dora", "quant=none",
+                "trainer.batch_size=8", "trainer.max_steps=50", "trainer.log_every_n_steps=1", "adapter.dropout=0",
+                "data.batching=static", f"trainer.compile={mode}") for mode in ("eager", "cudagraphs")]
+    if all("losses" in r for r in rows):
+        a, b = rows[0]["losses"], rows[1]["losses"]
+        rows[1]["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
+        rows[1]["peft_loads"] = peft_loads(model, Path(rows[1]["adapter_dir"]))
+    return rows
+
+
+def peft_loads(model: Path, adapter_dir: Path) -> bool:
+    """The compiled run's adapter in plain transformers + peft: loads and gives finite logits."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(base, adapter_dir)
+    with torch.no_grad():
+        return bool(torch.isfinite(tuned(input_ids=torch.tensor([[1, 2, 3, 4]])).logits).all())
+
+
+def cache(model: Path, args: argparse.Namespace) -> list[dict]:
+    """Two `python train.py` processes with the same shapes and one fresh compile cache."""
+    cache_dir = Path(tempfile.mkdtemp(prefix="compile-cache-", dir=args.work))
+    rows = []
+    for attempt in ("cold", "warm"):
+        out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.work))
+        cmd = [sys.executable, str(ROOT / "train.py"),
+               *[o for o in overrides(model, out, args) if not o.startswith("paths.compile_cache")],
+               f"paths.compile_cache={cache_dir}", "task=sentiment", "adapter=dora", "quant=none",
+               "trainer.batch_size=8", f"trainer.max_steps={args.steps}", *MODES["cudagraphs"]]
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        metrics = out / "metrics.json"
+        if done.returncode or not metrics.is_file():
+            rows.append({"name": f"cache {attempt}", "error": done.stderr[-600:]})
+            keep(rows[-1], args)
+            continue
+        summary = json.loads(metrics.read_text())
+        rows.append(summary | {"name": f"cache {attempt}"})
+        keep(rows[-1], args)
+        print(f"[cache {attempt}] compile {summary['compile_s']} s, {summary['tokens_per_s']:,.0f} tok/s", flush=True)
+    return rows
+
+
+def llama(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
+    model = save_random_llama(Path(args.work) / "llama4", LLAMA_8B, 4, tokenizer, torch.device("cpu"))
+    rows = []
+    for bits in (4, 8):
+        for adapter in ("lora", "dora"):
+            for mode in ("eager", "cudagraphs"):
+                rows.append(run(f"llama-8b x4 {bits}bit {adapter} {mode}", model, args, "task=sentiment",
+                                f"adapter={adapter}", f"quant={bits}bit", "trainer.batch_size=8",
+                                f"trainer.max_steps={args.steps}", *MODES[mode]))
+    return rows
+
+
+def memory(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
+    """QLoRA at 1 x 2048 tokens: one row of 2048 tokens is a batch of 1 packed to its full length."""
+    rows = []
+    for layers in ([args.llama_layers] if args.llama_layers else [2, 4]):
+        model = save_random_llama(Path(args.work) / f"llama{layers}", LLAMA_8B, layers, tokenizer, torch.device("cpu"))
+        for batch, length in ((1, 2048), (8, 256)):
+            rows.append(run(f"memory {layers} layers {batch}x{length}", model, args, "task=sentiment",
+                            "adapter=lora", "quant=4bit", "trainer.gradient_checkpointing=true",
+                            f"trainer.batch_size={batch}", f"data.max_length={length}", "data.batching=packed",
+                            f"trainer.max_steps={max(args.steps // 2, 6)}") | {"layers": layers})
+    return rows
+
+
+def markdown(rows: list[dict], device: str) -> list[str]:
+    lines = [SECTION, "", f"`scripts/bench_train_speed.py` on {device}. Every row is one run of finlora's `train()` "
+             "(composed from conf/ like `python train.py`), read from its own summary; tokens/s leave out "
+             "the first batches of each shape (compile), step/host ms are medians of the logging steps.", "",
+             "| run | useful tokens/s | × eager | step ms | host ms | host syncs/step | compile s | shapes | "
+             "graph breaks | captured | peak GiB |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'][:160]} | | | | | | | | | |")
+            continue
+        base = next((x for x in rows if "error" not in x and x["name"] == _eager_name(r["name"])), None)
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base and r.get("tokens_per_s") else ""
+        lines.append(f"| {r['name']} | {_num(r.get('tokens_per_s'), ',.0f')} | {ratio} | {_num(r.get('step_ms'))} | "
+                     f"{_num(r.get('step_host_ms'))} | {_num(r.get('host_syncs_per_step'))} | "
+                     f"{_num(r.get('compile_s'))} | {r.get('batch_shapes', '')} | {r.get('graph_breaks', '')} | "
+                     f"{r.get('cudagraphs_captured', '')} | {_num(r.get('peak_gib'))} |")
+    for r in rows:
+        if "max_rel_loss_diff" in r:
+            lines += ["", f"Numerics: 50 steps from the same init, eager vs cudagraphs (static batches, DoRA, bf16): "
+                      f"largest relative difference of the per-step losses {r['max_rel_loss_diff']:.2e}; "
+                      f"the adapter loads in plain peft: {r['peft_loads']}."]
+    return lines
+
+
+def _eager_name(name: str) -> str:
+    """The eager run a row is compared with: the same batch size, LoRA's when there is no eager DoRA row."""
+    return name.replace("inductor", "eager").replace("cudagraphs", "eager")
+
+
+def _num(x: Any, spec: str = ".1f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("FINLORA_DATA_DIR", str(ROOT.parent / "shared/data/finlora")))
+    parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
+    parser.add_argument("--only", nargs="*", default=["embedded", "numerics", "cache", "llama", "memory"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
+    parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager only: checks the script")
+    parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-train-speed-"))
+    parser.add_argument("--json", default=str(ROOT / "docs/train_speed.json"))
+    parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
+    args = parser.parse_args()
+    args.cache = str(Path(args.work) / "compile_cache")
+    if args.smoke:
+        MODES.update(inductor=MODES["eager"], cudagraphs=MODES["eager"])
+        args.steps = min(args.steps, 4)
+    source = args.tokenizer or str(_embedded_tokenizer())
+    tokenizer = load_tokenizer(source, ModelConfig(name_or_path=source))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device += (f"; torch {torch.__version__}, lightning {L.__version__}, transformers {transformers.__version__}, "
+               f"peft {peft.__version__}")
+    model = save_random_llama(Path(args.work) / "smollm2", TINY if args.smoke else SMOLLM2,
+                              2 if args.smoke else 30, tokenizer, torch.device("cpu"))
+    rows: list[dict] = []
+    sections = {"embedded": lambda: embedded(model, args), "numerics": lambda: numerics(model, args),
+                "cache": lambda: cache(model, args), "llama": lambda: llama(tokenizer, args),
+                "memory": lambda: memory(tokenizer, args)}
+    args.device = device
+    Path(args.json).unlink(missing_ok=True)
+    for name in args.only:
+        rows += sections[name]()
+    replace_section(Path(args.md), "\n".join(markdown(rows, device)))
+    print("\n".join(markdown(rows, device)))
+
+
+def _embedded_tokenizer() -> Path:
+    from finlora.models import resolve_source
+
+    return Path(resolve_source(ModelConfig(), str(Path.home() / ".cache/finlora")))
+
+
+if __name__ == "__main__":
+    main()
