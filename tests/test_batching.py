@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 from finlora.batching import LOSS_POSITIONS, STATS_KEY, model_inputs, pack, pad_right
 from finlora.config import Batching, DataConfig, DataSource, ModelConfig, TaskConfig
 from finlora.data import TaskDataModule, load_task, read_jsonl
-from finlora.models import load_tokenizer
 from finlora.loss import answer_loss
+from finlora.models import load_tokenizer
 from finlora.prompts import IGNORE_INDEX, encode_example
 from finlora.train import train
 

@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finlora.adapters import attach_adapter, check_saved_adapter, load_adapter, target_problems
 from finlora.config import AdapterMethod, Compile, Config, EvalConfig
-from finlora.devices import Placement, resolve_device
+from finlora.devices import Placement, capacity_problem, gpu_count, resolve_device
 from finlora.errors import ConfigError
 from finlora.models import base_identity, compute_dtype, load_model, load_tokenizer, model_config, resolve_source
 
@@ -56,12 +56,18 @@ def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
             check_saved_adapter(cfg.adapter_path, base_identity(source, cfg.model))
         model = load_model(source, cfg.model, cfg.quant, compute_dtype(where.precision), where.device)
         return load_adapter(model, cfg.adapter_path, cfg.adapter.impl, cfg.merge) if cfg.adapter_path else model
-    problems = target_problems(model_config(source, cfg.model), cfg.adapter)
+    config = model_config(source, cfg.model)
+    problems = target_problems(config, cfg.adapter)
+    full = cfg.adapter.method is AdapterMethod.none
+    sharded = cfg.trainer.strategy == "fsdp"
+    if where.device.type == "cuda" and (too_big := capacity_problem(
+            config, cfg.quant.bits, full, max(gpu_count(cfg.trainer.devices), 1),
+            torch.cuda.get_device_properties(where.device).total_memory, sharded)):
+        problems.append(too_big)
     if problems:
         raise ConfigError.listing(problems)
-    full = cfg.adapter.method is AdapterMethod.none
     dtype = torch.float32 if full else compute_dtype(where.precision)
-    model = load_model(source, cfg.model, cfg.quant, dtype, where.device)
+    model = load_model(source, cfg.model, cfg.quant, dtype, where.device, sharded)
     return attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
 
 

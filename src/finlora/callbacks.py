@@ -51,9 +51,11 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     the GPU at a step's end), the guard before the stopper (it reads its verdicts back before a save)."""
     stopper = SaveAndStop(ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
     warm_up = {Compile.eager: 0, Compile.inductor: 1, Compile.cudagraphs: 2}[cfg.trainer.compile]  # record, replay
-    throughput, profile = ThroughputLogger(warm_up), StepProfile()
+    throughput = ThroughputLogger(warm_up)
+    profile = StepProfile(throughput)
     scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
-               if cfg.eval.during_training.size and val_rows and cfg.task.test else [])
+               if cfg.eval.during_training.size and val_rows and cfg.task.test and cfg.trainer.strategy != "fsdp"
+               else [])
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
     return RunCallbacks(stopper, throughput, profile, [
         profile, ReloadData(), StepSeed(cfg.seed), guard, stopper, *scoring,
@@ -294,6 +296,15 @@ class ThroughputLogger(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._window = deque(maxlen=trainer.log_every_n_steps)
 
+    def warming_up(self, batch: Any) -> bool:
+        """Whether this batch is among the first `warm_up` of its shape (before this logger has counted it)."""
+        return isinstance(batch, dict) and self.shapes.get(tuple(batch["input_ids"].shape), 0) < self.warm_up
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._last is None and self.warming_up(batch):  # the first step compiles: time it from its start
+            self._last = time.perf_counter()
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         stats: BatchStats | None = batch.get(STATS_KEY) if isinstance(batch, dict) else None
@@ -302,10 +313,11 @@ class ThroughputLogger(L.Callback):
         now = time.perf_counter()
         self.tokens += stats.tokens
         self.slots += stats.slots
+        warming = self.warming_up(batch)
         shape = tuple(batch["input_ids"].shape)
-        seen = self.shapes[shape] = self.shapes.get(shape, 0) + 1
+        self.shapes[shape] = self.shapes.get(shape, 0) + 1
         pl_module.log("train/padding_fraction", 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
-        if self._last is not None and seen <= self.warm_up:
+        if self._last is not None and warming:
             self.compile_s += now - self._last
         elif self._last is not None:
             self.seconds += now - self._last
@@ -333,12 +345,14 @@ class StepProfile(L.Callback):
     whole step (until the GPU is done): when the host's part is most of it, the GPU sat waiting for
     launches. Every other step runs under `torch.cuda.set_sync_debug_mode("warn")`, which warns at each
     operation that makes the host wait for the GPU; those are counted (`host_syncs_per_step`) and where
-    they came from kept (`sync_sites`). Other warnings of those steps are passed on.
+    they came from kept (`sync_sites`), leaving out the steps where a new shape compiles (`warm`). Other
+    warnings of those steps are passed on.
     """
 
     HOST_BOUND = 0.8  # the host's share of a step above which the step is bound by the host
 
-    def __init__(self) -> None:
+    def __init__(self, warm: ThroughputLogger) -> None:
+        self.warm = warm
         self.probes: list[tuple[float, float]] = []  # (host s, step s)
         self.syncs = self.counted_steps = 0
         self.sites: dict[str, int] = {}
@@ -367,15 +381,18 @@ class StepProfile(L.Callback):
             self.probes.append((host, time.perf_counter() - self._t0))
             self._t0 = None
         elif self._catcher is not None:
-            self.counted_steps += 1
-            self._close()
+            warming = self.warm.warming_up(batch)
+            self.counted_steps += not warming
+            self._close(count=not warming)
 
-    def _close(self) -> None:
+    def _close(self, count: bool = True) -> None:
         torch.cuda.set_sync_debug_mode(0)
         self._catcher.__exit__(None, None, None)
         self._catcher = None
         for w in self._records:
             if "synchroniz" in str(w.message):
+                if not count:
+                    continue
                 self.syncs += 1
                 site = f"{Path(w.filename).name}:{w.lineno}"
                 self.sites[site] = self.sites.get(site, 0) + 1

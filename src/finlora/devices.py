@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -36,3 +38,42 @@ def resolve_device(accelerator: str, precision: str | None, quant_bits: int | No
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
               else torch.device("cpu"))
     return Placement(accelerator, precision, device)
+
+
+def gpu_count(devices: Any) -> int:
+    """The number of GPUs Lightning's `devices` setting asks for (-1 or "auto": every one there is)."""
+    if devices in (-1, "-1", "auto"):
+        return torch.cuda.device_count()
+    if isinstance(devices, str):
+        return len([d for d in devices.split(",") if d.strip()]) if "," in devices else int(devices)
+    return len(devices) if isinstance(devices, Sequence) else int(devices)
+
+
+def weight_bytes(config: Any, bits: int | None, full_precision: bool) -> float:
+    """Bytes of a decoder-only model's weights as loaded: its linear layers at `bits` (bitsandbytes keeps
+    about 3% more for 4-bit block constants), embeddings and head in 16 bits (32 for full fine-tuning)."""
+    h, n = config.hidden_size, config.num_hidden_layers
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or h // heads
+    linear = n * (h * head_dim * (2 * heads + 2 * kv) + 3 * h * config.intermediate_size)
+    embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    per_linear = {4: 0.5 * 1.03, 8: 1.0}.get(bits, 4.0 if full_precision else 2.0)
+    return linear * per_linear + embeddings * (4.0 if full_precision else 2.0)
+
+
+def capacity_problem(config: Any, bits: int | None, full_precision: bool, gpus: int, gpu_bytes: int,
+                     sharded: bool) -> str | None:
+    """Why the model cannot train on `gpus` GPUs of `gpu_bytes` each, with what would, if its weights alone
+    (plus a margin for activations, adapter states and the CUDA context) exceed one GPU's memory. An
+    estimate from the model's config, made before any weight is downloaded or loaded."""
+    gib = 2**30
+    weights = weight_bytes(config, bits, full_precision)
+    need = weights / (gpus if sharded else 1) * 1.15 + 4 * gib
+    if need <= gpu_bytes:
+        return None
+    ways = [f"trainer=fsdp trainer.devices={math.ceil(weights * 1.15 / (gpu_bytes - 4 * gib))} (shards the weights)"]
+    if bits != 4 and not full_precision:
+        ways.insert(0, "quant=4bit")
+    over = f" sharded over {gpus}" if sharded else ""
+    return (f"model.name_or_path: {weights / gib:.0f} GiB of weights ({bits or 16}-bit) need about {need / gib:.0f} "
+            f"GiB on each GPU{over}, and a GPU here has {gpu_bytes / gib:.0f} GiB; try " + ", or ".join(ways))

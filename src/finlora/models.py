@@ -111,12 +111,14 @@ def compute_dtype(precision: str) -> torch.dtype:
         precision, torch.float32)
 
 
-def quantization_config(quant: QuantConfig, dtype: torch.dtype) -> BitsAndBytesConfig | None:
+def quantization_config(quant: QuantConfig, dtype: torch.dtype, sharded: bool = False) -> BitsAndBytesConfig | None:
+    """`sharded` (FSDP): 4-bit weights stored in the compute dtype, so FSDP can flatten them with the rest."""
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if quant.bits == 4:
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type.value,
-                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=dtype,
+                                  bnb_4bit_quant_storage=dtype if sharded else torch.uint8)
     return None
 
 
@@ -128,13 +130,13 @@ def load_tokenizer(source: str, cfg: ModelConfig) -> Tokenizer:
 
 
 def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.dtype, device: torch.device,
-               ) -> PreTrainedModel:
-    """The base model with its weights in `dtype`, quantized as asked.
+               sharded: bool = False) -> PreTrainedModel:
+    """The base model with its weights in `dtype`, quantized as asked (`sharded`: for FSDP).
 
     Weights are placed directly on `device`: bitsandbytes quantizes as it loads, and moving an 8-bit
     model afterwards is not supported.
     """
-    bnb = quantization_config(quant, dtype)
+    bnb = quantization_config(quant, dtype, sharded)
     model = AutoModelForCausalLM.from_pretrained(
         source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
         quantization_config=bnb, device_map={"": device})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
@@ -31,6 +32,7 @@ from finlora.loggers import build_loggers, finish, log_summary
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
+from finlora.strategies import full_state, lightning_strategy
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,9 @@ def train(dict_cfg: DictConfig) -> dict:
     tokenizer = build_tokenizer(cfg)
     datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
                                 cfg.trainer.num_workers, pin_memory=where.device.type == "cuda")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+    if rank_zero_only.rank == 0:  # a DDP rank > 0 re-runs this command, in the same folder
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.compile is not Compile.eager:  # compiled kernels kept for later runs and a sweep's other jobs
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.paths.compile_cache).resolve()))
@@ -70,7 +73,8 @@ def train(dict_cfg: DictConfig) -> dict:
     try:
         t = cfg.trainer
         trainer = L.Trainer(
-            accelerator=where.accelerator, devices=t.devices, strategy=t.strategy, precision=where.precision,
+            accelerator=where.accelerator, devices=t.devices, strategy=lightning_strategy(t.strategy, model),
+            precision=where.precision,
             max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.grad_accum,
             val_check_interval=t.val_every_n_steps,
             check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
@@ -87,9 +91,10 @@ def train(dict_cfg: DictConfig) -> dict:
 
         full_finetune = cfg.adapter.method is AdapterMethod.none
         adapter_dir = run_dir / ("model" if full_finetune else "adapter")
+        gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
         if trainer.is_global_zero:
             with atomic_dir(adapter_dir) as tmp:
-                model.save_pretrained(tmp)
+                model.save_pretrained(tmp, state_dict=gathered)
                 tokenizer.save_pretrained(tmp)
                 write_json(tmp / BASE_FILE, base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -107,7 +112,10 @@ def train(dict_cfg: DictConfig) -> dict:
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
             test_metrics = {}
-            if cfg.eval.enabled and task_data.test:
+            if cfg.eval.enabled and task_data.test and t.strategy == "fsdp":
+                log.warning("no test stage under FSDP (the model is sharded over the GPUs, generation runs on one): "
+                            "score the adapter with `python eval.py adapter_path=%s`", adapter_dir)
+            elif cfg.eval.enabled and task_data.test:
                 try:
                     test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, where.precision,
                                                  cfg.quant.bits, run_dir / "eval", loggers)

@@ -1,0 +1,59 @@
+"""Several devices (issue 17), as far as the CPU allows: Lightning's DDP over two CPU processes (gloo) runs
+a real training, with the adapter, metrics and test stage written once, by rank zero; the FSDP and 70B
+presets compose; a base too big for the GPUs at hand is refused before loading, saying what would fit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, compose_cfg
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from finlora.devices import capacity_problem, gpu_count
+
+LLAMA_70B = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                        num_hidden_layers=80, vocab_size=128256, tie_word_embeddings=False)
+GIB = 2**30
+
+
+def test_ddp_on_two_cpu_processes_trains_and_writes_once(tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), f"model.name_or_path={tiny_model_dir}", "quant=none",
+           "adapter=dora", "task=fpb", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+           "trainer.max_steps=3", "trainer.batch_size=4", "data.max_length=96", "data.val_size=8", "eval.limit=8",
+           "eval.during_training.size=0", "logger=csv", f"hydra.run.dir={run}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (run / "train_ddp_process_1.log").is_file()  # rank 1 ran, in the same folder
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["test/fpb/n"] == 8
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["fpb_metrics.json", "fpb_predictions.jsonl"]
+    assert len((run / "eval" / "fpb_predictions.jsonl").read_text().splitlines()) == 8  # scored once, not per rank
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tuned = PeftModel.from_pretrained(base, run / "adapter")
+    assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())
+
+
+def test_fsdp_and_70b_presets_compose(tmp_path):
+    cfg = compose_cfg(["model=llama3_1_70b_instruct", "trainer=fsdp", "quant=4bit"], tmp_path)
+    assert cfg.model.name_or_path == "meta-llama/Llama-3.1-70B-Instruct"
+    assert cfg.trainer.strategy == "fsdp" and cfg.trainer.devices == -1 and cfg.trainer.accelerator == "gpu"
+
+
+def test_a_base_too_big_for_the_gpus_is_refused_saying_what_would_fit():
+    bf16 = capacity_problem(LLAMA_70B, None, False, gpus=1, gpu_bytes=80 * GIB, sharded=False)
+    assert bf16 and "131 GiB of weights (16-bit)" in bf16 and "quant=4bit" in bf16 and "trainer=fsdp" in bf16
+    small = capacity_problem(LLAMA_70B, 4, False, gpus=1, gpu_bytes=24 * GIB, sharded=False)
+    assert small and "trainer=fsdp trainer.devices=3" in small and "quant=4bit" not in small
+    assert capacity_problem(LLAMA_70B, 4, False, gpus=1, gpu_bytes=80 * GIB, sharded=False) is None  # QLoRA fits
+    assert capacity_problem(LLAMA_70B, None, False, gpus=4, gpu_bytes=80 * GIB, sharded=True) is None
+
+
+@pytest.mark.parametrize("devices,expected", [(1, 1), ("2", 2), ([0, 1], 2), ("0,1,2", 3)])
+def test_gpu_count(devices, expected):
+    assert gpu_count(devices) == expected
