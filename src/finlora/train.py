@@ -108,6 +108,8 @@ def train(dict_cfg: DictConfig) -> dict:
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
             "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer.compile), **callbacks.profile.summary(),
             "device": str(where.device), "precision": where.precision,
+            "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
+            if where.device.type == "cuda" else None,
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts

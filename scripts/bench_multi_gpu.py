@@ -1,0 +1,141 @@
+"""Several GPUs through finlora's own `python train.py` (issue 17), each run read from its own summary.
+
+DDP: Llama-3.1-8B layer shapes (4 decoder layers, vocabulary 128,256, random weights, real tokenizer),
+4-bit NF4, LoRA r=8 on q/k/v, FinLoRA's sentiment mixture packed, 8 examples per GPU a step: tokens/s per
+GPU on 1 and N GPUs (rank zero counts its own tokens), and the loss curve of N GPUs x 8 against one GPU
+x 8N (the same global batch); DoRA on N GPUs too. FSDP: Llama-3.1-70B layer shapes at 1 and 2 decoder
+layers, 4-bit, sharded over N GPUs: peak memory per GPU, extrapolated linearly to 80 layers.
+
+    python scripts/bench_multi_gpu.py --data .gpu/data --tokenizer .gpu/tokenizer
+
+Writes docs/multi_gpu.json and the section "## Several GPUs" of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from finlora.config import ModelConfig
+from finlora.models import load_tokenizer, save_random_llama
+from finlora.outputs import replace_section, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "vocab_size": 128256}
+LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "vocab_size": 128256}
+
+
+def train(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict:
+    out = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
+    cmd = [sys.executable, str(ROOT / "train.py"), f"model.name_or_path={model}", f"paths.data_dir={args.data}",
+           f"hydra.run.dir={out}", "task=sentiment", "logger=csv", "eval.enabled=false", "eval.during_training.size=0",
+           "data.val_size=16", "checkpoint.every_n_steps=100000", "checkpoint.keep_best=0",
+           "trainer.log_every_n_steps=5", f"trainer.max_steps={args.steps}", *extra]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    row = {"name": name, "overrides": list(extra), "wall_s": round(time.perf_counter() - started, 1)}
+    if done.returncode or not (out / "metrics.json").is_file():
+        row["error"] = done.stderr[-1500:]
+    else:
+        row |= json.loads((out / "metrics.json").read_text())
+        log = out / "csv" / "metrics.csv"
+        row["losses"] = [float(r["train/loss"]) for r in csv.DictReader(log.open()) if r.get("train/loss")]
+    print(f"[{name}] {row.get('tokens_per_s') or 0:,.0f} tok/s/GPU, peak {row.get('gpu_peak_gib')} GiB, "
+          f"{row.get('error', '')[-600:]}", flush=True)
+    rows = json.loads(Path(args.json).read_text())["rows"] if Path(args.json).is_file() else []
+    write_json(Path(args.json), {"device": args.device, "rows": [*rows, row]})
+    return row
+
+
+def ddp(args: argparse.Namespace, tokenizer) -> list[dict]:
+    model = save_random_llama(Path(args.work) / "llama8b", LLAMA_8B, 4, tokenizer, torch.device("cuda"))
+    n = args.gpus
+    common = ["quant=4bit", "data.batching=packed"]
+    return [train("1 GPU x 8 lora", model, args, "trainer=gpu", "adapter=lora", "trainer.batch_size=8", *common),
+            train(f"{n} GPUs x 8 lora", model, args, "trainer=ddp", f"trainer.devices={n}", "adapter=lora",
+                  "trainer.batch_size=8", *common),
+            train(f"1 GPU x {8 * n} lora", model, args, "trainer=gpu", "adapter=lora", f"trainer.batch_size={8 * n}",
+                  *common),
+            train(f"{n} GPUs x 8 dora", model, args, "trainer=ddp", f"trainer.devices={n}", "adapter=dora",
+                  "trainer.batch_size=8", *common)]
+
+
+def fsdp(args: argparse.Namespace, tokenizer) -> list[dict]:
+    rows = []
+    for layers in (1, 2):
+        model = save_random_llama(Path(args.work) / f"llama70b-{layers}", LLAMA_70B, layers, tokenizer,
+                                  torch.device("cuda"))
+        torch.cuda.empty_cache()
+        rows.append(train(f"fsdp {args.gpus} GPUs 70B shapes {layers} layers", model, args, "trainer=fsdp",
+                          f"trainer.devices={args.gpus}", "adapter=lora", "quant=4bit", "trainer.batch_size=8",
+                          "data.batching=packed", "trainer.gradient_checkpointing=true") | {"layers": layers})
+    return rows
+
+
+def markdown(rows: list[dict], device: str, gpus: int) -> str:
+    lines = ["## Several GPUs", "", f"`scripts/bench_multi_gpu.py` on {device}: each row one `python train.py` run, "
+             "read from its own summary (tokens/s: rank zero's useful tokens, so per GPU).", "",
+             "| run | useful tokens/s per GPU | peak GiB (rank 0) | final loss | wall s |", "|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed: {r['error'].strip().splitlines()[-1][:200]} | | | |")
+        else:
+            lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['gpu_peak_gib']} | "
+                         f"{r['final_train_loss']:.4f} | {r['wall_s']} |")
+    ok = {r["name"]: r for r in rows if "error" not in r}
+    one, many = ok.get("1 GPU x 8 lora"), ok.get(f"{gpus} GPUs x 8 lora")
+    if one and many:
+        lines += ["", f"DDP scaling: {many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU tokens/s per GPU "
+                  f"({gpus} GPUs, 8 examples each)."]
+    same = ok.get(f"1 GPU x {8 * gpus} lora")
+    if same and many and same["losses"] and many["losses"]:
+        diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
+        lines += [f"Loss curve, {gpus} GPUs x 8 against 1 GPU x {8 * gpus} (same global batch, other example order): "
+                  f"mean relative difference {sum(diffs) / len(diffs):.3f}, largest {max(diffs):.3f} over "
+                  f"{len(diffs)} logged steps."]
+    fs = sorted((r for r in rows if "layers" in r and "error" not in r), key=lambda r: r["layers"])
+    if len(fs) == 2:
+        per_layer = fs[1]["gpu_peak_gib"] - fs[0]["gpu_peak_gib"]
+        at80 = fs[0]["gpu_peak_gib"] + per_layer * 79
+        lines += [f"FSDP, Llama-3.1-70B shapes, 4-bit, {gpus} GPUs: {per_layer:.2f} GiB more per GPU per layer; "
+                  f"extrapolated to 80 layers {at80:.1f} GiB per GPU "
+                  f"({'fits' if at80 < 78 else 'does not fit'} {gpus} × 80 GB)."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=os.environ.get("FINLORA_DATA_DIR", str(ROOT.parent / "shared/data/finlora")))
+    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--only", nargs="*", default=["ddp", "fsdp"])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--timeout", type=int, default=200)
+    parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-multi-gpu-"))
+    parser.add_argument("--json", default=str(ROOT / "docs/multi_gpu.json"))
+    parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
+    args = parser.parse_args()
+    args.gpus = torch.cuda.device_count()
+    args.device = f"{args.gpus} × {torch.cuda.get_device_name()}; torch {torch.__version__}"
+    Path(args.json).unlink(missing_ok=True)
+    tokenizer = load_tokenizer(args.tokenizer, ModelConfig(name_or_path=args.tokenizer))
+    rows = []
+    for section in args.only:
+        rows += {"ddp": ddp, "fsdp": fsdp}[section](args, tokenizer)
+    text = markdown(rows, args.device, args.gpus)
+    replace_section(Path(args.md), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
