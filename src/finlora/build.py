@@ -68,7 +68,12 @@ def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
         raise ConfigError.listing(problems)
     dtype = torch.float32 if full else compute_dtype(where.precision)
     model = load_model(source, cfg.model, cfg.quant, dtype, where.device, sharded)
-    return attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
+    model = attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
+    if sharded:  # FSDP flattens a unit's weights into one tensor of one dtype: the frozen ones all in `dtype`
+        for p in model.parameters():
+            if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+    return model
 
 
 def build(cfg: Config | EvalConfig, where: Placement) -> Built:
