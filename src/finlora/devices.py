@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import platform
+from importlib.metadata import version
 from typing import NamedTuple
 
 import torch
@@ -31,3 +33,12 @@ def resolve_device(accelerator: str, precision: str | None, quant_bits: int | No
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
               else torch.device("cpu"))
     return Placement(accelerator, precision, device)
+
+
+def environment() -> dict:
+    """The device and precision `trainer=auto` picks on this machine and the versions of the libraries that
+    shape results: what a report written elsewhere, from the runs' files, says they ran on."""
+    _, precision, device = resolve_device("auto", None, None)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
+            "precision": precision,
+            "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lightning")}}
