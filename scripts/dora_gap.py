@@ -9,6 +9,7 @@ interval over the seeds, the differences that decide the question with their int
 job's config.yaml and metrics.json are copied under docs/dora_gap/.
 
     python scripts/dora_gap.py                      # every cell, then the report (about 10 min on one H100)
+    python scripts/dora_gap.py --time-limit 540     # stop (checkpointed) after 9 min, report what finished
     python scripts/dora_gap.py --dry-run            # the sweeps it would run
     python scripts/dora_gap.py --report-only        # rewrite the report from outputs/dora_gap
     python scripts/dora_gap.py --cells lora-baseline dora-baseline dora-mlr10   # some cells only
@@ -39,6 +40,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +63,7 @@ FACTORS = {  # one of FinLoRA's DoRA-run differences at a time: name -> (what it
     "finlora": ("all three of FinLoRA's DoRA settings", FINLORA_ALL),
 }
 ADAPTERS = {"lora": "LoRA", "dora": "DoRA"}
+STOP_GRACE_S = 60  # after SIGTERM: time to finish the optimizer step and write last.ckpt before SIGKILL
 
 
 @dataclass(frozen=True)
@@ -113,9 +116,12 @@ def prepare(cells: list[Cell], extra: list[str]) -> None:
     resolve_source(run.model, run.paths.cache_dir)
 
 
-def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str], parallel: int) -> None:
+def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str], parallel: int,
+              time_limit: float | None = None) -> None:
     """Each cell's commands one after another in its own thread, `parallel` cells at once; output to
-    `<runs>/<cell>.log`. The jobs run this checkout's code (its src/ first on PYTHONPATH)."""
+    `<runs>/<cell>.log`. The jobs run this checkout's code (its src/ first on PYTHONPATH). After `time_limit`
+    seconds each sweep still running gets SIGTERM (its job under way checkpoints and stops) and nothing more
+    starts, so the report is written inside a fixed lease; the same command later finishes the rest."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     from finlora.devices import environment
@@ -123,14 +129,28 @@ def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str],
     runs.mkdir(parents=True, exist_ok=True)
     write_json(runs / "environment.json", environment() | {"parallel": parallel})
 
+    deadline = time.monotonic() + time_limit if time_limit else None
+
     def work(cell: Cell) -> None:
         todo = commands(cell, runs / cell.name, seeds, extra)
         print(f"{cell.name}: {len(todo)} command(s), log {runs / (cell.name + '.log')}", flush=True)
         with (runs / f"{cell.name}.log").open("a") as log:
             for cmd in todo:
+                if deadline is not None and time.monotonic() >= deadline:
+                    print(f"{cell.name}: time limit reached, not started: {' '.join(cmd[-3:])}", flush=True)
+                    break
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
-                rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                try:
+                    rc = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.terminate()
+                    try:
+                        rc = proc.wait(STOP_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        rc = proc.wait()
                 print(f"{cell.name}: exit status {rc}", flush=True)
 
     with ThreadPoolExecutor(max_workers=parallel) as pool:
@@ -298,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=9, help="sweeps sharing the GPU at once")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "dora_gap")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="seconds after which running sweeps are stopped (checkpointed) and the report written")
     parser.add_argument("--dry-run", action="store_true", help="print the sweeps' commands and stop")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from --runs")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. trainer.max_steps=600")
@@ -314,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"dora_gap: {err}", file=sys.stderr)
             return 2
-        run_cells(cells, args.runs, args.seeds, args.overrides, args.parallel)
+        run_cells(cells, args.runs, args.seeds, args.overrides, args.parallel, args.time_limit)
     results = load(args.runs, cells)
     path = write_report(args.runs, results, args.docs)
     failed = [f"{c.name}/{j.dir.name}" for c, s in results.items() for j in s.failed]

@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import runpy
+import shutil
+import subprocess
+import sys
+import time
 
 import lightning as L
 import pytest
@@ -231,3 +236,78 @@ def test_report_aggregates_seeds_per_cell(tmp_path):
     assert "| lora | 1,2,3 | 0.720 ± 0.020 [0.670, 0.770] |" in report
     assert "| dora | 1,2,3 | 0.610 ± 0.010 [0.585, 0.635] |" in report
     assert (sweep_dir / "metric_by_cell.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --- the study: scripts/dora_gap.py -------------------------------------------------------------------------------
+
+dora_gap = runpy.run_path(str(ROOT / "scripts" / "dora_gap.py"))
+SMOKE = ["trainer=cpu", "trainer.max_steps=2", "trainer.batch_size=4", "data.max_length=96", "data.val_size=8",
+         "eval.limit=4", "eval.batch_size=8", "trainer.log_every_n_steps=1"]
+
+
+def test_study_cells_change_one_factor_at_a_time():
+    cells = {c.name: c.overrides for c in dora_gap["CELLS"]}
+    assert len(cells) == 9 and {c.adapter for c in dora_gap["CELLS"]} == {"lora", "dora"}
+    baseline = set(cells["lora-baseline"]) - {"adapter=lora"}
+    for name, overrides in cells.items():
+        factor = set(overrides) - baseline - {"adapter=lora", "adapter=dora"}
+        assert len(factor) == (0 if name.endswith("baseline") else 1), name
+    assert cells["dora-mlr10"][-1] == "adapter.magnitude_lr_scale=10" and "lora-mlr10" not in cells
+
+
+def test_study_refuses_a_bad_cell_before_any_sweep(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    rc = dora_gap["main"](["--runs", str(runs), "--docs", str(tmp_path), "--cells", "dora-mlr10", "lora-baseline",
+                           "--", "adapter.magnitude_lr_scale=3"])
+    assert rc == 2 and not runs.exists()
+    assert "cell lora-baseline: " in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_study_smoke_sweep_and_report(tiny_model_dir, tmp_path):
+    """The real command on the tiny model, 2 steps a job: two cells × two seeds as `train.py -m` sweeps, the
+    report with intervals and copies of each job's files; a job cut short is rerun alone by the same command."""
+    runs, docs = tmp_path / "runs", tmp_path / "docs"
+    command = [sys.executable, str(ROOT / "scripts" / "dora_gap.py"), "--runs", str(runs), "--docs", str(docs),
+               "--parallel", "2", "--seeds", "1", "2", "--cells", "lora-inst", "dora-mlr10", "--",
+               f"model.name_or_path={tiny_model_dir}", *SMOKE]
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (docs / "dora_gap.md").read_text()
+    assert "4 jobs, 4 finished." in report
+    assert "| LoRA, [INST] training prompt | 2 | " in report and "| DoRA, magnitude lr ×10 | 2 | " in report
+    assert "| DoRA magnitude lr ×10 − LoRA baseline |" not in report  # no LoRA baseline cell ran
+    assert (docs / "dora_gap.png").read_bytes()[:4] == b"\x89PNG"
+    for cell, key, value in (("lora-inst", "data.train_prompt", "finlora_inst"),
+                             ("dora-mlr10", "adapter.magnitude_lr_scale", 10.0)):
+        sweep = load_sweep(runs / cell)
+        assert sweep.swept == ["seed"] and [j.status for j in sweep.jobs] == ["ok", "ok"]
+        assert "## Per cell: mean ± standard deviation over seeds" in (runs / cell / "report.md").read_text()
+        for job in sweep.jobs:
+            copied = docs / "dora_gap" / cell / f"seed{job.overrides['seed']}"
+            assert OmegaConf.select(OmegaConf.load(copied / "config.yaml"), key) == value
+            assert json.loads((copied / "metrics.json").read_text()) == job.metrics
+
+    # A job killed mid-run (its record left "running", no metrics): the same command reruns it and nothing else.
+    first, second = load_sweep(runs / "dora-mlr10").jobs
+    record = json.loads((second.dir / "job.json").read_text())
+    (second.dir / "job.json").write_text(json.dumps(record | {"status": "running"}))
+    (second.dir / "metrics.json").unlink()
+    before = json.loads((first.dir / "job.json").read_text())["started"]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "lora-inst: 0 command(s)" in proc.stdout and "dora-mlr10: 1 command(s)" in proc.stdout
+    assert json.loads((first.dir / "job.json").read_text())["started"] == before
+    assert json.loads((second.dir / "job.json").read_text())["status"] == "ok"
+    assert "4 jobs, 4 finished." in (docs / "dora_gap.md").read_text()
+
+    # A time limit stops the sweeps still running and writes the report of what finished, inside the limit.
+    shutil.rmtree(runs / "dora-mlr10")
+    started = time.monotonic()
+    cut = command.index("--")
+    proc = subprocess.run([*command[:cut], "--time-limit", "3", *command[cut:]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 1 and time.monotonic() - started < 3 + 60 + 30, proc.stdout[-3000:]
+    report = (docs / "dora_gap.md").read_text()
+    assert "| LoRA, [INST] training prompt | 2 | " in report and "| DoRA, magnitude lr ×10 | 2 | " not in report
