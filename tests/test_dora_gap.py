@@ -255,6 +255,10 @@ def test_study_cells_change_one_factor_at_a_time():
     assert cells["dora-mlr10"][-1] == "adapter.magnitude_lr_scale=10" and "lora-mlr10" not in cells
 
 
+def test_every_study_cell_composes_and_validates(smollm_dir):
+    dora_gap["prepare"](dora_gap["CELLS"] + dora_gap["EXTRA_CELLS"], [])  # raises ConfigError naming the cell
+
+
 def test_study_refuses_a_bad_cell_before_any_sweep(tmp_path, capsys):
     runs = tmp_path / "runs"
     rc = dora_gap["main"](["--runs", str(runs), "--docs", str(tmp_path), "--cells", "dora-mlr10", "lora-baseline",
