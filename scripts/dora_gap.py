@@ -9,7 +9,7 @@ interval over the seeds, the differences that decide the question with their int
 job's config.yaml and metrics.json are copied under docs/dora_gap/.
 
     python scripts/dora_gap.py                      # every cell, then the report (about 10 min on one H100)
-    python scripts/dora_gap.py --time-limit 540     # stop (checkpointed) after 9 min, report what finished
+    python scripts/dora_gap.py --time-limit 480     # stop (checkpointed) after 8 min, report what finished
     python scripts/dora_gap.py --dry-run            # the sweeps it would run
     python scripts/dora_gap.py --report-only        # rewrite the report from outputs/dora_gap
     python scripts/dora_gap.py --cells lora-baseline dora-baseline dora-mlr10   # some cells only
@@ -99,7 +99,6 @@ def prepare(cells: list[Cell], extra: list[str]) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
-    import finlora.run.sweep  # noqa: F401  (its resolver, used by the launcher configs)
     from finlora.config import validate
     from finlora.models import resolve_source
 
@@ -122,10 +121,10 @@ def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str],
     `<runs>/<cell>.log`. The jobs run this checkout's code (its src/ first on PYTHONPATH). After `time_limit`
     seconds each sweep still running gets SIGTERM (its job under way checkpoints and stops) and nothing more
     starts, so the report is written inside a fixed lease; the same command later finishes the rest."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     from finlora.devices import environment
 
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     runs.mkdir(parents=True, exist_ok=True)
     write_json(runs / "environment.json", environment() | {"parallel": parallel})
 
