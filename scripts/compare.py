@@ -14,20 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
 import sys
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from finlora.config import validate
 from finlora.data import load_task
-from finlora.devices import resolve_device
+from finlora.devices import environment
 from finlora.outputs import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +74,8 @@ def data_sizes(cfg: DictConfig) -> tuple[list[dict], list[dict]]:
 
 
 def record_environment(runs: Path) -> None:
-    """The device and library versions the runs ran on, so a report written elsewhere names them."""
-    import torch
-
-    _, precision, device = resolve_device("auto", None, None)  # what experiment=compare's trainer=auto picks
-    write_json(runs / "environment.json", {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
-        "precision": precision,
-        "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lightning")}})
+    """The device and library versions the runs ran on (what experiment=compare's trainer=auto picks)."""
+    write_json(runs / "environment.json", environment())
 
 
 def collect(runs: Path) -> dict[str, list[dict]]:

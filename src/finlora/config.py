@@ -96,6 +96,13 @@ class FourBitType(Enum):
     fp4 = "fp4"
 
 
+class TrainPrompt(Enum):
+    """The prompt training sees (`finlora.prompts`); evaluation always uses the raw `context`."""
+
+    plain = "plain"  # the raw context: training and evaluation see the same prompt
+    finlora_inst = "finlora_inst"  # FinLoRA's training format, "[INST] {context} [/INST]": an ablation
+
+
 def _check(problems: list[str], ok: bool, key: str, message: str) -> None:
     if not ok:
         problems.append(f"{key}: {message}")
@@ -165,6 +172,9 @@ class AdapterConfig:
     # FinLoRA's choice; [all-linear] adapts every linear layer
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     rslora: bool = False
+    # DoRA only: the magnitude vectors learn at trainer.lr × this, in an optimizer group of their own (FinLoRA's
+    # docs blame DoRA's lag on a learning rate shared with the low-rank matrices); 1: one group, as before
+    magnitude_lr_scale: float = 1.0
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -173,6 +183,10 @@ class AdapterConfig:
             _check(problems, self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
             _check(problems, 0 <= self.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
             _check(problems, len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
+        scale = self.magnitude_lr_scale
+        _check(problems, scale > 0, "adapter.magnitude_lr_scale", f"must be > 0, got {scale}")
+        _check(problems, scale <= 0 or scale == 1 or self.method is AdapterMethod.dora, "adapter.magnitude_lr_scale",
+               f"only DoRA has magnitude vectors; with adapter.method={self.method.value} it must stay 1, got {scale}")
         return problems
 
     @property
@@ -227,6 +241,7 @@ class DataConfig:
     val_size: int = 200  # examples held out of the training files for validation (before any repetition)
     seed: int = 42  # fixes the validation split (the top-level seed fixes init and shuffling)
     batching: Batching = Batching.packed  # padded | grouped (by length) | packed (whole examples per row) | static
+    train_prompt: TrainPrompt = TrainPrompt.plain  # finlora_inst: train on FinLoRA's [INST] wrap, evaluate on raw
 
     def problems(self) -> list[str]:
         problems: list[str] = []

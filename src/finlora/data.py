@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,10 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import pack, pack_static, pad_right, static_widths, with_stats
-from finlora.config import Batching, DataConfig, TaskConfig, TestSet
+from finlora.config import Batching, DataConfig, TaskConfig, TestSet, TrainPrompt
 from finlora.errors import DataError
 from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
+log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("context", "target")
 SOURCE_KEY = "_source"  # each record's "file:line", for errors found after reading (an answer too long to fit)
 
@@ -133,16 +135,17 @@ def proportional(sizes: list[int], total: int) -> list[int]:
 
 class EncodedDataset(Dataset):
     """Records tokenized once up front (before the model loads: an answer too long to fit is refused by its
-    file and line); the truncation count is reported in the run summary."""
+    file and line), with the training prompt `style`; the truncation count is reported in the run summary."""
 
-    def __init__(self, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+    def __init__(self, records: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                 style: TrainPrompt = TrainPrompt.plain) -> None:
         cache: dict[int, Encoded] = {}  # a mixture repeats rows: encode each distinct one once
         self.items = []
         for record in records:
             key = id(record)
             if key not in cache:
                 try:
-                    cache[key] = encode_example(tokenizer, record, max_length)
+                    cache[key] = encode_example(tokenizer, record, max_length, style)
                 except DataError as err:
                     raise DataError(f"{record.get(SOURCE_KEY, 'a record')}: {err}") from None
             self.items.append(cache[key])
@@ -158,13 +161,17 @@ class EncodedDataset(Dataset):
 
 class TaskDataModule(L.LightningDataModule):
     """Training batches as `data.batching` says (validation keeps its order); each carries its `BatchStats`.
-    `pin_memory` (for a GPU): batches copy to the device without the host waiting for the GPU."""
+    `pin_memory` (for a GPU): batches copy to the device without the host waiting for the GPU.
+    The validation loss uses the training prompt (`data.train_prompt`); every generated score the raw one."""
 
     def __init__(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                  batch_size: int, shuffle_seed: int, num_workers: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
-        self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length)
-        self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length)
+        if cfg.train_prompt is not TrainPrompt.plain:
+            log.warning("data.train_prompt=%s: training (and val/loss) on FinLoRA's [INST] … [/INST] prompt; every "
+                        "generated score (in-training and test) uses the raw prompt", cfg.train_prompt.value)
+        self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length, cfg.train_prompt)
+        self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length, cfg.train_prompt)
         self.pad_id = tokenizer.pad_token_id
         self.batch_size = batch_size
         self.num_workers = num_workers

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from collections.abc import Sequence
+from importlib.metadata import version
 from typing import Any, NamedTuple
 
 import torch
@@ -77,3 +79,12 @@ def capacity_problem(config: Any, bits: int | None, full_precision: bool, gpus: 
     over = f" sharded over {gpus}" if sharded else ""
     return (f"model.name_or_path: {weights / gib:.0f} GiB of weights ({bits or 16}-bit) need about {need / gib:.0f} "
             f"GiB on each GPU{over}, and a GPU here has {gpu_bytes / gib:.0f} GiB; try " + ", or ".join(ways))
+
+
+def environment() -> dict:
+    """The device and precision `trainer=auto` picks on this machine and the versions of the libraries that
+    shape results: what a report written elsewhere, from the runs' files, says they ran on."""
+    _, precision, device = resolve_device("auto", None, None)
+    return {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU",
+            "precision": precision,
+            "versions": {p: version(p) for p in ("torch", "transformers", "peft", "lightning")}}

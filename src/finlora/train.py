@@ -80,7 +80,7 @@ def train(dict_cfg: DictConfig) -> dict:
             check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
             logger=loggers, default_root_dir=run_dir, enable_model_summary=False, callbacks=callbacks.all,
             plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0)
-        module = FinetuneModule(model, t)
+        module = FinetuneModule(model, t, cfg.adapter.magnitude_lr_scale)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         except torch.OutOfMemoryError as err:
@@ -107,6 +107,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
             "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer.compile), **callbacks.profile.summary(),
+            "train_prompt": cfg.data.train_prompt.value, "eval_prompt": "plain",  # evaluation: the raw context
             "device": str(where.device), "precision": where.precision,
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
             if where.device.type == "cuda" else None,

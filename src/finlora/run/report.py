@@ -1,6 +1,7 @@
 """A finished sweep, read back from the files its jobs wrote: a table of jobs, whether they differ only in
-the swept keys, plots, and the commands that rerun failed jobs. Reads files only (no W&B, no training);
-`scripts/report.py` is the command, and reruns failed jobs.
+the swept keys, the seeds of each cell aggregated (mean, standard deviation, 95% Student-t interval), plots,
+and the commands that rerun failed jobs. Reads files only (no W&B, no training); `scripts/report.py` is the
+command, and reruns failed jobs.
 
 Each job folder holds `.hydra/overrides.yaml` and `.hydra/hydra.yaml` (Hydra), `job.json`
 (`finlora.run.job`), and, as far as the job got, `config.yaml`, `metrics.json` and `csv/metrics.csv`
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shlex
+import statistics
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -34,6 +37,7 @@ from finlora.run.job import JOB_FILE
 PER_JOB_KEYS = ("output_dir", "run_name", "logger.tags")
 # Config groups whose options set keys outside their own package.
 GLOBAL_GROUPS = ("experiment",)
+SEED_KEY = "seed"  # swept to repeat a cell, never to define one
 
 
 @dataclass
@@ -102,6 +106,11 @@ class Sweep:
         return [j for j in self.jobs if j.status != "ok"]
 
     @property
+    def cells(self) -> list[Cell]:
+        """The finished jobs grouped by every swept key except the seed."""
+        return group_cells([j for j in self.jobs if j.status == "ok"], [k for k in self.swept if k != SEED_KEY])
+
+    @property
     def metric_keys(self) -> list[str]:
         """The summary metrics worth a column: losses and each test set's scores."""
         found = {k for j in self.jobs for k, v in j.metrics.items() if isinstance(v, int | float)}
@@ -167,6 +176,110 @@ def unexplained_differences(configs: list[dict[str, Any]], swept: list[str]) -> 
     return out
 
 
+@dataclass(frozen=True)
+class Stats:
+    """One metric over n runs: the mean, the sample standard deviation and the 95% interval of the mean,
+    mean ± t(0.975, n−1)·std/√n (Student t, for the few seeds a cell has); no spread with one run."""
+
+    n: int
+    mean: float
+    std: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def text(self, scale: float = 1.0, digits: int = 3) -> str:
+        """`mean ± std [low, high]`, each value times `scale` (100 for percent)."""
+        f = f"{{:.{digits}f}}".format
+        if self.std is None:
+            return f"{f(self.mean * scale)} (n=1)"
+        return f"{f(self.mean * scale)} ± {f(self.std * scale)} [{f(self.low * scale)}, {f(self.high * scale)}]"
+
+
+def seed_stats(values: list[float]) -> Stats:
+    """`Stats` of the values of one cell (one per seed)."""
+    n, mean = len(values), statistics.fmean(values)
+    if n < 2:
+        return Stats(n, mean)
+    std = statistics.stdev(values)
+    half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
+    return Stats(n, mean, std, mean - half, mean + half)
+
+
+def difference_stats(a: list[float], b: list[float]) -> Stats:
+    """mean(a) − mean(b) with a 95% Welch interval; the degrees of freedom are min(n_a, n_b) − 1, the
+    conservative choice (wider than Welch–Satterthwaite's) that needs no fractional t quantile. `std` is the
+    standard error of the difference. No interval unless both sides have two values or more."""
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if min(len(a), len(b)) < 2:
+        return Stats(min(len(a), len(b)), diff)
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    half = t_quantile(0.975, min(len(a), len(b)) - 1) * se
+    return Stats(min(len(a), len(b)), diff, se, diff - half, diff + half)
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p quantile (p > 0.5) of Student's t with integer df, by bisection on its closed-form distribution
+    function (Abramowitz & Stegun 26.7.3–4): no scipy needed where the study runs."""
+    level = 2 * p - 1  # P(|T| < t)
+    lo, hi = 0.0, 1.0
+    while _t_central(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_central(mid, df) < level else (lo, mid)
+    return (lo + hi) / 2
+
+
+def _t_central(t: float, df: int) -> float:
+    """P(|T| < t) for Student's t with df degrees of freedom."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, series, term = math.cos(theta) ** 2, 0.0, 1.0
+    if df % 2:  # odd: (2/π)(θ + sinθ cosθ (1 + 2/3 c² + … + 2·4…(df−3) / 3·5…(df−2) c^(df−3)))
+        for k in range(1, (df - 1) // 2 + 1):
+            series, term = series + term, term * c2 * (2 * k) / (2 * k + 1)
+        return 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * series)
+    for k in range(1, df // 2 + 1):  # even: sinθ (1 + 1/2 c² + … + 1·3…(df−3) / 2·4…(df−2) c^(df−2))
+        series, term = series + term, term * c2 * (2 * k - 1) / (2 * k)
+    return math.sin(theta) * series
+
+
+@dataclass
+class Cell:
+    """Finished jobs that share a value for each of `values`' keys: the seeds of one setting."""
+
+    values: dict[str, str]
+    jobs: list[Job]
+
+    def stats(self, metric: str) -> Stats | None:
+        found = [j.metrics[metric] for j in self.jobs if isinstance(j.metrics.get(metric), int | float)]
+        return seed_stats(found) if found else None
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "all jobs"
+
+
+def group_cells(jobs: list[Job], keys: list[str]) -> list[Cell]:
+    """The jobs grouped by their (command-line) values of `keys`, in the order each group first appears."""
+    cells: dict[tuple[str, ...], Cell] = {}
+    for job in jobs:
+        values = {k: job.overrides.get(k, "-") for k in keys}
+        cells.setdefault(tuple(values.values()), Cell(values, [])).jobs.append(job)
+    return list(cells.values())
+
+
+def cell_rows(sweep: Sweep) -> tuple[list[str], list[list[str]]] | None:
+    """The per-cell table (header, rows), or None when no cell has more than one finished job."""
+    cells = sweep.cells
+    if not any(len(c.jobs) > 1 for c in cells):
+        return None
+    metrics = [k for k in sweep.metric_keys if k != "steps"]
+    header = [*(k for k in sweep.swept if k != SEED_KEY), "seeds", *metrics]
+    body = [[*cell.values.values(), ",".join(j.overrides.get(SEED_KEY, "-") for j in cell.jobs),
+             *(s.text() if (s := cell.stats(m)) else "-" for m in metrics)] for cell in cells]
+    return header, body
+
+
 def rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
     """The table's header and one row per job, as text (shared by the terminal and markdown tables)."""
     metrics = sweep.metric_keys
@@ -188,6 +301,13 @@ def print_table(sweep: Sweep) -> None:
         table.add_row(*cells, style=None if cells[header.index("status")] == "ok" else "red")
     console = Console(width=max(120, 14 * len(header)))
     console.print(table)
+    if aggregated := cell_rows(sweep):
+        cells = Table(title="per cell: mean ± std [95% t interval] over seeds")
+        for col in aggregated[0]:
+            cells.add_column(col, justify="right")
+        for row in aggregated[1]:
+            cells.add_row(*row)
+        console.print(cells)
     console.print(sweep.consistency())
     for job in sweep.failed:
         console.print(f"[red]{job.dir.name}[/red]: {job.status}: {_one_line(job.record.get('error'))}")
@@ -200,9 +320,11 @@ def write_report(sweep: Sweep) -> Path:
     ok = len(sweep.jobs) - len(sweep.failed)
     lines = [f"# Sweep `{sweep.dir.name}`", "",
              f"{len(sweep.jobs)} jobs: {ok} finished, {len(sweep.failed)} did not. {sweep.consistency()}", "",
-             "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-             *("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body), ""]
-    for name, title in (_plot_vs_r(sweep), _plot_curves(sweep)):
+             *markdown_table(header, body), ""]
+    if aggregated := cell_rows(sweep):
+        lines += ["## Per cell: mean ± standard deviation over seeds [95% Student-t interval of the mean]", "",
+                  *markdown_table(*aggregated), ""]
+    for name, title in (_plot_cells(sweep), _plot_curves(sweep)):
         if name:
             lines += [f"![{title}]({name})", ""]
     if sweep.failed:
@@ -216,50 +338,70 @@ def write_report(sweep: Sweep) -> Path:
     return path
 
 
-def _plot_vs_r(sweep: Sweep) -> tuple[str | None, str]:
-    """Each summary metric against the LoRA rank, one line per adapter × base bit width (× any other
-    swept key)."""
-    done = [j for j in sweep.jobs if j.status == "ok" and j.config]
+def markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body)]
+
+
+def _plot_cells(sweep: Sweep) -> tuple[str | None, str]:
+    """Each summary metric per cell (the seeds' mean, the 95% interval as error bar): against the LoRA rank
+    when it was swept, one line per adapter × base bit width (× any other swept key but the seed), else one
+    point per cell."""
+    cells = [c for c in sweep.cells if any(j.config for j in c.jobs)]
     metrics = [k for k in sweep.metric_keys if k != "steps" and k != "final_train_loss"]
-    if not done or not metrics:
+    if not cells or not metrics:
         return None, ""
     plt = _pyplot()
-    others = [k for k in sweep.swept if k.split(".")[0] not in ("adapter", "quant")]
+    by_r = "adapter.r" in sweep.swept
+    others = [k for k in sweep.swept if k.split(".")[0] not in ("adapter", "quant") and k != SEED_KEY]
     cols = min(3, len(metrics))
     fig, axes = plt.subplots(-(-len(metrics) // cols), cols, figsize=(4.5 * cols, 3.6 * -(-len(metrics) // cols)),
                              squeeze=False)
     for ax in axes.flat[len(metrics):]:
         ax.set_visible(False)
     for ax, metric in zip(axes.flat, metrics, strict=False):
-        series: dict[str, list[tuple[int, float]]] = {}
-        for job in done:
-            if job.metrics.get(metric) is None:
+        series: dict[str, list[tuple[Any, Stats]]] = {}
+        for i, cell in enumerate(cells):
+            if (stats := cell.stats(metric)) is None:
                 continue
-            bits = job.config.get("quant.bits")
-            label = " ".join([str(job.config.get("adapter.method")), f"{bits}-bit" if bits else "unquantized",
-                              *(f"{k}={job.overrides.get(k)}" for k in others)])
-            series.setdefault(label, []).append((job.config.get("adapter.r"), job.metrics[metric]))
+            config = next(j.config for j in cell.jobs if j.config)
+            bits = config.get("quant.bits")
+            label = " ".join([str(config.get("adapter.method")), f"{bits}-bit" if bits else "unquantized",
+                              *(f"{k}={cell.values[k]}" for k in others)]) if by_r else cell.label
+            series.setdefault(label, []).append((config.get("adapter.r") if by_r else i, stats))
         for label, points in sorted(series.items()):
-            points.sort()
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
-        ax.set_xlabel("adapter.r")
-        ax.set_title(metric, fontsize=9)
-        ax.legend(fontsize=7)
-    return _save(fig, sweep.dir / "metric_vs_r.png"), "metric vs r"
+            points.sort(key=lambda p: p[0])
+            errors = [[p[1].mean - p[1].low if p[1].low is not None else 0 for p in points],
+                      [p[1].high - p[1].mean if p[1].high is not None else 0 for p in points]]
+            ax.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=errors, marker="o", capsize=3,
+                        label=label)
+        if by_r:
+            ax.set_xlabel("adapter.r")
+        else:
+            ax.set_xticks(range(len(cells)), [c.label for c in cells], rotation=30, ha="right", fontsize=7)
+        ax.set_title(f"{metric} (mean, 95% interval)", fontsize=9)
+        if by_r:
+            ax.legend(fontsize=7)
+    name = "metric_vs_r.png" if by_r else "metric_by_cell.png"
+    return _save(fig, sweep.dir / name), "metric vs r" if by_r else "metric per cell"
 
 
 def _plot_curves(sweep: Sweep) -> tuple[str | None, str]:
-    """Training and validation loss against the optimizer step, one line per job."""
+    """Training and validation loss against the optimizer step, one line per job, one colour per cell (the
+    seeds of a setting share it)."""
     curves = [(j, key, *j.curve(key)) for j in sweep.jobs for key in ("train/loss", "val/loss")]
     if not any(steps for _, _, steps, _ in curves):
         return None, ""
     plt = _pyplot()
+    cells = group_cells(sweep.jobs, [k for k in sweep.swept if k != SEED_KEY])
+    colour = {id(j): f"C{i % 10}" for i, c in enumerate(cells) for j in c.jobs}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for ax, key in zip(axes[0], ("train/loss", "val/loss"), strict=True):
         for job, k, steps, values in curves:
             if k == key and steps:
                 label = " ".join(f"{s}={job.overrides.get(s)}" for s in sweep.swept) or job.dir.name
-                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label,
+                        color=colour[id(job)])
         ax.set_xlabel("step")
         ax.set_title(key)
         ax.legend(fontsize=7)
