@@ -11,7 +11,9 @@ Sections (`--only` picks some):
             inductor and cudagraphs on static batches, LoRA and DoRA (r=8 on q/k/v, finlora's default).
   numerics  50 steps from the same init, eager against cudagraphs (both static, so the same batches in the
             same layout): the largest relative difference of the per-step losses; the adapter loads in peft.
-  cache     `python train.py` twice in fresh processes with one compile cache: the second run's compile s.
+  batch32   the same at batch 32: eager LoRA, cudagraphs LoRA and DoRA.
+  cache     `python train.py` in a fresh process with the compile cache the compiled numerics run filled:
+            a later job of the same shapes (run after numerics).
   llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit, 8 sentiment examples a step:
             LoRA against DoRA, eager packed and cudagraphs static.
   memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
@@ -115,20 +117,25 @@ MODES = {"eager": ["trainer.compile=eager", "data.batching=packed"],
 
 def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
     plan = [(8, "lora", "eager"), (8, "lora", "cudagraphs"), (8, "dora", "eager"), (8, "dora", "cudagraphs"),
-            (8, "dora", "inductor"), (32, "lora", "eager"), (32, "lora", "cudagraphs"), (32, "dora", "cudagraphs")]
+            (8, "dora", "inductor")]
     return [run(f"embedded b{batch} {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}",
                 "quant=none", f"trainer.batch_size={batch}", f"trainer.max_steps={args.steps}", *MODES[mode])
             for batch, adapter, mode in plan]
 
 
+NUMERICS = ["task=sentiment", "adapter=dora", "quant=none", "trainer.batch_size=8", "trainer.max_steps=50",
+            "trainer.log_every_n_steps=1", "adapter.dropout=0", "data.batching=static"]
+
+
 def numerics(model: Path, args: argparse.Namespace) -> list[dict]:
-    rows = [run(f"numerics {mode}", model, args, "task=sentiment", "adapter=dora", "quant=none",
-                "trainer.batch_size=8", "trainer.max_steps=50", "trainer.log_every_n_steps=1", "adapter.dropout=0",
-                "data.batching=static", f"trainer.compile={mode}") for mode in ("eager", "cudagraphs")]
+    """50 steps eager and compiled from the same init; the compiled run starts from an empty compile cache."""
+    rows = [run(f"numerics {mode}", model, args, *NUMERICS, f"trainer.compile={mode}")
+            for mode in ("eager", "cudagraphs")]
     if all("losses" in r for r in rows):
         a, b = rows[0]["losses"], rows[1]["losses"]
         rows[1]["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
         rows[1]["peft_loads"] = peft_loads(model, Path(rows[1]["adapter_dir"]))
+        keep(rows[1], args)
     return rows
 
 
@@ -141,27 +148,29 @@ def peft_loads(model: Path, adapter_dir: Path) -> bool:
 
 
 def cache(model: Path, args: argparse.Namespace) -> list[dict]:
-    """Two `python train.py` processes with the same shapes and one fresh compile cache."""
-    cache_dir = Path(tempfile.mkdtemp(prefix="compile-cache-", dir=args.work))
-    rows = []
-    for attempt in ("cold", "warm"):
-        out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.work))
-        cmd = [sys.executable, str(ROOT / "train.py"),
-               *[o for o in overrides(model, out, args) if not o.startswith("paths.compile_cache")],
-               f"paths.compile_cache={cache_dir}", "task=sentiment", "adapter=dora", "quant=none",
-               "trainer.batch_size=8", f"trainer.max_steps={args.steps}", *MODES["cudagraphs"]]
-        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        metrics = out / "metrics.json"
-        if done.returncode or not metrics.is_file():
-            rows.append({"name": f"cache {attempt}", "error": done.stderr[-600:]})
-            keep(rows[-1], args)
-            continue
-        summary = json.loads(metrics.read_text())
-        rows.append(summary | {"name": f"cache {attempt}"})
-        keep(rows[-1], args)
-        print(f"[cache {attempt}] compile {summary['compile_s']} s, {summary['tokens_per_s']:,.0f} tok/s", flush=True)
-    return rows
+    """A later job of the same shapes: `python train.py` in a fresh process with the compile cache that the
+    compiled numerics run filled (run `numerics` first); its compile seconds against that run's."""
+    out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.work))
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides(model, out, args), *NUMERICS,
+           "trainer.compile=cudagraphs"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    started = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    metrics = out / "metrics.json"
+    if done.returncode or not metrics.is_file():
+        row = {"name": "cache warm", "error": done.stderr[-600:]}
+    else:
+        row = json.loads(metrics.read_text()) | {"name": "cache warm",
+                                                 "process_s": round(time.perf_counter() - started)}
+        print(f"[cache warm] compile {row['compile_s']} s, {row['tokens_per_s']:,.0f} tok/s", flush=True)
+    keep(row, args)
+    return [row]
+
+
+def batch32(model: Path, args: argparse.Namespace) -> list[dict]:
+    return [run(f"embedded b32 {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}", "quant=none",
+                "trainer.batch_size=32", f"trainer.max_steps={args.steps}", *MODES[mode])
+            for adapter, mode in (("lora", "eager"), ("lora", "cudagraphs"), ("dora", "cudagraphs"))]
 
 
 def llama(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
@@ -226,9 +235,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("FINLORA_DATA_DIR", str(ROOT.parent / "shared/data/finlora")))
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
-    parser.add_argument("--only", nargs="*", default=["embedded", "numerics", "cache", "llama", "memory"])
+    parser.add_argument("--only", nargs="*", default=["embedded", "batch32", "numerics", "cache", "llama", "memory"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
+    parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager only: checks the script")
     parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-train-speed-"))
     parser.add_argument("--json", default=str(ROOT / "docs/train_speed.json"))
@@ -246,11 +256,13 @@ def main() -> None:
     model = save_random_llama(Path(args.work) / "smollm2", TINY if args.smoke else SMOLLM2,
                               2 if args.smoke else 30, tokenizer, torch.device("cpu"))
     rows: list[dict] = []
-    sections = {"embedded": lambda: embedded(model, args), "numerics": lambda: numerics(model, args),
+    sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
+                "numerics": lambda: numerics(model, args),
                 "cache": lambda: cache(model, args), "llama": lambda: llama(tokenizer, args),
                 "memory": lambda: memory(tokenizer, args)}
     args.device = device
-    Path(args.json).unlink(missing_ok=True)
+    if not args.append:
+        Path(args.json).unlink(missing_ok=True)
     for name in args.only:
         rows += sections[name]()
     replace_section(Path(args.md), "\n".join(markdown(rows, device)))
