@@ -163,7 +163,7 @@ class NonFiniteGuard(Callback):
     """Checks the loss and the gradients before each optimizer step, after they are averaged over a whole
     accumulation window and over DDP ranks, so every rank decides alike: `stop` raises `NonFiniteLoss`
     before the weights are touched; `skip` drops the gradients, so AdamW leaves the weights and its
-    moments as they were. One host sync per step."""
+    moments as they were. One host sync per step. The norm it checks is logged as `train/grad_norm`."""
 
     def __init__(self, policy: NonFinitePolicy, last: Path) -> None:
         self.policy = policy
@@ -179,6 +179,7 @@ class NonFiniteGuard(Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
         if bool(torch.isfinite(norm)) and (self.loss is None or bool(torch.isfinite(self.loss))):
+            pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)  # before clipping
             return
         step = trainer.global_step + 1
         what = f"loss {self.loss.item()}" if self.loss is not None and not torch.isfinite(self.loss) else (

@@ -1,5 +1,6 @@
 """One job of a Hydra multirun: its record (`job.json`: status, error, the device it saw, start and end) and
-what it sets before it runs (its W&B names, and the refusal of several devices)."""
+what it sets before it runs (its W&B names and tags, and the refusal of several devices); a single run's W&B
+group and tags (`tag_run`)."""
 
 from __future__ import annotations
 
@@ -72,15 +73,24 @@ def multi_device_problem(devices: Any) -> str | None:
 
 
 def name_job(cfg: DictConfig, hydra: DictConfig) -> None:
-    """W&B: group = the sweep's folder name, run name = the job's overrides (unless run_name or logger.group
-    were set), tags = the config's plus adapter, quant and task."""
+    """W&B, in a sweep: run name = the job's folder name (its number and a short part of its overrides) unless
+    run_name was set; group = the sweep's folder name unless logger.group was set; tags as `tag_run`."""
     overridden = {o.lstrip("+~").split("=", 1)[0] for o in hydra.overrides.task}
-    choices = hydra.runtime.choices
     with open_dict(cfg):
-        if "run_name" not in overridden and hydra.job.override_dirname:
-            cfg.run_name = hydra.job.override_dirname
+        if "run_name" not in overridden:
+            cfg.run_name = Path(hydra.runtime.output_dir).name
         if cfg.logger.get("group") is None:
             cfg.logger.group = Path(hydra.sweep.dir).name
+    tag_run(cfg, hydra)
+
+
+def tag_run(cfg: DictConfig, hydra: DictConfig) -> None:
+    """W&B tags = the config's plus adapter, quant and task; for a single run with no logger.group, the group is
+    the experiment preset, else the task, so that runs of one study sit together."""
+    choices = hydra.runtime.choices
+    with open_dict(cfg):
+        if cfg.logger.get("group") is None:
+            cfg.logger.group = choices.get("experiment") or cfg.task.name
         extra = [f"adapter:{choices.get('adapter')}", f"quant:{choices.get('quant')}", f"task:{cfg.task.name}"]
         cfg.logger.tags = list(dict.fromkeys([*cfg.logger.get("tags", []), *extra]))
 

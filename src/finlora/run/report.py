@@ -19,7 +19,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -28,6 +27,7 @@ from rich.table import Table
 
 from finlora.outputs import write_text
 from finlora.run.job import JOB_FILE
+from finlora.run.sweep import job_suffix
 
 # Keys that differ between the jobs of any sweep by design (a folder and a name per job; tags name the
 # adapter and quant choices), never evidence of a job run under other settings.
@@ -139,12 +139,10 @@ def load_sweep(sweep_dir: Path) -> Sweep:
     if jobs and sweep_file.is_file() and hydra.sweeper._target_.endswith("BasicSweeper"):
         started = {_job_order(j.dir)[0] for j in jobs}
         planned = BasicSweeper.split_arguments(parser.parse_overrides(list(hydra.overrides.task)), None)[0]
-        names = hydra.job.config.override_dirname
+        exclude = list(hydra.job.config.override_dirname.exclude_keys)
         for num, raw in enumerate(planned):
             if num not in started:
-                dirname = get_overrides_dirname(parser.parse_overrides(raw), list(names.exclude_keys),
-                                                names.item_sep, names.kv_sep)
-                jobs.append(Job(sweep_dir / f"{num}_{dirname}", _by_key(parser, raw), raw,
+                jobs.append(Job(sweep_dir / f"{num}_{job_suffix(raw, exclude)}", _by_key(parser, raw), raw,
                                 {"status": "never started"}, {}))
         jobs.sort(key=lambda j: _job_order(j.dir))
     return Sweep(sweep_dir, jobs, script)
