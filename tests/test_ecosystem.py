@@ -26,8 +26,7 @@ from finlora.config import LoggerConfig, LoggerKind, ModelConfig, validate
 from finlora.errors import ConfigError
 from finlora.loggers import WANDB_ID_FILE, build_loggers, finish
 from finlora.models import base_identity, portable_name
-from finlora.run.job import tag_run
-from finlora.run.sweep import SUFFIX_CHARS, job_suffix
+from finlora.run.job import SUFFIX_CHARS, job_suffix, tag_run
 from finlora.train import train
 
 TINY = ["quant=none", "trainer=cpu", "task=fpb", "trainer.batch_size=4", "data.max_length=96", "data.val_size=8",
@@ -206,8 +205,7 @@ def _multirun(sweep_dir: Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_sweep_of_20_overrides_runs_in_a_short_folder(tiny_model_dir, tmp_path):
     overrides = [f"model.name_or_path={tiny_model_dir}", *TINY, "adapter=lora", "adapter.r=2,4", "adapter.alpha=4",
                  "adapter.dropout=0.0", "trainer.max_steps=1", "trainer.lr=0.001", "trainer.warmup_steps=0",
-                 "trainer.scheduler=constant", "eval.enabled=false", "logger=csv", "seed=3", "data.seed=5",
-                 "checkpoint.keep_best=0"]
+                 "trainer.scheduler=constant", "eval.enabled=false", "logger=csv", "seed=3", "data.seed=5"]
     assert len(overrides) == 20
     proc = _multirun(tmp_path / "s", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -261,3 +259,17 @@ def test_optuna_composes_with_the_ray_launcher(tmp_path):
                       return_hydra_config=True)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.sweeper.n_jobs == 2
     assert cfg.hydra.launcher._target_.endswith("RayLauncher") and cfg.hydra.launcher.ray.remote.max_calls == 1
+
+
+@pytest.mark.slow
+def test_optuna_trials_run_through_ray_one_gpu_each(tiny_model_dir, tmp_path):
+    """Two trials at once (hydra.sweeper.n_jobs=2) on a local Ray instance that declares two GPUs."""
+    sweep = tmp_path / "ray_study"
+    proc = _multirun(sweep, "hydra/sweeper=optuna", "hydra/launcher=ray", "+hydra.launcher.ray.init.num_gpus=2",
+                     "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", f"model.name_or_path={tiny_model_dir}",
+                     *TINY, "adapter=lora", "adapter.r=choice(2,4)", "trainer.max_steps=2",
+                     "trainer.val_every_n_steps=2", "eval.enabled=false", "logger=csv")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    jobs = [json.loads((d / "job.json").read_text()) for d in sweep.iterdir() if (d / "job.json").is_file()]
+    assert sorted(j["cuda_visible_devices"] for j in jobs) == ["0", "1"] and all(j["status"] == "ok" for j in jobs)
+    assert yaml.safe_load((sweep / "optimization_results.yaml").read_text())["best_value"] > 0

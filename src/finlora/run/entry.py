@@ -66,8 +66,8 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
     try:
         prepare_job(cfg, hydra)
         summary = work(cfg) or {}
-        if "objective" in summary and summary["objective"] is None:
-            raise MissingObjective(missing_objective(cfg))
+        if "objective" in summary and summary["objective"] is None and not _grid(hydra):
+            raise MissingObjective(missing_objective(cfg))  # the sweeper (Optuna, …) would have no value
         job.succeeded(summary)
         return summary
     except FinloraError as err:
@@ -83,6 +83,11 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         return {}
     finally:
         job.close()
+
+
+def _grid(hydra: DictConfig) -> bool:
+    """Whether the sweep is Hydra's basic grid sweeper, which does not use the jobs' return values."""
+    return str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
 def missing_objective(cfg: DictConfig) -> str:

@@ -26,8 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finlora.outputs import write_text
-from finlora.run.job import JOB_FILE
-from finlora.run.sweep import job_suffix
+from finlora.run.job import JOB_FILE, job_suffix
 
 # Keys that differ between the jobs of any sweep by design (a folder and a name per job; tags name the
 # adapter and quant choices), never evidence of a job run under other settings.

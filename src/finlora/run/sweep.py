@@ -7,7 +7,6 @@ jobs, writes the report (`finlora.run.report`) and prints the command that rerun
 from __future__ import annotations
 
 import os
-import re
 import sys
 import warnings
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from finlora.run.job import SWEPT_ENV
 
 # conf/hydra/launcher/ray.yaml shares its name with the plugin's schema on purpose: the schema still checks it.
 warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/ray' is validated against ConfigStore schema")
@@ -41,29 +42,6 @@ def ray_job(resource: str, *, _parent_: DictConfig) -> int:
 OmegaConf.register_new_resolver("finlora.ray_job", ray_job)
 
 
-SUFFIX_CHARS = 40
-SWEPT_ENV = "FINLORA_SWEPT"  # the swept keys, set at the start of a multirun, inherited by its job processes
-
-
-def job_suffix(overrides: list[str], exclude: list[str] | None = None) -> str:
-    """`${finlora.job_suffix:…}` in conf/hydra/default.yaml: the readable part of a sweep job's folder name,
-    after its number: `key=value` of each override by its last key part, the swept keys first, as many as fit
-    in SUFFIX_CHARS, then `+N` for the N left out (a job folder named after every override hit the file-name
-    limit). Path values (`exclude`) are left out; job.json and .hydra/overrides.yaml keep every override."""
-    swept = os.environ.get(SWEPT_ENV, "").split(",")
-    pairs = [o.lstrip("+~").partition("=")[::2] for o in overrides]
-    pairs = sorted((p for p in pairs if p[0] not in (exclude or [])), key=lambda p: p[0] not in swept)
-    items = [re.sub(r"[^A-Za-z0-9._=+,:@-]", "-", f"{re.split(r'[./]', k)[-1]}={v}")[:SUFFIX_CHARS] for k, v in pairs]
-    shown: list[str] = []
-    while len(shown) < len(items) and len(",".join([*shown, items[len(shown)]])) <= SUFFIX_CHARS:
-        shown.append(items[len(shown)])
-    rest = len(items) - len(shown)
-    return ",".join(shown) + (f"+{rest}" if rest else "")
-
-
-OmegaConf.register_new_resolver("finlora.job_suffix", job_suffix)
-
-
 class SweepSettings(Callback):
     """At the start of a multirun: the swept keys go to the job folders' names first (`job_suffix`), and
     `hydra/sweeper=optuna` (hydra-optuna-sweeper, the `sweeps` extra) optimizes in `sweep.direction`, its study
@@ -79,16 +57,8 @@ class SweepSettings(Callback):
         os.environ[SWEPT_ENV] = ",".join(swept)
         if not str(sweeper.get("_target_", "")).endswith("OptunaSweeper") or "sweep" not in config:
             return
-        from finlora.errors import ConfigError
-        from finlora.run.entry import fail
-
-        direction = str(config.sweep.direction)
-        given = [o.split("=", 1)[1] for o in config.hydra.overrides.hydra if o.startswith("hydra.sweeper.direction=")]
-        if given and given[-1] != direction:
-            fail(ConfigError(f"hydra.sweeper.direction={given[-1]} contradicts sweep.direction={direction}; "
-                             "set sweep.direction only"))
         with read_write(sweeper), open_dict(sweeper):
-            sweeper.direction = direction
+            sweeper.direction = getattr(config.sweep.direction, "value", config.sweep.direction)  # Enum or name
             if sweeper.get("study_name") is None:
                 sweeper.study_name = config.hydra.job.name
 
