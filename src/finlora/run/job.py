@@ -24,12 +24,13 @@ SUFFIX_CHARS = 40
 SWEPT_ENV = "FINLORA_SWEPT"  # the swept keys, set at the start of a multirun, inherited by its job processes
 
 
-def job_suffix(overrides: list[str], exclude: list[str] | None = None) -> str:
+def job_suffix(overrides: list[str], exclude: list[str] | None = None, swept: list[str] | None = None) -> str:
     """`${finlora.job_suffix:…}` in conf/hydra/default.yaml: the readable part of a sweep job's folder name,
     after its number: `key=value` of each override by its last key part, the swept keys first, as many as fit
     in SUFFIX_CHARS, then `+N` for the N left out (a job folder named after every override hit the file-name
-    limit). Path values (`exclude`) are left out; job.json and .hydra/overrides.yaml keep every override."""
-    swept = os.environ.get(SWEPT_ENV, "").split(",")
+    limit). Path values (`exclude`) are left out; job.json and .hydra/overrides.yaml keep every override. The
+    swept keys are the sweep's (`sweep.SweepSettings` sets them at its start) unless given."""
+    swept = os.environ.get(SWEPT_ENV, "").split(",") if swept is None else swept
     pairs = [o.lstrip("+~").partition("=")[::2] for o in overrides]
     pairs = sorted((p for p in pairs if p[0] not in (exclude or [])), key=lambda p: p[0] not in swept)
     items = [re.sub(r"[^A-Za-z0-9._=+,:@-]", "-", f"{re.split(r'[./]', k)[-1]}={v}")[:SUFFIX_CHARS] for k, v in pairs]

@@ -137,11 +137,13 @@ def load_sweep(sweep_dir: Path) -> Sweep:
     script = Path(hydra.runtime.cwd) / f"{hydra.job.name}.py" if hydra else Path("train.py")
     if jobs and sweep_file.is_file() and hydra.sweeper._target_.endswith("BasicSweeper"):
         started = {_job_order(j.dir)[0] for j in jobs}
-        planned = BasicSweeper.split_arguments(parser.parse_overrides(list(hydra.overrides.task)), None)[0]
+        command = parser.parse_overrides(list(hydra.overrides.task))
+        planned = BasicSweeper.split_arguments(command, None)[0]
         exclude = list(hydra.job.config.override_dirname.exclude_keys)
+        swept = [o.key_or_group for o in command if o.is_sweep_override()]
         for num, raw in enumerate(planned):
             if num not in started:
-                jobs.append(Job(sweep_dir / f"{num}_{job_suffix(raw, exclude)}", _by_key(parser, raw), raw,
+                jobs.append(Job(sweep_dir / f"{num}_{job_suffix(raw, exclude, swept)}", _by_key(parser, raw), raw,
                                 {"status": "never started"}, {}))
         jobs.sort(key=lambda j: _job_order(j.dir))
     return Sweep(sweep_dir, jobs, script)
