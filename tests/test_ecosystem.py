@@ -78,6 +78,10 @@ def test_callbacks_are_checked_before_the_model_loads(tmp_path):
     assert "sweep.objective" not in msg
     assert "sweep.objective: this run does not log 'test/tfns/accuracy'" in _problems(
         ["task=fpb", "sweep.objective=test/tfns/accuracy"], tmp_path)
+    # Unset, the objective is val/loss, unchecked: a run without a validation split stays valid.
+    validate(compose_cfg(["data.val_size=0", "checkpoint.keep_best=0"], tmp_path))
+    assert "sweep.objective: this run does not log 'val/loss'" in _problems(
+        ["data.val_size=0", "sweep.objective=val/loss"], tmp_path)
 
 
 def test_a_refused_extra_stops_train_py_before_anything_is_written(tmp_path):

@@ -359,8 +359,12 @@ class SweepConfig:
     """What a hyperparameter search (`hydra/sweeper=optuna`) optimizes: `train.py` returns this metric's value
     at the end of the run, and a sweep job that did not log it fails, saying why."""
 
-    objective: str = "val/loss"  # any metric the run logs: val/loss, val/<task>/<metric>, test/<set>/<metric>, …
+    objective: str | None = None  # any metric the run logs: val/<task>/<metric>, test/<set>/<metric>, …; null: val/loss
     direction: Direction = Direction.minimize
+
+    @property
+    def metric(self) -> str:
+        return self.objective or "val/loss"  # unchecked by default: a run without validation has no val/loss
 
 
 def metric_problems(key: str, metric: str, cfg: Config) -> list[str]:
@@ -436,7 +440,7 @@ class Config(RunConfig):
 
         monitors = [(f"callbacks.{n}.monitor", c["monitor"]) for n, c in self.callbacks.items()
                     if isinstance(c, dict) and isinstance(c.get("monitor"), str)]
-        metrics = [("sweep.objective", self.sweep.objective), *monitors]
+        metrics = [*([("sweep.objective", self.sweep.objective)] if self.sweep.objective else []), *monitors]
         return (trainer_extra_problems(self.trainer.extra) + callback_problems(self.callbacks)
                 + [p for key, metric in metrics for p in metric_problems(key, metric, self)])
 

@@ -106,7 +106,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
             "device": str(where.device), "precision": where.precision,
-            "objective": metrics.get(cfg.sweep.objective),  # what train.py returns to a sweeper
+            "objective": metrics.get(cfg.sweep.metric), "objective_metric": cfg.sweep.metric,  # what a sweeper gets
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
@@ -118,12 +118,12 @@ def train(dict_cfg: DictConfig) -> dict:
                                                  cfg.quant.bits, run_dir / "eval", loggers)
                 except torch.OutOfMemoryError as err:
                     raise oom_advice(cfg, "eval") from err
-                objective = test_metrics.get(cfg.sweep.objective, summary["objective"])
+                objective = test_metrics.get(cfg.sweep.metric, summary["objective"])
                 summary.update(test_metrics, objective=objective, wall_time_s=round(time.time() - started, 1))
                 write_json(run_dir / "metrics.json", summary)
                 write_card(adapter_dir, cfg, base, summary)
-            if summary["objective"] is None:
-                log.warning("sweep.objective=%s was not logged by this run (a sweep job would fail)",
+            if summary["objective"] is None and cfg.sweep.objective:
+                log.warning("sweep.objective=%s was not logged by this run (a search's job would fail)",
                             cfg.sweep.objective)
             log_adapter(loggers, adapter_dir, f"{adapter_dir.name}-{cfg.run_name}", base | {"summary": summary})
             log_summary(loggers, summary)

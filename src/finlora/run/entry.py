@@ -67,7 +67,7 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         prepare_job(cfg, hydra)
         summary = work(cfg) or {}
         if "objective" in summary and summary["objective"] is None and not _grid(hydra):
-            raise MissingObjective(missing_objective(cfg))  # the sweeper (Optuna, …) would have no value
+            raise MissingObjective(missing_objective(cfg, summary["objective_metric"]))  # no value for the sweeper
         job.succeeded(summary)
         return summary
     except FinloraError as err:
@@ -90,10 +90,10 @@ def _grid(hydra: DictConfig) -> bool:
     return str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper")
 
 
-def missing_objective(cfg: DictConfig) -> str:
+def missing_objective(cfg: DictConfig, metric: str) -> str:
     """Why a sweep job has no value for the sweeper, and what to change."""
     t = cfg.trainer
-    return (f"sweep.objective={cfg.sweep.objective} was not logged by this job, so the sweeper has no value for "
+    return (f"sweep.objective={metric} was not logged by this job, so the sweeper has no value for "
             f"it (its adapter and metrics.json are kept). val/* metrics need a validation: it runs at the end of "
             f"each epoch unless trainer.val_every_n_steps is set, and trainer.max_steps={t.max_steps} can end the "
             f"run inside the first epoch (trainer.val_every_n_steps={t.val_every_n_steps}); set "
