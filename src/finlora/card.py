@@ -11,6 +11,7 @@ from finlora.config import AdapterMethod, Config
 from finlora.outputs import write_json, write_text
 
 PEFT_CONFIG = "adapter_config.json"
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
 
 
 def set_base_name(folder: Path, name: str) -> None:
@@ -26,7 +27,7 @@ def write_card(folder: Path, cfg: Config, base: dict, summary: dict) -> None:
     """`README.md` in the adapter (or model) folder; written at save time and again with the test metrics."""
     full = cfg.adapter.method is AdapterMethod.none
     a, t, hub = cfg.adapter, cfg.trainer, base["hub_id"]
-    kind = "full fine-tune" if full else f"{a.method.value.upper()} adapter"
+    kind = "full fine-tune" if full else f"{METHOD_NAMES[a.method.value]} adapter"
     train_files = ", ".join(f"`{s.file}`" + (f" ×{s.repeat}" if s.repeat > 1 else "") for s in cfg.task.train)
     tests = {k: v for k, v in summary.items() if k.startswith("test/") and isinstance(v, int | float)}
     results = ["| metric | value |", "|---|---|",
@@ -45,26 +46,26 @@ def write_card(folder: Path, cfg: Config, base: dict, summary: dict) -> None:
                 f"{t.scheduler.value} schedule, warmup {t.warmup_steps} steps, clip {t.grad_clip:g}",
                 "batch": f"{t.batch_size} × {t.grad_accum} accumulation, {cfg.data.batching.value} batches, "
                 f"max_length {cfg.data.max_length}", "seed": str(cfg.seed)}
-    load = (f"""```python
+    load = ("""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-model = AutoModelForCausalLM.from_pretrained("{folder.name}")
-tokenizer = AutoTokenizer.from_pretrained("{folder.name}")
+model = AutoModelForCausalLM.from_pretrained("<this folder>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 ```""" if full else f"""```python
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # the base named in adapter_config.json ({hub}):
-model = AutoPeftModelForCausalLM.from_pretrained("{folder.name}")
+model = AutoPeftModelForCausalLM.from_pretrained("<this folder>")
 # or a copy of the base of your own:
-model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<base folder>"), "{folder.name}")
-tokenizer = AutoTokenizer.from_pretrained("{folder.name}")
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("<base folder>"), "<this folder>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder>")
 
 merged = model.merge_and_unload()  # a plain model: the adapter folded into the base weights
 merged.save_pretrained("merged")
 ```
 
-With finlora: `python eval.py adapter_path={folder.name} task={cfg.task.name}` (add `merge=true` to merge first).""")
+With finlora: `python eval.py adapter_path=<this folder> task={cfg.task.name}` (add `merge=true` to merge first).""")
     tags = "\n".join(f"- {tag}" for tag in ("finlora", "finance", cfg.task.name, *([] if full else [a.method.value])))
     text = f"""---
 base_model: {hub}
@@ -102,7 +103,8 @@ The run's whole config is `config.yaml` in its run folder (the folder above this
     write_text(folder / "README.md", text)
 
 
-def _fmt(value: object) -> str:
+def _fmt(value: float | int | None) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    whole = float(value).is_integer() and float(value) > 1  # a count (steps, rows), not a score or a loss
+    return str(int(value)) if whole else f"{value:.4f}"

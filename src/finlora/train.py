@@ -125,7 +125,8 @@ def train(dict_cfg: DictConfig) -> dict:
             if summary["objective"] is None and cfg.sweep.objective:
                 log.warning("sweep.objective=%s was not logged by this run (a search's job would fail)",
                             cfg.sweep.objective)
-            log_adapter(loggers, adapter_dir, f"{adapter_dir.name}-{cfg.run_name}", base | {"summary": summary})
+            if not full_finetune:  # W&B copies an artifact's files: an adapter, not a whole model
+                log_adapter(loggers, adapter_dir, f"adapter-{cfg.run_name}", base | {"summary": summary})
             log_summary(loggers, summary)
             print_summary(summary, breakdown)
             if test_metrics:
