@@ -16,7 +16,6 @@ import pytest
 import wandb
 import yaml
 from conftest import ROOT, compose_cfg
-from hydra.core.hydra_config import HydraConfig
 from peft import AutoPeftModelForCausalLM, PeftModel
 from transformers import AutoModelForCausalLM
 from wandb_file import records
@@ -26,7 +25,7 @@ from finlora.config import LoggerConfig, LoggerKind, ModelConfig, validate
 from finlora.errors import ConfigError
 from finlora.loggers import WANDB_ID_FILE, build_loggers, finish
 from finlora.models import base_identity, portable_name
-from finlora.run.job import SUFFIX_CHARS, job_suffix, tag_run
+from finlora.run.job import SUFFIX_CHARS, job_suffix
 from finlora.train import train
 
 TINY = ["quant=none", "trainer=cpu", "task=fpb", "trainer.batch_size=4", "data.max_length=96", "data.val_size=8",
@@ -164,11 +163,14 @@ def test_embedded_model_adapters_name_the_hub_id():
 
 
 def test_wandb_run_has_group_tags_lr_grad_norm_and_the_adapter_artifact(tiny_model_dir, tmp_path):
-    cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", *TINY, "adapter=lora", "trainer.max_steps=2",
-                       "trainer.val_every_n_steps=2", "eval.enabled=false", "logger=wandb", "logger.tags=[mine]"],
-                      tmp_path)
-    tag_run(cfg, HydraConfig.get())
-    train(cfg)
+    """A single run of `train.py` (the entry sets its W&B group and tags), with trainer.extra and a callback
+    from the command line, no `+` needed."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={tmp_path}",
+                           f"model.name_or_path={tiny_model_dir}", *TINY, "adapter=lora", "trainer.max_steps=2",
+                           "trainer.val_every_n_steps=2", "eval.enabled=false", "logger=wandb", "logger.tags=[mine]",
+                           "trainer.extra.limit_val_batches=1", "callbacks=device_stats"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     adapter = tmp_path / "adapter"
     # A local folder without model.hub_id keeps its path, and AutoPeftModelForCausalLM finds the base there.
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == \
@@ -182,6 +184,7 @@ def test_wandb_run_has_group_tags_lr_grad_norm_and_the_adapter_artifact(tiny_mod
     assert run.run_group == "fpb" and set(run.tags) == {"mine", "adapter:lora", "quant:none", "task:fpb"}
     history = {item.key or "/".join(item.nested_key) for r in recs if r.HasField("history") for item in r.history.item}
     assert {"train/loss", "train/grad_norm", "lr-AdamW", "val/loss"} <= history
+    assert any(k.startswith("DeviceStatsMonitor") for k in history)  # the callback chosen on the command line
     artifacts = [r.artifact for r in recs if r.HasField("artifact")]
     assert len(artifacts) == 1 and artifacts[0].type == "model" and artifacts[0].name.startswith("adapter-")
     paths = {e.path for e in artifacts[0].manifest.contents}
