@@ -209,6 +209,7 @@ def _multirun(sweep_dir: Path, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow  # a real multirun of two jobs; job_suffix's bound is checked in the fast suite above
 def test_a_sweep_of_20_overrides_runs_in_a_short_folder(tiny_model_dir, tmp_path):
     overrides = [f"model.name_or_path={tiny_model_dir}", *TINY, "adapter=lora", "adapter.r=2,4", "adapter.alpha=4",
                  "adapter.dropout=0.0", "trainer.max_steps=1", "trainer.lr=0.001", "trainer.warmup_steps=0",
