@@ -11,10 +11,10 @@ from finlora.run.entry import cli, run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Returns the final validation loss, the value a Hydra sweeper minimizes."""
+    """Returns the run's `sweep.objective` (val/loss unless set), the value a Hydra sweeper optimizes."""
     from finlora.train import train  # torch and the rest load only once a run starts: --help stays quick
 
-    return run(train, cfg).get("final_val_loss")
+    return run(train, cfg).get("objective")
 
 
 if __name__ == "__main__":

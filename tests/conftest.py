@@ -26,6 +26,8 @@ def _offline_env():
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["FINLORA_DATA_DIR"] = str(DATA_DIR)
+    # Commands run as subprocesses (train.py, scripts) import this checkout's finlora, not an installed copy.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

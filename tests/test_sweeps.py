@@ -69,11 +69,11 @@ def test_ray_sweep_jobs_have_their_own_wandb_runs_grouped_by_sweep(ray_sweep):
         summary = {i.key: i.value_json for r in recs if r.HasField("summary") for i in r.summary.update}
         runs[job_dir.name] = run
         assert run.run_group == "rank_sweep"
-        assert run.display_name == job_dir.name.split("_", 1)[1]  # the job's overrides, as its folder says
+        assert run.display_name == job_dir.name  # its number and swept key, as its folder says
         assert set(run.tags) == {"ci", "adapter:dora", "quant:none", "task:fpb"}
         assert {"final_val_loss", "test/fpb/accuracy", "steps"} <= set(summary)
     assert len({r.run_id for r in runs.values()}) == 2
-    assert {r.display_name.split(",")[0] for r in runs.values()} == {"adapter.r=4", "adapter.r=8"}
+    assert {r.display_name.split("_", 1)[1].split(",")[0] for r in runs.values()} == {"r=4", "r=8"}
 
 
 def test_sweep_ends_with_a_table_and_a_report(ray_sweep, tmp_path):

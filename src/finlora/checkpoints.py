@@ -75,7 +75,7 @@ def resume_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
 # What a checkpoint's trained parameters mean: resuming one under other values of these would load them
 # into other shapes, or silently into other roles (LoRA weights into a DoRA run).
 SHAPING = ("model", "quant", "adapter")
-FREE = ("adapter.impl", "adapter.dropout", "model.trust_remote_code")  # the same parameters either way
+FREE = ("adapter.impl", "adapter.dropout", "model.trust_remote_code", "model.hub_id")  # the same parameters either way
 
 
 def setting_changes(ckpt_path: str, config: dict) -> list[str]:

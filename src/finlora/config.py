@@ -113,6 +113,7 @@ class ModelConfig:
     name_or_path: str = EMBEDDED_PREFIX + EMBEDDED_MODELS[0]  # a hub id, a local folder, or embedded:<name>
     revision: str | None = None
     trust_remote_code: bool = False
+    hub_id: str | None = None  # the hub id of a local folder's model, written into saved adapters (portable)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -271,6 +272,7 @@ class TrainerConfig:
     num_workers: int = 0
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
     compile: Compile = Compile.eager  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
+    extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument (`finlora.extensions`)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -373,6 +375,38 @@ class TrainEvalSettings(EvalSettings):
         return problems
 
 
+class Direction(Enum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+@dataclass
+class SweepConfig:
+    """What a hyperparameter search (`hydra/sweeper=optuna`) optimizes: `train.py` returns this metric's value
+    at the end of the run, and a sweep job that did not log it fails, saying why."""
+
+    objective: str | None = None  # any metric the run logs: val/<task>/<metric>, test/<set>/<metric>, …; null: val/loss
+    direction: Direction = Direction.minimize
+
+    @property
+    def metric(self) -> str:
+        return self.objective or "val/loss"  # unchecked by default: a run without validation has no val/loss
+
+
+def metric_problems(key: str, metric: str, cfg: Config) -> list[str]:
+    """Why `metric` (the value of `key`) is not one this run logs, if it is not: train/* (loss, grad_norm, lr,
+    throughput) always; val/loss with a validation split; val/<task>/<metric> with in-training scoring;
+    test/<set>/<metric> with the test stage."""
+    val, tests = cfg.data.val_size > 0, [t.name for t in cfg.task.test] if cfg.eval.enabled else []
+    scored = val and cfg.eval.during_training.size > 0 and bool(cfg.task.test)
+    logged = (metric.startswith("train/") or (val and metric == "val/loss")
+              or (scored and metric.startswith(f"val/{cfg.task.name}/")) or any(metric.startswith(f"test/{t}/")
+                                                                                for t in tests))
+    offered = ["train/<metric>", *(["val/loss"] if val else []), *([f"val/{cfg.task.name}/<metric>"] if scored else []),
+               *(f"test/{t}/<metric>" for t in tests)]
+    return [] if logged else [f"{key}: this run does not log {metric!r}; it logs {', '.join(offered)}"]
+
+
 @dataclass
 class RunConfig:
     """What a training run and an evaluation share: the base model, the task, where things are, the logger."""
@@ -403,6 +437,8 @@ class Config(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     eval: TrainEvalSettings = field(default_factory=TrainEvalSettings)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    callbacks: dict[str, Any] = field(default_factory=dict)  # name -> {_target_: …, args} (`finlora.extensions`)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 42  # weights init, dropout and the order of training batches
     ckpt_path: str | None = None  # a checkpoint file, or last; null: a rerun in a run folder resumes its last.ckpt
 
@@ -429,7 +465,18 @@ class Config(RunConfig):
             f"val/{self.task.name}/")), "checkpoint.monitor",
                f"must be val/loss or a task score val/{self.task.name}/<metric> (needs eval.during_training.size > 0), "
                f"got {self.checkpoint.monitor!r}")
-        return problems + token_problems(asdict(self))
+        return problems + self.extension_problems() + token_problems(asdict(self))
+
+    def extension_problems(self) -> list[str]:
+        """`trainer.extra`, `callbacks` (their targets and arguments) and the metrics that `sweep.objective` and
+        any callback's `monitor` name."""
+        from finlora.extensions import callback_problems, trainer_extra_problems
+
+        monitors = [(f"callbacks.{n}.monitor", c["monitor"]) for n, c in self.callbacks.items()
+                    if isinstance(c, dict) and isinstance(c.get("monitor"), str)]
+        metrics = [*([("sweep.objective", self.sweep.objective)] if self.sweep.objective else []), *monitors]
+        return (trainer_extra_problems(self.trainer.extra) + callback_problems(self.callbacks)
+                + [p for key, metric in metrics for p in metric_problems(key, metric, self)])
 
 
 @dataclass
@@ -464,7 +511,11 @@ class EvalConfig(RunConfig):
 
 
 # The schemas of conf/train.yaml and conf/eval.yaml (each lists its schema first in its defaults).
-ConfigStore.instance().store(name="train_schema", node=Config)
+# `trainer.extra` and `callbacks` take keys of the user's choosing without a `+`.
+_train_schema = OmegaConf.structured(Config)
+OmegaConf.set_struct(_train_schema.trainer.extra, False)
+OmegaConf.set_struct(_train_schema.callbacks, False)
+ConfigStore.instance().store(name="train_schema", node=_train_schema)
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 
 

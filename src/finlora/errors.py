@@ -44,6 +44,10 @@ class OutOfMemory(RunFault):
     pass
 
 
+class MissingObjective(RunFault):
+    """A sweep job ended without the metric its sweeper optimizes (`sweep.objective`)."""
+
+
 class Interrupted(RunFault):
     """Stopped by a signal after saving; the status is what a shell reports for a process ended by it."""
 

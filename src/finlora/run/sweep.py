@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from finlora.run.job import SWEPT_ENV
 
 # conf/hydra/launcher/ray.yaml shares its name with the plugin's schema on purpose: the schema still checks it.
 warnings.filterwarnings("ignore", message=r"\n?'hydra/launcher/ray' is validated against ConfigStore schema")
@@ -38,6 +40,27 @@ def ray_job(resource: str, *, _parent_: DictConfig) -> int:
 
 
 OmegaConf.register_new_resolver("finlora.ray_job", ray_job)
+
+
+class SweepSettings(Callback):
+    """At the start of a multirun: the swept keys go to the job folders' names first (`job_suffix`), and
+    `hydra/sweeper=optuna` (hydra-optuna-sweeper, the `sweeps` extra) optimizes in `sweep.direction`, its study
+    named after the script unless `hydra.sweeper.study_name` is given. Set here, before Hydra builds the
+    sweeper: a config file named like the plugin's own entry cannot add to it (that entry has a defaults list)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        sweeper = config.hydra.sweeper
+        parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+        swept = [o.key_or_group for o in parsed if o.is_sweep_override()] + list(sweeper.get("params") or {})
+        os.environ[SWEPT_ENV] = ",".join(swept)
+        if not str(sweeper.get("_target_", "")).endswith("OptunaSweeper") or "sweep" not in config:
+            return
+        with read_write(sweeper), open_dict(sweeper):
+            sweeper.direction = getattr(config.sweep.direction, "value", config.sweep.direction)  # Enum or name
+            if sweeper.get("study_name") is None:
+                sweeper.study_name = config.hydra.job.name
 
 
 class SweepSummary(Callback):
