@@ -109,6 +109,27 @@ def test_greedy_answers_are_identical_at_every_batch_size(lively):
     assert model.training is False
 
 
+def test_static_cache_path_gives_the_same_answers(lively, monkeypatch):
+    """The CUDA path (a static KV cache of one rounded-up length, every batch filled to the same number of
+    rows), run here on the CPU where transformers does not compile it: the same answers, in order."""
+    import finlora.evaluate
+
+    tokenizer, model = lively
+    records = _mixed_records(5)
+    eager = generate(model, tokenizer, records, 6, 8)
+    calls = []
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
+    monkeypatch.setattr(type(model), "generate", spy)
+    assert generate(model, tokenizer, records, 6, 8) == eager
+    assert len(calls) == 3 and set(calls) == {(8, "static", 256)}  # 20 rows: 8 + 8 + 4 filled to 8
+
+
 def test_each_row_stops_at_its_eos(lively):
     """A row ends at EOS while the others of its batch go on to max_new_tokens: made visible by declaring
     EOS a token that some rows generate early and others never."""
@@ -131,6 +152,7 @@ def test_each_row_stops_at_its_eos(lively):
     assert any(eos in row for row in tokens) and any(eos not in row for row in tokens)
 
 
+@pytest.mark.slow
 def test_real_embedded_model_answers_identical_alone_and_batched(smollm_dir):
     cfg = ModelConfig(name_or_path=str(smollm_dir))
     tokenizer = load_tokenizer(str(smollm_dir), cfg)
@@ -158,6 +180,16 @@ def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(t
     assert seen and all(seen) and not any(m.training for m in layers)
     outliers = generate(model, tokenizer, records[:2], 4, 2, int8_cpu=Int8Cpu.llm_int8)
     assert len(outliers) == 2 and not any(m.state.is_training for m in layers)
+
+
+def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):
+    from finlora.evaluate import CPU_BATCH, auto_batch_size, even_batches
+
+    assert even_batches(1212, 1024, 8) == 608  # two batches, 4 filler rows, not 1,024 + 188 filled to 1,024
+    assert even_batches(235, 1024, 8) == 240 and even_batches(200, 64, 1) == 50 and even_batches(7, 64, 1) == 7
+    _, model = tiny
+    assert auto_batch_size(model, torch.device("cpu"), 256, 1000, "32-true") == CPU_BATCH
+    assert auto_batch_size(model, torch.device("cpu"), 256, 10, "32-true") == 10
 
 
 def test_batch_size_is_auto_or_a_positive_integer():

@@ -3,7 +3,9 @@
 Prompts come from `finlora.prompts.encode_prompt`, the function training uses, so an evaluation prompt is
 always the training prompt minus the answer. Generation is greedy and batched with left padding; the
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
-file order. `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is also training's test stage.
+file order. The batch is as large as fits (`eval.batch_size=auto`), and on CUDA the decode step runs
+compiled on a static KV cache (`generate`). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
+also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
 """
 
 from __future__ import annotations
@@ -61,10 +63,11 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(p.device for p in model.parameters())
-    static = static_cache and device.type == "cuda"
+    static = static_cache and compiles_decoding(device)
     cache_len = -(-(len(prompts[order[-1]]) + max_new_tokens) // CACHE_STEP) * CACHE_STEP
     auto = batch_size == "auto"
-    size = auto_batch_size(model, device, cache_len, len(prompts), precision) if auto else int(batch_size)
+    size = int(batch_size) if not auto else even_batches(
+        len(prompts), auto_batch_size(model, device, cache_len, len(prompts), precision), 8 if static else 1)
     options: dict = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
                      "use_cache": True}
     if static:
@@ -113,6 +116,18 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     return answers
 
 
+def even_batches(rows: int, most: int, multiple: int) -> int:
+    """The batch size that cuts `rows` into as few batches as `most` allows, of near-equal sizes (rounded up
+    to `multiple`): 1,212 rows at most 1,024 make two batches of 608, not 1,024 and 188 filled up to 1,024."""
+    per_batch = -(-rows // -(-rows // most))
+    return -(-per_batch // multiple) * multiple
+
+
+def compiles_decoding(device: torch.device) -> bool:
+    """Whether transformers compiles the decode step there (CUDA); elsewhere a static cache buys nothing."""
+    return device.type == "cuda"
+
+
 def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[:tokens.index(eos)] if eos in tokens else tokens
 
@@ -120,8 +135,7 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
 def auto_batch_size(model: nn.Module, device: torch.device, length: int, rows: int, precision: str) -> int:
     """The most rows, a power of two up to `AUTO_CAP`, whose generation fits `MEMORY_SHARE` of the free GPU
     memory: per row, the KV cache of `length` tokens and the widest activations of one layer over them (the
-    prompt's forward pass, in float32 to be safe), plus the last position's logits; never more rows than
-    asked for (rounded up to a power of two, so that few batch shapes get compiled). On the CPU: `CPU_BATCH`.
+    prompt's forward pass, in float32 to be safe), plus the last position's logits. On the CPU: `CPU_BATCH`.
     `generate` halves it if the estimate was wrong."""
     if device.type != "cuda":
         return min(CPU_BATCH, rows)
@@ -135,7 +149,7 @@ def auto_batch_size(model: nn.Module, device: torch.device, length: int, rows: i
     per_row = length * (kv + activations) + 3 * 4 * config.vocab_size
     free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     fit = max(1, min(AUTO_CAP, int(MEMORY_SHARE * free // per_row)))
-    return min(1 << (fit.bit_length() - 1), 1 << (rows - 1).bit_length())
+    return 1 << (fit.bit_length() - 1)
 
 
 def int8_dequantized(model: nn.Module, on: bool) -> int:
