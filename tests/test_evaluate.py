@@ -163,8 +163,8 @@ def test_real_embedded_model_answers_identical_alone_and_batched(smollm_dir):
 
 
 def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(tiny_model_dir):
-    """`eval.int8_cpu=dequant` (default): bitsandbytes' CPU training path, whose answers do not depend on the
-    batch; the 8-bit layers are back in eval mode afterwards."""
+    """`eval.int8_cpu=dequant`: bitsandbytes' CPU training path, whose answers do not depend on the batch; the
+    8-bit layers are back in eval mode afterwards, and the default (LLM.int8) leaves them there."""
     import bitsandbytes as bnb
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
@@ -173,13 +173,14 @@ def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(t
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     records = _mixed_records(6)
     seen = []
-    hook = layers[0].register_forward_pre_hook(lambda module, args: seen.append(module.state.is_training))
-    alone = [generate(model, tokenizer, [r], 4, 1)[0] for r in records]
-    assert generate(model, tokenizer, records, 4, 24) == alone
-    hook.remove()
+    hook = layers[0].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    alone = [generate(model, tokenizer, [r], 4, 1, int8_cpu=Int8Cpu.dequant)[0] for r in records]
+    assert generate(model, tokenizer, records, 4, 24, int8_cpu=Int8Cpu.dequant) == alone
     assert seen and all(seen) and not any(m.training for m in layers)
-    outliers = generate(model, tokenizer, records[:2], 4, 2, int8_cpu=Int8Cpu.llm_int8)
-    assert len(outliers) == 2 and not any(m.state.is_training for m in layers)
+    seen.clear()
+    assert len(generate(model, tokenizer, records[:2], 4, 2)) == 2
+    hook.remove()
+    assert seen and not any(seen) and not any(m.state.is_training for m in layers)
 
 
 def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):
@@ -188,7 +189,7 @@ def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):
     assert even_batches(1212, 1024, 8) == 608  # two batches, 4 filler rows, not 1,024 + 188 filled to 1,024
     assert even_batches(235, 1024, 8) == 240 and even_batches(200, 64, 1) == 50 and even_batches(7, 64, 1) == 7
     _, model = tiny
-    assert auto_batch_size(model, torch.device("cpu"), 256, 1000, "32-true") == CPU_BATCH
+    assert auto_batch_size(model, torch.device("cpu"), 256, 1000, "32-true") == CPU_BATCH == 32  # as before
     assert auto_batch_size(model, torch.device("cpu"), 256, 10, "32-true") == 10
 
 
@@ -334,7 +335,8 @@ def test_monitor_needs_a_score_that_is_logged(tmp_path):
 
 
 def test_8bit_scoring_with_a_batch_warns_why_scores_move(tiny, tmp_path, caplog):
-    """Issue 13, item 2: nothing said that an 8-bit base's scores depend on `eval.batch_size`."""
+    """Issue 13, item 2: nothing said that an 8-bit base's scores depend on `eval.batch_size`. They do with
+    LLM.int8 and a batch; not at batch size 1, nor on the CPU through the dequantized weight."""
     from finlora.evaluate import evaluate_sets
 
     tokenizer, model = tiny

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 AUTO_CAP = 1024  # rows: past this a bigger batch buys nothing and only holds memory
-CPU_BATCH = 64  # `auto` on the CPU: throughput is flat past a few dozen rows, and a batch bounds the wasted tail
+CPU_BATCH = 32  # `auto` on the CPU: the batches of before (an 8-bit base's LLM.int8 scores depend on them)
 MEMORY_SHARE = 0.7  # of the free GPU memory that `auto` plans to fill (the rest: allocator slack, the unforeseen)
 CACHE_STEP = 256  # a static cache's length is rounded up to this, so one compiled decode step serves many sets
 
@@ -47,7 +47,7 @@ CACHE_STEP = 256  # a static cache's length is rounded up to this, so one compil
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
              batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating", *,
-             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.dequant) -> list[str]:
+             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.llm_int8) -> list[str]:
     """Greedy answers for `records`, in their order, under the same autocast as training used.
 
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
@@ -156,9 +156,9 @@ def int8_dequantized(model: nn.Module, on: bool) -> int:
     """With `on`, put the model's bitsandbytes 8-bit layers in training mode (until `model.train`/`eval` is
     called again): on the CPU, bitsandbytes then computes them as in training, through the weight
     dequantized to the input's dtype (`MatMul8bitFp`), instead of LLM.int8's quantized inputs with outlier
-    columns chosen per batch. The answers then no longer depend on which prompts share a batch, they come
-    from the function the CPU trained, and the matmuls cost about a third (docs/benchmarks.md). The
-    layers have no dropout or other training-only behaviour. Returns the number of layers switched."""
+    columns chosen per batch. The answers then no longer depend on which prompts share a batch and they come
+    from the function the CPU trained; the time is about LLM.int8's (docs/benchmarks.md). The layers have
+    no dropout or other training-only behaviour. Returns the number of layers switched."""
     bnb = sys.modules.get("bitsandbytes")
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)] if on and bnb else []
     for layer in layers:
