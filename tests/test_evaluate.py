@@ -130,6 +130,32 @@ def test_static_cache_path_gives_the_same_answers(lively, monkeypatch):
     assert len(calls) == 3 and set(calls) == {(8, "static", 256)}  # 20 rows: 8 + 8 + 4 filled to 8
 
 
+def test_auto_batch_halves_when_out_of_memory_and_a_fixed_one_says_so(lively, monkeypatch, tmp_path):
+    """`auto` goes on with half the rows after an out-of-memory error (as CUDA raises it); a batch size the
+    user chose is not second-guessed: the error reaches the caller, whose advice names a smaller one."""
+    from finlora.config import validate
+    from finlora.train import oom_advice
+
+    tokenizer, model = lively
+    records = _mixed_records(5)
+    expected = generate(model, tokenizer, records, 4, 8)
+    original, sizes = type(model).generate, []
+
+    def tight(self, *args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", tight)
+    assert generate(model, tokenizer, records, 4, "auto") == expected
+    assert sizes[:3] == [20, 10, 5] and set(sizes[3:]) == {5}
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, tokenizer, records, 4, 8)
+    assert "eval.batch_size=1" in str(oom_advice(validate(compose_cfg([], tmp_path)), "eval"))
+    assert "eval.batch_size=4" in str(oom_advice(validate(compose_cfg(["eval.batch_size=8"], tmp_path)), "eval"))
+
+
 def test_each_row_stops_at_its_eos(lively):
     """A row ends at EOS while the others of its batch go on to max_new_tokens: made visible by declaring
     EOS a token that some rows generate early and others never."""
