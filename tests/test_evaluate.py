@@ -219,6 +219,21 @@ def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):
     assert auto_batch_size(model, torch.device("cpu"), 256, 10, "32-true") == 10
 
 
+def test_auto_on_the_cpu_keeps_the_batches_of_before(lively, monkeypatch):
+    """On the CPU `auto` cuts the sorted prompts as batch size 32 did (32 + 8 for 40 rows, not 20 + 20): an
+    8-bit base's LLM.int8 answers depend on the batches, so the quickstart's scores stay what they were."""
+    tokenizer, model = lively
+    original, sizes = type(model).generate, []
+
+    def spy(self, *args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    generate(model, tokenizer, _mixed_records(10), 2, "auto")
+    assert sizes == [32, 8]
+
+
 def test_batch_size_is_auto_or_a_positive_integer():
     assert EvalSettings().batch_size == "auto" and not EvalSettings().problems()
     assert not EvalSettings(batch_size=64).problems()

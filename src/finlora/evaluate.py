@@ -66,8 +66,9 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     static = static_cache and compiles_decoding(device)
     cache_len = -(-(len(prompts[order[-1]]) + max_new_tokens) // CACHE_STEP) * CACHE_STEP
     auto = batch_size == "auto"
-    size = int(batch_size) if not auto else even_batches(
-        len(prompts), auto_batch_size(model, device, cache_len, len(prompts), precision), 8 if static else 1)
+    size = int(batch_size) if not auto else auto_batch_size(model, device, cache_len, len(prompts), precision)
+    if auto and static:  # equal batches need few filler rows
+        size = even_batches(len(prompts), size, 8)
     options: dict = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
                      "use_cache": True}
     if static:
