@@ -208,9 +208,9 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
             answers[path] = out[0]
             print(path, f"{wall:.1f} s wall, {cpu_s:.1f} s CPU", flush=True)
     results: dict = {"rows": len(rows), "threads": torch.get_num_threads(), "adapter": str(args.adapter)}
-    table = ["| path | settings | wall s (median) | CPU s (median) | examples/s | × today (wall) | accuracy | "
-             "95% interval | answers unlike today's |", "|---|---|---|---|---|---|---|---|---|"]
-    base = statistics.median(w for w, _ in runs["today"])
+    table = ["| path | settings | wall s (median) | CPU s (median) | examples/s (CPU time) | time × today's (CPU) | "
+             "accuracy | 95% interval | answers unlike today's |", "|---|---|---|---|---|---|---|---|---|"]
+    base = statistics.median(c for _, c in runs["today"])
     for path, settings in paths.items():
         wall = statistics.median(w for w, _ in runs[path])
         cpu_s = statistics.median(c for _, c in runs[path])
@@ -221,16 +221,18 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
                                      f"int8_cpu={settings.int8_cpu.value}",
                          "wall_s": [round(w, 2) for w, _ in runs[path]], "cpu_s": [round(c, 2) for _, c in runs[path]],
                          "accuracy": metrics["accuracy"], "accuracy_ci95": [low, high], "answers_unlike_today": differ}
-        table.append(f"| {path} | `{results[path]['settings']}` | {wall:.1f} | {cpu_s:.1f} | {len(rows) / wall:.1f} | "
-                     f"{base / wall:.2f} | {100 * metrics['accuracy']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% | "
+        table.append(f"| {path} | `{results[path]['settings']}` | {wall:.1f} | {cpu_s:.1f} | {len(rows) / cpu_s:.1f} | "
+                     f"{cpu_s / base:.2f} | {100 * metrics['accuracy']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% | "
                      f"{differ} |")
     header = (f"`python scripts/bench_eval.py --cpu --adapter …`: the quickstart's test stage (embedded SmolLM2-135M, "
               f"8-bit base, its DoRA adapter `{args.adapter.parent.name}`, fp32) on a seeded stratified sample of "
               f"{len(rows)} FPB test rows (the full stage scores 1,212; the dev machine's 2 cores are shared, so "
               f"the measurement is kept short), {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__}, transformers {version('transformers')}, "
+              f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
+              f"transformers {version('transformers')}, "
               f"bitsandbytes {version('bitsandbytes')}; the paths alternated {args.repeats} times in one process, "
-              "medians (wall time moves with the other work on the shared cores; CPU time less so).")
+              "medians. Wall time moves with the other work on the shared cores (a run of the very same path took "
+              "from 17 s to 35 s), CPU time at one thread much less: the ratios are of CPU time.")
     return results, [header, "", *table]
 
 
