@@ -1,7 +1,8 @@
 """How much an 8-bit base's scores move with the evaluation batch size (LLM.int8 picks outlier columns per
 batch, so a prompt's logits depend on which prompts share its batch).
 
-Runs `eval.py` on one adapter with `quant=8bit` at each batch size, on the same seeded sample, and reports
+Runs `eval.py` on one adapter with `quant=8bit` at each batch size, on the same seeded sample, with LLM.int8 also
+on the CPU (`eval.int8_cpu=llm_int8`; the CPU's default scores through the dequantized weight), and reports
 accuracy, the number of answers that differ from batch size 1's, and the wall time.
 
     python scripts/bench_int8_eval.py --adapter outputs/runs/<run>/adapter --limit 200 --out docs/benchmarks.md
@@ -37,8 +38,8 @@ def main() -> None:
         out = args.work / f"bs{bs}"
         started = time.perf_counter()
         subprocess.run([sys.executable, "eval.py", f"adapter_path={args.adapter}", f"task={args.task}", "quant=8bit",
-                        f"eval.limit={args.limit}",
-                        f"eval.batch_size={bs}", f"hydra.run.dir={out}"], cwd=ROOT, check=True,
+                        f"eval.limit={args.limit}", f"eval.batch_size={bs}", "eval.int8_cpu=llm_int8",
+                        f"hydra.run.dir={out}"], cwd=ROOT, check=True,
                        stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
         metrics = json.loads((out / "eval" / f"{args.task}_metrics.json").read_text())

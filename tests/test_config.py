@@ -98,6 +98,7 @@ def test_finlora_recipe_preset(tmp_path):
     ("ckpt_path=/no/such.ckpt", "ckpt_path"),
     ("adapter=none", "full fine-tuning (adapter=none) cannot train quantized weights"),
     ("eval.batch_size=0", "eval.batch_size"),
+    ("eval.batch_size=big", "eval.batch_size: must be auto or an integer > 0, got 'big'"),
 ])
 def test_bad_values_are_named(override, message, tmp_path):
     with pytest.raises(ConfigError) as err:

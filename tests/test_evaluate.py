@@ -3,6 +3,7 @@ its predictions and metrics for a base model, an adapter and a merged model."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -19,6 +20,7 @@ from finlora.config import (
     AdapterMethod,
     EvalSample,
     EvalSettings,
+    Int8Cpu,
     ModelConfig,
     QuantConfig,
     TestSet,
@@ -27,7 +29,7 @@ from finlora.data import read_jsonl
 from finlora.dora import FastDoraLinearVariant
 from finlora.evaluate import evaluate, generate, pick_rows, wilson_interval
 from finlora.models import load_model, load_tokenizer
-from finlora.prompts import encode_example
+from finlora.prompts import encode_example, encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +64,182 @@ def test_generation_prompt_is_training_prompt_minus_answer(tiny):
     assert all(mask[row, -1] == 1 for row in range(len(records)))  # left padded: prompts end together
 
 
-def test_batched_left_padded_generation_equals_one_by_one(tiny):
-    tokenizer, model = tiny
-    records = read_jsonl(DATA_DIR / "test" / "fpb_test.jsonl")[:5]
-    batched = generate(model, tokenizer, records, max_new_tokens=4, batch_size=5)
-    single = [generate(model, tokenizer, [r], max_new_tokens=4, batch_size=1)[0] for r in records]
-    assert batched == single
+def _mixed_records(n_each: int) -> list[dict]:
+    """Prompts of every sentiment set, 31 to 150 tokens long, in file order (not sorted by length)."""
+    return [r for name in ("fpb", "fiqa", "tfns", "nwgi") for r in read_jsonl(DATA_DIR / "test" / f"{name}_test.jsonl")
+            [: n_each * 7 : 7]]
+
+
+def _one_by_one(model, tokenizer, records: list[dict], max_new_tokens: int, eos: int) -> list[str]:
+    """transformers' greedy generate on each prompt alone, unpadded: what any batching must reproduce."""
+    answers = []
+    for record in records:
+        ids = torch.tensor([encode_prompt(tokenizer, record)])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+        tokens = out[0, ids.shape[1]:].tolist()
+        answers.append(tokenizer.decode(tokens[:tokens.index(eos)] if eos in tokens else tokens,
+                                        skip_special_tokens=True))
+    return answers
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model_dir):
+    """The tiny random Llama with weights large enough that different prompts get different greedy answers
+    (at the usual init scale every prompt gets the same few tokens, which would prove nothing)."""
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.25 if "embed" in name else 0.15)
+    return load_tokenizer(str(tiny_model_dir), cfg), model
+
+
+def test_greedy_answers_are_identical_at_every_batch_size(lively):
+    """Issue 13, item 1: length-sorted batches of 1, 8, 32 or `auto` rows give, on an fp32 base, the answers
+    of each prompt generated alone, in the records' order."""
+    tokenizer, model = lively
+    records = _mixed_records(10)
+    reference = _one_by_one(model, tokenizer, records, 6, tokenizer.eos_token_id)
+    assert len(set(reference)) > 10  # the prompts really get different answers
+    for batch_size in (1, 8, 32, "auto"):
+        assert generate(model, tokenizer, records, 6, batch_size) == reference, batch_size
+    assert model.training is False
+
+
+def test_static_cache_path_gives_the_same_answers(lively, monkeypatch):
+    """The CUDA path (a static KV cache of one rounded-up length, every batch filled to the same number of
+    rows), run here on the CPU where transformers does not compile it: the same answers, in order."""
+    import finlora.evaluate
+
+    tokenizer, model = lively
+    records = _mixed_records(5)
+    eager = generate(model, tokenizer, records, 6, 8)
+    calls = []
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
+    monkeypatch.setattr(type(model), "generate", spy)
+    assert generate(model, tokenizer, records, 6, 8) == eager
+    assert len(calls) == 3 and set(calls) == {(8, "static", 256)}  # 20 rows: 8 + 8 + 4 filled to 8
+
+
+def test_auto_batch_halves_when_out_of_memory_and_a_fixed_one_says_so(lively, monkeypatch, tmp_path):
+    """`auto` goes on with half the rows after an out-of-memory error (as CUDA raises it); a batch size the
+    user chose is not second-guessed: the error reaches the caller, whose advice names a smaller one."""
+    from finlora.config import validate
+    from finlora.train import oom_advice
+
+    tokenizer, model = lively
+    records = _mixed_records(5)
+    expected = generate(model, tokenizer, records, 4, 8)
+    original, sizes = type(model).generate, []
+
+    def tight(self, *args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        if sizes[-1] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", tight)
+    assert generate(model, tokenizer, records, 4, "auto") == expected
+    assert sizes[:3] == [20, 10, 5] and set(sizes[3:]) == {5}
+    with pytest.raises(torch.OutOfMemoryError):
+        generate(model, tokenizer, records, 4, 8)
+    assert "eval.batch_size=1" in str(oom_advice(validate(compose_cfg([], tmp_path)), "eval"))
+    assert "eval.batch_size=4" in str(oom_advice(validate(compose_cfg(["eval.batch_size=8"], tmp_path)), "eval"))
+
+
+def test_each_row_stops_at_its_eos(lively):
+    """A row ends at EOS while the others of its batch go on to max_new_tokens: made visible by declaring
+    EOS a token that some rows generate early and others never."""
+    tokenizer, model = lively
+    records = _mixed_records(6)
+    tokens = []
+    for record in records:
+        ids = torch.tensor([encode_prompt(tokenizer, record)])
+        tokens.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=6, pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist())
+    early = Counter(t for row in tokens for t in set(row[1:4]))
+    eos = next(t for t, n in early.most_common() if n < len(records) and t != tokenizer.pad_token_id)
+    stopping = copy.deepcopy(tokenizer)
+    stopping.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    assert stopping.eos_token_id == eos
+    stopped = generate(model, stopping, records, 6, 32)
+    assert stopped == _one_by_one(model, tokenizer, records, 6, eos)
+    cut = [row[:row.index(eos)] if eos in row else row for row in tokens]
+    assert stopped == [tokenizer.decode(row, skip_special_tokens=True) for row in cut]
+    assert any(eos in row for row in tokens) and any(eos not in row for row in tokens)
+
+
+@pytest.mark.slow
+def test_real_embedded_model_answers_identical_alone_and_batched(smollm_dir):
+    cfg = ModelConfig(name_or_path=str(smollm_dir))
+    tokenizer = load_tokenizer(str(smollm_dir), cfg)
+    model = load_model(str(smollm_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
+    records = _mixed_records(2)
+    assert generate(model, tokenizer, records, 4, 8) == _one_by_one(model, tokenizer, records, 4,
+                                                                     tokenizer.eos_token_id)
+
+
+def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(tiny_model_dir):
+    """`eval.int8_cpu=dequant`: bitsandbytes' CPU training path, whose answers do not depend on the batch; the
+    8-bit layers are back in eval mode afterwards, and the default (LLM.int8) leaves them there."""
+    import bitsandbytes as bnb
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir), cfg)
+    model = load_model(str(tiny_model_dir), cfg, QuantConfig(bits=8), torch.float32, torch.device("cpu"))
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
+    records = _mixed_records(6)
+    seen = []
+    hook = layers[0].register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    alone = [generate(model, tokenizer, [r], 4, 1, int8_cpu=Int8Cpu.dequant)[0] for r in records]
+    assert generate(model, tokenizer, records, 4, 24, int8_cpu=Int8Cpu.dequant) == alone
+    assert seen and all(seen) and not any(m.training for m in layers)
+    seen.clear()
+    assert len(generate(model, tokenizer, records[:2], 4, 2)) == 2
+    hook.remove()
+    assert seen and not any(seen) and not any(m.state.is_training for m in layers)
+
+
+def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):
+    from finlora.evaluate import CPU_BATCH, auto_batch_size, even_batches
+
+    assert even_batches(1212, 1024, 8) == 608  # two batches, 4 filler rows, not 1,024 + 188 filled to 1,024
+    assert even_batches(235, 1024, 8) == 240 and even_batches(200, 64, 1) == 50 and even_batches(7, 64, 1) == 7
+    _, model = tiny
+    assert auto_batch_size(model, torch.device("cpu"), 256, 1000, "32-true") == CPU_BATCH == 32  # as before
+    assert auto_batch_size(model, torch.device("cpu"), 256, 10, "32-true") == 10
+
+
+def test_auto_on_the_cpu_keeps_the_batches_of_before(lively, monkeypatch):
+    """On the CPU `auto` cuts the sorted prompts as batch size 32 did (32 + 8 for 40 rows, not 20 + 20): an
+    8-bit base's LLM.int8 answers depend on the batches, so the quickstart's scores stay what they were."""
+    tokenizer, model = lively
+    original, sizes = type(model).generate, []
+
+    def spy(self, *args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    generate(model, tokenizer, _mixed_records(10), 2, "auto")
+    assert sizes == [32, 8]
+
+
+def test_batch_size_is_auto_or_a_positive_integer():
+    assert EvalSettings().batch_size == "auto" and not EvalSettings().problems()
+    assert not EvalSettings(batch_size=64).problems()
+    for bad in (0, -2, "big", 2.5, True):
+        [problem] = EvalSettings(batch_size=bad).problems()
+        assert problem.startswith("eval.batch_size: must be auto or an integer > 0"), problem
 
 
 @pytest.fixture(scope="module")
@@ -204,15 +376,15 @@ def test_monitor_needs_a_score_that_is_logged(tmp_path):
 
 
 def test_8bit_scoring_with_a_batch_warns_why_scores_move(tiny, tmp_path, caplog):
-    """Issue 13, item 2: nothing said that an 8-bit base's scores depend on `eval.batch_size`."""
+    """Issue 13, item 2: nothing said that an 8-bit base's scores depend on `eval.batch_size`. They do with
+    LLM.int8 and a batch; not at batch size 1, nor on the CPU through the dequantized weight."""
     from finlora.evaluate import evaluate_sets
 
     tokenizer, model = tiny
     test_set, records = _fpb()
     with caplog.at_level(logging.WARNING, "finlora.evaluate"):
-        evaluate_sets(model, tokenizer, [(test_set, records)], EvalSettings(batch_size=2, limit=2), "32-true", 8,
-                      tmp_path, [])
-        evaluate_sets(model, tokenizer, [(test_set, records)], EvalSettings(batch_size=1, limit=2), "32-true", 8,
-                      tmp_path, [])
+        for batch_size, int8_cpu in ((2, Int8Cpu.llm_int8), (1, Int8Cpu.llm_int8), (2, Int8Cpu.dequant)):
+            evaluate_sets(model, tokenizer, [(test_set, records)],
+                          EvalSettings(batch_size=batch_size, limit=2, int8_cpu=int8_cpu), "32-true", 8, tmp_path, [])
     said = [r.getMessage() for r in caplog.records if "8-bit" in r.getMessage()]
     assert len(said) == 1 and "eval.batch_size=2" in said[0] and "eval.batch_size=1 scores each prompt alone" in said[0]

@@ -345,16 +345,26 @@ class EvalSample(Enum):
     first = "first"  # the first rows of the file (FinLoRA's files are grouped: rarely representative)
 
 
+class Int8Cpu(Enum):
+    """How an 8-bit base computes its matmuls while generating on the CPU (`finlora.evaluate`)."""
+
+    llm_int8 = "llm_int8"  # LLM.int8: inputs quantized, outlier columns chosen per batch (scores move with the batch)
+    dequant = "dequant"  # bitsandbytes' CPU training path: weights dequantized, inputs kept (batch-invariant)
+
+
 @dataclass
 class EvalSettings:
-    batch_size: int = 32
+    batch_size: Any = "auto"  # rows generated together: an int, or auto (CUDA: the most that fit in free memory)
+    static_cache: bool = True  # CUDA: a static KV cache and a compiled decode step (false: a growing cache, eager)
+    int8_cpu: Int8Cpu = Int8Cpu.llm_int8
     limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
     sample: EvalSample = EvalSample.stratified
     seed: int = 42  # the sample's seed: the same seed, the same rows
 
     def problems(self) -> list[str]:
         problems: list[str] = []
-        _check(problems, self.batch_size > 0, "eval.batch_size", "must be > 0")
+        _check(problems, self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size > 0),
+               "eval.batch_size", f"must be auto or an integer > 0, got {self.batch_size!r}")
         _check(problems, self.limit is None or self.limit > 0, "eval.limit", "must be null or > 0")
         return problems
 

@@ -3,7 +3,9 @@
 Prompts come from `finlora.prompts.encode_prompt`, the function training uses, so an evaluation prompt is
 always the training prompt minus the answer. Generation is greedy and batched with left padding; the
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
-file order. `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is also training's test stage.
+file order. The batch is as large as fits (`eval.batch_size=auto`), and on CUDA the decode step runs
+compiled on a static KV cache (`generate`). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
+also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import sys
 from pathlib import Path
 
 import torch
@@ -20,11 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import CompileConfig, PreTrainedTokenizerBase
 
 from finlora.batching import pad_left
 from finlora.build import build, placement
-from finlora.config import EvalConfig, EvalSample, EvalSettings, TaskKind, TestSet, validate
+from finlora.config import EvalConfig, EvalSample, EvalSettings, Int8Cpu, TaskKind, TestSet, validate
 from finlora.data import load_test_sets, proportional
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
 from finlora.metrics import extract_answer, score
@@ -35,44 +38,145 @@ from finlora.prompts import encode_prompt
 log = logging.getLogger(__name__)
 
 
+AUTO_CAP = 1024  # rows: past this a bigger batch buys nothing and only holds memory
+CPU_BATCH = 32  # `auto` on the CPU: the batches of before (an 8-bit base's LLM.int8 scores depend on them)
+MEMORY_SHARE = 0.7  # of the free GPU memory that `auto` plans to fill (the rest: allocator slack, the unforeseen)
+CACHE_STEP = 256  # a static cache's length is rounded up to this, so one compiled decode step serves many sets
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
-             batch_size: int, precision: str = "32-true", description: str = "generating") -> list[str]:
-    """Greedy answers for `records`, in their order, under the same autocast as training used."""
+             batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating", *,
+             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.llm_int8) -> list[str]:
+    """Greedy answers for `records`, in their order, under the same autocast as training used.
+
+    Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
+    the rows of a batch need little left padding; answers are put back in the records' order. A row stops
+    at EOS or after `max_new_tokens`, and a batch stops when all its rows have. On CUDA with `static_cache`,
+    transformers keeps the KV cache in fixed-shape tensors (one length for every batch, rounded up to
+    `CACHE_STEP`) and compiles the decode step with CUDA graphs; every batch then has the same number of
+    rows (the last is filled with copies of its last prompt, whose answers are dropped), so the step
+    compiles once. An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`)."""
     prompts = [encode_prompt(tokenizer, r) for r in records]
+    if not prompts:
+        return []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pad = tokenizer.pad_token_id
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(p.device for p in model.parameters())
+    static = static_cache and compiles_decoding(device)
+    cache_len = -(-(len(prompts[order[-1]]) + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+    auto = batch_size == "auto"
+    size = int(batch_size) if not auto else auto_batch_size(model, device, cache_len, len(prompts), precision)
+    if auto and static:  # equal batches need few filler rows
+        size = even_batches(len(prompts), size, 8)
+    options: dict = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
+                     "use_cache": True}
+    if static:
+        options |= {"cache_implementation": "static", "max_cache_len": cache_len,
+                    "compile_config": CompileConfig(fullgraph=False, mode="reduce-overhead")}
     was_training = model.training
     model.eval()
+    int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
     autocast = torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision.endswith("mixed"))
     answers: list[str] = [""] * len(prompts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
-        bar = progress.add_task(description, total=len(prompts))
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            batch = pad_left([prompts[i] for i in idx], pad)
-            width = batch["input_ids"].shape[1]
-            with autocast:
-                out = model.generate(**{k: v.to(device) for k, v in batch.items()}, do_sample=False,
-                                     max_new_tokens=max_new_tokens, pad_token_id=pad,
-                                     eos_token_id=tokenizer.eos_token_id, use_cache=True)
-            for row, i in enumerate(idx):
-                answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True)
-            progress.advance(bar, len(idx))
-    model.train(was_training)
+    try:
+        with Progress(*columns, transient=True) as progress:
+            bar = progress.add_task(description, total=len(prompts))
+            start = 0
+            while start < len(order):
+                idx = order[start:start + size]
+                rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * (size - len(idx) if static else 0)
+                batch = pad_left(rows, pad)
+                try:
+                    with autocast:
+                        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **options)
+                except torch._dynamo.exc.TorchDynamoException as err:  # the decode step did not compile
+                    if not static:
+                        raise
+                    static = False
+                    options = {k: v for k, v in options.items()
+                               if k not in ("cache_implementation", "max_cache_len", "compile_config")}
+                    log.warning("compiling the decode step failed (%s); generating with a growing cache, eagerly",
+                                str(err).splitlines()[0])
+                    continue
+                except torch.OutOfMemoryError:
+                    if not auto or size == 1:
+                        raise
+                    size //= 2
+                    torch.cuda.empty_cache()
+                    log.warning("out of memory generating %d rows at once; going on with %d", 2 * size, size)
+                    continue
+                width = batch["input_ids"].shape[1]
+                for row, i in enumerate(idx):
+                    answers[i] = tokenizer.decode(_until_eos(out[row, width:].tolist(), eos), skip_special_tokens=True)
+                progress.advance(bar, len(idx))
+                start += len(idx)
+    finally:
+        model.train(was_training)
     return answers
 
 
+def even_batches(rows: int, most: int, multiple: int) -> int:
+    """The batch size that cuts `rows` into as few batches as `most` allows, of near-equal sizes (rounded up
+    to `multiple`): 1,212 rows at most 1,024 make two batches of 608, not 1,024 and 188 filled up to 1,024."""
+    per_batch = -(-rows // -(-rows // most))
+    return -(-per_batch // multiple) * multiple
+
+
+def compiles_decoding(device: torch.device) -> bool:
+    """Whether transformers compiles the decode step there (CUDA); elsewhere a static cache buys nothing."""
+    return device.type == "cuda"
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[:tokens.index(eos)] if eos in tokens else tokens
+
+
+def auto_batch_size(model: nn.Module, device: torch.device, length: int, rows: int, precision: str) -> int:
+    """The most rows, a power of two up to `AUTO_CAP`, whose generation fits `MEMORY_SHARE` of the free GPU
+    memory: per row, the KV cache of `length` tokens and the widest activations of one layer over them (the
+    prompt's forward pass, in float32 to be safe), plus the last position's logits. On the CPU: `CPU_BATCH`.
+    `generate` halves it if the estimate was wrong."""
+    if device.type != "cuda":
+        return min(CPU_BATCH, rows)
+    config = model.config.get_text_config()
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    element = torch.finfo(compute_dtype(precision) if precision.endswith("mixed") else model.dtype).bits // 8
+    kv = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    activations = (6 * config.hidden_size + 3 * config.intermediate_size) * 4
+    per_row = length * (kv + activations) + 3 * 4 * config.vocab_size
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    fit = max(1, min(AUTO_CAP, int(MEMORY_SHARE * free // per_row)))
+    return 1 << (fit.bit_length() - 1)
+
+
+def int8_dequantized(model: nn.Module, on: bool) -> int:
+    """With `on`, put the model's bitsandbytes 8-bit layers in training mode (until `model.train`/`eval` is
+    called again): on the CPU, bitsandbytes then computes them as in training, through the weight
+    dequantized to the input's dtype (`MatMul8bitFp`), instead of LLM.int8's quantized inputs with outlier
+    columns chosen per batch. The answers then no longer depend on which prompts share a batch and they come
+    from the function the CPU trained; the time is about LLM.int8's (docs/benchmarks.md). The layers have
+    no dropout or other training-only behaviour. Returns the number of layers switched."""
+    bnb = sys.modules.get("bitsandbytes")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)] if on and bnb else []
+    for layer in layers:
+        layer.training = True
+    return len(layers)
+
+
 def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
-                 rows: list[int], conditions: dict, out_dir: Path) -> tuple[dict[str, float], list[dict]]:
+                 rows: list[int], settings: EvalSettings, conditions: dict,
+                 out_dir: Path) -> tuple[dict[str, float], list[dict]]:
     """Generate for the test set's `rows`, score, and write `<out_dir>/<name>_predictions.jsonl` and
     `<name>_metrics.json` (the metrics, a 95% interval for accuracy, the rows scored and the `conditions` that
     can change a score)."""
     scored = [records[i] for i in rows]
-    generations = generate(model, tokenizer, scored, test_set.max_new_tokens, conditions["batch_size"],
-                           conditions["precision"], f"eval {test_set.name}")
+    generations = generate(model, tokenizer, scored, test_set.max_new_tokens, settings.batch_size,
+                           conditions["precision"], f"eval {test_set.name}", static_cache=settings.static_cache,
+                           int8_cpu=settings.int8_cpu)
     labels = test_set.labels or None
     metrics = score(test_set.kind, generations, [str(r["target"]) for r in scored], labels)
     predictions = [{"index": i, "target": str(r["target"]), "generated": g,
@@ -121,15 +225,19 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                   loggers: list[Logger]) -> dict[str, float]:
     """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
-    if quant_bits == 8 and settings.batch_size > 1:
-        log.warning("8-bit base: LLM.int8 picks outlier columns per batch, so scores depend on eval.batch_size=%d "
+    on_cpu = next(p.device for p in model.parameters()).type == "cpu"
+    batch_invariant = on_cpu and settings.int8_cpu is Int8Cpu.dequant
+    if quant_bits == 8 and settings.batch_size != 1 and not batch_invariant:
+        log.warning("8-bit base: LLM.int8 picks outlier columns per batch, so scores depend on eval.batch_size=%s "
                     "and on which prompts share a batch; eval.batch_size=1 scores each prompt alone (README)",
                     settings.batch_size)
     conditions = {"batch_size": settings.batch_size, "quant_bits": quant_bits, "precision": precision,
                   "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
+    if quant_bits == 8 and on_cpu:
+        conditions["int8_cpu"] = settings.int8_cpu.value
     for test_set, records in test_sets:
         rows = pick_rows(records, test_set, settings)
-        metrics, predictions = evaluate_set(model, tokenizer, test_set, records, rows, conditions, out_dir)
+        metrics, predictions = evaluate_set(model, tokenizer, test_set, records, rows, settings, conditions, out_dir)
         flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
         log_predictions(loggers, f"test/{test_set.name}/predictions", predictions)
     for lg in loggers:

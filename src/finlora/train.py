@@ -177,7 +177,8 @@ def oom_advice(cfg: Config, stage: str) -> OutOfMemory:
     """An `OutOfMemory` naming the overrides that lower memory from where this run stands."""
     t = cfg.trainer
     if stage == "eval":
-        tips = [f"eval.batch_size={max(cfg.eval.batch_size // 2, 1)}"]
+        size = cfg.eval.batch_size
+        tips = [f"eval.batch_size={max(size // 2, 1) if isinstance(size, int) else 1}"]
     else:
         tips = [f"trainer.batch_size={t.batch_size // 2} trainer.grad_accum={t.grad_accum * 2} (same effective batch)"
                 if t.batch_size > 1 else f"data.max_length={cfg.data.max_length // 2}"]
