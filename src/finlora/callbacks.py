@@ -73,13 +73,14 @@ class TaskScore(Callback):
         self.test_set, self.task = cfg.task.test[0], cfg.task.name
         sample = EvalSettings(limit=cfg.eval.during_training.size, seed=cfg.seed)
         self.rows = [val_rows[i] for i in pick_rows(val_rows, self.test_set, sample)]
-        self.tokenizer, self.precision, self.batch_size = tokenizer, precision, cfg.eval.batch_size
+        self.tokenizer, self.precision, self.settings = tokenizer, precision, cfg.eval
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens, self.batch_size,
-                           self.precision, f"val {self.task}")
+        answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens,
+                           self.settings.batch_size, self.precision, f"val {self.task}",
+                           static_cache=self.settings.static_cache, int8_cpu=self.settings.int8_cpu)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
             if name != "n":
