@@ -15,6 +15,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from finlora.devices import capacity_problem, gpu_count
+from finlora.errors import ConfigError
+from finlora.train import train
 
 LLAMA_70B = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
                         num_hidden_layers=80, vocab_size=128256, tie_word_embeddings=False)
@@ -43,6 +45,14 @@ def test_fsdp_and_70b_presets_compose(tmp_path):
     cfg = compose_cfg(["model=llama3_1_70b_instruct", "trainer=fsdp", "quant=4bit"], tmp_path)
     assert cfg.model.name_or_path == "meta-llama/Llama-3.1-70B-Instruct"
     assert cfg.trainer.strategy == "fsdp" and cfg.trainer.devices == -1 and cfg.trainer.accelerator == "gpu"
+
+
+def test_fsdp_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
+    cfg = compose_cfg(["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.strategy=fsdp",
+                       "trainer.devices=2", "logger=csv"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^trainer.strategy: Lightning's FSDP runs on CUDA GPUs only"):
+        train(cfg)
+    assert not (tmp_path / "config.yaml").exists()
 
 
 def test_a_base_too_big_for_the_gpus_is_refused_saying_what_would_fit():

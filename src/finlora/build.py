@@ -29,7 +29,11 @@ def placement(cfg: Config | EvalConfig) -> Placement:
     callers run it before reading data or loading anything."""
     if isinstance(cfg, Config):
         t = cfg.trainer
-        return resolve_device(t.accelerator, t.precision, cfg.quant.bits, t.compile is not Compile.eager)
+        where = resolve_device(t.accelerator, t.precision, cfg.quant.bits, t.compile is not Compile.eager)
+        if t.strategy == "fsdp" and where.device.type != "cuda":
+            raise ConfigError(f"trainer.strategy: Lightning's FSDP runs on CUDA GPUs only, and this run is on "
+                              f"{where.accelerator}; use trainer.strategy=ddp to spread a run over CPU processes")
+        return where
     return resolve_device(cfg.accelerator, cfg.precision, cfg.quant.bits)
 
 
