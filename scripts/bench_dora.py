@@ -33,7 +33,7 @@ from torch import Tensor, nn
 import finlora.dora as dora
 from finlora.build import build, placement
 from finlora.config import AdapterConfig, AdapterMethod, Config, DoraImpl, ModelConfig, QuantConfig, TrainerConfig
-from finlora.models import load_tokenizer, resolve_source, save_random_llama
+from finlora.models import SHAPES, load_tokenizer, resolve_source, save_random_llama
 from finlora.outputs import replace_section
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -87,8 +87,7 @@ def build_model(bits: str, impl: str, r: int, args: argparse.Namespace) -> nn.Mo
 def save_model(args: argparse.Namespace) -> None:
     """Llama-3.1-8B layer shapes (tiny ones with --small), `args.layers` decoder layers, into `args.model_dir`."""
     shape = ({"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2}
-             if args.small else
-             {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8})
+             if args.small else SHAPES["llama-3.1-8b"])
     tokenizer = load_tokenizer(resolve_source(ModelConfig(), args.cache_dir), ModelConfig())
     save_random_llama(args.model_dir, shape | {"vocab_size": args.vocab}, args.layers, tokenizer,
                       torch.device(args.device))

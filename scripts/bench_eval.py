@@ -59,16 +59,14 @@ from finlora.config import (
 from finlora.data import load_test_sets
 from finlora.evaluate import generate, pick_rows, wilson_interval
 from finlora.metrics import score
-from finlora.models import save_random_llama
+from finlora.models import SHAPES, save_random_llama
 from finlora.outputs import replace_section, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-EMBEDDED = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-            "head_dim": 64, "vocab_size": 49152}
+EMBEDDED = SHAPES["smollm2-135m"]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 49152}
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256}
+LLAMA_8B = SHAPES["llama-3.1-8b"]
 TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8)
 NEW = EvalSettings()
 EAGER = EvalSettings(static_cache=False)

@@ -26,12 +26,11 @@ from finlora.build import build, placement
 from finlora.config import AdapterConfig, AdapterMethod, Config, ModelConfig, TrainerConfig
 from finlora.data import read_jsonl
 from finlora.loss import answer_loss
-from finlora.models import save_random_llama
+from finlora.models import SHAPES, save_random_llama
 from finlora.outputs import replace_section
 from finlora.prompts import encode_example
 
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256}
+LLAMA_8B = SHAPES["llama-3.1-8b"]
 
 
 def run(model: torch.nn.Module, batches: list[dict], loss_fn, warmup: int) -> tuple[float, float]:

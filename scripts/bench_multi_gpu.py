@@ -26,14 +26,12 @@ from pathlib import Path
 import torch
 
 from finlora.config import ModelConfig
-from finlora.models import load_tokenizer, save_random_llama
+from finlora.models import SHAPES, load_tokenizer, save_random_llama
 from finlora.outputs import replace_section, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256}
-LLAMA_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_key_value_heads": 8,
-             "vocab_size": 128256}
+LLAMA_8B = SHAPES["llama-3.1-8b"]
+LLAMA_70B = SHAPES["llama-3.1-70b"]
 
 
 def train(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict:

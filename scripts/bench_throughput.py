@@ -56,14 +56,13 @@ from finlora.config import (
     validate,
 )
 from finlora.data import TaskDataModule, load_task
-from finlora.models import load_tokenizer, resolve_source, save_random_llama
+from finlora.models import SHAPES, load_tokenizer, resolve_source, save_random_llama
 from finlora.outputs import replace_section
 from finlora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training throughput"
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256}
+LLAMA_8B = SHAPES["llama-3.1-8b"]
 TINY = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 4096}
 

@@ -48,16 +48,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from finlora.config import ModelConfig
-from finlora.models import load_tokenizer, save_random_llama
+from finlora.models import SHAPES, load_tokenizer, save_random_llama
 from finlora.outputs import replace_section, write_json
 from finlora.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Training speed"
-SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
-           "vocab_size": 49152}
-LLAMA_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "vocab_size": 128256}
+SMOLLM2 = SHAPES["smollm2-135m"]
+LLAMA_8B = SHAPES["llama-3.1-8b"]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 49152}
 

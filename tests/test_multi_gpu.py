@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from finlora.devices import capacity_problem, gpu_count
 from finlora.errors import ConfigError
+from finlora.models import SHAPES
 from finlora.train import train
 
-LLAMA_70B = LlamaConfig(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
-                        num_hidden_layers=80, vocab_size=128256, tie_word_embeddings=False)
+LLAMA_70B = LlamaConfig(**SHAPES["llama-3.1-70b"], num_hidden_layers=80, tie_word_embeddings=False)
 GIB = 2**30
 
 

@@ -14,7 +14,7 @@ import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -180,10 +180,12 @@ class TaskDataModule(L.LightningDataModule):
         self.row_length = cfg.max_length
         self.pin_memory = pin_memory
         self.static_widths = static_widths(batch_size, cfg.max_length)
-        # a static batch's loss slots: room for the most labels any batch of the data can hold
-        most = max((sum(t != IGNORE_INDEX for t in e.labels) for e in self.train_set.items + self.val_set.items),
-                   default=1)
-        self.label_slots = batch_size * most
+
+    @cached_property
+    def label_slots(self) -> int:
+        """A static batch's loss slots: room for the most labels any batch of the data can hold."""
+        distinct = {id(e): e for e in self.train_set.items + self.val_set.items}.values()
+        return self.batch_size * max((sum(t != IGNORE_INDEX for t in e.labels) for e in distinct), default=1)
 
     def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
         static = self.batching is Batching.static

@@ -161,6 +161,17 @@ def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.d
     return model
 
 
+# Layer shapes (LlamaConfig keys) of the models that speed and memory benchmarks stand in for with random weights.
+SHAPES = {
+    "smollm2-135m": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                     "vocab_size": 49152},
+    "llama-3.1-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+                     "num_key_value_heads": 8, "vocab_size": 128256},
+    "llama-3.1-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
+                      "num_key_value_heads": 8, "vocab_size": 128256},
+}
+
+
 def save_random_llama(folder: Path, shape: dict, layers: int, tokenizer: Tokenizer, device: torch.device) -> Path:
     """A random-init Llama of the given shapes (LlamaConfig keys) saved in bf16 with `tokenizer`, like a
     downloaded checkpoint: what speed and memory benchmarks load through the real loading path, since the

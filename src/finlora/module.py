@@ -83,8 +83,11 @@ def training_loss(model: nn.Module, mode: Compile):
     the compiled graph (`dora.prepare_compile`)."""
     if mode is Compile.eager:
         return lambda batch: answer_loss(model, batch)
+    from torch._dynamo.utils import counters
+
     from finlora.dora import prepare_compile
 
+    counters.clear()  # what `train.compile_report` reads: this run's graph breaks and skipped captures only
     prepare_compile(model)
     compiled = torch.compile(lambda batch: answer_loss(model, batch),
                              mode="reduce-overhead" if mode is Compile.cudagraphs else None)
