@@ -52,7 +52,7 @@ def train(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict
     print(f"[{name}] {row.get('tokens_per_s') or 0:,.0f} tok/s/GPU, peak {row.get('gpu_peak_gib')} GiB, "
           f"{row.get('error', '')[-600:]}", flush=True)
     rows = json.loads(Path(args.json).read_text())["rows"] if Path(args.json).is_file() else []
-    write_json(Path(args.json), {"device": args.device, "rows": [*rows, row]})
+    write_json(Path(args.json), {"device": args.device, "gpus": args.gpus, "rows": [*rows, row]})
     return row
 
 
@@ -71,7 +71,7 @@ def ddp(args: argparse.Namespace, tokenizer) -> list[dict]:
 
 def fsdp(args: argparse.Namespace, tokenizer) -> list[dict]:
     rows = []
-    for layers in (1, 2):
+    for layers in args.fsdp_layers:
         model = save_random_llama(Path(args.work) / f"llama70b-{layers}", LLAMA_70B, layers, tokenizer,
                                   torch.device("cuda"))
         torch.cuda.empty_cache()
@@ -102,12 +102,13 @@ def markdown(rows: list[dict], device: str, gpus: int) -> str:
         lines += [f"Loss curve, {gpus} GPUs x 8 against 1 GPU x {8 * gpus} (same global batch, other example order): "
                   f"mean relative difference {sum(diffs) / len(diffs):.3f}, largest {max(diffs):.3f} over "
                   f"{len(diffs)} logged steps."]
-    fs = sorted((r for r in rows if "layers" in r and "error" not in r), key=lambda r: r["layers"])
-    if len(fs) == 2:
-        per_layer = fs[1]["gpu_peak_gib"] - fs[0]["gpu_peak_gib"]
-        at80 = fs[0]["gpu_peak_gib"] + per_layer * 79
-        lines += [f"FSDP, Llama-3.1-70B shapes, 4-bit, {gpus} GPUs: {per_layer:.2f} GiB more per GPU per layer; "
-                  f"extrapolated to 80 layers {at80:.1f} GiB per GPU "
+    fs = {r["layers"]: r for r in rows if "layers" in r and "error" not in r}  # the latest run of each depth
+    if len(fs) >= 2:
+        low, high = fs[min(fs)], fs[max(fs)]
+        per_layer = (high["gpu_peak_gib"] - low["gpu_peak_gib"]) / (high["layers"] - low["layers"])
+        at80 = low["gpu_peak_gib"] + per_layer * (80 - low["layers"])
+        lines += [f"FSDP, Llama-3.1-70B shapes, 4-bit, {gpus} GPUs: {per_layer:.2f} GiB more per GPU per layer "
+                  f"({low['layers']} and {high['layers']} layers); extrapolated to 80 layers {at80:.1f} GiB per GPU "
                   f"({'fits' if at80 < 78 else 'does not fit'} {gpus} × 80 GB)."]
     return "\n".join(lines)
 
@@ -115,22 +116,35 @@ def markdown(rows: list[dict], device: str, gpus: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("FINLORA_DATA_DIR", str(ROOT.parent / "shared/data/finlora")))
-    parser.add_argument("--tokenizer", required=True)
+    parser.add_argument("--tokenizer", help="a tokenizer folder (needed unless --rewrite)")
     parser.add_argument("--only", nargs="*", default=["ddp", "fsdp"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--timeout", type=int, default=200)
+    parser.add_argument("--fsdp-layers", type=int, nargs="+", default=[1, 2], help="decoder layers of the 70B shapes")
+    parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-multi-gpu-"))
     parser.add_argument("--json", default=str(ROOT / "docs/multi_gpu.json"))
     parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
     args = parser.parse_args()
+    if args.rewrite:
+        return write_markdown(args)
+    if not args.tokenizer:
+        parser.error("--tokenizer is needed to run")
     args.gpus = torch.cuda.device_count()
     args.device = f"{args.gpus} × {torch.cuda.get_device_name()}; torch {torch.__version__}"
-    Path(args.json).unlink(missing_ok=True)
+    if not args.append:
+        Path(args.json).unlink(missing_ok=True)
     tokenizer = load_tokenizer(args.tokenizer, ModelConfig(name_or_path=args.tokenizer))
-    rows = []
     for section in args.only:
-        rows += {"ddp": ddp, "fsdp": fsdp}[section](args, tokenizer)
-    text = markdown(rows, args.device, args.gpus)
+        {"ddp": ddp, "fsdp": fsdp}[section](args, tokenizer)
+    write_markdown(args)
+
+
+def write_markdown(args: argparse.Namespace) -> None:
+    """The section from every row in --json: with --append, the earlier runs' rows too."""
+    done = json.loads(Path(args.json).read_text())
+    text = markdown(done["rows"], done["device"], done.get("gpus", 2))
     replace_section(Path(args.md), text)
     print(text)
 

@@ -240,11 +240,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager only: checks the script")
     parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-train-speed-"))
     parser.add_argument("--json", default=str(ROOT / "docs/train_speed.json"))
     parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
     args = parser.parse_args()
+    if args.rewrite:
+        return write_markdown(args)
     args.cache = str(Path(args.work) / "compile_cache")
     if args.smoke:
         MODES.update(inductor=MODES["eager"], cudagraphs=MODES["eager"])
@@ -256,7 +259,6 @@ def main() -> None:
                f"peft {peft.__version__}")
     model = save_random_llama(Path(args.work) / "smollm2", TINY if args.smoke else SMOLLM2,
                               2 if args.smoke else 30, tokenizer, torch.device("cpu"))
-    rows: list[dict] = []
     sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
                 "numerics": lambda: numerics(model, args),
                 "cache": lambda: cache(model, args), "llama": lambda: llama(tokenizer, args),
@@ -265,9 +267,16 @@ def main() -> None:
     if not args.append:
         Path(args.json).unlink(missing_ok=True)
     for name in args.only:
-        rows += sections[name]()
-    replace_section(Path(args.md), "\n".join(markdown(rows, device)))
-    print("\n".join(markdown(rows, device)))
+        sections[name]()
+    write_markdown(args)
+
+
+def write_markdown(args: argparse.Namespace) -> None:
+    """The section from every row in --json: with --append, the earlier runs' rows too."""
+    done = json.loads(Path(args.json).read_text())
+    text = "\n".join(markdown(done["rows"], done["device"]))
+    replace_section(Path(args.md), text)
+    print(text)
 
 
 def _init_device() -> torch.device:

@@ -116,9 +116,10 @@ def prepare(cells: list[Cell], extra: list[str]) -> None:
 
 
 def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str], parallel: int,
-              time_limit: float | None = None) -> None:
+              time_limit: float | None = None, gpus: int = 1) -> None:
     """Each cell's commands one after another in its own thread, `parallel` cells at once; output to
-    `<runs>/<cell>.log`. The jobs run this checkout's code (its src/ first on PYTHONPATH). After `time_limit`
+    `<runs>/<cell>.log`. With several `gpus`, the cells take them in turn (each sweep sees one GPU). The jobs
+    run this checkout's code (its src/ first on PYTHONPATH). After `time_limit`
     seconds each sweep still running gets SIGTERM (its job under way checkpoints and stops) and nothing more
     starts, so the report is written inside a fixed lease; the same command later finishes the rest."""
     from finlora.devices import environment
@@ -126,12 +127,14 @@ def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str],
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")])))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // parallel)))
     runs.mkdir(parents=True, exist_ok=True)
-    write_json(runs / "environment.json", environment() | {"parallel": parallel})
+    write_json(runs / "environment.json", environment() | {"parallel": parallel, "gpus": gpus})
 
     deadline = time.monotonic() + time_limit if time_limit else None
+    ids = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(gpus)))).split(",")
 
     def work(cell: Cell) -> None:
         todo = commands(cell, runs / cell.name, seeds, extra)
+        cell_env = env | ({"CUDA_VISIBLE_DEVICES": ids[cells.index(cell) % gpus]} if gpus > 1 else {})
         print(f"{cell.name}: {len(todo)} command(s), log {runs / (cell.name + '.log')}", flush=True)
         with (runs / f"{cell.name}.log").open("a") as log:
             for cmd in todo:
@@ -140,7 +143,7 @@ def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str],
                     break
                 log.write(f"$ {' '.join(cmd)}\n")
                 log.flush()
-                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=cell_env, stdout=log, stderr=subprocess.STDOUT)
                 try:
                     rc = proc.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
@@ -270,7 +273,7 @@ def setup_lines(results: dict[Cell, Sweep], runs: Path) -> list[str]:
             f"({e.sample}, seed {e.seed}: the same rows in every job), greedy, batch {e.batch_size}, raw prompts.",
             f"- Ran on {gpu}; {versions or 'versions not recorded'}; "
             + (f"{statistics.fmean(walls):.0f} s per job on average (training and test), "
-               f"{env.get('parallel', '?')} sweeps at once." if walls else "")]
+               f"{env.get('parallel', '?')} sweeps at once on {env.get('gpus', 1)} GPU(s)." if walls else "")]
 
 
 def plot(results: dict[Cell, Sweep], path: Path) -> Path | None:
@@ -314,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cells", nargs="+", choices=list(names), default=[c.name for c in CELLS],
                         help="cells to run, in this order (default: the study's nine)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--parallel", type=int, default=9, help="sweeps sharing the GPU at once")
+    parser.add_argument("--parallel", type=int, default=9, help="sweeps running at once")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs the cells take in turn (default: all visible)")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "dora_gap")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
     parser.add_argument("--time-limit", type=float, default=None,
@@ -335,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"dora_gap: {err}", file=sys.stderr)
             return 2
-        run_cells(cells, args.runs, args.seeds, args.overrides, args.parallel, args.time_limit)
+        gpus = args.gpus or _visible_gpus()
+        run_cells(cells, args.runs, args.seeds, args.overrides, args.parallel, args.time_limit, gpus)
     results = load(args.runs, cells)
     path = write_report(args.runs, results, args.docs)
     failed = [f"{c.name}/{j.dir.name}" for c, s in results.items() for j in s.failed]
@@ -343,6 +348,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {path}" + (f"; {len(failed)} jobs did not finish (run the same command again): {failed}"
                              if failed else ""))
     return 1 if failed or len(results) < len(cells) else 0
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
 
 
 if __name__ == "__main__":
