@@ -8,7 +8,7 @@ one of them from `experiment=dora_gap` (conf/experiment/dora_gap.yaml), for LoRA
 interval over the seeds, the differences that decide the question with their intervals, and a chart; each
 job's config.yaml and metrics.json are copied under docs/dora_gap/.
 
-    python scripts/dora_gap.py                      # every cell, then the report (about 10 min on one H100)
+    python scripts/dora_gap.py                      # every cell, then the report (about 15 min on 2 H100s)
     python scripts/dora_gap.py --time-limit 480     # stop (checkpointed) after 8 min, report what finished
     python scripts/dora_gap.py --dry-run            # the sweeps it would run
     python scripts/dora_gap.py --report-only        # rewrite the report from outputs/dora_gap
@@ -23,12 +23,10 @@ cut: a finished cell is left alone, and a cell cut short reruns only its jobs th
 resuming from its last checkpoint (as `scripts/report.py --rerun-failed` does). Write your reading of the
 results into docs/dora_gap/NOTES.md and rerun with --report-only: the report includes it.
 
-Time on one H100, estimated from docs/results.md (7 runs sharing an H100 trained 1000 steps of 16 in
-229–286 s, about 27 steps/s together; 6 evaluations of the four full test sets, 47,000 rows, took 74 s
-together, about 640 rows/s): 27 jobs × 300 steps = 8,100 steps ≈ 300 s; 27 jobs × 1,735 test rows (500
-of FPB, TFNS, NWGI, all 235 of FiQA) ≈ 47,000 rows ≈ 75 s; start-up (imports, model load) once per sweep and
-about 10 s per job (validation, checkpoints, adapter) ≈ 60 s: about 7–8 minutes in all with 9 sweeps at
-once, DoRA's extra cost and the sharing not known better than ±30%.
+Time, measured (docs/dora_gap.md): with 11 sweeps on 2 H100s (`--gpus`, default all visible), a job trained its
+300 steps in 42–62 s and scored its 1,735 test rows (500 of FPB, TFNS, NWGI, all 235 of FiQA) in about 210 s:
+processes sharing a GPU run their kernels in turn, and eager decoding is many small kernels. So one round of
+seeds takes about 4.5 minutes there, and the whole study (3 rounds) about 15 (one GPU: not measured).
 """
 
 from __future__ import annotations
@@ -174,10 +172,11 @@ def values(sweep: Sweep, metric: str) -> list[float]:
 
 
 def _pct(stats: Stats | None, signed: bool = False) -> str:
+    """A cell's percentage; a difference (`signed`) is marked `*` when its interval excludes 0."""
     if stats is None:
         return "-"
     text = stats.text(scale=100, digits=1)
-    mark = " *" if stats.low is not None and (stats.low > 0 or stats.high < 0) else ""
+    mark = " *" if signed and stats.low is not None and (stats.low > 0 or stats.high < 0) else ""
     return ("+" if signed and stats.mean >= 0 else "") + text + mark
 
 
@@ -190,6 +189,8 @@ def comparisons(results: dict[Cell, Sweep]) -> list[tuple[str, Cell, Cell]]:
         if dora and (lora or have.get("lora-baseline")):
             out.append((f"DoRA − LoRA, {label}" if lora else f"DoRA {label} − LoRA baseline", dora,
                         lora or have["lora-baseline"]))
+    if (dora := have.get("dora-finlora")) and (lora := have.get("lora-baseline")):
+        out.append(("FinLoRA's own comparison: DoRA with its DoRA-run settings − LoRA baseline", dora, lora))
     for adapter, name in ADAPTERS.items():
         base = have.get(f"{adapter}-baseline")
         for factor, (label, _) in list(FACTORS.items())[1:]:
