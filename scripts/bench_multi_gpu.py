@@ -34,7 +34,7 @@ LLAMA_8B = SHAPES["llama-3.1-8b"]
 LLAMA_70B = SHAPES["llama-3.1-70b"]
 
 
-def train(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict:
+def train(name: str, model: Path, args: argparse.Namespace, *extra: str, **tags: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
     cmd = [sys.executable, str(ROOT / "train.py"), f"model.name_or_path={model}", f"paths.data_dir={args.data}",
            f"hydra.run.dir={out}", "task=sentiment", "logger=csv", "eval.enabled=false", "eval.during_training.size=0",
@@ -42,7 +42,7 @@ def train(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict
            "trainer.log_every_n_steps=5", f"trainer.max_steps={args.steps}", *extra]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    row = {"name": name, "overrides": list(extra), "wall_s": round(time.perf_counter() - started, 1)}
+    row = {"name": name, "overrides": list(extra), "wall_s": round(time.perf_counter() - started, 1), **tags}
     if done.returncode or not (out / "metrics.json").is_file():
         row["error"] = done.stderr[-1500:]
     else:
@@ -77,7 +77,7 @@ def fsdp(args: argparse.Namespace, tokenizer) -> list[dict]:
         torch.cuda.empty_cache()
         rows.append(train(f"fsdp {args.gpus} GPUs 70B shapes {layers} layers", model, args, "trainer=fsdp",
                           f"trainer.devices={args.gpus}", "adapter=lora", "quant=4bit", "trainer.batch_size=8",
-                          "data.batching=packed", "trainer.gradient_checkpointing=true") | {"layers": layers})
+                          "data.batching=packed", "trainer.gradient_checkpointing=true", layers=layers))
     return rows
 
 

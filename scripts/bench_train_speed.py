@@ -209,7 +209,7 @@ def markdown(rows: list[dict], device: str) -> list[str]:
             lines.append(f"| {r['name']} | failed: {r['error'][:160]} | | | | | | | | | |")
             continue
         base = next((x for x in rows if "error" not in x and x["name"] == _eager_name(r["name"])
-                     and "eager" in x["name"]), None)
+                     and "eager" in x["name"] and x.get("lease") == r.get("lease")), None)  # the same lease's
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if base and r.get("tokens_per_s") else ""
         lines.append(f"| {r['name']} | {_num(r.get('tokens_per_s'), ',.0f')} | {ratio} | {_num(r.get('step_ms'))} | "
                      f"{_num(r.get('step_host_ms'))} | {_num(r.get('host_syncs_per_step'))} | "

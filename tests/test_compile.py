@@ -40,6 +40,19 @@ def test_compile_refused_on_the_cpu_before_the_model_loads(tmp_path):
     assert time.perf_counter() - started < 30 and not (tmp_path / "config.yaml").exists()
 
 
+def test_eight_bit_base_trains_eager_with_one_line_saying_why(tiny_model_dir, tmp_path, caplog):
+    """bitsandbytes 8-bit syncs inside its matmuls, so compiling it is slower than eager: the run goes eager (even
+    on the CPU, where a compiled run would be refused) and says so in one line; the summary says what ran."""
+    cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", *CPU_RUN, "quant=8bit",
+                       "trainer.compile=cudagraphs", "data.batching=static"], tmp_path)
+    with caplog.at_level("WARNING", logger="finlora.train"):
+        summary = train(cfg)
+    said = [r.getMessage() for r in caplog.records if r.name == "finlora.train"]
+    assert any(m.startswith("trainer.compile=cudagraphs: bitsandbytes 8-bit") and m.endswith("running eager")
+               and "\n" not in m for m in said)
+    assert summary["compile"] == "eager" and summary["steps"] == 2
+
+
 @pytest.mark.parametrize("override,named", [("data.batching=packed", "data.batching=static"),
                                             ("trainer.grad_accum=2", "trainer.grad_accum=1")])
 def test_cudagraphs_needs_static_batches_and_no_accumulation(tmp_path, override, named):

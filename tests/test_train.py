@@ -151,3 +151,30 @@ def test_train_pipeline_writes_a_complete_run(tiny_model_dir, tmp_path):
     assert {"train/loss", "val/loss", "test/fpb/accuracy", "test/fpb/f1"} <= history
     final = {i.key: i.value_json for r in recs if r.HasField("summary") for i in r.summary.update}
     assert float(final["final_val_loss"]) == pytest.approx(summary["final_val_loss"])
+
+
+def test_quantized_base_keeps_embedding_and_head_in_the_compute_dtype(tiny_model_dir, tmp_path):
+    """The frozen embedding and LM head stay in the dtype they were loaded in (peft's kbit preparation would make
+    float32 copies: 4 GiB on Llama-3.1-8B), the norms are float32, and a bf16 step trains the adapter."""
+    from transformers import AutoModelForCausalLM
+
+    untied = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    untied.config.tie_word_embeddings = False
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    untied.save_pretrained(tmp_path)
+    load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))).save_pretrained(tmp_path)
+    cfg = ModelConfig(name_or_path=str(tmp_path))
+    base = load_model(str(tmp_path), cfg, QuantConfig(bits=4), torch.bfloat16, torch.device("cpu"))
+    model = attach_adapter(base, AdapterConfig(method=AdapterMethod.lora, r=4, alpha=8, target_modules=["q_proj"]),
+                           gradient_checkpointing=True)
+    inner = model.base_model.model
+    assert inner.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert inner.lm_head.weight.dtype == torch.bfloat16
+    assert inner.model.norm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]), labels=torch.tensor([[1, 2, 3, 4, 5]])).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)

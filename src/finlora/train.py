@@ -44,6 +44,11 @@ def train(dict_cfg: DictConfig) -> dict:
     """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
     started = time.time()
     cfg = validate(dict_cfg)
+    if cfg.quant.bits == 8 and cfg.trainer.compile is not Compile.eager:
+        log.warning("trainer.compile=%s: bitsandbytes 8-bit layers wait for the GPU inside their matmuls (about 60 "
+                    "host syncs a step, slower compiled than eager: docs/benchmarks.md); running eager",
+                    cfg.trainer.compile.value)
+        cfg.trainer.compile = Compile.eager
     where = placement(cfg)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
     run_dir = Path(cfg.output_dir)
