@@ -379,6 +379,20 @@ def test_sigterm_exits_promptly_without_another_validation(tiny_model_dir, tmp_p
     assert "val/loss" not in (tmp_path / "csv" / "metrics.csv").read_text()
 
 
+def test_sigterm_while_scoring_ends_in_one_line_and_keeps_the_adapter(tiny_model_dir, tmp_path):
+    """A SIGTERM in the test stage (a sweep's time limit, a scheduler) killed the process with no word: its job
+    record stayed "running" and the sweep report called it crashed."""
+    proc = start(tiny_model_dir, tmp_path, "eval.enabled=true", "eval.batch_size=1", "eval.limit=600")
+    wait_for(tmp_path / "metrics.json", proc)  # written as the test stage starts
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, out = finish(proc)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    assert "stopped by SIGTERM while scoring the test sets" in out and "Traceback" not in out
+    assert f"eval.py adapter_path={tmp_path / 'adapter'}" in out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_second_ctrl_c_aborts_at_once_with_one_line(tiny_model_dir, tmp_path):
     """Issue 14, row 12: a second Ctrl-C went through Lightning's graceful shutdown and exited 1."""
     proc = start(tiny_model_dir, tmp_path, "trainer.max_steps=400", "trainer.val_every_n_steps=200",

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from types import FrameType
 
 import lightning as L
 import torch
@@ -28,7 +33,7 @@ from finlora.card import set_base_name, write_card
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
 from finlora.config import AdapterMethod, Compile, Config, validate
 from finlora.data import TaskDataModule, load_task
-from finlora.errors import ConfigError, NonFiniteLoss, OutOfMemory
+from finlora.errors import ConfigError, Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
 from finlora.loggers import build_loggers, finish, log_adapter, log_summary
@@ -134,8 +139,11 @@ def train(dict_cfg: DictConfig) -> dict:
                             "score the adapter with `python eval.py adapter_path=%s`", adapter_dir)
             elif cfg.eval.enabled and task_data.test:
                 try:
-                    test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, where.precision,
-                                                 cfg.quant.bits, run_dir / "eval", loggers)
+                    with stop_on_signal(f"while scoring the test sets; training finished and {adapter_dir} is "
+                                        f"saved: score it with `python eval.py adapter_path={adapter_dir}`, or rerun "
+                                        "in the same folder"):
+                        test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, where.precision,
+                                                     cfg.quant.bits, run_dir / "eval", loggers)
                 except torch.OutOfMemoryError as err:
                     raise oom_advice(cfg, "eval") from err
                 objective = test_metrics.get(cfg.sweep.metric, summary["objective"])
@@ -154,6 +162,25 @@ def train(dict_cfg: DictConfig) -> dict:
         return summary
     finally:
         finish(loggers)
+
+
+@contextmanager
+def stop_on_signal(what: str) -> Iterator[None]:
+    """SIGTERM or Ctrl-C end the block at once as `Interrupted` (exit status 128 + the signal, one line saying
+    `what`), not as a process killed with no word in its log or job record. For work after training, whose
+    results are already saved whole."""
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} {what}", signum)
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def compile_report(mode: Compile) -> dict:
