@@ -190,7 +190,7 @@ def test_real_embedded_model_answers_identical_alone_and_batched(smollm_dir):
 
 def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(tiny_model_dir):
     """`eval.int8_cpu=dequant`: bitsandbytes' CPU training path, whose answers do not depend on the batch; the
-    8-bit layers are back in eval mode afterwards, and the default (LLM.int8) leaves them there."""
+    8-bit layers are back in eval mode afterwards, and LLM.int8 leaves them there."""
     import bitsandbytes as bnb
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
@@ -204,9 +204,74 @@ def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(t
     assert generate(model, tokenizer, records, 4, 24, int8_cpu=Int8Cpu.dequant) == alone
     assert seen and all(seen) and not any(m.training for m in layers)
     seen.clear()
-    assert len(generate(model, tokenizer, records[:2], 4, 2)) == 2
+    assert len(generate(model, tokenizer, records[:2], 4, 2, int8_cpu=Int8Cpu.llm_int8)) == 2
     hook.remove()
     assert seen and not any(seen) and not any(m.state.is_training for m in layers)
+
+
+def _8bit_with_adapter(model_dir, method: AdapterMethod):
+    """The tiny model on an 8-bit base with a fresh adapter whose B is not zero (so that it changes outputs)."""
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    base = load_model(str(model_dir), cfg, QuantConfig(bits=8), torch.float32, torch.device("cpu"))
+    model = attach_adapter(base, AdapterConfig(method=method, r=4), gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return load_tokenizer(str(model_dir), cfg), model
+
+
+@pytest.mark.parametrize("method", [AdapterMethod.lora, AdapterMethod.dora])
+def test_bf16_copy_computes_the_8bit_model_with_its_adapter_and_leaves_it_untouched(tiny_model_dir, method):
+    """`eval.int8_cpu=bf16`: the copy's logits are the adapted 8-bit model's (its int8 weights dequantized, in
+    fp32) to bf16's rounding, far closer than the base without the adapter; the copy holds plain bf16 layers
+    only, and the model it came from keeps its 8-bit layers, adapter, values and trainable parameters."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    from finlora.evaluate import int8_as_bf16, int8_dequantized
+
+    _, model = _8bit_with_adapter(tiny_model_dir, method)
+    ids = torch.randint(0, 49152, (3, 24), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    int8_dequantized(model, True)  # the function the CPU trained: the int8 weight dequantized, fp32
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with model.disable_adapter():
+            unadapted = model(input_ids=ids).logits
+    model.eval()
+    twin = int8_as_bf16(model)
+    with torch.no_grad():
+        got = twin(input_ids=ids).logits.float()
+    error, adapter_effect = (got - want).abs().max(), (unadapted - want).abs().max()
+    assert error < adapter_effect / 20, (error, adapter_effect)  # bf16 rounding (an exact fp32 merge: ~1e-6)
+    assert not any(isinstance(m, (bnb.nn.Linear8bitLt, LoraLayer)) for m in twin.modules())
+    assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14  # 2 layers × 7 projections
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
+        model.state_dict().keys()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert int8_as_bf16(twin) is twin  # nothing 8-bit left: a copy is made once
+
+
+def test_bf16_answers_are_batch_invariant_and_recorded(tiny_model_dir, tmp_path, caplog):
+    """The bf16 copy answers each prompt alike alone and in batches of 8 (no LLM.int8 outlier columns chosen
+    per batch), is the CPU's default, draws no batch-size warning, and `<set>_metrics.json` says it was used."""
+    from finlora.evaluate import evaluate_sets
+
+    tokenizer, model = _8bit_with_adapter(tiny_model_dir, AdapterMethod.dora)
+    records = _mixed_records(4)
+    alone = [generate(model, tokenizer, [r], 4, 1, int8_cpu=Int8Cpu.bf16)[0] for r in records]
+    assert generate(model, tokenizer, records, 4, 8, int8_cpu=Int8Cpu.bf16) == alone
+    assert EvalSettings().int8_cpu is Int8Cpu.bf16
+    test_set, rows = _fpb()
+    with caplog.at_level(logging.WARNING, "finlora.evaluate"):
+        evaluate_sets(model, tokenizer, [(test_set, rows)], EvalSettings(batch_size=4, limit=4), "32-true", 8,
+                      tmp_path, [])
+    assert not [r for r in caplog.records if "8-bit" in r.getMessage()]
+    assert json.loads((tmp_path / "fpb_metrics.json").read_text())["conditions"]["int8_cpu"] == "bf16"
 
 
 def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):

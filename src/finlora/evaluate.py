@@ -4,12 +4,14 @@ Prompts come from `finlora.prompts.encode_prompt`, the function training uses, s
 always the training prompt minus the answer. Generation is greedy and batched with left padding; the
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
 file order. The batch is as large as fits (`eval.batch_size=auto`), and on CUDA the decode step runs
-compiled on a static KV cache (`generate`). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
+compiled on a static KV cache (`generate`); an 8-bit base on the CPU computes as `eval.int8_cpu` says
+(`int8_as_bf16`: a bf16 copy). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
 also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -47,7 +49,7 @@ CACHE_STEP = 256  # a static cache's length is rounded up to this, so one compil
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
              batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating", *,
-             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.llm_int8) -> list[str]:
+             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.bf16) -> list[str]:
     """Greedy answers for `records`, in their order, under the same autocast as training used.
 
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
@@ -74,6 +76,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     if static:
         options |= {"cache_implementation": "static", "max_cache_len": cache_len,
                     "compile_config": CompileConfig(fullgraph=False, mode="reduce-overhead")}
+    if device.type == "cpu" and int8_cpu is Int8Cpu.bf16:
+        model = int8_as_bf16(model)
     was_training = model.training
     model.eval()
     int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
@@ -167,6 +171,59 @@ def int8_dequantized(model: nn.Module, on: bool) -> int:
     return len(layers)
 
 
+def int8_as_bf16(model: nn.Module) -> nn.Module:
+    """A bfloat16 copy of a model with bitsandbytes 8-bit layers (`eval.int8_cpu=bf16`), for generating on the
+    CPU: each 8-bit weight dequantized once (W0 = CB · SCB / 127, in float32), the active peft LoRA/DoRA
+    adapters merged into it there by peft's own merge arithmetic, then rounded to bf16 in a plain
+    `nn.Linear`; every other parameter cast to bf16 (buffers, e.g. rotary frequencies, stay as they are). The
+    copy computes with plain bf16 matmuls, whose answers do not depend on the batch (no LLM.int8 outlier
+    columns) and cost a fraction of bitsandbytes' CPU kernels (docs/benchmarks.md). `model` is not changed;
+    a model without 8-bit layers is returned as it is."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None or not any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
+        return model
+    from peft.tuners.lora import LoraLayer
+
+    twin = copy.deepcopy(model)
+    replaced: list[str] = []
+    for name, module in list(twin.named_modules()):
+        if any(name.startswith(f"{r}.") for r in replaced):
+            continue
+        lora = isinstance(module, LoraLayer)
+        base = module.get_base_layer() if lora else module
+        if not isinstance(base, bnb.nn.Linear8bitLt):
+            continue
+        with torch.no_grad():
+            scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
+            weight = base.weight.data.float() * (scb.float() / 127.0).unsqueeze(1)
+            bias = None if base.bias is None else base.bias.detach().float()
+            for adapter in [] if not lora or module.disable_adapters or module.merged else module.active_adapters:
+                if adapter not in module.lora_A:
+                    continue
+                variant = module.lora_variant.get(adapter)  # DoRA's, for one
+                if variant:
+                    weight = variant.merge_safe(module, adapter, weight)
+                else:
+                    weight = weight + module.get_delta_weight(adapter)
+                if module.lora_bias[adapter]:
+                    bias = bias + module.lora_B[adapter].bias.float()
+            plain = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
+            plain.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+            if bias is not None:
+                plain.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        twin.get_submodule(parent).register_module(child, plain)
+        replaced.append(name)
+    for p in twin.parameters():
+        p.data = p.data.to(torch.bfloat16)
+        p.requires_grad_(False)
+    twin = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+    # The prefill's logits come from `hidden[:, -1:]`, a strided view: a bf16 matmul on the CPU then copies the
+    # whole output matrix once per row (seconds a batch, measured); a contiguous input takes the plain GEMM.
+    twin.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    return twin
+
+
 def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
                  rows: list[int], settings: EvalSettings, conditions: dict,
                  out_dir: Path) -> tuple[dict[str, float], list[dict]]:
@@ -226,7 +283,9 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
     """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
     on_cpu = next(p.device for p in model.parameters()).type == "cpu"
-    batch_invariant = on_cpu and settings.int8_cpu is Int8Cpu.dequant
+    batch_invariant = on_cpu and settings.int8_cpu in (Int8Cpu.dequant, Int8Cpu.bf16)
+    if on_cpu and settings.int8_cpu is Int8Cpu.bf16:  # one copy for every test set
+        model = int8_as_bf16(model)
     if quant_bits == 8 and settings.batch_size != 1 and not batch_invariant:
         log.warning("8-bit base: LLM.int8 picks outlier columns per batch, so scores depend on eval.batch_size=%s "
                     "and on which prompts share a batch; eval.batch_size=1 scores each prompt alone (README)",
