@@ -173,12 +173,11 @@ def int8_dequantized(model: nn.Module, on: bool) -> int:
 
 def int8_as_bf16(model: nn.Module) -> nn.Module:
     """A bfloat16 copy of a model with bitsandbytes 8-bit layers (`eval.int8_cpu=bf16`), for generating on the
-    CPU: each 8-bit weight dequantized once (W0 = CB · SCB / 127, in float32), the active peft LoRA/DoRA
-    adapters merged into it there by peft's own merge arithmetic, then rounded to bf16 in a plain
-    `nn.Linear`; every other parameter cast to bf16 (buffers, e.g. rotary frequencies, stay as they are). The
-    copy computes with plain bf16 matmuls, whose answers do not depend on the batch (no LLM.int8 outlier
-    columns) and cost a fraction of bitsandbytes' CPU kernels (docs/benchmarks.md). `model` is not changed;
-    a model without 8-bit layers is returned as it is."""
+    CPU: each 8-bit layer (with its active peft LoRA/DoRA adapters merged in, `_merged_8bit`) becomes a plain
+    bf16 `nn.Linear`, and every other parameter is cast to bf16 (buffers, e.g. rotary frequencies, stay as they
+    are). The copy computes with plain bf16 matmuls, whose answers do not depend on the batch (no LLM.int8
+    outlier columns) and cost a fraction of bitsandbytes' CPU kernels (docs/benchmarks.md). `model` is not
+    changed; a model without 8-bit layers is returned as it is."""
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None or not any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
         return model
@@ -187,30 +186,17 @@ def int8_as_bf16(model: nn.Module) -> nn.Module:
     twin = copy.deepcopy(model)
     replaced: list[str] = []
     for name, module in list(twin.named_modules()):
-        if any(name.startswith(f"{r}.") for r in replaced):
+        if any(name.startswith(f"{r}.") for r in replaced):  # inside a layer already replaced
             continue
         lora = isinstance(module, LoraLayer)
         base = module.get_base_layer() if lora else module
         if not isinstance(base, bnb.nn.Linear8bitLt):
             continue
-        with torch.no_grad():
-            scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
-            weight = base.weight.data.float() * (scb.float() / 127.0).unsqueeze(1)
-            bias = None if base.bias is None else base.bias.detach().float()
-            for adapter in [] if not lora or module.disable_adapters or module.merged else module.active_adapters:
-                if adapter not in module.lora_A:
-                    continue
-                variant = module.lora_variant.get(adapter)  # DoRA's, for one
-                if variant:
-                    weight = variant.merge_safe(module, adapter, weight)
-                else:
-                    weight = weight + module.get_delta_weight(adapter)
-                if module.lora_bias[adapter]:
-                    bias = bias + module.lora_B[adapter].bias.float()
-            plain = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
-            plain.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
-            if bias is not None:
-                plain.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        weight, bias = _merged_8bit(module if lora else None, base)
+        plain = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
+        plain.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
         parent, _, child = name.rpartition(".")
         twin.get_submodule(parent).register_module(child, plain)
         replaced.append(name)
@@ -220,8 +206,27 @@ def int8_as_bf16(model: nn.Module) -> nn.Module:
     twin = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
     # The prefill's logits come from `hidden[:, -1:]`, a strided view: a bf16 matmul on the CPU then copies the
     # whole output matrix once per row (seconds a batch, measured); a contiguous input takes the plain GEMM.
-    twin.get_output_embeddings().register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    if (head := twin.get_output_embeddings()) is not None:
+        head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
     return twin
+
+
+@torch.no_grad()
+def _merged_8bit(lora: nn.Module | None, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 weight and bias an 8-bit layer computes with, W0 = CB · SCB / 127, plus its peft layer's
+    active adapters (`lora`, None for a bare layer) merged as peft merges them (a DoRA variant's `merge_safe`)."""
+    scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB  # bitsandbytes moves it on use
+    weight = base.weight.data.float() * (scb.float() / 127.0).unsqueeze(1)
+    bias = None if base.bias is None else base.bias.detach().float()
+    active = [] if lora is None or lora.disable_adapters or lora.merged else lora.active_adapters
+    for adapter in (a for a in active if a in lora.lora_A):
+        if variant := lora.lora_variant.get(adapter):
+            weight = variant.merge_safe(lora, adapter, weight)
+        else:
+            weight = weight + lora.get_delta_weight(adapter)
+        if lora.lora_bias[adapter]:
+            bias = bias + lora.lora_B[adapter].bias.float()
+    return weight, bias
 
 
 def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
