@@ -68,11 +68,12 @@ EMBEDDED = SHAPES["smollm2-135m"]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 49152}
 LLAMA_8B = SHAPES["llama-3.1-8b"]
-TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8)
+TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8, share_prefix=False)
 NEW = EvalSettings()
 EAGER = EvalSettings(static_cache=False)
 DEQUANT = EvalSettings(int8_cpu=Int8Cpu.dequant)
 BF16 = EvalSettings(int8_cpu=Int8Cpu.bf16)
+BF16_UNSHARED = EvalSettings(int8_cpu=Int8Cpu.bf16, share_prefix=False)
 
 
 def sentiment_sets(data_dir: Path) -> list[tuple[TestSet, list[dict]]]:
@@ -99,7 +100,8 @@ def timed(fn, *args) -> tuple[float, float, object]:
 
 def run_sets(model, tokenizer, sets, settings: EvalSettings, precision: str) -> list[list[str]]:
     return [generate(model, tokenizer, rows, test_set.max_new_tokens, settings.batch_size, precision,
-                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu) for test_set, rows in sets]
+                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu, share_prefix=settings.share_prefix)
+            for test_set, rows in sets]
 
 
 def first_and_steady(model, tokenizer, sets, settings: EvalSettings, precision: str,
@@ -196,10 +198,9 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
     [(test_set, records)] = [s for s in sentiment_sets(args.data_dir) if s[0].name == "fpb"]
     rows = [records[i] for i in pick_rows(records, test_set, EvalSettings(limit=args.rows))]
     targets = [str(r["target"]) for r in rows]
-    default = EvalSettings().int8_cpu
-    paths = {f"int8_cpu={s.int8_cpu.value}{' (default)' if s.int8_cpu is default else ''}": s
-             for s in (DEQUANT, BF16)}
-    paths = {"today": TODAY} | paths
+    paths = {"today": TODAY} | {f"int8_cpu={s.int8_cpu.value}{'' if s.share_prefix else ', share_prefix=false'}"
+                                  f"{' (the defaults)' if s == EvalSettings() else ''}": s
+                                  for s in (DEQUANT, BF16_UNSHARED, BF16)}
     runs: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
     answers: dict[str, list[str]] = {}
     for settings in paths.values():  # warm-up: the adapter's DoRA norms, the first allocations
@@ -210,13 +211,14 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
             runs[path].append((wall, cpu_s))
             answers[path] = out[0]
             print(path, f"{wall:.1f} s wall, {cpu_s:.1f} s CPU", flush=True)
-    # Batch invariance on the real weights: the batch-invariant paths again at batch 8 (the same rows).
+    # How far bf16 answers move with the batch on the real weights: its paths again at batch 8 (the same rows).
     at_8 = {path: run_sets(model, tokenizer, [(test_set, rows)], replace(settings, batch_size=8), where.precision)[0]
-            for path, settings in paths.items() if settings.int8_cpu is not Int8Cpu.llm_int8}
+            for path, settings in paths.items() if settings.int8_cpu is Int8Cpu.bf16}
     results: dict = {"rows": len(rows), "threads": torch.get_num_threads(), "adapter": str(args.adapter)}
     table = ["| path | settings | wall s (median) | CPU s (median) | examples/s (CPU time) | time × today's (CPU) | "
-             "accuracy | 95% interval | answers unlike today's | answers unlike its own at batch 8 |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "accuracy | 95% interval | answers unlike today's | unlike `dequant`'s | unlike its own at batch 8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    exact = next(path for path, settings in paths.items() if settings is DEQUANT)
     base = statistics.median(c for _, c in runs["today"])
     for path, settings in paths.items():
         wall = statistics.median(w for w, _ in runs[path])
@@ -224,29 +226,33 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
         metrics = score(test_set.kind, answers[path], targets, test_set.labels)
         low, high = wilson_interval(metrics["accuracy"], len(rows))
         differ = sum(a != b for a, b in zip(answers["today"], answers[path], strict=True))
+        unlike_exact = sum(a != b for a, b in zip(answers[exact], answers[path], strict=True))
         moved = sum(a != b for a, b in zip(at_8[path], answers[path], strict=True)) if path in at_8 else None
-        results[path] = {"settings": f"batch_size={settings.batch_size} static_cache={settings.static_cache} "
-                                     f"int8_cpu={settings.int8_cpu.value}",
+        results[path] = {"settings": f"batch_size={settings.batch_size} int8_cpu={settings.int8_cpu.value} "
+                                     f"share_prefix={settings.share_prefix}",
                          "wall_s": [round(w, 2) for w, _ in runs[path]], "cpu_s": [round(c, 2) for _, c in runs[path]],
                          "accuracy": metrics["accuracy"], "accuracy_ci95": [low, high], "answers_unlike_today": differ,
-                         "answers_unlike_batch_8": moved}
+                         "answers_unlike_dequant": unlike_exact, "answers_unlike_batch_8": moved}
         table.append(f"| {path} | `{results[path]['settings']}` | {wall:.1f} | {cpu_s:.1f} | {len(rows) / cpu_s:.1f} | "
                      f"{cpu_s / base:.2f} | {100 * metrics['accuracy']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% | "
-                     f"{differ} | {'-' if moved is None else moved} |")
+                     f"{differ} | {unlike_exact} | {'-' if moved is None else moved} |")
+    sample = ("all 1,212 FPB test rows (the whole test stage)" if len(rows) == len(records) else
+              f"a seeded stratified sample of {len(rows)} FPB test rows (the full stage scores {len(records)})")
     header = (f"`python scripts/bench_eval.py --cpu --adapter …`: the quickstart's test stage (embedded SmolLM2-135M, "
-              f"8-bit base, its DoRA adapter `{args.adapter.parent.name}`, fp32 training precision) on a seeded "
-              f"stratified sample of {len(rows)} FPB test rows (the full stage scores 1,212; the dev machine's 2 "
-              f"cores are shared, so the measurement is kept short), {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-              f"transformers {version('transformers')}, "
-              f"bitsandbytes {version('bitsandbytes')}; the paths alternated {args.repeats} times in one process, "
-              "medians. *today*: LLM.int8 in batches of 32 (the CPU's `auto`; a static cache changes nothing on "
+              f"8-bit base, its DoRA adapter `{args.adapter.parent.name}`, fp32 training precision) on {sample}, "
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+              f"torch {torch.__version__}, transformers {version('transformers')}, "
+              f"bitsandbytes {version('bitsandbytes')}; the paths alternated {args.repeats} time(s) in one process "
+              "(medians). *today*: LLM.int8 in batches of 32 (the CPU's `auto`; a static cache changes nothing on "
               "the CPU); `dequant`: bitsandbytes' CPU training path, the int8 weight dequantized to fp32 for each "
-              "matmul; `bf16`: a bf16 copy of the model made once per test stage (its time included), the 8-bit "
-              "weights dequantized and the adapter merged into them, plain bf16 matmuls. *Answers unlike its own at "
-              "batch 8*: the same path again at `eval.batch_size=8` (LLM.int8's answers move with the batch). Wall "
-              "time moves with the other work on the shared cores, CPU time at one thread much less: the ratios "
-              "are of CPU time.")
+              "matmul, the function the adapter was trained through (its answers do not move with the batch); "
+              "`bf16`: a bf16 copy of the model made once per test stage (its time included), the 8-bit weights "
+              "dequantized and the adapter merged into them, plain bf16 matmuls; `share_prefix`: the prompts' "
+              "common prefix (FinLoRA's instruction, 25 tokens) computed once, its KV cache reused by every batch. "
+              "*Unlike its own at batch 8*: the same path again at `eval.batch_size=8` (bf16 kernels round "
+              "differently with the padding, so a near-tie can flip; LLM.int8's outlier columns move a quarter of "
+              "the answers, README). Wall time moves with the other work on the shared cores, CPU time at one "
+              "thread much less: the ratios are of CPU time.")
     return results, [header, "", *table]
 
 

@@ -358,6 +358,7 @@ class EvalSettings:
     batch_size: Any = "auto"  # rows generated together: an int, or auto (CUDA: the most that fit in free memory)
     static_cache: bool = True  # CUDA: a static KV cache and a compiled decode step (false: a growing cache, eager)
     int8_cpu: Int8Cpu = Int8Cpu.bf16  # an 8-bit base on the CPU (`Int8Cpu`)
+    share_prefix: bool = True  # CPU: the prompts' common prefix computed once per test set (not under LLM.int8)
     limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
     sample: EvalSample = EvalSample.stratified
     seed: int = 42  # the sample's seed: the same seed, the same rows
