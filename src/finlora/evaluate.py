@@ -96,10 +96,11 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     try:
         prefix_ids = torch.tensor([prompts[0][:shared]], device=device)
         if shared:
-            with autocast:
-                prefix = model(input_ids=prefix_ids, use_cache=True).past_key_values
             hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's takes **kwargs
-            cache_key = "cache" if "cache" in inspect.signature(hf_model.generate).parameters else "past_key_values"
+            # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 6.0)
+            cache_key = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+            with autocast:
+                prefix = getattr(model(input_ids=prefix_ids, use_cache=True), cache_key)
         with Progress(*columns, transient=True) as progress:
             bar = progress.add_task(description, total=len(prompts))
             start = 0
