@@ -94,13 +94,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     answers: list[str] = [""] * len(prompts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        prefix_ids = torch.tensor([prompts[0][:shared]], device=device)
         if shared:
-            hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's takes **kwargs
-            # transformers renamed `past_key_values` to `cache` (5.2x; the old name warns until 6.0)
-            cache_key = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+            prefix_ids = torch.tensor([prompts[0][:shared]], device=device)
             with autocast:
-                prefix = getattr(model(input_ids=prefix_ids, use_cache=True), cache_key)
+                cache_key, prefix = prefix_cache(model, prefix_ids)
         with Progress(*columns, transient=True) as progress:
             bar = progress.add_task(description, total=len(prompts))
             start = 0
@@ -109,17 +106,11 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
                 rows = [prompts[i][shared:] for i in idx]
                 rows += [rows[-1]] * (size - len(idx) if static else 0)
                 batch = {k: v.to(device) for k, v in pad_left(rows, pad).items()}
-                extra = {}
-                if shared:  # [prefix][padding][rest of the prompt]; positions follow the mask, so they are right
-                    n = len(rows)
-                    batch = {"input_ids": torch.cat([prefix_ids.expand(n, -1), batch["input_ids"]], 1),
-                             "attention_mask": torch.cat([torch.ones_like(prefix_ids).expand(n, -1),
-                                                          batch["attention_mask"]], 1)}
-                    extra = {cache_key: copy.deepcopy(prefix)}
-                    extra[cache_key].batch_repeat_interleave(n)
+                if shared:
+                    batch = behind_prefix(batch, prefix_ids, cache_key, prefix)
                 try:
                     with autocast:
-                        out = model.generate(**batch, **options, **extra)
+                        out = model.generate(**batch, **options)
                 except torch._dynamo.exc.TorchDynamoException as err:  # the decode step did not compile
                     if not static:
                         raise
@@ -150,6 +141,25 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     """How many leading tokens every prompt shares, leaving each at least one token of its own (the first
     answer token is read from the logits of a prompt's last token)."""
     return min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)  # element-wise on lists
+
+
+def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor) -> tuple[str, object]:
+    """The KV cache of `prefix_ids` (1 × n tokens) through `model`, and the name `generate` takes it by
+    (transformers renamed `past_key_values` to `cache`; the old name warns until 6.0)."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's takes **kwargs
+    key = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    return key, getattr(model(input_ids=prefix_ids, use_cache=True), key)
+
+
+def behind_prefix(batch: dict[str, torch.Tensor], prefix_ids: torch.Tensor, cache_key: str, cache: object) -> dict:
+    """`generate`'s inputs for a left-padded batch of the rest of each prompt: [prefix][padding][rest], and a
+    copy of the prefix's KV cache for each row. Positions follow the attention mask, so they are right."""
+    n = batch["input_ids"].shape[0]
+    rows_cache = copy.deepcopy(cache)
+    rows_cache.batch_repeat_interleave(n)
+    return {"input_ids": torch.cat([prefix_ids.expand(n, -1), batch["input_ids"]], 1),
+            "attention_mask": torch.cat([torch.ones_like(prefix_ids).expand(n, -1), batch["attention_mask"]], 1),
+            cache_key: rows_cache}
 
 
 def runs_llm_int8(model: nn.Module) -> bool:
