@@ -4,8 +4,8 @@ Today's path is still reachable by settings: `eval.batch_size=32 eval.static_cac
 eval.int8_cpu=llm_int8` (length-sorted batches of 32, a growing KV cache, eager decoding, LLM.int8 on an
 8-bit CPU base), which is what `finlora.evaluate.generate` did at commit 7a92598. The new path is the
 defaults: `eval.batch_size=auto`, and on CUDA a static KV cache with a compiled decode step (on the CPU,
-`auto` is 32: the same batches as before). The CPU part also times `eval.int8_cpu=dequant`, the
-batch-invariant way to score an 8-bit base there.
+`auto` is 32: the same batches as before). The CPU part times the ways an 8-bit base can compute there
+(`eval.int8_cpu`): LLM.int8 (today's), `dequant` and `bf16` (both batch-invariant).
 
 GPU (one H100, about 5 minutes; random weights, the real tokenizer, FinLoRA's test sets):
 (a) the embedded model's shapes (SmolLM2-135M: 30 layers, hidden 576, vocabulary 49,152), bf16, FPB's
@@ -19,8 +19,8 @@ Each path runs once to warm up (its first compile is reported separately), then 
 
 CPU (`--cpu`): the quickstart's test stage (embedded model, 8-bit base, its DoRA adapter) on a seeded
 stratified sample of FPB (`--rows`, 200 by default: the dev machine has 2 shared cores), today's path,
-the new defaults and `eval.int8_cpu=dequant`, alternated `--repeats` times; wall time, CPU time, accuracy
-and how many answers differ from today's.
+`eval.int8_cpu=dequant` and `eval.int8_cpu=bf16`, alternated `--repeats` times; wall time, CPU time, accuracy
+and how many answers differ from today's, and, for the batch-invariant paths, from their own at batch 8.
 
     python scripts/bench_eval.py --cpu --adapter outputs/runs/<quickstart run>/adapter
 
@@ -38,6 +38,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from importlib.metadata import version
 from pathlib import Path
 
@@ -67,10 +68,12 @@ EMBEDDED = SHAPES["smollm2-135m"]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 49152}
 LLAMA_8B = SHAPES["llama-3.1-8b"]
-TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8)
+TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8, share_prefix=False)
 NEW = EvalSettings()
 EAGER = EvalSettings(static_cache=False)
 DEQUANT = EvalSettings(int8_cpu=Int8Cpu.dequant)
+BF16 = EvalSettings(int8_cpu=Int8Cpu.bf16)
+BF16_UNSHARED = EvalSettings(int8_cpu=Int8Cpu.bf16, share_prefix=False)
 
 
 def sentiment_sets(data_dir: Path) -> list[tuple[TestSet, list[dict]]]:
@@ -97,7 +100,8 @@ def timed(fn, *args) -> tuple[float, float, object]:
 
 def run_sets(model, tokenizer, sets, settings: EvalSettings, precision: str) -> list[list[str]]:
     return [generate(model, tokenizer, rows, test_set.max_new_tokens, settings.batch_size, precision,
-                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu) for test_set, rows in sets]
+                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu, share_prefix=settings.share_prefix)
+            for test_set, rows in sets]
 
 
 def first_and_steady(model, tokenizer, sets, settings: EvalSettings, precision: str,
@@ -194,7 +198,9 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
     [(test_set, records)] = [s for s in sentiment_sets(args.data_dir) if s[0].name == "fpb"]
     rows = [records[i] for i in pick_rows(records, test_set, EvalSettings(limit=args.rows))]
     targets = [str(r["target"]) for r in rows]
-    paths = {"today": TODAY, "new": NEW, "new, int8_cpu=dequant": DEQUANT}
+    paths = {"today": TODAY} | {f"int8_cpu={s.int8_cpu.value}{'' if s.share_prefix else ', share_prefix=false'}"
+                                  f"{' (the defaults)' if s == EvalSettings() else ''}": s
+                                  for s in (DEQUANT, BF16_UNSHARED, BF16)}
     runs: dict[str, list[tuple[float, float]]] = {path: [] for path in paths}
     answers: dict[str, list[str]] = {}
     for settings in paths.values():  # warm-up: the adapter's DoRA norms, the first allocations
@@ -205,9 +211,14 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
             runs[path].append((wall, cpu_s))
             answers[path] = out[0]
             print(path, f"{wall:.1f} s wall, {cpu_s:.1f} s CPU", flush=True)
+    # How far bf16 answers move with the batch on the real weights: its paths again at batch 8 (the same rows).
+    at_8 = {path: run_sets(model, tokenizer, [(test_set, rows)], replace(settings, batch_size=8), where.precision)[0]
+            for path, settings in paths.items() if settings.int8_cpu is Int8Cpu.bf16}
     results: dict = {"rows": len(rows), "threads": torch.get_num_threads(), "adapter": str(args.adapter)}
     table = ["| path | settings | wall s (median) | CPU s (median) | examples/s (CPU time) | time × today's (CPU) | "
-             "accuracy | 95% interval | answers unlike today's |", "|---|---|---|---|---|---|---|---|---|"]
+             "accuracy | 95% interval | answers unlike today's | unlike `dequant`'s | unlike its own at batch 8 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    exact = next(path for path, settings in paths.items() if settings is DEQUANT)
     base = statistics.median(c for _, c in runs["today"])
     for path, settings in paths.items():
         wall = statistics.median(w for w, _ in runs[path])
@@ -215,22 +226,33 @@ def cpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
         metrics = score(test_set.kind, answers[path], targets, test_set.labels)
         low, high = wilson_interval(metrics["accuracy"], len(rows))
         differ = sum(a != b for a, b in zip(answers["today"], answers[path], strict=True))
-        results[path] = {"settings": f"batch_size={settings.batch_size} static_cache={settings.static_cache} "
-                                     f"int8_cpu={settings.int8_cpu.value}",
+        unlike_exact = sum(a != b for a, b in zip(answers[exact], answers[path], strict=True))
+        moved = sum(a != b for a, b in zip(at_8[path], answers[path], strict=True)) if path in at_8 else None
+        results[path] = {"settings": f"batch_size={settings.batch_size} int8_cpu={settings.int8_cpu.value} "
+                                     f"share_prefix={settings.share_prefix}",
                          "wall_s": [round(w, 2) for w, _ in runs[path]], "cpu_s": [round(c, 2) for _, c in runs[path]],
-                         "accuracy": metrics["accuracy"], "accuracy_ci95": [low, high], "answers_unlike_today": differ}
+                         "accuracy": metrics["accuracy"], "accuracy_ci95": [low, high], "answers_unlike_today": differ,
+                         "answers_unlike_dequant": unlike_exact, "answers_unlike_batch_8": moved}
         table.append(f"| {path} | `{results[path]['settings']}` | {wall:.1f} | {cpu_s:.1f} | {len(rows) / cpu_s:.1f} | "
                      f"{cpu_s / base:.2f} | {100 * metrics['accuracy']:.1f}% | {100 * low:.1f}–{100 * high:.1f}% | "
-                     f"{differ} |")
+                     f"{differ} | {unlike_exact} | {'-' if moved is None else moved} |")
+    sample = ("all 1,212 FPB test rows (the whole test stage)" if len(rows) == len(records) else
+              f"a seeded stratified sample of {len(rows)} FPB test rows (the full stage scores {len(records)})")
     header = (f"`python scripts/bench_eval.py --cpu --adapter …`: the quickstart's test stage (embedded SmolLM2-135M, "
-              f"8-bit base, its DoRA adapter `{args.adapter.parent.name}`, fp32) on a seeded stratified sample of "
-              f"{len(rows)} FPB test rows (the full stage scores 1,212; the dev machine's 2 cores are shared, so "
-              f"the measurement is kept short), {platform.processor() or platform.machine()}, "
-              f"{torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
-              f"transformers {version('transformers')}, "
-              f"bitsandbytes {version('bitsandbytes')}; the paths alternated {args.repeats} times in one process, "
-              "medians. Wall time moves with the other work on the shared cores (a run of the very same path took "
-              "from 17 s to 35 s), CPU time at one thread much less: the ratios are of CPU time.")
+              f"8-bit base, its DoRA adapter `{args.adapter.parent.name}`, fp32 training precision) on {sample}, "
+              f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch thread(s), "
+              f"torch {torch.__version__}, transformers {version('transformers')}, "
+              f"bitsandbytes {version('bitsandbytes')}; the paths alternated {args.repeats} time(s) in one process "
+              "(medians). *today*: LLM.int8 in batches of 32 (the CPU's `auto`; a static cache changes nothing on "
+              "the CPU); `dequant`: bitsandbytes' CPU training path, the int8 weight dequantized to fp32 for each "
+              "matmul, the function the adapter was trained through (its answers do not move with the batch); "
+              "`bf16`: a bf16 copy of the model made once per test stage (its time included), the 8-bit weights "
+              "dequantized and the adapter merged into them, plain bf16 matmuls; `share_prefix`: the prompts' "
+              "common prefix (FinLoRA's instruction, 25 tokens) computed once, its KV cache reused by every batch. "
+              "*Unlike its own at batch 8*: the same path again at `eval.batch_size=8` (bf16 kernels round "
+              "differently with the padding, so a near-tie can flip; LLM.int8's outlier columns move a quarter of "
+              "the answers, README). Wall time moves with the other work on the shared cores, CPU time at one "
+              "thread much less: the ratios are of CPU time.")
     return results, [header, "", *table]
 
 

@@ -111,6 +111,8 @@ def test_bad_values_are_named(override, message, tmp_path):
     ("adapter.method=foo", "adapter.method"),
     ("trainer.max_steps=1.5", "trainer.max_steps"),
     ("data.batching=nope", "data.batching"),
+    ("eval.int8_cpu=fp8", "eval.int8_cpu"),
+    ("eval.share_prefix=maybe", "eval.share_prefix"),
 ])
 def test_type_errors_are_named_while_composing(override, message, tmp_path):
     """The schema is registered with Hydra, so a wrong type fails while the config is composed."""

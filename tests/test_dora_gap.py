@@ -145,13 +145,14 @@ def test_training_and_evaluation_prompts_are_as_configured(tiny_model_dir, tmp_p
         trained.extend(tokenizer.decode(e.input_ids) for e in batch)
         return real_pack(batch, **kwargs)
 
-    def pad_left(prompts, pad_id):
-        generated.extend(tokenizer.decode(p) for p in prompts)
-        return real_pad_left(prompts, pad_id)
+    def encode_prompt(tok, record):  # the prompt generate builds (on the CPU its shared prefix goes in first)
+        ids = real_encode_prompt(tok, record)
+        generated.append(tokenizer.decode(ids))
+        return ids
 
-    real_pack, real_pad_left = finlora.data.pack, finlora.evaluate.pad_left
+    real_pack, real_encode_prompt = finlora.data.pack, finlora.evaluate.encode_prompt
     monkeypatch.setattr(finlora.data, "pack", pack)  # records what the real function is given, then runs it
-    monkeypatch.setattr(finlora.evaluate, "pad_left", pad_left)
+    monkeypatch.setattr(finlora.evaluate, "encode_prompt", encode_prompt)
     cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "quant=none", "adapter=lora", "task=fpb",
                        "trainer=cpu", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.val_every_n_steps=2",
                        "data.val_size=4", "data.max_length=128", "logger=csv", "eval.limit=3",

@@ -50,7 +50,7 @@ def test_generation_prompt_is_training_prompt_minus_answer(tiny):
 
     handle = model.register_forward_pre_hook(capture, with_kwargs=True)
     try:
-        generate(model, tokenizer, records, max_new_tokens=2, batch_size=6)
+        generate(model, tokenizer, records, max_new_tokens=2, batch_size=6, share_prefix=False)  # whole prompts
     finally:
         handle.remove()
     ids, mask = seen[0]
@@ -107,6 +107,32 @@ def test_greedy_answers_are_identical_at_every_batch_size(lively):
     for batch_size in (1, 8, 32, "auto"):
         assert generate(model, tokenizer, records, 6, batch_size) == reference, batch_size
     assert model.training is False
+
+
+def test_shared_prefix_runs_once_and_changes_no_answer(lively):
+    """`eval.share_prefix`: FinLoRA's instruction, the prefix every FPB prompt starts with, goes through the
+    model once, alone; the batches then hold only the rest of each prompt, and every answer is the one the prompt
+    gets alone and whole (fp32), at every batch size."""
+    from finlora.evaluate import MIN_PREFIX, shared_prefix
+
+    tokenizer, model = lively
+    records = _fpb()[1][::60]
+    prompts = [encode_prompt(tokenizer, r) for r in records]
+    shared = shared_prefix(prompts)
+    assert shared >= MIN_PREFIX
+    assert tokenizer.decode(prompts[0][:shared]).startswith("Instruction: What is the sentiment")
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    answers = generate(model, tokenizer, records, 6, 8)
+    hook.remove()
+    assert widths[0] == (1, shared) and widths.count((1, shared)) == 1
+    assert all(w[1] <= max(len(p) for p in prompts) - shared for w in widths[1:])  # no batch re-reads the prefix
+    assert len(set(answers)) > 3
+    assert answers == _one_by_one(model, tokenizer, records, 6, tokenizer.eos_token_id)
+    assert generate(model, tokenizer, records, 6, 3) == answers == generate(model, tokenizer, records, 6, 8,
+                                                                             share_prefix=False)
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each prompt keeps a token of its own
 
 
 def test_static_cache_path_gives_the_same_answers(lively, monkeypatch):
@@ -190,7 +216,7 @@ def test_real_embedded_model_answers_identical_alone_and_batched(smollm_dir):
 
 def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(tiny_model_dir):
     """`eval.int8_cpu=dequant`: bitsandbytes' CPU training path, whose answers do not depend on the batch; the
-    8-bit layers are back in eval mode afterwards, and the default (LLM.int8) leaves them there."""
+    8-bit layers are back in eval mode afterwards, and LLM.int8 leaves them there."""
     import bitsandbytes as bnb
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
@@ -204,9 +230,81 @@ def test_8bit_on_the_cpu_scores_through_the_dequantized_weight_batch_invariant(t
     assert generate(model, tokenizer, records, 4, 24, int8_cpu=Int8Cpu.dequant) == alone
     assert seen and all(seen) and not any(m.training for m in layers)
     seen.clear()
-    assert len(generate(model, tokenizer, records[:2], 4, 2)) == 2
+    assert len(generate(model, tokenizer, records[:2], 4, 2, int8_cpu=Int8Cpu.llm_int8)) == 2
     hook.remove()
+    shapes = []  # LLM.int8 would score a prefix computed alone differently: no shared prefix under it
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(kwargs["input_ids"].shape[0]),
+                                           with_kwargs=True)
+    generate(model, tokenizer, records[:4], 2, 4, int8_cpu=Int8Cpu.llm_int8)
+    hook.remove()
+    assert shapes and 1 not in shapes
     assert seen and not any(seen) and not any(m.state.is_training for m in layers)
+
+
+def _8bit_with_adapter(model_dir, method: AdapterMethod):
+    """The tiny model on an 8-bit base with a fresh adapter whose B is not zero (so that it changes outputs)."""
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    base = load_model(str(model_dir), cfg, QuantConfig(bits=8), torch.float32, torch.device("cpu"))
+    model = attach_adapter(base, AdapterConfig(method=method, r=4), gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return load_tokenizer(str(model_dir), cfg), model
+
+
+@pytest.mark.parametrize("method", [AdapterMethod.lora, AdapterMethod.dora])
+def test_bf16_copy_computes_the_8bit_model_with_its_adapter_and_leaves_it_untouched(tiny_model_dir, method):
+    """`eval.int8_cpu=bf16`: the copy's logits are the adapted 8-bit model's (its int8 weights dequantized, in
+    fp32) to bf16's rounding, far closer than the base without the adapter; the copy holds plain bf16 layers
+    only, and the model it came from keeps its 8-bit layers, adapter, values and trainable parameters."""
+    import bitsandbytes as bnb
+    from peft.tuners.lora import LoraLayer
+
+    from finlora.evaluate import int8_as_bf16, int8_dequantized
+
+    _, model = _8bit_with_adapter(tiny_model_dir, method)
+    ids = torch.randint(0, 49152, (3, 24), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    model.eval()
+    int8_dequantized(model, True)  # the function the CPU trained: the int8 weight dequantized, fp32
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        with model.disable_adapter():
+            unadapted = model(input_ids=ids).logits
+    model.eval()
+    twin = int8_as_bf16(model)
+    with torch.no_grad():
+        got = twin(input_ids=ids).logits.float()
+    error, adapter_effect = (got - want).abs().max(), (unadapted - want).abs().max()
+    assert error < adapter_effect / 20, (error, adapter_effect)  # bf16 rounding (an exact fp32 merge: ~1e-6)
+    assert not any(isinstance(m, (bnb.nn.Linear8bitLt, LoraLayer)) for m in twin.modules())
+    assert {p.dtype for p in twin.parameters()} == {torch.bfloat16}
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) == 14  # 2 layers × 7 projections
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and before.keys() == \
+        model.state_dict().keys()
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert int8_as_bf16(twin) is twin  # nothing 8-bit left: a copy is made once
+
+
+def test_bf16_answers_are_batch_invariant_and_recorded(tiny_model_dir, tmp_path, caplog):
+    """The bf16 copy answers alike at batch sizes 1 and 8 (no LLM.int8 outlier columns chosen per batch; on
+    the real model bf16 rounding can still flip a near-tie, docs/benchmarks.md), is the CPU's default, draws no
+    batch-size warning, and `<set>_metrics.json` says it was used."""
+    from finlora.evaluate import evaluate_sets
+
+    tokenizer, model = _8bit_with_adapter(tiny_model_dir, AdapterMethod.dora)
+    records = _mixed_records(4)
+    alone = generate(model, tokenizer, records, 4, 1, int8_cpu=Int8Cpu.bf16)
+    assert generate(model, tokenizer, records, 4, 8, int8_cpu=Int8Cpu.bf16) == alone
+    assert EvalSettings().int8_cpu is Int8Cpu.bf16
+    test_set, rows = _fpb()
+    with caplog.at_level(logging.WARNING, "finlora.evaluate"):
+        evaluate_sets(model, tokenizer, [(test_set, rows)], EvalSettings(batch_size=4, limit=4), "32-true", 8,
+                      tmp_path, [])
+    assert not [r for r in caplog.records if "8-bit" in r.getMessage()]
+    assert json.loads((tmp_path / "fpb_metrics.json").read_text())["conditions"]["int8_cpu"] == "bf16"
 
 
 def test_auto_batches_are_as_few_and_as_even_as_memory_allows(tiny):

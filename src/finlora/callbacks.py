@@ -80,7 +80,8 @@ class TaskScore(Callback):
             return
         answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens,
                            self.settings.batch_size, self.precision, f"val {self.task}",
-                           static_cache=self.settings.static_cache, int8_cpu=self.settings.int8_cpu)
+                           static_cache=self.settings.static_cache, int8_cpu=self.settings.int8_cpu,
+                           share_prefix=self.settings.share_prefix)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
             if name != "n":

@@ -350,13 +350,15 @@ class Int8Cpu(Enum):
 
     llm_int8 = "llm_int8"  # LLM.int8: inputs quantized, outlier columns chosen per batch (scores move with the batch)
     dequant = "dequant"  # bitsandbytes' CPU training path: weights dequantized, inputs kept (batch-invariant)
+    bf16 = "bf16"  # a bf16 copy, 8-bit weights dequantized once, adapter merged: bf16 matmuls (batch-invariant)
 
 
 @dataclass
 class EvalSettings:
     batch_size: Any = "auto"  # rows generated together: an int, or auto (CUDA: the most that fit in free memory)
     static_cache: bool = True  # CUDA: a static KV cache and a compiled decode step (false: a growing cache, eager)
-    int8_cpu: Int8Cpu = Int8Cpu.llm_int8
+    int8_cpu: Int8Cpu = Int8Cpu.bf16  # an 8-bit base on the CPU (`Int8Cpu`)
+    share_prefix: bool = True  # CPU: the prompts' common prefix computed once per test set (not under LLM.int8)
     limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
     sample: EvalSample = EvalSample.stratified
     seed: int = 42  # the sample's seed: the same seed, the same rows

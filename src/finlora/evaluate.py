@@ -4,14 +4,18 @@ Prompts come from `finlora.prompts.encode_prompt`, the function training uses, s
 always the training prompt minus the answer. Generation is greedy and batched with left padding; the
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
 file order. The batch is as large as fits (`eval.batch_size=auto`), and on CUDA the decode step runs
-compiled on a static KV cache (`generate`). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
+compiled on a static KV cache (`generate`); an 8-bit base on the CPU computes as `eval.int8_cpu` says
+(`int8_as_bf16`: a bf16 copy). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
 also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -42,12 +46,13 @@ AUTO_CAP = 1024  # rows: past this a bigger batch buys nothing and only holds me
 CPU_BATCH = 32  # `auto` on the CPU: the batches of before (an 8-bit base's LLM.int8 scores depend on them)
 MEMORY_SHARE = 0.7  # of the free GPU memory that `auto` plans to fill (the rest: allocator slack, the unforeseen)
 CACHE_STEP = 256  # a static cache's length is rounded up to this, so one compiled decode step serves many sets
+MIN_PREFIX = 8  # tokens: a shorter prefix shared by every prompt is not worth its own forward pass
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
              batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating", *,
-             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.llm_int8) -> list[str]:
+             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.bf16, share_prefix: bool = True) -> list[str]:
     """Greedy answers for `records`, in their order, under the same autocast as training used.
 
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
@@ -56,7 +61,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     transformers keeps the KV cache in fixed-shape tensors (one length for every batch, rounded up to
     `CACHE_STEP`) and compiles the decode step with CUDA graphs; every batch then has the same number of
     rows (the last is filled with copies of its last prompt, whose answers are dropped), so the step
-    compiles once. An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`)."""
+    compiles once. An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`). With `share_prefix`, on
+    the CPU (unless LLM.int8 computes, whose answers would move), the prompts' shared prefix (FinLoRA's
+    instruction: 25 of FPB's 61 tokens on average) goes through the model once: its KV cache is copied into
+    every batch, whose rows hold the rest of their prompts left-padded behind it (`shared_prefix`)."""
     prompts = [encode_prompt(tokenizer, r) for r in records]
     if not prompts:
         return []
@@ -74,23 +82,35 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     if static:
         options |= {"cache_implementation": "static", "max_cache_len": cache_len,
                     "compile_config": CompileConfig(fullgraph=False, mode="reduce-overhead")}
+    if device.type == "cpu" and int8_cpu is Int8Cpu.bf16:
+        model = int8_as_bf16(model)
     was_training = model.training
     model.eval()
     int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
     autocast = torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision.endswith("mixed"))
+    share = share_prefix and device.type == "cpu" and not static and not runs_llm_int8(model)
+    shared = shared_prefix(prompts) if share else 0
+    shared = shared if shared >= MIN_PREFIX else 0
     answers: list[str] = [""] * len(prompts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
+        if shared:
+            prefix_ids = torch.tensor([prompts[0][:shared]], device=device)
+            with autocast:
+                cache_key, prefix = prefix_cache(model, prefix_ids)
         with Progress(*columns, transient=True) as progress:
             bar = progress.add_task(description, total=len(prompts))
             start = 0
             while start < len(order):
                 idx = order[start:start + size]
-                rows = [prompts[i] for i in idx] + [prompts[idx[-1]]] * (size - len(idx) if static else 0)
-                batch = pad_left(rows, pad)
+                rows = [prompts[i][shared:] for i in idx]
+                rows += [rows[-1]] * (size - len(idx) if static else 0)
+                batch = {k: v.to(device) for k, v in pad_left(rows, pad).items()}
+                if shared:
+                    batch = behind_prefix(batch, prefix_ids, cache_key, prefix)
                 try:
                     with autocast:
-                        out = model.generate(**{k: v.to(device) for k, v in batch.items()}, **options)
+                        out = model.generate(**batch, **options)
                 except torch._dynamo.exc.TorchDynamoException as err:  # the decode step did not compile
                     if not static:
                         raise
@@ -115,6 +135,38 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     finally:
         model.train(was_training)
     return answers
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least one token of its own (the first
+    answer token is read from the logits of a prompt's last token)."""
+    return min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)  # element-wise on lists
+
+
+def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor) -> tuple[str, object]:
+    """The KV cache of `prefix_ids` (1 × n tokens) through `model`, and the name `generate` takes it by
+    (transformers renamed `past_key_values` to `cache`; the old name warns until 6.0)."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's takes **kwargs
+    key = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    return key, getattr(model(input_ids=prefix_ids, use_cache=True), key)
+
+
+def behind_prefix(batch: dict[str, torch.Tensor], prefix_ids: torch.Tensor, cache_key: str, cache: object) -> dict:
+    """`generate`'s inputs for a left-padded batch of the rest of each prompt: [prefix][padding][rest], and a
+    copy of the prefix's KV cache for each row. Positions follow the attention mask, so they are right."""
+    n = batch["input_ids"].shape[0]
+    rows_cache = copy.deepcopy(cache)
+    rows_cache.batch_repeat_interleave(n)
+    return {"input_ids": torch.cat([prefix_ids.expand(n, -1), batch["input_ids"]], 1),
+            "attention_mask": torch.cat([torch.ones_like(prefix_ids).expand(n, -1), batch["attention_mask"]], 1),
+            cache_key: rows_cache}
+
+
+def runs_llm_int8(model: nn.Module) -> bool:
+    """Whether bitsandbytes' LLM.int8 computes some layer of `model` (8-bit layers in eval mode: see
+    `int8_dequantized`), whose outlier columns, chosen per batch, a separately computed prefix would change."""
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and any(isinstance(m, bnb.nn.Linear8bitLt) and not m.training for m in model.modules())
 
 
 def even_batches(rows: int, most: int, multiple: int) -> int:
@@ -167,6 +219,64 @@ def int8_dequantized(model: nn.Module, on: bool) -> int:
     return len(layers)
 
 
+def int8_as_bf16(model: nn.Module) -> nn.Module:
+    """A bfloat16 copy of a model with bitsandbytes 8-bit layers (`eval.int8_cpu=bf16`), for generating on the
+    CPU: each 8-bit layer (with its active peft LoRA/DoRA adapters merged in, `_merged_8bit`) becomes a plain
+    bf16 `nn.Linear`, and every other parameter is cast to bf16 (buffers, e.g. rotary frequencies, stay as they
+    are). The copy computes with plain bf16 matmuls, whose answers do not depend on the batch (no LLM.int8
+    outlier columns) and cost a fraction of bitsandbytes' CPU kernels (docs/benchmarks.md). `model` is not
+    changed; a model without 8-bit layers is returned as it is."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None or not any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
+        return model
+    from peft.tuners.lora import LoraLayer
+
+    twin = copy.deepcopy(model)
+    replaced: list[str] = []
+    for name, module in list(twin.named_modules()):
+        if any(name.startswith(f"{r}.") for r in replaced):  # inside a layer already replaced
+            continue
+        lora = isinstance(module, LoraLayer)
+        base = module.get_base_layer() if lora else module
+        if not isinstance(base, bnb.nn.Linear8bitLt):
+            continue
+        weight, bias = _merged_8bit(module if lora else None, base)
+        plain = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
+        plain.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        twin.get_submodule(parent).register_module(child, plain)
+        replaced.append(name)
+    for p in twin.parameters():
+        p.data = p.data.to(torch.bfloat16)
+        p.requires_grad_(False)
+    twin = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+    # The prefill's logits come from `hidden[:, -1:]`, a strided view: a bf16 matmul on the CPU then copies the
+    # whole output matrix once per row (seconds a batch, measured); a contiguous input takes the plain GEMM.
+    if (head := twin.get_output_embeddings()) is not None:
+        head.register_forward_pre_hook(lambda _, args: (args[0].contiguous(), *args[1:]))
+    return twin
+
+
+@torch.no_grad()
+def _merged_8bit(lora: nn.Module | None, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The float32 weight and bias an 8-bit layer computes with, W0 = CB · SCB / 127, plus its peft layer's
+    active adapters (`lora`, None for a bare layer) merged as peft merges them (a DoRA variant's `merge_safe`)."""
+    scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB  # bitsandbytes moves it on use
+    weight = base.weight.data.float() * (scb.float() / 127.0).unsqueeze(1)
+    bias = None if base.bias is None else base.bias.detach().float()
+    active = [] if lora is None or lora.disable_adapters or lora.merged else lora.active_adapters
+    for adapter in (a for a in active if a in lora.lora_A):
+        if variant := lora.lora_variant.get(adapter):
+            weight = variant.merge_safe(lora, adapter, weight)
+        else:
+            weight = weight + lora.get_delta_weight(adapter)
+        if lora.lora_bias[adapter]:
+            bias = bias + lora.lora_B[adapter].bias.float()
+    return weight, bias
+
+
 def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
                  rows: list[int], settings: EvalSettings, conditions: dict,
                  out_dir: Path) -> tuple[dict[str, float], list[dict]]:
@@ -176,7 +286,7 @@ def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set:
     scored = [records[i] for i in rows]
     generations = generate(model, tokenizer, scored, test_set.max_new_tokens, settings.batch_size,
                            conditions["precision"], f"eval {test_set.name}", static_cache=settings.static_cache,
-                           int8_cpu=settings.int8_cpu)
+                           int8_cpu=settings.int8_cpu, share_prefix=settings.share_prefix)
     labels = test_set.labels or None
     metrics = score(test_set.kind, generations, [str(r["target"]) for r in scored], labels)
     predictions = [{"index": i, "target": str(r["target"]), "generated": g,
@@ -226,15 +336,17 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
     """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
     on_cpu = next(p.device for p in model.parameters()).type == "cpu"
-    batch_invariant = on_cpu and settings.int8_cpu is Int8Cpu.dequant
+    batch_invariant = on_cpu and settings.int8_cpu in (Int8Cpu.dequant, Int8Cpu.bf16)
+    if on_cpu and settings.int8_cpu is Int8Cpu.bf16:  # one copy for every test set
+        model = int8_as_bf16(model)
     if quant_bits == 8 and settings.batch_size != 1 and not batch_invariant:
         log.warning("8-bit base: LLM.int8 picks outlier columns per batch, so scores depend on eval.batch_size=%s "
                     "and on which prompts share a batch; eval.batch_size=1 scores each prompt alone (README)",
                     settings.batch_size)
     conditions = {"batch_size": settings.batch_size, "quant_bits": quant_bits, "precision": precision,
                   "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
-    if quant_bits == 8 and on_cpu:
-        conditions["int8_cpu"] = settings.int8_cpu.value
+    if quant_bits == 8 and on_cpu:  # (an fp32 model's answers do not change with a shared prefix)
+        conditions |= {"int8_cpu": settings.int8_cpu.value, "share_prefix": settings.share_prefix}
     for test_set, records in test_sets:
         rows = pick_rows(records, test_set, settings)
         metrics, predictions = evaluate_set(model, tokenizer, test_set, records, rows, settings, conditions, out_dir)
