@@ -12,12 +12,14 @@ also training's test stage, and `generate` scores during training (`callbacks.Ta
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import math
 import os
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -82,6 +84,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     if static:
         options |= {"cache_implementation": "static", "max_cache_len": cache_len,
                     "compile_config": CompileConfig(fullgraph=False, mode="reduce-overhead")}
+    int8_cpu = cpu_int8_mode(int8_cpu) if device.type == "cpu" else int8_cpu
     if device.type == "cpu" and int8_cpu is Int8Cpu.bf16:
         model = int8_as_bf16(model)
     was_training = model.training
@@ -219,6 +222,22 @@ def int8_dequantized(model: nn.Module, on: bool) -> int:
     return len(layers)
 
 
+@functools.cache
+def cpu_int8_mode(asked: Int8Cpu) -> Int8Cpu:
+    """`bf16` needs a CPU with native bf16 matmuls (AVX512-BF16 or AMX, through oneDNN); elsewhere torch emulates
+    them, slower than float32, so `dequant` computes instead (said once)."""
+    if asked is not Int8Cpu.bf16:
+        return asked
+    try:
+        native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        native = False
+    if not native:
+        log.warning("eval.int8_cpu=bf16: this CPU has no native bf16 matmuls; scoring the 8-bit base with "
+                    "eval.int8_cpu=dequant instead")
+    return asked if native else Int8Cpu.dequant
+
+
 def int8_as_bf16(model: nn.Module) -> nn.Module:
     """A bfloat16 copy of a model with bitsandbytes 8-bit layers (`eval.int8_cpu=bf16`), for generating on the
     CPU: each 8-bit layer (with its active peft LoRA/DoRA adapters merged in, `_merged_8bit`) becomes a plain
@@ -336,13 +355,16 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
     """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
     on_cpu = next(p.device for p in model.parameters()).type == "cpu"
-    batch_invariant = on_cpu and settings.int8_cpu in (Int8Cpu.dequant, Int8Cpu.bf16)
+    if on_cpu:
+        settings = replace(settings, int8_cpu=cpu_int8_mode(settings.int8_cpu))
     if on_cpu and settings.int8_cpu is Int8Cpu.bf16:  # one copy for every test set
         model = int8_as_bf16(model)
-    if quant_bits == 8 and settings.batch_size != 1 and not batch_invariant:
-        log.warning("8-bit base: LLM.int8 picks outlier columns per batch, so scores depend on eval.batch_size=%s "
-                    "and on which prompts share a batch; eval.batch_size=1 scores each prompt alone (README)",
-                    settings.batch_size)
+    if quant_bits == 8 and settings.batch_size != 1 and not (on_cpu and settings.int8_cpu is Int8Cpu.dequant):
+        log.warning("8-bit base: %s, so scores depend on eval.batch_size=%s and on which prompts share a batch; "
+                    "eval.batch_size=1 scores each prompt alone, eval.int8_cpu=dequant (CPU) is batch-invariant "
+                    "(README)",
+                    "bf16 matmuls round by batch shape (about 2% of answers)" if on_cpu and settings.int8_cpu is
+                    Int8Cpu.bf16 else "LLM.int8 picks outlier columns per batch", settings.batch_size)
     conditions = {"batch_size": settings.batch_size, "quant_bits": quant_bits, "precision": precision,
                   "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
     if quant_bits == 8 and on_cpu:  # (an fp32 model's answers do not change with a shared prefix)
