@@ -33,14 +33,14 @@ def lora_config(cfg: AdapterConfig) -> LoraConfig:
 def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool) -> nn.Module:
     """Wrap the base model for training: a peft LoRA/DoRA model, or the model itself for full fine-tuning.
 
-    Quantized bases are prepared as peft's `prepare_model_for_kbit_training` prepares them (`prepare_quantized`),
-    less its float32 copy of every unquantized weight.
+    A quantized base is frozen as peft's `prepare_model_for_kbit_training` freezes it (`freeze_quantized`), less
+    its float32 copy of every unquantized weight. Gradient checkpointing is non-reentrant: the checkpointed
+    layers' inputs need no gradient for the adapter's weights inside them to get theirs.
     """
     if getattr(model, "is_quantized", False):
-        prepare_quantized(model, gradient_checkpointing)
-    elif gradient_checkpointing:
+        freeze_quantized(model)
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     if cfg.method is AdapterMethod.none:
         return model
     peft_model = get_peft_model(model, lora_config(cfg))
@@ -49,17 +49,15 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
     return peft_model
 
 
-def prepare_quantized(model: PreTrainedModel, gradient_checkpointing: bool) -> None:
-    """Freeze the base, put its norms (and any bias) in float32 for stable statistics, and checkpoint without
-    re-entrance (so the inputs need no gradient). peft's `prepare_model_for_kbit_training` also upcasts the frozen
-    embedding and LM head to float32: on Llama-3.1-8B that is 4 GiB more for its two 128,256-row matrices (and the
-    peak of QLoRA's step, 5.1 GiB at 2 layers, was this copy), for matmuls autocast runs in bf16 anyway."""
+def freeze_quantized(model: PreTrainedModel) -> None:
+    """Freeze the base and put its norms (and any bias) in float32 for stable statistics. peft's
+    `prepare_model_for_kbit_training` also upcasts the frozen embedding and LM head to float32: on Llama-3.1-8B
+    that is 4 GiB more for its two 128,256-row matrices (and the peak of QLoRA's step, 5.1 GiB at 2 layers, was
+    this copy), for matmuls autocast runs in bf16 anyway."""
     for param in model.parameters():
         param.requires_grad_(False)
         if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.float()
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 BASE_FILE = "base_model.json"  # in a saved adapter: `models.base_identity` of the base it was trained on
