@@ -2,8 +2,11 @@
 
 DDP: Llama-3.1-8B layer shapes (4 decoder layers, vocabulary 128,256, random weights, real tokenizer),
 4-bit NF4, LoRA r=8 on q/k/v, FinLoRA's sentiment mixture packed, 8 examples per GPU a step: tokens/s per
-GPU on 1 and N GPUs (rank zero counts its own tokens), and the loss curve of N GPUs x 8 against one GPU
-x 8N (the same global batch); DoRA on N GPUs too. FSDP: Llama-3.1-70B layer shapes at 1 and 2 decoder
+GPU on 1 and N GPUs (rank zero counts its own tokens) and the median logging step's time (the same 8
+examples a GPU, so the one-GPU step over the N-GPU step is the per-GPU scaling, free of the first steps'
+one-off costs that weigh on a short run's tokens/s), and the loss curve of N GPUs x 8 against one GPU x 8N
+(the same global batch); DoRA on N GPUs too. Rows keep the machine they ran on, and ratios are taken
+within one invocation only. FSDP: Llama-3.1-70B layer shapes at 1 and 2 decoder
 layers, 4-bit, sharded over N GPUs: peak memory per GPU, extrapolated linearly to 80 layers.
 
     python scripts/bench_multi_gpu.py --data .gpu/data --tokenizer .gpu/tokenizer
@@ -42,7 +45,8 @@ def train(name: str, model: Path, args: argparse.Namespace, *extra: str, **tags:
            "trainer.log_every_n_steps=5", f"trainer.max_steps={args.steps}", *extra]
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
-    row = {"name": name, "overrides": list(extra), "wall_s": round(time.perf_counter() - started, 1), **tags}
+    row = {"name": name, "overrides": list(extra), "wall_s": round(time.perf_counter() - started, 1),
+           "machine": args.device, "invocation": args.invocation, **tags}
     if done.returncode or not (out / "metrics.json").is_file():
         row["error"] = done.stderr[-1500:]
     else:
@@ -84,32 +88,43 @@ def fsdp(args: argparse.Namespace, tokenizer) -> list[dict]:
 def markdown(rows: list[dict], device: str, gpus: int) -> str:
     lines = ["## Several GPUs", "", f"`scripts/bench_multi_gpu.py` on {device}: each row one `python train.py` run, "
              "read from its own summary (tokens/s: rank zero's useful tokens, so per GPU).", "",
-             "| run | useful tokens/s per GPU | peak GiB (rank 0) | final loss | wall s |", "|---|---|---|---|---|"]
+             "| run | machine | useful tokens/s per GPU | step ms (median) | peak GiB (rank 0) | final loss | wall s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'].strip().splitlines()[-1][:200]} | | | |")
+                lines.append(f"| {r['name']} | {r.get('machine', device).split(';')[0]} | failed: "
+                         f"{r['error'].strip().splitlines()[-1][:200]} | | | | |")
         else:
-            lines.append(f"| {r['name']} | {r['tokens_per_s']:,.0f} | {r['gpu_peak_gib']} | "
-                         f"{r['final_train_loss']:.4f} | {r['wall_s']} |")
-    ok = {r["name"]: r for r in rows if "error" not in r}
-    one, many = ok.get("1 GPU x 8 lora"), ok.get(f"{gpus} GPUs x 8 lora")
-    if one and many:
-        lines += ["", f"DDP scaling: {many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU tokens/s per GPU "
-                  f"({gpus} GPUs, 8 examples each)."]
-    same = ok.get(f"1 GPU x {8 * gpus} lora")
-    if same and many and same["losses"] and many["losses"]:
-        diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
-        lines += [f"Loss curve, {gpus} GPUs x 8 against 1 GPU x {8 * gpus} (same global batch, other example order): "
-                  f"mean relative difference {sum(diffs) / len(diffs):.3f}, largest {max(diffs):.3f} over "
-                  f"{len(diffs)} logged steps."]
+            lines.append(f"| {r['name']} | {r.get('machine', device).split(';')[0]} | {r['tokens_per_s']:,.0f} | "
+                         f"{r.get('step_ms') or '-'} | {r['gpu_peak_gib']} | {r['final_train_loss']:.4f} | "
+                         f"{r['wall_s']} |")
+    lines.append("")
+    for invocation in dict.fromkeys(r.get("invocation") for r in rows):  # ratios within one invocation only
+        ok = {r["name"]: r for r in rows if "error" not in r and r.get("invocation") == invocation}
+        one = ok.get("1 GPU x 8 lora")
+        for n in sorted({int(k.split()[0]) for k in ok if k.endswith("GPUs x 8 lora")}):
+            many, same = ok[f"{n} GPUs x 8 lora"], ok.get(f"1 GPU x {8 * n} lora")
+            if one:
+                by_step = (f", {one['step_ms'] / many['step_ms']:.2f} × by the median step ({one['step_ms']} ms on "
+                           f"one GPU, {many['step_ms']} ms on {n})" if one.get("step_ms") and many.get("step_ms")
+                           else "")
+                lines.append(f"DDP scaling, {n} GPUs, 8 examples each ({many.get('machine', device)}): per GPU "
+                             f"{many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU tokens/s{by_step}.")
+            if same and same["losses"] and many["losses"]:
+                diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
+                lines.append(f"Loss curve, {n} GPUs x 8 against 1 GPU x {8 * n} (same global batch, other example "
+                             f"order): mean relative difference {sum(diffs) / len(diffs):.3f}, largest "
+                             f"{max(diffs):.3f} over {len(diffs)} logged steps.")
     fs = {r["layers"]: r for r in rows if "layers" in r and "error" not in r}  # the latest run of each depth
     if len(fs) >= 2:
         low, high = fs[min(fs)], fs[max(fs)]
         per_layer = (high["gpu_peak_gib"] - low["gpu_peak_gib"]) / (high["layers"] - low["layers"])
         at80 = low["gpu_peak_gib"] + per_layer * (80 - low["layers"])
-        lines += [f"FSDP, Llama-3.1-70B shapes, 4-bit, {gpus} GPUs: {per_layer:.2f} GiB more per GPU per layer "
-                  f"({low['layers']} and {high['layers']} layers); extrapolated to 80 layers {at80:.1f} GiB per GPU "
-                  f"({'fits' if at80 < 78 else 'does not fit'} {gpus} × 80 GB)."]
+        n = int(high["name"].split()[1])  # "fsdp N GPUs ..."
+        lines += [f"FSDP, Llama-3.1-70B shapes, 4-bit, sharded over {n} GPUs ({high.get('machine', device)}): "
+                  f"{per_layer:.2f} GiB more per GPU per layer ({low['layers']} and {high['layers']} layers); "
+                  f"extrapolated to 80 layers {at80:.1f} GiB per GPU "
+                  f"({'fits' if at80 < 78 else 'does not fit'} {n} × 80 GB)."]
     return "\n".join(lines)
 
 
@@ -118,7 +133,7 @@ def main() -> None:
     parser.add_argument("--data", default=os.environ.get("FINLORA_DATA_DIR", str(ROOT.parent / "shared/data/finlora")))
     parser.add_argument("--tokenizer", help="a tokenizer folder (needed unless --rewrite)")
     parser.add_argument("--only", nargs="*", default=["ddp", "fsdp"])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--timeout", type=int, default=200)
     parser.add_argument("--fsdp-layers", type=int, nargs="+", default=[1, 2], help="decoder layers of the 70B shapes")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
@@ -133,6 +148,7 @@ def main() -> None:
         parser.error("--tokenizer is needed to run")
     args.gpus = torch.cuda.device_count()
     args.device = f"{args.gpus} × {torch.cuda.get_device_name()}; torch {torch.__version__}"
+    args.invocation = time.strftime("%Y-%m-%dT%H:%M:%S")
     if not args.append:
         Path(args.json).unlink(missing_ok=True)
     tokenizer = load_tokenizer(args.tokenizer, ModelConfig(name_or_path=args.tokenizer))
