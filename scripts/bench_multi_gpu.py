@@ -112,9 +112,12 @@ def markdown(rows: list[dict], device: str, gpus: int) -> str:
                              f"{many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU tokens/s{by_step}.")
             if same and same["losses"] and many["losses"]:
                 diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
+                tail = min(10, len(diffs))
                 lines.append(f"Loss curve, {n} GPUs x 8 against 1 GPU x {8 * n} (same global batch, other example "
                              f"order): mean relative difference {sum(diffs) / len(diffs):.3f}, largest "
-                             f"{max(diffs):.3f} over {len(diffs)} logged steps.")
+                             f"{max(diffs):.3f} over {len(diffs)} logged steps (rank zero's batch on {n} GPUs); "
+                             f"mean of the last {tail} logged losses {_mean(many['losses'][-tail:]):.3f} against "
+                             f"{_mean(same['losses'][-tail:]):.3f}.")
     fs = {r["layers"]: r for r in rows if "layers" in r and "error" not in r}  # the latest run of each depth
     if len(fs) >= 2:
         low, high = fs[min(fs)], fs[max(fs)]
@@ -126,6 +129,10 @@ def markdown(rows: list[dict], device: str, gpus: int) -> str:
                   f"extrapolated to 80 layers {at80:.1f} GiB per GPU "
                   f"({'fits' if at80 < 78 else 'does not fit'} {n} × 80 GB)."]
     return "\n".join(lines)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
 
 
 def main() -> None:

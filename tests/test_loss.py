@@ -58,3 +58,31 @@ def test_answer_loss_equals_the_models_own(tiny_model_dir, method, bits, batchin
     assert grads.keys() == ref_grads.keys() and grads
     for name, grad in grads.items():
         assert torch.allclose(grad, ref_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_packed_rows_get_the_mask_transformers_builds(tiny_model_dir):
+    """The block-causal mask made for packed rows is the one transformers makes from the same positions
+    (after its check for packing, which waits for the GPU); the decoder gets it instead of building its own."""
+    from transformers.masking_utils import find_packed_sequence_indices, packed_sequence_mask_function
+
+    from finlora.loss import block_causal_mask
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 0], [0, 1, 0, 1, 2, 3, 4, 0, 1, 2]])
+    mask = block_causal_mask(positions)
+    packed = find_packed_sequence_indices(positions)
+    width = positions.shape[1]
+    expected = torch.tensor([[[packed_sequence_mask_function(packed)(b, 0, q, k) and k <= q for k in range(width)]
+                              for q in range(width)] for b in range(2)])
+    assert mask.shape == (2, 1, width, width) and torch.equal(mask[:, 0], expected)
+
+    tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
+    encoded = [encode_example(tokenizer, r, 128) for r in read_jsonl(DATA_DIR / "train" / "fiqa_train.jsonl")[:4]]
+    batch = pack(encoded, tokenizer.pad_token_id, 256)
+    model = _model(tiny_model_dir, "lora", None)
+    seen = []
+    decoder = model.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(lambda m, args, kwargs: seen.append(kwargs.get("attention_mask")),
+                                             with_kwargs=True)
+    answer_loss(model, batch)
+    hook.remove()
+    assert torch.equal(seen[0], block_causal_mask(batch["position_ids"]))
