@@ -108,7 +108,8 @@ def markdown(rows: list[dict], device: str, gpus: int) -> str:
                 by_step = (f", {one['step_ms'] / many['step_ms']:.2f} × by the median step ({one['step_ms']} ms on "
                            f"one GPU, {many['step_ms']} ms on {n})" if one.get("step_ms") and many.get("step_ms")
                            else "")
-                lines.append(f"DDP scaling, {n} GPUs, 8 examples each ({many.get('machine', device)}; run {invocation}): per GPU "
+                lines.append(f"DDP scaling, {n} GPUs, 8 examples each ({many.get('machine', device)}; run "
+                             f"{invocation}): per GPU "
                              f"{many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU tokens/s{by_step}.")
             if same and same["losses"] and many["losses"]:
                 diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
