@@ -81,7 +81,7 @@ class TaskScore(Callback):
         answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens,
                            self.settings.batch_size, self.precision, f"val {self.task}",
                            static_cache=self.settings.static_cache, int8_cpu=self.settings.int8_cpu,
-                           share_prefix=self.settings.share_prefix)
+                           four_bit=self.settings.four_bit, share_prefix=self.settings.share_prefix)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
             if name != "n":
