@@ -21,7 +21,9 @@ Each path runs once to warm up (its first compile is reported separately), then 
 writes a torch.profiler table (the 15 ops with the most self CUDA time, and with the most self CPU time) of one
 steady pass of each new 4-bit path to `<--profile-dir>/eval_profile_4bit_<kernel|dense>.txt`.
 
-    python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data [--profile]
+    python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data [--profile] [--four-bit-only]
+
+(`--four-bit-only`: case (c)'s 4-bit rows alone, in a section and a JSON part of their own.)
 
 CPU (`--cpu`): the quickstart's test stage (embedded model, 8-bit base, its DoRA adapter) on a seeded
 stratified sample of FPB (`--rows`, 200 by default: the dev machine has 2 shared cores), today's path,
@@ -163,6 +165,7 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
     cases = [("embedded shapes (30 layers)", shapes["embedded"], 30, None, {"fpb": fpb, everything: sentiment}),
              ("Llama-3.1-8B shapes (4 layers)", shapes["8b"], 4, None, {"fpb": fpb}),
              ("Llama-3.1-8B shapes (4 layers)", shapes["8b"], 4, 4, {"fpb": fpb})]
+    cases = cases[-1:] if args.four_bit_only else cases
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape, layers, bits, workloads in cases:
             folder = Path(tmp) / f"{name.split()[0]}-{layers}"
@@ -310,6 +313,8 @@ def main() -> None:
     p.add_argument("--profile", action="store_true",
                    help="GPU mode: a torch.profiler table of one steady pass of each new 4-bit path")
     p.add_argument("--profile-dir", type=Path, default=ROOT / "docs", help="where --profile writes its tables")
+    p.add_argument("--four-bit-only", action="store_true",
+                   help="GPU mode: only the 4-bit Llama-3.1-8B-shapes rows (their own section and JSON part)")
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu" / "tokenizer")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FINLORA_DATA_DIR", ROOT / ".gpu" / "data")))
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "eval_speed.json")
@@ -317,11 +322,12 @@ def main() -> None:
     args = p.parse_args()
     if args.cpu and args.adapter is None:
         p.error("--cpu needs --adapter (the quickstart run's adapter folder)")
-    part = "cpu" if args.cpu else "gpu"
+    part = "cpu" if args.cpu else "gpu_4bit" if args.four_bit_only else "gpu"
     results, lines = cpu(args) if args.cpu else gpu(args)
     saved = json.loads(args.json.read_text()) if args.json.exists() else {}
     write_json(args.json, saved | {part: results})
-    title = "## Evaluation speed, " + ("the quickstart's test stage on the CPU" if args.cpu else "GPU")
+    title = "## Evaluation speed, " + ("the quickstart's test stage on the CPU" if args.cpu else
+                                        "GPU, 4-bit alone" if args.four_bit_only else "GPU")
     section = "\n".join([title, "", *lines]) + "\n"
     print(section)
     replace_section(args.out, section)
