@@ -556,8 +556,10 @@ def test_dense_4bit_copy_answers_as_bitsandbytes_and_leaves_the_model_untouched(
     """`eval.four_bit=dense`: the copy's logits equal, bit for bit, those of bitsandbytes' 4-bit layers computing
     through their dequantized weight, with the adapter (LoRA, or finlora's DoRA) unmerged on top; greedy answers
     are the same at batch sizes 1, 8 and 32. The copy holds plain layers where the 4-bit ones were and shares every
-    other tensor (the adapter's too); the model keeps its 4-bit layers, values and trainable parameters."""
+    other tensor (the adapter's too), and transformers would compile its decode step (not the model's); the model
+    keeps its 4-bit layers, values and trainable parameters."""
     import bitsandbytes as bnb
+    from transformers import CompileConfig, GenerationConfig, StaticCache
 
     from finlora.config import FourBitEval
     from finlora.evaluate import four_bit_as_dense
@@ -579,6 +581,13 @@ def test_dense_4bit_copy_answers_as_bitsandbytes_and_leaves_the_model_untouched(
     lora = {n: p for n, p in twin.named_parameters() if "lora_" in n}
     assert lora and all(p is model.get_parameter(n) for n, p in lora.items())
     assert four_bit_as_dense(twin, FourBitEval.dense) == (twin, None)  # nothing 4-bit left: one copy
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers' own switch: judged as on CUDA, here on the CPU
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    compiles = [m.get_base_model()._valid_auto_compile_criteria({"cache": cache, "past_key_values": cache},
+                                                                GenerationConfig(compile_config=compile_config))
+                for m in (twin, model)]
+    assert compiles == [True, False]  # transformers compiles the copy's decode step, not bitsandbytes' layers
     records = _mixed_records(5)
     for batch_size, rows in ((32, records), (8, records), (1, records[::4])):
         kernel = generate(model, tokenizer, rows, 5, batch_size, four_bit=FourBitEval.kernel)
