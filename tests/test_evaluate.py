@@ -650,14 +650,15 @@ def test_four_bit_mode_is_chosen_by_memory_and_recorded(lively_dir, tmp_path, ca
 
 def test_dense_that_cannot_fit_is_refused_before_the_model_loads(tmp_path):
     """`eval.four_bit=dense` with a base whose dense layers cannot fit: refused from the model's config alone,
-    naming the key (this folder holds Llama-3.1-70B's config and no weights: nothing else could load)."""
+    naming the key (this folder holds a config of Llama-3.1-70B's layer shapes, 800 layers, about 3 TB dense in
+    float32, and no weights: nothing else could load)."""
     from transformers import LlamaConfig
 
     from finlora.errors import ConfigError
     from finlora.models import SHAPES
 
     folder = tmp_path / "llama-70b-config-only"
-    LlamaConfig(**SHAPES["llama-3.1-70b"], num_hidden_layers=80).save_pretrained(folder)
+    LlamaConfig(**SHAPES["llama-3.1-70b"], num_hidden_layers=800).save_pretrained(folder)
     with pytest.raises(ConfigError, match=r"eval.four_bit=dense: the 4-bit base \(\d+\.\d GiB\) and its dense copy"):
         evaluate(compose_cfg([f"model.name_or_path={folder}", "quant=4bit", "eval.four_bit=dense",
                               "accelerator=cpu"], tmp_path / "out", config="eval"))
