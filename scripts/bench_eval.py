@@ -216,7 +216,8 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU smoke run (tiny shapes, not a measurement)"
-    header = (f"`python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data`: "
+    header = (f"`python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data"
+              f"{' --four-bit-only' if args.four_bit_only else ''}`: "
               f"{where}, torch {torch.__version__}, transformers {version('transformers')}, "
               "random weights in bf16 (4-bit: NF4 + double quantization) with SmolLM2's tokenizer, greedy, "
               "bf16 autocast. Today's path: `eval.batch_size=32 eval.static_cache=false`; new: the defaults "
