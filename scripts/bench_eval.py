@@ -1,8 +1,9 @@
 """Generation speed of evaluation: today's path against the new one, side by side in one process.
 
 Today's path is still reachable by settings: `eval.batch_size=32 eval.static_cache=false
-eval.int8_cpu=llm_int8` (length-sorted batches of 32, a growing KV cache, eager decoding, LLM.int8 on an
-8-bit CPU base), which is what `finlora.evaluate.generate` did at commit 7a92598. The new path is the
+eval.int8_cpu=llm_int8 eval.four_bit=kernel` (length-sorted batches of 32, a growing KV cache, eager decoding,
+LLM.int8 on an 8-bit CPU base, bitsandbytes' 4-bit layers), which is what `finlora.evaluate.generate` did at
+commit 7a92598. The new path is the
 defaults: `eval.batch_size=auto`, and on CUDA a static KV cache with a compiled decode step (on the CPU,
 `auto` is 32: the same batches as before). The CPU part times the ways an 8-bit base can compute there
 (`eval.int8_cpu`): LLM.int8 (today's), `dequant` and `bf16` (both batch-invariant).
@@ -12,10 +13,17 @@ GPU (one H100, about 5 minutes; random weights, the real tokenizer, FinLoRA's te
     1,212 test rows: examples/s of generation, today's path and the new one (and the new batching alone,
     eager, to separate what the compiled decode step adds);
 (b) the same model on the four sentiment test sets (7,882 rows), end to end after load, new path;
-(c) Llama-3.1-8B shapes (4 layers, vocabulary 128,256) in bf16 and in 4-bit (NF4), FPB, both paths.
-Each path runs once to warm up (its first compile is reported separately), then is timed.
+(c) Llama-3.1-8B shapes (4 layers, vocabulary 128,256) in bf16 and in 4-bit (NF4), FPB, both paths; on the
+    4-bit base the new path twice, through bitsandbytes' 4-bit layers (`eval.four_bit=kernel`) and through the
+    copy with its layers dequantized once (`eval.four_bit=dense`, made once, its time reported apart, as
+    `evaluate_sets` makes it once for all test sets), which transformers compiles.
+Each path runs once to warm up (its first compile is reported separately), then is timed. `--profile` also
+writes a torch.profiler table (the 15 ops with the most self CUDA time, and with the most self CPU time) of one
+steady pass of each new 4-bit path to `<--profile-dir>/eval_profile_4bit_<kernel|dense>.txt`.
 
-    python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data
+    python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data [--profile] [--four-bit-only]
+
+(`--four-bit-only`: case (c)'s 4-bit rows alone, in a section and a JSON part of their own.)
 
 CPU (`--cpu`): the quickstart's test stage (embedded model, 8-bit base, its DoRA adapter) on a seeded
 stratified sample of FPB (`--rows`, 200 by default: the dev machine has 2 shared cores), today's path,
@@ -49,6 +57,7 @@ from finlora.build import build, placement
 from finlora.config import (
     EvalConfig,
     EvalSettings,
+    FourBitEval,
     Int8Cpu,
     ModelConfig,
     PathsConfig,
@@ -58,7 +67,7 @@ from finlora.config import (
     TestSet,
 )
 from finlora.data import load_test_sets
-from finlora.evaluate import generate, pick_rows, wilson_interval
+from finlora.evaluate import four_bit_as_dense, generate, pick_rows, wilson_interval
 from finlora.metrics import score
 from finlora.models import SHAPES, save_random_llama
 from finlora.outputs import replace_section, write_json
@@ -68,8 +77,11 @@ EMBEDDED = SHAPES["smollm2-135m"]
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
         "vocab_size": 49152}
 LLAMA_8B = SHAPES["llama-3.1-8b"]
-TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8, share_prefix=False)
+TODAY = EvalSettings(batch_size=32, static_cache=False, int8_cpu=Int8Cpu.llm_int8, four_bit=FourBitEval.kernel,
+                     share_prefix=False)
 NEW = EvalSettings()
+NEW_KERNEL = EvalSettings(four_bit=FourBitEval.kernel)
+NEW_DENSE = EvalSettings(four_bit=FourBitEval.dense)
 EAGER = EvalSettings(static_cache=False)
 DEQUANT = EvalSettings(int8_cpu=Int8Cpu.dequant)
 BF16 = EvalSettings(int8_cpu=Int8Cpu.bf16)
@@ -100,7 +112,8 @@ def timed(fn, *args) -> tuple[float, float, object]:
 
 def run_sets(model, tokenizer, sets, settings: EvalSettings, precision: str) -> list[list[str]]:
     return [generate(model, tokenizer, rows, test_set.max_new_tokens, settings.batch_size, precision,
-                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu, share_prefix=settings.share_prefix)
+                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu, four_bit=settings.four_bit,
+                     share_prefix=settings.share_prefix)
             for test_set, rows in sets]
 
 
@@ -118,6 +131,22 @@ def first_and_steady(model, tokenizer, sets, settings: EvalSettings, precision: 
     return first, timed(run_sets, model, tokenizer, sets, settings, precision)[0]
 
 
+def profiled(path: Path, title: str, fn, *args) -> None:
+    """One run of fn(*args) under torch.profiler; writes the 15 ops with the most self device time and the 15
+    with the most self CPU time to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        timed(fn, *args)
+    events = prof.key_averages()
+    tables = [f"## {title}: top 15 by {key}\n\n{events.table(sort_by=key, row_limit=15)}"
+              for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(tables) + "\n")
+    print(f"profile: {path}", flush=True)
+
+
 def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
     from transformers import AutoTokenizer
 
@@ -125,7 +154,7 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
     sentiment = sentiment_sets(args.data_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = {"embedded": EMBEDDED, "8b": LLAMA_8B}
-    if args.smoke:  # the script's logic on the CPU in a minute: tiny shapes, a few rows, no 4-bit
+    if args.smoke:  # the script's logic on the CPU in a minute: tiny shapes, a few rows
         sentiment = [(t, rows[:24]) for t, rows in sentiment]
         shapes = dict.fromkeys(shapes, TINY)
     fpb = [s for s in sentiment if s[0].name == "fpb"]
@@ -135,7 +164,8 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
     everything = f"sentiment ({len(sentiment)} sets)"
     cases = [("embedded shapes (30 layers)", shapes["embedded"], 30, None, {"fpb": fpb, everything: sentiment}),
              ("Llama-3.1-8B shapes (4 layers)", shapes["8b"], 4, None, {"fpb": fpb}),
-             ("Llama-3.1-8B shapes (4 layers)", shapes["8b"], 4, 4, {"fpb": fpb})][: 2 if args.smoke else 3]
+             ("Llama-3.1-8B shapes (4 layers)", shapes["8b"], 4, 4, {"fpb": fpb})]
+    cases = cases[-1:] if args.four_bit_only else cases
     with tempfile.TemporaryDirectory() as tmp:
         for name, shape, layers, bits, workloads in cases:
             folder = Path(tmp) / f"{name.split()[0]}-{layers}"
@@ -149,14 +179,28 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
             for workload, sets in workloads.items():
                 n = sum(len(rows) for _, rows in sets)
                 paths = {"today (batch 32, growing cache, eager)": TODAY, "new": NEW}
-                if not bits:  # transformers compiles no bitsandbytes model: there "new" is already eager
+                if not bits:
                     paths["new batching, growing cache, eager"] = EAGER
+                else:  # transformers compiles no bitsandbytes model: the dense copy is what it compiles
+                    paths = {"today (batch 32, growing cache, eager)": TODAY,
+                             "new, bitsandbytes' 4-bit layers (eval.four_bit=kernel)": NEW_KERNEL,
+                             "new, layers dequantized once (eval.four_bit=dense)": NEW_DENSE}
                 if workload != "fpb":  # the whole sentiment task, end to end: the new path only
                     paths = {"new": NEW}
                 today_rate = None
                 for path, settings in paths.items():
-                    first, steady = first_and_steady(model, tokenizer, sets, settings, where.precision,
+                    scored = model
+                    if bits and settings.four_bit is FourBitEval.dense:  # one copy, as `evaluate_sets` makes it
+                        copy_s, _, (scored, _) = timed(four_bit_as_dense, model, FourBitEval.dense)
+                        results[f"{name} | 4-bit | dense copy"] = {"seconds": round(copy_s, 3)}
+                        print(f"dense copy of the 4-bit layers: {copy_s:.2f} s", flush=True)
+                    first, steady = first_and_steady(scored, tokenizer, sets, settings, where.precision,
                                                      fresh=workload == "fpb")
+                    if args.profile and bits and settings is not TODAY:
+                        profiled(args.profile_dir / f"eval_profile_4bit_{settings.four_bit.value}.txt",
+                                 f"{name}, 4-bit, {path}, one steady pass over {workload}", run_sets, scored,
+                                 tokenizer, sets, settings, where.precision)
+                    del scored
                     rate = n / steady
                     today_rate = rate if settings is TODAY else today_rate
                     ratio = rate / today_rate if today_rate else None
@@ -172,7 +216,8 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     where = torch.cuda.get_device_name() if device.type == "cuda" else "CPU smoke run (tiny shapes, not a measurement)"
-    header = (f"`python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data`: "
+    header = (f"`python scripts/bench_eval.py --tokenizer .gpu/tokenizer --data-dir .gpu/data"
+              f"{' --four-bit-only' if args.four_bit_only else ''}`: "
               f"{where}, torch {torch.__version__}, transformers {version('transformers')}, "
               "random weights in bf16 (4-bit: NF4 + double quantization) with SmolLM2's tokenizer, greedy, "
               "bf16 autocast. Today's path: `eval.batch_size=32 eval.static_cache=false`; new: the defaults "
@@ -180,8 +225,10 @@ def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:
               "of a compiling path over the rows, compiling included (paths that compile nothing warm up on 64 "
               "rows a set); *steady*: the next run over all rows. A random "
               "model rarely says EOS, so most rows decode up to the task's `max_new_tokens`: a worst case. "
-              "transformers compiles no bitsandbytes model, so the 4-bit rows measure the batching and the "
-              "static cache alone.")
+              "transformers compiles no bitsandbytes model: on the 4-bit base, `eval.four_bit=kernel` measures "
+              "the batching and the static cache alone, `eval.four_bit=dense` a copy with the 4-bit layers "
+              "dequantized once to bf16 (by bitsandbytes; the copy is made once, in the time given in "
+              "`docs/eval_speed.json`), whose decode step transformers compiles.")
     return results, [header, "", *table]
 
 
@@ -264,6 +311,11 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200)
     p.add_argument("--threads", type=int, help="--cpu: torch threads (1 steadies the timing on shared cores)")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true",
+                   help="GPU mode: a torch.profiler table of one steady pass of each new 4-bit path")
+    p.add_argument("--profile-dir", type=Path, default=ROOT / "docs", help="where --profile writes its tables")
+    p.add_argument("--four-bit-only", action="store_true",
+                   help="GPU mode: only the 4-bit Llama-3.1-8B-shapes rows (their own section and JSON part)")
     p.add_argument("--tokenizer", type=Path, default=ROOT / ".gpu" / "tokenizer")
     p.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FINLORA_DATA_DIR", ROOT / ".gpu" / "data")))
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "eval_speed.json")
@@ -271,11 +323,12 @@ def main() -> None:
     args = p.parse_args()
     if args.cpu and args.adapter is None:
         p.error("--cpu needs --adapter (the quickstart run's adapter folder)")
-    part = "cpu" if args.cpu else "gpu"
+    part = "cpu" if args.cpu else "gpu_4bit" if args.four_bit_only else "gpu"
     results, lines = cpu(args) if args.cpu else gpu(args)
     saved = json.loads(args.json.read_text()) if args.json.exists() else {}
     write_json(args.json, saved | {part: results})
-    title = "## Evaluation speed, " + ("the quickstart's test stage on the CPU" if args.cpu else "GPU")
+    title = "## Evaluation speed, " + ("the quickstart's test stage on the CPU" if args.cpu else
+                                        "GPU, 4-bit alone" if args.four_bit_only else "GPU")
     section = "\n".join([title, "", *lines]) + "\n"
     print(section)
     replace_section(args.out, section)

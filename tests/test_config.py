@@ -112,6 +112,7 @@ def test_bad_values_are_named(override, message, tmp_path):
     ("trainer.max_steps=1.5", "trainer.max_steps"),
     ("data.batching=nope", "data.batching"),
     ("eval.int8_cpu=fp8", "eval.int8_cpu"),
+    ("eval.four_bit=dequant", "eval.four_bit"),
     ("eval.share_prefix=maybe", "eval.share_prefix"),
 ])
 def test_type_errors_are_named_while_composing(override, message, tmp_path):

@@ -508,3 +508,157 @@ def test_bf16_scoring_falls_back_to_dequant_on_a_cpu_without_native_bf16(monkeyp
         assert any("no native bf16 matmuls" in r.getMessage() for r in caplog.records)
     finally:
         cpu_int8_mode.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def lively_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with the `lively` weights, saved, so that it loads quantized like any checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.25 if "embed" in name else 0.15)
+    path = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(path)
+    load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))).save_pretrained(path)
+    return path
+
+
+def _4bit_with_adapter(model_dir, method: AdapterMethod, cpu_kernel: bool = False):
+    """The model on a 4-bit (NF4) base with a fresh adapter whose B is not zero, DoRA computed by finlora's DoRA.
+    Unless `cpu_kernel`, bitsandbytes computes its 4-bit layers as on CUDA past its fused kernels' few rows: the
+    weight dequantized (`dequantize_4bit`), then `F.linear`; on an AVX512-BF16 CPU its eval mode would otherwise
+    repack the weights for a fused bf16 kernel (`Linear4bit.support_avx512bf16_for_cpu`)."""
+    import bitsandbytes as bnb
+
+    from finlora.dora import use_fast_dora
+
+    cfg = ModelConfig(name_or_path=str(model_dir))
+    base = load_model(str(model_dir), cfg, QuantConfig(bits=4), torch.float32, torch.device("cpu"))
+    for layer in base.modules():
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu &= cpu_kernel
+    model = attach_adapter(base, AdapterConfig(method=method, r=4), gradient_checkpointing=False)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    use_fast_dora(model)
+    return load_tokenizer(str(model_dir), cfg), model
+
+
+@pytest.mark.parametrize("method", [AdapterMethod.lora, AdapterMethod.dora])
+def test_dense_4bit_copy_answers_as_bitsandbytes_and_leaves_the_model_untouched(lively_dir, method):
+    """`eval.four_bit=dense`: the copy's logits equal, bit for bit, those of bitsandbytes' 4-bit layers computing
+    through their dequantized weight, with the adapter (LoRA, or finlora's DoRA) unmerged on top; greedy answers
+    are the same at batch sizes 1, 8 and 32. The copy holds plain layers where the 4-bit ones were and shares every
+    other tensor (the adapter's too), and transformers would compile its decode step (not the model's); the model
+    keeps its 4-bit layers, values and trainable parameters."""
+    import bitsandbytes as bnb
+    from transformers import CompileConfig, GenerationConfig, StaticCache
+
+    from finlora.config import FourBitEval
+    from finlora.evaluate import four_bit_as_dense
+
+    tokenizer, model = _4bit_with_adapter(lively_dir, method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 49152, (3, 24), generator=torch.Generator().manual_seed(0))
+    model.eval()
+    twin, mode = four_bit_as_dense(model, FourBitEval.dense)
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, twin(input_ids=ids).logits
+        with model.disable_adapter():
+            assert not torch.equal(model(input_ids=ids).logits, want)  # the adapter changes the outputs
+    assert mode is FourBitEval.dense and torch.equal(got, want)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in twin.modules())
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) == 14  # 2 layers × 7 projections
+    assert twin.get_base_model().hf_quantizer is None and model.get_base_model().hf_quantizer is not None
+    lora = {n: p for n, p in twin.named_parameters() if "lora_" in n}
+    assert lora and all(p is model.get_parameter(n) for n, p in lora.items())
+    assert four_bit_as_dense(twin, FourBitEval.dense) == (twin, None)  # nothing 4-bit left: one copy
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers' own switch: judged as on CUDA, here on the CPU
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    compiles = [m.get_base_model()._valid_auto_compile_criteria({"cache": cache, "past_key_values": cache},
+                                                                GenerationConfig(compile_config=compile_config))
+                for m in (twin, model)]
+    assert compiles == [True, False]  # transformers compiles the copy's decode step, not bitsandbytes' layers
+    records = _mixed_records(5)
+    for batch_size, rows in ((32, records), (8, records), (1, records[::4])):
+        kernel = generate(model, tokenizer, rows, 5, batch_size, four_bit=FourBitEval.kernel)
+        assert generate(model, tokenizer, rows, 5, batch_size, four_bit=FourBitEval.dense) == kernel, batch_size
+        assert len(set(kernel)) > len(rows) // 2  # the prompts really get different answers
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_dense_copy_of_weights_repacked_for_the_cpu_kernel(lively_dir):
+    """On an AVX512-BF16 CPU, bitsandbytes repacks a 4-bit weight at its first eval-mode forward for a fused bf16
+    kernel (block scales rounded to bf16, the weight formed in bf16); the copy then holds the weight that kernel
+    computes with (values exact in bf16): on inputs exact in bf16, a layer's outputs are the kernel's up to its
+    bf16 rounding of them."""
+    import bitsandbytes as bnb
+
+    from finlora.evaluate import _dequantized_4bit
+
+    _, model = _4bit_with_adapter(lively_dir, AdapterMethod.lora, cpu_kernel=True)
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    unpacked = _dequantized_4bit(layer)
+    layer.eval()
+    with torch.no_grad():
+        want = layer(x)
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the weights as they are")
+    dense = _dequantized_4bit(layer)
+    assert dense.dtype == torch.float32 and dense.shape == unpacked.shape
+    assert torch.equal(dense.bfloat16().float(), dense) and not torch.equal(unpacked.bfloat16().float(), unpacked)
+    assert (x @ dense.T - want).abs().max() <= 2**-8 * want.abs().max()  # the kernel's bf16 outputs
+
+
+def test_four_bit_mode_is_chosen_by_memory_and_recorded(lively_dir, tmp_path, caplog):
+    """`eval.four_bit=auto` makes the dense copy when it takes at most half of the free memory, else keeps
+    bitsandbytes' kernels, saying which and why in one line (for all sets) that names the key; `<set>_metrics.json`
+    records the mode used."""
+    from finlora.config import FourBitEval
+    from finlora.evaluate import evaluate_sets, four_bit_mode
+
+    gib = 2**30
+    assert four_bit_mode(FourBitEval.auto, 13 * gib, 70 * gib)[0] is FourBitEval.dense
+    mode, why = four_bit_mode(FourBitEval.auto, 130 * gib, 38 * gib)  # Llama-3.1-70B's layers beside its 4-bit base
+    assert mode is FourBitEval.kernel and why.startswith("eval.four_bit=auto: kernel") and "130.00 GiB" in why
+    assert four_bit_mode(FourBitEval.auto, 20 * gib, 39 * gib)[0] is FourBitEval.kernel  # fits, but not in half
+    assert four_bit_mode(FourBitEval.kernel, gib, 80 * gib)[0] is FourBitEval.kernel
+    assert four_bit_mode(FourBitEval.dense, 40 * gib, 38 * gib)[0] is FourBitEval.dense  # asked for: as asked
+    assert EvalSettings().four_bit is FourBitEval.auto
+    tokenizer, model = _4bit_with_adapter(lively_dir, AdapterMethod.lora)
+    test_set, rows = _fpb()
+    for asked, used in (("auto", "dense"), ("kernel", "kernel")):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, "finlora.evaluate"):
+            evaluate_sets(model, tokenizer, [(test_set, rows)],
+                          EvalSettings(batch_size=4, limit=4, four_bit=FourBitEval(asked)), "32-true", 4, tmp_path, [])
+        said = [r.getMessage() for r in caplog.records if "eval.four_bit" in r.getMessage()]
+        assert said == [] if asked == "kernel" else len(said) == 1 and said[0].startswith("eval.four_bit=auto: dense")
+        assert json.loads((tmp_path / "fpb_metrics.json").read_text())["conditions"]["four_bit"] == used
+
+
+def test_dense_that_cannot_fit_is_refused_before_the_model_loads(tmp_path):
+    """`eval.four_bit=dense` with a base whose dense layers cannot fit: refused from the model's config alone,
+    naming the key (this folder holds a config of Llama-3.1-70B's layer shapes, 800 layers, about 3 TB dense in
+    float32, and no weights: nothing else could load)."""
+    from transformers import LlamaConfig
+
+    from finlora.errors import ConfigError
+    from finlora.models import SHAPES
+
+    folder = tmp_path / "llama-70b-config-only"
+    LlamaConfig(**SHAPES["llama-3.1-70b"], num_hidden_layers=800).save_pretrained(folder)
+    with pytest.raises(ConfigError, match=r"eval.four_bit=dense: the 4-bit base \(\d+\.\d GiB\) and its dense copy"):
+        evaluate(compose_cfg([f"model.name_or_path={folder}", "quant=4bit", "eval.four_bit=dense",
+                              "accelerator=cpu"], tmp_path / "out", config="eval"))

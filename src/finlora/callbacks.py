@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import STATS_KEY, BatchStats
 from finlora.checkpoints import LAST
-from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, NonFinitePolicy
+from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, FourBitEval, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
 from finlora.metrics import score
@@ -74,6 +74,10 @@ class TaskScore(Callback):
         sample = EvalSettings(limit=cfg.eval.during_training.size, seed=cfg.seed)
         self.rows = [val_rows[i] for i in pick_rows(val_rows, self.test_set, sample)]
         self.tokenizer, self.precision, self.settings = tokenizer, precision, cfg.eval
+        # A dense copy of a 4-bit base would be made, and its decode step compiled anew, at every validation (a
+        # cost not measured against the kernels' time on such a sample): `auto` keeps bitsandbytes' kernels here.
+        auto = cfg.eval.four_bit is FourBitEval.auto
+        self.four_bit = FourBitEval.kernel if auto else cfg.eval.four_bit
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -81,7 +85,7 @@ class TaskScore(Callback):
         answers = generate(pl_module.model, self.tokenizer, self.rows, self.test_set.max_new_tokens,
                            self.settings.batch_size, self.precision, f"val {self.task}",
                            static_cache=self.settings.static_cache, int8_cpu=self.settings.int8_cpu,
-                           share_prefix=self.settings.share_prefix)
+                           four_bit=self.four_bit, share_prefix=self.settings.share_prefix)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
             if name != "n":

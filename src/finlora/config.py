@@ -353,11 +353,20 @@ class Int8Cpu(Enum):
     bf16 = "bf16"  # a bf16 copy, weights dequantized once, adapter merged: fast (~2% of answers move with the batch)
 
 
+class FourBitEval(Enum):
+    """How a 4-bit base (NF4 or FP4) computes while generating, on any device (`finlora.evaluate`)."""
+
+    kernel = "kernel"  # bitsandbytes' 4-bit layers as loaded (transformers compiles no bitsandbytes model)
+    dense = "dense"  # a copy of the 4-bit layers dequantized once to the compute dtype, adapter kept unmerged on top
+    auto = "auto"  # dense when that copy takes at most half of the free memory, else kernel (a log line says which)
+
+
 @dataclass
 class EvalSettings:
     batch_size: Any = "auto"  # rows generated together: an int, or auto (CUDA: the most that fit in free memory)
     static_cache: bool = True  # CUDA: a static KV cache and a compiled decode step (false: a growing cache, eager)
     int8_cpu: Int8Cpu = Int8Cpu.bf16  # an 8-bit base on the CPU (`Int8Cpu`)
+    four_bit: FourBitEval = FourBitEval.auto  # a 4-bit base (`FourBitEval`): recorded in every <set>_metrics.json
     share_prefix: bool = True  # CPU: the prompts' common prefix computed once per test set (not under LLM.int8)
     limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
     sample: EvalSample = EvalSample.stratified

@@ -51,13 +51,18 @@ def gpu_count(devices: Any) -> int:
     return len(devices) if isinstance(devices, Sequence) else int(devices)
 
 
-def weight_bytes(config: Any, bits: int | None, full_precision: bool) -> float:
-    """Bytes of a decoder-only model's weights as loaded: its linear layers at `bits` (bitsandbytes keeps
-    about 3% more for 4-bit block constants), embeddings and head in 16 bits (32 for full fine-tuning)."""
+def linear_params(config: Any) -> int:
+    """Weights of a decoder-only model's linear layers (attention and MLP projections): what bitsandbytes quantizes."""
     h, n = config.hidden_size, config.num_hidden_layers
     heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or h // heads
-    linear = n * (h * head_dim * (2 * heads + 2 * kv) + 3 * h * config.intermediate_size)
+    return n * (h * head_dim * (2 * heads + 2 * kv) + 3 * h * config.intermediate_size)
+
+
+def weight_bytes(config: Any, bits: int | None, full_precision: bool) -> float:
+    """Bytes of a decoder-only model's weights as loaded: its linear layers at `bits` (bitsandbytes keeps
+    about 3% more for 4-bit block constants), embeddings and head in 16 bits (32 for full fine-tuning)."""
+    h, linear = config.hidden_size, linear_params(config)
     embeddings = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
     per_linear = {4: 0.5 * 1.03, 8: 1.0}.get(bits, 4.0 if full_precision else 2.0)
     return linear * per_linear + embeddings * (4.0 if full_precision else 2.0)

@@ -5,8 +5,9 @@ always the training prompt minus the answer. Generation is greedy and batched wi
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
 file order. The batch is as large as fits (`eval.batch_size=auto`), and on CUDA the decode step runs
 compiled on a static KV cache (`generate`); an 8-bit base on the CPU computes as `eval.int8_cpu` says
-(`int8_as_bf16`: a bf16 copy). `evaluate(cfg)` is what `eval.py` runs; `evaluate_sets` is
-also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
+(`int8_as_bf16`: a bf16 copy), a 4-bit base as `eval.four_bit` says (`four_bit_as_dense`: a copy with its
+4-bit layers dequantized once, which transformers then compiles). `evaluate(cfg)` is what `eval.py` runs;
+`evaluate_sets` is also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
 """
 
 from __future__ import annotations
@@ -33,11 +34,13 @@ from transformers import CompileConfig, PreTrainedTokenizerBase
 
 from finlora.batching import pad_left
 from finlora.build import build, placement
-from finlora.config import EvalConfig, EvalSample, EvalSettings, Int8Cpu, TaskKind, TestSet, validate
+from finlora.config import EvalConfig, EvalSample, EvalSettings, FourBitEval, Int8Cpu, TaskKind, TestSet, validate
 from finlora.data import load_test_sets, proportional
+from finlora.devices import Placement, linear_params, weight_bytes
+from finlora.errors import ConfigError
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
 from finlora.metrics import extract_answer, score
-from finlora.models import compute_dtype
+from finlora.models import compute_dtype, model_config, resolve_source
 from finlora.outputs import write_json, write_jsonl
 from finlora.prompts import encode_prompt
 
@@ -49,12 +52,14 @@ CPU_BATCH = 32  # `auto` on the CPU: the batches of before (an 8-bit base's LLM.
 MEMORY_SHARE = 0.7  # of the free GPU memory that `auto` plans to fill (the rest: allocator slack, the unforeseen)
 CACHE_STEP = 256  # a static cache's length is rounded up to this, so one compiled decode step serves many sets
 MIN_PREFIX = 8  # tokens: a shorter prefix shared by every prompt is not worth its own forward pass
+DENSE_SHARE = 0.5  # of the free memory that `eval.four_bit=auto` lets a dense copy take (the rest: KV cache, batch)
 
 
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
              batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating", *,
-             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.bf16, share_prefix: bool = True) -> list[str]:
+             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.bf16, four_bit: FourBitEval = FourBitEval.auto,
+             share_prefix: bool = True) -> list[str]:
     """Greedy answers for `records`, in their order, under the same autocast as training used.
 
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
@@ -63,7 +68,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     transformers keeps the KV cache in fixed-shape tensors (one length for every batch, rounded up to
     `CACHE_STEP`) and compiles the decode step with CUDA graphs; every batch then has the same number of
     rows (the last is filled with copies of its last prompt, whose answers are dropped), so the step
-    compiles once. An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`). With `share_prefix`, on
+    compiles once. An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`), a 4-bit base as `four_bit`
+    says (`four_bit_as_dense`; its dense copy is made before `auto` sizes the batch). With `share_prefix`, on
     the CPU (unless LLM.int8 computes, whose answers would move), the prompts' shared prefix (FinLoRA's
     instruction: 25 of FPB's 61 tokens on average) goes through the model once: its KV cache is copied into
     every batch, whose rows hold the rest of their prompts left-padded behind it (`shared_prefix`)."""
@@ -74,6 +80,10 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(p.device for p in model.parameters())
     static = static_cache and compiles_decoding(device)
+    int8_cpu = cpu_int8_mode(int8_cpu) if device.type == "cpu" else int8_cpu
+    if device.type == "cpu" and int8_cpu is Int8Cpu.bf16:
+        model = int8_as_bf16(model)
+    model = four_bit_as_dense(model, four_bit)[0]
     cache_len = -(-(len(prompts[order[-1]]) + max_new_tokens) // CACHE_STEP) * CACHE_STEP
     auto = batch_size == "auto"
     size = int(batch_size) if not auto else auto_batch_size(model, device, cache_len, len(prompts), precision)
@@ -84,9 +94,6 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     if static:
         options |= {"cache_implementation": "static", "max_cache_len": cache_len,
                     "compile_config": CompileConfig(fullgraph=False, mode="reduce-overhead")}
-    int8_cpu = cpu_int8_mode(int8_cpu) if device.type == "cpu" else int8_cpu
-    if device.type == "cpu" and int8_cpu is Int8Cpu.bf16:
-        model = int8_as_bf16(model)
     was_training = model.training
     model.eval()
     int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
@@ -203,9 +210,21 @@ def auto_batch_size(model: nn.Module, device: torch.device, length: int, rows: i
     kv = 2 * config.num_hidden_layers * kv_heads * head_dim * element
     activations = (6 * config.hidden_size + 3 * config.intermediate_size) * 4
     per_row = length * (kv + activations) + 3 * 4 * config.vocab_size
-    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    fit = max(1, min(AUTO_CAP, int(MEMORY_SHARE * free // per_row)))
+    fit = max(1, min(AUTO_CAP, int(MEMORY_SHARE * free_memory(device) // per_row)))
     return 1 << (fit.bit_length() - 1)
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes that new tensors can take there: on CUDA the driver's free memory plus what torch holds unused; on
+    the CPU the kernel's estimate of available memory (Linux's MemAvailable)."""
+    if device.type == "cuda":
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def int8_dequantized(model: nn.Module, on: bool) -> int:
@@ -238,6 +257,36 @@ def cpu_int8_mode(asked: Int8Cpu) -> Int8Cpu:
     return asked if native else Int8Cpu.dequant
 
 
+def with_plain_layers(model: nn.Module, kind: type, weights, merge: bool, share: bool) -> nn.Module:
+    """A copy of `model` whose bitsandbytes layers of type `kind` are plain `nn.Linear`s holding
+    `weights(lora, layer)` (a weight and a bias, in their final dtype). With `merge`, a peft layer around one is
+    replaced whole (`lora` is that peft layer, whose active adapters `weights` merges in); otherwise only its base
+    layer is, and the adapter computes on top as before (`lora` is None). With `share`, the copy holds the same
+    parameter and buffer tensors as `model` (only modules are new), so it costs the plain weights alone; without,
+    it is a deep copy that can be cast freely. `model` is not changed."""
+    from peft.tuners.lora import LoraLayer
+
+    shared = {id(t): t for t in (*model.parameters(), *model.buffers())} if share else {}
+    twin = copy.deepcopy(model, shared)
+    replaced: list[str] = []
+    for name, module in list(twin.named_modules()):
+        if any(name.startswith(f"{r}.") for r in replaced):  # inside a layer already replaced
+            continue
+        lora = merge and isinstance(module, LoraLayer)
+        layer = module.get_base_layer() if lora else module
+        if not isinstance(layer, kind):
+            continue
+        weight, bias = weights(module if lora else None, layer)
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=bias is not None, device="meta")
+        plain.weight = nn.Parameter(weight, requires_grad=False)
+        if bias is not None:
+            plain.bias = nn.Parameter(bias, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        twin.get_submodule(parent).register_module(child, plain)
+        replaced.append(name)
+    return twin
+
+
 def int8_as_bf16(model: nn.Module) -> nn.Module:
     """A bfloat16 copy of a model with bitsandbytes 8-bit layers (`eval.int8_cpu=bf16`), for generating on the
     CPU: each 8-bit layer (with its active peft LoRA/DoRA adapters merged in, `_merged_8bit`) becomes a plain
@@ -248,25 +297,7 @@ def int8_as_bf16(model: nn.Module) -> nn.Module:
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None or not any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()):
         return model
-    from peft.tuners.lora import LoraLayer
-
-    twin = copy.deepcopy(model)
-    replaced: list[str] = []
-    for name, module in list(twin.named_modules()):
-        if any(name.startswith(f"{r}.") for r in replaced):  # inside a layer already replaced
-            continue
-        lora = isinstance(module, LoraLayer)
-        base = module.get_base_layer() if lora else module
-        if not isinstance(base, bnb.nn.Linear8bitLt):
-            continue
-        weight, bias = _merged_8bit(module if lora else None, base)
-        plain = nn.Linear(base.in_features, base.out_features, bias=bias is not None, device="meta")
-        plain.weight = nn.Parameter(weight.to(torch.bfloat16), requires_grad=False)
-        if bias is not None:
-            plain.bias = nn.Parameter(bias.to(torch.bfloat16), requires_grad=False)
-        parent, _, child = name.rpartition(".")
-        twin.get_submodule(parent).register_module(child, plain)
-        replaced.append(name)
+    twin = with_plain_layers(model, bnb.nn.Linear8bitLt, _merged_8bit, merge=True, share=False)
     for p in twin.parameters():
         p.data = p.data.to(torch.bfloat16)
         p.requires_grad_(False)
@@ -296,6 +327,93 @@ def _merged_8bit(lora: nn.Module | None, base: nn.Module) -> tuple[torch.Tensor,
     return weight, bias
 
 
+def four_bit_layers(model: nn.Module) -> list[nn.Module]:
+    bnb = sys.modules.get("bitsandbytes")
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)] if bnb else []
+
+
+def dense_bytes(layers: list[nn.Module]) -> int:
+    """Bytes of the 4-bit layers' weights dequantized to the dtype each computes in."""
+    return sum(m.in_features * m.out_features * _compute_dtype_4bit(m).itemsize for m in layers)
+
+
+def four_bit_mode(asked: FourBitEval, dense: int, free: int) -> tuple[FourBitEval, str]:
+    """How a 4-bit base computes (`kernel` or `dense`), and a line saying why: `auto` picks `dense` when its copy
+    (`dense` bytes) takes at most `DENSE_SHARE` of the `free` memory, leaving the rest to the KV cache and the
+    batch (`auto_batch_size` plans after the copy is made)."""
+    sizes = f"a dense copy of the 4-bit layers takes {dense / 2**30:.2f} GiB, {free / 2**30:.1f} GiB are free"
+    if asked is not FourBitEval.auto:
+        return asked, f"eval.four_bit={asked.value} ({sizes})"
+    if dense <= DENSE_SHARE * free:
+        return FourBitEval.dense, f"eval.four_bit=auto: dense ({sizes}: it fits in {DENSE_SHARE:.0%} of them)"
+    return FourBitEval.kernel, (f"eval.four_bit=auto: kernel, bitsandbytes' 4-bit layers ({sizes}: more than "
+                                f"{DENSE_SHARE:.0%} of them)")
+
+
+def four_bit_as_dense(model: nn.Module, asked: FourBitEval) -> tuple[nn.Module, FourBitEval | None]:
+    """`model` with its bitsandbytes 4-bit layers computed as `asked` (`four_bit_mode`), and the mode used (None:
+    no 4-bit layer). `dense`: a copy in which each 4-bit layer is a plain `nn.Linear` holding its weight
+    dequantized once to the dtype it computes in (`_dequantized_4bit`); everything else, peft's LoRA and DoRA
+    layers (finlora's DoRA too) and their parameters included, is shared with `model` and computes unmerged on
+    top, as in training. bitsandbytes' own matmul multiplies by that same dequantized weight whenever it does
+    not take a fused kernel (on CUDA: beyond a few rows; README "Evaluation"), so the answers are the same there,
+    and transformers, which compiles no bitsandbytes model, compiles the copy's decode step. `model` is not
+    changed; its memory stays in use beside the copy's."""
+    layers = four_bit_layers(model)
+    if not layers:
+        return model, None
+    mode, why = four_bit_mode(asked, dense_bytes(layers), free_memory(next(model.parameters()).device))
+    if asked is FourBitEval.auto:
+        log.info("%s", why)
+    if mode is FourBitEval.kernel:
+        return model, mode
+    twin = with_plain_layers(model, sys.modules["bitsandbytes"].nn.Linear4bit,
+                             lambda _, layer: (_dequantized_4bit(layer), _bias_4bit(layer)), merge=False, share=True)
+    hf_model = twin.get_base_model() if hasattr(twin, "get_base_model") else twin
+    hf_model.hf_quantizer = None  # nothing quantized is left: transformers may compile it
+    return twin, mode
+
+
+def _compute_dtype_4bit(layer: nn.Module) -> torch.dtype:
+    """The dtype a bitsandbytes 4-bit layer computes in (its input is cast to it)."""
+    return layer.compute_dtype or layer.weight.quant_state.dtype
+
+
+def _bias_4bit(layer: nn.Module) -> torch.Tensor | None:
+    return None if layer.bias is None else layer.bias.detach().to(_compute_dtype_4bit(layer))
+
+
+@torch.no_grad()
+def _dequantized_4bit(layer: nn.Module) -> torch.Tensor:
+    """The weight of a bitsandbytes 4-bit layer in the dtype it computes in, dequantized by bitsandbytes itself
+    (`dequantize_4bit`, the function and kernel its matmul's unfused path calls). A weight that bitsandbytes
+    repacked for its CPU kernel (an eval-mode forward on an AVX512-BF16 CPU does so, rounding the block scales to
+    bf16) is read through the layer itself, on an identity: the weight that kernel computes with."""
+    weight, dtype = layer.weight, _compute_dtype_4bit(layer)
+    state = copy.copy(weight.quant_state)
+    if not getattr(state, "packing_format_for_cpu", False):
+        state.dtype = dtype
+        return sys.modules["bitsandbytes"].functional.dequantize_4bit(weight.data, state)
+    eye = torch.eye(layer.in_features, dtype=dtype, device=weight.device)
+    out = layer(eye)
+    return (out if layer.bias is None else out - layer.bias.to(out.dtype)).T.contiguous()
+
+
+def four_bit_problem(cfg: EvalConfig, where: Placement) -> str | None:
+    """Why `eval.four_bit=dense` cannot hold its copy beside the 4-bit base about to load, from the model's config
+    and the free memory now: said before any weight is read."""
+    if cfg.quant.bits != 4 or cfg.eval.four_bit is not FourBitEval.dense:
+        return None
+    config = model_config(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model).get_text_config()
+    dense = linear_params(config) * compute_dtype(where.precision).itemsize
+    free, base = free_memory(where.device), weight_bytes(config, 4, False)
+    if dense + base <= free:
+        return None
+    return (f"eval.four_bit=dense: the 4-bit base ({base / 2**30:.1f} GiB) and its dense copy ({dense / 2**30:.1f} "
+            f"GiB) need more than the {free / 2**30:.1f} GiB free on {where.device}; use eval.four_bit=auto (it "
+            "falls back to bitsandbytes' kernels) or eval.four_bit=kernel")
+
+
 def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
                  rows: list[int], settings: EvalSettings, conditions: dict,
                  out_dir: Path) -> tuple[dict[str, float], list[dict]]:
@@ -305,7 +423,7 @@ def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set:
     scored = [records[i] for i in rows]
     generations = generate(model, tokenizer, scored, test_set.max_new_tokens, settings.batch_size,
                            conditions["precision"], f"eval {test_set.name}", static_cache=settings.static_cache,
-                           int8_cpu=settings.int8_cpu, share_prefix=settings.share_prefix)
+                           int8_cpu=settings.int8_cpu, four_bit=settings.four_bit, share_prefix=settings.share_prefix)
     labels = test_set.labels or None
     metrics = score(test_set.kind, generations, [str(r["target"]) for r in scored], labels)
     predictions = [{"index": i, "target": str(r["target"]), "generated": g,
@@ -359,6 +477,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
         settings = replace(settings, int8_cpu=cpu_int8_mode(settings.int8_cpu))
     if on_cpu and settings.int8_cpu is Int8Cpu.bf16:  # one copy for every test set
         model = int8_as_bf16(model)
+    model, four_bit = four_bit_as_dense(model, settings.four_bit)  # the same: decided once, for every set
+    settings = replace(settings, four_bit=four_bit or settings.four_bit)
     if quant_bits == 8 and settings.batch_size != 1 and not (on_cpu and settings.int8_cpu is Int8Cpu.dequant):
         log.warning("8-bit base: %s, so scores depend on eval.batch_size=%s and on which prompts share a batch; "
                     "eval.batch_size=1 scores each prompt alone, eval.int8_cpu=dequant (CPU) is batch-invariant "
@@ -369,6 +489,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                   "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
     if quant_bits == 8 and on_cpu:  # (an fp32 model's answers do not change with a shared prefix)
         conditions |= {"int8_cpu": settings.int8_cpu.value, "share_prefix": settings.share_prefix}
+    if four_bit:  # bitsandbytes' fused kernels and the dense weights round differently (README "Evaluation")
+        conditions["four_bit"] = four_bit.value
     for test_set, records in test_sets:
         rows = pick_rows(records, test_set, settings)
         metrics, predictions = evaluate_set(model, tokenizer, test_set, records, rows, settings, conditions, out_dir)
@@ -383,6 +505,8 @@ def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
     """`eval.py`: load the base model (and adapter, merged or not), evaluate, write `<output_dir>/eval/`."""
     cfg = validate(dict_cfg, EvalConfig)
     where = placement(cfg)
+    if problem := four_bit_problem(cfg, where):
+        raise ConfigError(problem)
     test_sets = load_test_sets(cfg.task, cfg.paths.data_dir)
     out_dir = Path(cfg.output_dir)
     tokenizer, model = build(cfg, where)
