@@ -256,7 +256,7 @@ def _job_times(rows: list[dict], adapter: str, form: str) -> str:
     times = []
     for when in ("first", "later"):
         r = next((r for r in rows if r["name"] == f"{when} job b8 {adapter} cudagraphs, {form}"), {"error": "none"})
-        times.append("failed" if "error" in r else f"{r['compile_s']:.0f} s ({r['process_s']} s)")
+        times.append("failed" if "error" in r else f"{_num(r.get('compile_s'), '.0f')} s ({r['process_s']} s)")
     return " / ".join(times)
 
 
