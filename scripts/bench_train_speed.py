@@ -14,6 +14,10 @@ Sections (`--only` picks some):
   batch32   the same at batch 32: eager LoRA, cudagraphs LoRA and DoRA.
   cache     `python train.py` in a fresh process with the compile cache the compiled numerics run filled:
             a later job of the same shapes (run after numerics).
+  regions   the embedded shapes, cudagraphs, batch 8, LoRA and DoRA: the first job of a sweep (`python train.py`
+            in a fresh process with an empty compile cache) compiling the whole model against compiling one
+            decoder layer reused by the others (`trainer.compile_regions`), then a later job of each with the
+            cache the first one filled.
   llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit, 8 sentiment examples a step:
             LoRA against DoRA, eager packed and cudagraphs static.
   memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
@@ -148,21 +152,40 @@ def peft_loads(model: Path, adapter_dir: Path) -> bool:
 def cache(model: Path, args: argparse.Namespace) -> list[dict]:
     """A later job of the same shapes: `python train.py` in a fresh process with the compile cache that the
     compiled numerics run filled (run `numerics` first); its compile seconds against that run's."""
+    return [job("cache warm", model, args, args.cache, *NUMERICS, "trainer.compile=cudagraphs")]
+
+
+def job(name: str, model: Path, args: argparse.Namespace, compile_cache: str, *extra: str) -> dict[str, Any]:
+    """`python train.py` in a fresh process, as a sweep's job runs, compiling into `compile_cache`: its summary."""
     out = Path(tempfile.mkdtemp(prefix="bench-", dir=args.work))
-    cmd = [sys.executable, str(ROOT / "train.py"), *overrides(model, out, args), *NUMERICS,
-           "trainer.compile=cudagraphs"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *overrides(model, out, args), *extra,
+           f"paths.compile_cache={compile_cache}"]
     env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
     started = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     metrics = out / "metrics.json"
     if done.returncode or not metrics.is_file():
-        row = {"name": "cache warm", "error": done.stderr[-600:]}
+        row = {"name": name, "overrides": list(extra), "error": done.stderr[-600:]}
     else:
-        row = json.loads(metrics.read_text()) | {"name": "cache warm",
+        row = json.loads(metrics.read_text()) | {"name": name, "overrides": list(extra),
                                                  "process_s": round(time.perf_counter() - started)}
-        print(f"[cache warm] compile {row['compile_s']} s, {row['tokens_per_s']:,.0f} tok/s", flush=True)
+        print(f"[{name}] compile {row['compile_s']} s, process {row['process_s']} s, breaks "
+              f"{row.get('graph_breaks')}, {row['tokens_per_s']:,.0f} tok/s", flush=True)
     keep(row, args)
-    return [row]
+    return row
+
+
+def regions(model: Path, args: argparse.Namespace) -> list[dict]:
+    """First and later job of each compiled form, each form with a compile cache of its own (empty at first)."""
+    rows = []
+    for adapter in ("lora", "dora"):
+        for form, whole in (("whole model", "false"), ("regions", "true")):
+            compile_cache = tempfile.mkdtemp(prefix="compile-", dir=args.work)
+            extra = ["task=sentiment", f"adapter={adapter}", "quant=none", "trainer.batch_size=8",
+                     f"trainer.max_steps={args.steps}", *MODES["cudagraphs"], f"trainer.compile_regions={whole}"]
+            rows += [job(f"{when} job b8 {adapter} cudagraphs, {form}", model, args, compile_cache, *extra)
+                     for when in ("first", "later")]
+    return rows
 
 
 def batch32(model: Path, args: argparse.Namespace) -> list[dict]:
@@ -216,12 +239,26 @@ def markdown(rows: list[dict], device: str) -> list[str]:
                      f"{_num(r.get('step_host_ms'))} | {_num(r.get('host_syncs_per_step'))} | "
                      f"{_num(r.get('compile_s'))} | {r.get('batch_shapes', '')} | {r.get('graph_breaks', '')} | "
                      f"{r.get('cudagraphs_captured', '')} | {_num(r.get('peak_gib'))} |")
+    for adapter in ("lora", "dora"):
+        if any(r["name"].startswith(f"first job b8 {adapter}") for r in rows):
+            lines += ["", f"Compile time of the embedded shapes, {adapter}, cudagraphs, first job / later job with its "
+                      "cache (compiling; whole process): " + "; ".join(
+                          f"{form} {_job_times(rows, adapter, form)}" for form in ("whole model", "regions")) + "."]
     for r in rows:
         if "max_rel_loss_diff" in r:
             lines += ["", f"Numerics: 50 steps from the same init, eager vs cudagraphs (static batches, DoRA, bf16): "
                       f"largest relative difference of the per-step losses {r['max_rel_loss_diff']:.2e}; "
                       f"the adapter loads in plain peft: {r['peft_loads']}."]
     return lines
+
+
+def _job_times(rows: list[dict], adapter: str, form: str) -> str:
+    """'first / later' compile seconds (process seconds) of the `regions` section's jobs of one form."""
+    times = []
+    for when in ("first", "later"):
+        r = next((r for r in rows if r["name"] == f"{when} job b8 {adapter} cudagraphs, {form}"), {"error": "none"})
+        times.append("failed" if "error" in r else f"{_num(r.get('compile_s'), '.0f')} s ({r['process_s']} s)")
+    return " / ".join(times)
 
 
 def _eager_name(name: str) -> str:
@@ -237,7 +274,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("FINLORA_DATA_DIR", str(ROOT.parent / "shared/data/finlora")))
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
-    parser.add_argument("--only", nargs="*", default=["embedded", "batch32", "numerics", "cache", "llama", "memory"])
+    parser.add_argument("--only", nargs="*",
+                        default=["embedded", "batch32", "numerics", "cache", "regions", "llama", "memory"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
@@ -262,7 +300,8 @@ def main() -> None:
                               2 if args.smoke else 30, tokenizer, torch.device("cpu"))
     sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
                 "numerics": lambda: numerics(model, args),
-                "cache": lambda: cache(model, args), "llama": lambda: llama(tokenizer, args),
+                "cache": lambda: cache(model, args), "regions": lambda: regions(model, args),
+                "llama": lambda: llama(tokenizer, args),
                 "memory": lambda: memory(tokenizer, args)}
     args.device = device
     if not args.append:

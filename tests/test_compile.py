@@ -1,7 +1,9 @@
 """`trainer.compile` (issue 12): refused where it cannot run, before the model loads; finlora's DoRA gives
 the eager loss and gradients when traced by torch.compile, step after step (its norms are rebuilt inside
-the graph, not read from a cache the graph would never re-read); the fused optimizer's skip of a
-non-finite step never waits for the GPU and leaves the weights as they were."""
+the graph, not read from a cache the graph would never re-read); the step compiled by regions (one decoder
+layer traced and reused by the others, `trainer.compile_regions`) gives the eager loss and gradients with LoRA
+and DoRA, checkpointed or not, in one graph; the fused optimizer's skip of a non-finite step never waits for
+the GPU and leaves the weights as they were."""
 
 from __future__ import annotations
 
@@ -13,17 +15,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import DATA_DIR, compose_cfg
+from torch._dynamo.utils import counters
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from finlora.adapters import attach_adapter
 from finlora.batching import pack_static, static_widths, with_stats
 from finlora.callbacks import NonFiniteGuard, ThroughputLogger
-from finlora.config import AdapterConfig, AdapterMethod, ModelConfig, NonFinitePolicy, QuantConfig, validate
+from finlora.config import AdapterConfig, AdapterMethod, Compile, ModelConfig, NonFinitePolicy, QuantConfig, validate
 from finlora.data import read_jsonl
 from finlora.dora import prepare_compile
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.loss import answer_loss
 from finlora.models import load_model, load_tokenizer
-from finlora.prompts import encode_example
+from finlora.module import decoder_layers, training_loss
+from finlora.prompts import Encoded, encode_example
 from finlora.train import train
 
 CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
@@ -102,6 +107,71 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
         assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def _random_llama(layers: int, method: AdapterMethod, checkpointing: bool):
+    """A random Llama of `layers` layers (same seed, same weights) with LoRA or finlora's DoRA on q/k/v."""
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = attach_adapter(LlamaForCausalLM(config), AdapterConfig(method=method, r=4, dropout=0.0), checkpointing)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+def _random_batch() -> dict[str, torch.Tensor]:
+    """A static batch of three random examples packed in one row, as the training loop gets it."""
+    g = torch.Generator().manual_seed(1)
+    examples = []
+    for n in (20, 28, 16):
+        ids = torch.randint(3, 256, (n,), generator=g).tolist()
+        examples.append(Encoded(ids, [-100] * (n - 4) + ids[-4:], False))
+    batch = with_stats(lambda b: pack_static(b, 0, static_widths(3, 32, smallest=64)), examples, label_slots=16)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("method,checkpointing", [  # the fast suite: plain LoRA, DoRA checkpointed
+    (AdapterMethod.lora, False), pytest.param(AdapterMethod.lora, True, marks=pytest.mark.slow),
+    pytest.param(AdapterMethod.dora, False, marks=pytest.mark.slow), (AdapterMethod.dora, True)])
+def test_step_compiled_by_regions_matches_eager_and_traces_one_layer(method, checkpointing):
+    """Four layers: every layer after the first (whose input needs no gradient) calls one compiled region; were
+    each layer traced separately there would be a region per layer (or none, all inlined). One graph, no break."""
+    layers = 4
+    eager_model, compiled_model = (_random_llama(layers, method, checkpointing) for _ in range(2))
+    graphs = []
+
+    def backend(gm, example_inputs):  # what Dynamo hands the compiler, then aot_eager: Dynamo + AOTAutograd, no kernels
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    assert len(decoder_layers(compiled_model)) == layers
+    step = training_loss(compiled_model, Compile.inductor, regions=True, backend=backend)
+    batch = _random_batch()
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+                  for m in (eager_model, compiled_model)]
+    for _ in range(2):  # the second step after an update: DoRA's norms follow the new weights
+        losses, grads = [], []
+        for model, compute, opt in zip((eager_model, compiled_model),
+                                       (lambda: answer_loss(eager_model, batch), lambda: step(batch)), optimizers,
+                                       strict=True):
+            opt.zero_grad()
+            loss = compute()
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            opt.step()
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        assert grads[0].keys() == grads[1].keys() and len(grads[0]) == layers * 3 * (3 if method.value == "dora" else 2)
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    calls = [n for gm in graphs for n in gm.graph.nodes
+             if n.op == "call_function" and n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(graphs) == 1 and not sum(counters["graph_break"].values())
+    assert len(calls) >= layers - 1 and len({n.args[0].target for n in calls}) <= 2
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(compiled_model))  # plain layers outside
 
 
 @pytest.mark.parametrize("policy", list(NonFinitePolicy))

@@ -35,18 +35,20 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
 
     A quantized base is frozen as peft's `prepare_model_for_kbit_training` freezes it (`freeze_quantized`), less
     its float32 copy of every unquantized weight. Gradient checkpointing is non-reentrant: the checkpointed
-    layers' inputs need no gradient for the adapter's weights inside them to get theirs.
+    layers' inputs need no gradient for the adapter's weights inside them to get theirs, so the hook that
+    transformers puts on the embeddings for that (a `requires_grad_` that splits a compiled step in three graphs)
+    is removed. It is enabled after peft wraps the model, which would add a second hook whose handle is lost.
     """
     if getattr(model, "is_quantized", False):
         freeze_quantized(model)
+    wrapped = model if cfg.method is AdapterMethod.none else get_peft_model(model, lora_config(cfg))
+    if cfg.method is AdapterMethod.dora:
+        choose_dora(wrapped, cfg.impl)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.method is AdapterMethod.none:
-        return model
-    peft_model = get_peft_model(model, lora_config(cfg))
-    if cfg.method is AdapterMethod.dora:
-        choose_dora(peft_model, cfg.impl)
-    return peft_model
+        if getattr(model, "_require_grads_hook", None) is not None:
+            model.disable_input_require_grads()
+    return wrapped
 
 
 def freeze_quantized(model: PreTrainedModel) -> None:

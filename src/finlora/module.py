@@ -5,8 +5,15 @@ never the frozen base."""
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import MethodType
+
 import lightning as L
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import get_scheduler
 
@@ -14,6 +21,8 @@ from finlora.batching import LOSS_POSITIONS, LOSS_TARGETS, num_examples
 from finlora.config import Compile, TrainerConfig
 from finlora.loss import INPUT_KEYS, answer_loss
 from finlora.prompts import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 STEP_KEYS = (*INPUT_KEYS, "labels", LOSS_POSITIONS, LOSS_TARGETS)  # the tensors a compiled step takes
 MAGNITUDE = "lora_magnitude_vector"  # peft's name for DoRA's magnitude vectors (finlora's DoRA keeps it)
@@ -37,7 +46,7 @@ class FinetuneModule(L.LightningModule):
         self.cfg = cfg
         self.magnitude_lr_scale = magnitude_lr_scale
         self.strict_loading = False  # checkpoints carry only the trainable parameters
-        self.train_loss = training_loss(model, cfg.compile)
+        self.train_loss = training_loss(model, cfg.compile, cfg.compile_regions)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_loss(self.model, batch)
@@ -76,11 +85,13 @@ class FinetuneModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
-def training_loss(model: nn.Module, mode: Compile):
+def training_loss(model: nn.Module, mode: Compile, regions: bool = True, backend: str = "inductor"):
     """`answer_loss` on `model` for training steps: as written, or through torch.compile. The row width is
     compiled as a symbolic size, so one compilation serves every static width; for `cudagraphs`, forward
     and backward are recorded once per width and replayed. finlora's DoRA layers compute their norms inside
-    the compiled graph (`dora.prepare_compile`)."""
+    the compiled graph (`dora.prepare_compile`). With `regions` (`trainer.compile_regions`), each decoder layer
+    is a nested compile region (`decoder_layers`): traced and compiled once, called by every layer, still
+    inside one graph of the whole step. `backend`: torch.compile's (tests use aot_eager)."""
     if mode is Compile.eager:
         return lambda batch: answer_loss(model, batch)
     from torch._dynamo.utils import counters
@@ -89,8 +100,12 @@ def training_loss(model: nn.Module, mode: Compile):
 
     counters.clear()  # what `train.compile_report` reads: this run's graph breaks and skipped captures only
     prepare_compile(model)
-    compiled = torch.compile(lambda batch: answer_loss(model, batch),
+    compiled = torch.compile(lambda batch: answer_loss(model, batch), backend=backend,
                              mode="reduce-overhead" if mode is Compile.cudagraphs else None)
+    routed = {layer: MethodType(_region(type(layer)), layer) for layer in (decoder_layers(model) if regions else [])}
+    if regions and not routed:
+        log.warning("trainer.compile_regions: the model names no repeated block (transformers' _no_split_modules); "
+                    "compiling every layer")
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         for t in batch.values():
@@ -98,6 +113,41 @@ def training_loss(model: nn.Module, mode: Compile):
                 torch._dynamo.maybe_mark_dynamic(t, 1)
         if mode is Compile.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
-        return compiled(batch)
+        with _through(routed):
+            return compiled(batch)
 
     return step
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's repeated blocks: the outermost modules of the classes its transformers model keeps whole on one
+    device (`_no_split_modules`, e.g. LlamaDecoderLayer), whatever the architecture calls them."""
+    causal = model.get_base_model() if isinstance(model, PeftModel) else model
+    kept = set(getattr(causal, "_no_split_modules", None) or ())
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in causal.named_modules():
+        if type(module).__name__ in kept and not any(name.startswith(f"{outer}.") for outer, _ in found):
+            found.append((name, module))
+    return [module for _, module in found]
+
+
+@functools.cache
+def _region(cls: type) -> Callable:
+    """One nested compile region per layer class, taking the layer as its first argument, so every layer's call
+    is the same region with other weights: compiled once (AOTAutograd and Inductor), and from torch 2.12 on also
+    traced once by Dynamo, which maps a later layer's weights onto the region traced for the first."""
+    return torch.compiler.nested_compile_region(cls.forward)
+
+
+@contextmanager
+def _through(routed: dict[nn.Module, MethodType]) -> Iterator[None]:
+    """Each layer's forward through its region while the compiled step runs, and only then: other compiled code on
+    the same model (generation's decode step) keeps the plain layers. The same bound methods every step, set in
+    the instance's __dict__ directly, so Dynamo's guards hold and a step pays no module __setattr__."""
+    for layer, method in routed.items():
+        layer.__dict__["forward"] = method
+    try:
+        yield
+    finally:
+        for layer in routed:
+            layer.__dict__.pop("forward", None)

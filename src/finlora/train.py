@@ -31,7 +31,7 @@ from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
 from finlora.card import set_base_name, write_card
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
-from finlora.config import AdapterMethod, Compile, Config, validate
+from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
 from finlora.data import TaskDataModule, load_task
 from finlora.errors import ConfigError, Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
@@ -123,7 +123,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
-            "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer.compile), **callbacks.profile.summary(),
+            "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer), **callbacks.profile.summary(),
             "train_prompt": cfg.data.train_prompt.value, "eval_prompt": "plain",  # evaluation: the raw context
             "device": str(where.device), "precision": where.precision,
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
@@ -183,16 +183,17 @@ def stop_on_signal(what: str) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def compile_report(mode: Compile) -> dict:
-    """What torch.compile did with the step: graph breaks (each one a return to Python mid-step) and, for
-    cudagraphs, whether every graph was captured (inductor skips capture it cannot do safely, e.g. CPU ops)."""
-    if mode is Compile.eager:
+def compile_report(t: TrainerConfig) -> dict:
+    """What torch.compile did with the step: by regions or not, graph breaks (each one a return to Python
+    mid-step) and, for cudagraphs, whether every graph was captured (inductor skips capture it cannot do
+    safely, e.g. CPU ops)."""
+    if t.compile is Compile.eager:
         return {}
     from torch._dynamo.utils import counters
 
     breaks = sum(counters["graph_break"].values())
-    report = {"graph_breaks": breaks}
-    if mode is Compile.cudagraphs:
+    report = {"compile_regions": t.compile_regions, "graph_breaks": breaks}
+    if t.compile is Compile.cudagraphs:
         report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
     return report
 
@@ -255,7 +256,8 @@ def _step_rows(summary: dict) -> list[tuple[str, str]]:
     if summary["compile"] != "eager":
         captured = {True: ", CUDA graphs captured", False: ", CUDA graphs NOT captured (eager parts remain)"}.get(
             summary.get("cudagraphs_captured"), "")
-        rows.append(("compiled step", f"{summary['compile']}: {summary['compile_s']:.1f} s compiling "
+        form = "by decoder-layer regions" if summary.get("compile_regions") else "whole model"
+        rows.append(("compiled step", f"{summary['compile']} ({form}): {summary['compile_s']:.1f} s compiling "
                      f"{summary['batch_shapes']} batch shapes, {summary['graph_breaks']} graph breaks{captured}"))
     if "step_ms" in summary:
         share = summary["step_host_ms"] / summary["step_ms"]
