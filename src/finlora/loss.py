@@ -34,7 +34,8 @@ def answer_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Mean cross-entropy of the next-token predictions at the positions whose label is not ignored."""
     causal = model.get_base_model() if isinstance(model, PeftModel) else model
     inputs = {k: v for k, v in batch.items() if k in INPUT_KEYS}
-    if "attention_mask" not in inputs and "position_ids" in inputs and _attention(causal) == "sdpa":
+    if ("attention_mask" not in inputs and "position_ids" in inputs and _attention(causal) == "sdpa"
+            and not torch.compiler.is_compiling()):  # compiled, transformers builds it in the graph, unchecked
         inputs["attention_mask"] = block_causal_mask(inputs["position_ids"])
     if _head_transforms_logits(causal):  # softcapping or scaling lives in the model's own forward
         return model(**inputs, labels=batch["labels"], use_cache=False).loss

@@ -85,7 +85,7 @@ class FinetuneModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
 
-def training_loss(model: nn.Module, mode: Compile, regions: bool = True, backend: str = "inductor"):
+def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backend: str = "inductor"):
     """`answer_loss` on `model` for training steps: as written, or through torch.compile. The row width is
     compiled as a symbolic size, so one compilation serves every static width; for `cudagraphs`, forward
     and backward are recorded once per width and replayed. finlora's DoRA layers compute their norms inside
