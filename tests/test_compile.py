@@ -71,11 +71,29 @@ def _dora(model_dir: Path, bits: int | None):
                       torch.float32, torch.device("cpu"))
     model = attach_adapter(base, AdapterConfig(method=AdapterMethod.dora, r=4, dropout=0.0,
                                                target_modules=["q_proj", "v_proj", "down_proj"]), False)
+    return _with_random_b(model)
+
+
+def _with_random_b(model):
+    """B = 0 would leave A without gradient and DoRA's norms equal to the base's."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     return model.train()
+
+
+def _step_each(models, computes, optimizers) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """One optimizer step of each model on its own loss: the losses and the gradients before the step."""
+    losses, grads = [], []
+    for model, compute, opt in zip(models, computes, optimizers, strict=True):
+        opt.zero_grad()
+        loss = compute()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+    return losses, grads
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -94,15 +112,8 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
                   for m in (eager_model, traced_model)]
     for _ in range(3):  # each step changes A, B and m: the traced norms must follow
-        losses, grads = [], []
-        for model, compute, opt in zip((eager_model, traced_model), (lambda: answer_loss(eager_model, batch),
-                                                                     lambda: traced(batch)), optimizers, strict=True):
-            opt.zero_grad()
-            loss = compute()
-            loss.backward()
-            losses.append(loss.detach())
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-            opt.step()
+        losses, grads = _step_each((eager_model, traced_model),
+                                   (lambda: answer_loss(eager_model, batch), lambda: traced(batch)), optimizers)
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
         assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
         for name in grads[0]:
@@ -115,11 +126,7 @@ def _random_llama(layers: int, method: AdapterMethod, checkpointing: bool):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
     model = attach_adapter(LlamaForCausalLM(config), AdapterConfig(method=method, r=4, dropout=0.0), checkpointing)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model.train()
+    return _with_random_b(model)
 
 
 def _random_batch() -> dict[str, torch.Tensor]:
@@ -153,16 +160,8 @@ def test_step_compiled_by_regions_matches_eager_and_traces_one_layer(method, che
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
                   for m in (eager_model, compiled_model)]
     for _ in range(2):  # the second step after an update: DoRA's norms follow the new weights
-        losses, grads = [], []
-        for model, compute, opt in zip((eager_model, compiled_model),
-                                       (lambda: answer_loss(eager_model, batch), lambda: step(batch)), optimizers,
-                                       strict=True):
-            opt.zero_grad()
-            loss = compute()
-            loss.backward()
-            losses.append(loss.detach())
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-            opt.step()
+        losses, grads = _step_each((eager_model, compiled_model),
+                                   (lambda: answer_loss(eager_model, batch), lambda: step(batch)), optimizers)
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         assert grads[0].keys() == grads[1].keys() and len(grads[0]) == layers * 3 * (3 if method.value == "dora" else 2)
         for name in grads[0]:
