@@ -51,7 +51,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from bench_eval_task import sentiment_sets
 
 from finlora.build import build, placement
 from finlora.config import (
@@ -63,11 +63,8 @@ from finlora.config import (
     PathsConfig,
     QuantConfig,
     SavedAdapterConfig,
-    TaskConfig,
-    TestSet,
 )
-from finlora.data import load_test_sets
-from finlora.evaluate import four_bit_as_dense, generate, pick_rows, wilson_interval
+from finlora.evaluate import four_bit_as_dense, generate_sets, pick_rows, wilson_interval
 from finlora.metrics import score
 from finlora.models import SHAPES, save_random_llama
 from finlora.outputs import replace_section, write_json
@@ -88,17 +85,6 @@ BF16 = EvalSettings(int8_cpu=Int8Cpu.bf16)
 BF16_UNSHARED = EvalSettings(int8_cpu=Int8Cpu.bf16, share_prefix=False)
 
 
-def sentiment_sets(data_dir: Path) -> list[tuple[TestSet, list[dict]]]:
-    """The `sentiment` task's four test sets, as conf/task/sentiment.yaml lists them."""
-    task = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TaskConfig),
-                                               OmegaConf.load(ROOT / "conf" / "task" / "sentiment.yaml")))
-    missing = [t.file for t in task.test if not (data_dir / t.file).is_file()]
-    if missing:
-        print(f"not in {data_dir}, skipped: {', '.join(missing)}", flush=True)
-    task.test = [t for t in task.test if t.file not in missing]
-    return load_test_sets(task, data_dir)
-
-
 def timed(fn, *args) -> tuple[float, float, object]:
     """Wall and CPU seconds of fn(*args), after the device has finished its work."""
     if torch.cuda.is_available():
@@ -111,10 +97,11 @@ def timed(fn, *args) -> tuple[float, float, object]:
 
 
 def run_sets(model, tokenizer, sets, settings: EvalSettings, precision: str) -> list[list[str]]:
-    return [generate(model, tokenizer, rows, test_set.max_new_tokens, settings.batch_size, precision,
-                     static_cache=settings.static_cache, int8_cpu=settings.int8_cpu, four_bit=settings.four_bit,
-                     share_prefix=settings.share_prefix)
-            for test_set, rows in sets]
+    """The sets as `evaluate_sets` generates them: one `generate_sets`, one decode shape for all."""
+    return list(generate_sets(model, tokenizer, [(t.name, rows, t.max_new_tokens) for t, rows in sets],
+                              settings.batch_size, precision, static_cache=settings.static_cache,
+                              int8_cpu=settings.int8_cpu, four_bit=settings.four_bit,
+                              share_prefix=settings.share_prefix))
 
 
 def first_and_steady(model, tokenizer, sets, settings: EvalSettings, precision: str,

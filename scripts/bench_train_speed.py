@@ -14,10 +14,10 @@ Sections (`--only` picks some):
   batch32   the same at batch 32: eager LoRA, cudagraphs LoRA and DoRA.
   cache     `python train.py` in a fresh process with the compile cache the compiled numerics run filled:
             a later job of the same shapes (run after numerics).
-  regions   the embedded shapes, cudagraphs, batch 8, LoRA and DoRA: the first job of a sweep (`python train.py`
-            in a fresh process with an empty compile cache) compiling the whole model against compiling one
-            decoder layer reused by the others (`trainer.compile_regions`), then a later job of each with the
-            cache the first one filled.
+  regions   the embedded shapes, cudagraphs, batch 8, LoRA and DoRA (`--adapters`): the first job of a sweep
+            (`python train.py` in a fresh process with an empty compile cache) compiling the whole model
+            against compiling the decoder layers, one compilation for all (`trainer.compile_regions`), then a
+            later job of each with the cache the first one filled.
   llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit, 8 sentiment examples a step:
             LoRA against DoRA, eager packed and cudagraphs static.
   memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
@@ -178,11 +178,11 @@ def job(name: str, model: Path, args: argparse.Namespace, compile_cache: str, *e
 def regions(model: Path, args: argparse.Namespace) -> list[dict]:
     """First and later job of each compiled form, each form with a compile cache of its own (empty at first)."""
     rows = []
-    for adapter in ("lora", "dora"):
-        for form, whole in (("whole model", "false"), ("regions", "true")):
+    for adapter in args.adapters:
+        for form, regions_on in (("whole model", "false"), ("regions", "true")):
             compile_cache = tempfile.mkdtemp(prefix="compile-", dir=args.work)
             extra = ["task=sentiment", f"adapter={adapter}", "quant=none", "trainer.batch_size=8",
-                     f"trainer.max_steps={args.steps}", *MODES["cudagraphs"], f"trainer.compile_regions={whole}"]
+                     f"trainer.max_steps={args.steps}", *MODES["cudagraphs"], f"trainer.compile_regions={regions_on}"]
             rows += [job(f"{when} job b8 {adapter} cudagraphs, {form}", model, args, compile_cache, *extra)
                      for when in ("first", "later")]
     return rows
@@ -277,6 +277,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         default=["embedded", "batch32", "numerics", "cache", "regions", "llama", "memory"])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--adapters", nargs="*", default=["lora", "dora"], help="regions: the adapters to run")
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")

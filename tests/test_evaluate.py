@@ -156,6 +156,33 @@ def test_static_cache_path_gives_the_same_answers(lively, monkeypatch):
     assert len(calls) == 3 and set(calls) == {(8, "static", 256)}  # 20 rows: 8 + 8 + 4 filled to 8
 
 
+def test_a_tasks_sets_share_one_decode_shape(lively, monkeypatch):
+    """The CUDA path over several sets at once (`generate_sets`, as `evaluate_sets` runs a task): sets of 20, 5
+    and 45 rows, one of them with a prompt long enough for a longer cache, all go through one shape of rows ×
+    cache length, so transformers compiles the decode step once; each set's answers are its answers alone."""
+    import finlora.evaluate
+    from finlora.evaluate import generate_sets
+
+    tokenizer, model = lively
+    records = _mixed_records(12)
+    long = dict(records[0], context=records[0]["context"].replace("Input: ", "Input: " + "shares fell " * 120))
+    sets = [("a", records[:20], 4), ("b", records[20:24] + [long], 6), ("c", records[:45], 4)]
+    alone = [generate(model, tokenizer, rows, new, 8) for _, rows, new in sets]
+    assert len(encode_prompt(tokenizer, long)) + 6 > 256  # the long prompt's cache needs a second step of 256
+    calls = []
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
+    monkeypatch.setattr(type(model), "generate", spy)
+    assert list(generate_sets(model, tokenizer, sets, "auto")) == alone
+    # auto on the CPU: at most 32 rows; 45 rows in two batches of 24 sets the rows of every batch
+    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "static", 512)}
+
+
 def test_auto_batch_halves_when_out_of_memory_and_a_fixed_one_says_so(lively, monkeypatch, tmp_path):
     """`auto` goes on with half the rows after an out-of-memory error (as CUDA raises it); a batch size the
     user chose is not second-guessed: the error reaches the caller, whose advice names a smaller one."""

@@ -4,7 +4,7 @@ Prompts come from `finlora.prompts.encode_prompt`, the function training uses, s
 always the training prompt minus the answer. Generation is greedy and batched with left padding; the
 examples are sorted by length so a batch wastes little on padding, and the answers are put back in
 file order. The batch is as large as fits (`eval.batch_size=auto`), and on CUDA the decode step runs
-compiled on a static KV cache (`generate`); an 8-bit base on the CPU computes as `eval.int8_cpu` says
+compiled on a static KV cache (`generate_sets`); an 8-bit base on the CPU computes as `eval.int8_cpu` says
 (`int8_as_bf16`: a bf16 copy), a 4-bit base as `eval.four_bit` says (`four_bit_as_dense`: a copy with its
 4-bit layers dequantized once, which transformers then compiles). `evaluate(cfg)` is what `eval.py` runs;
 `evaluate_sets` is also training's test stage, and `generate` scores during training (`callbacks.TaskScore`).
@@ -20,6 +20,7 @@ import math
 import os
 import random
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,28 +56,41 @@ MIN_PREFIX = 8  # tokens: a shorter prefix shared by every prompt is not worth i
 DENSE_SHARE = 0.5  # of the free memory that `eval.four_bit=auto` lets a dense copy take (the rest: KV cache, batch)
 
 
-@torch.no_grad()
+DECODE_COMPILE = CompileConfig(fullgraph=False, mode="reduce-overhead")  # transformers' torch.compile of the step
+
+
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
-             batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating", *,
-             static_cache: bool = True, int8_cpu: Int8Cpu = Int8Cpu.bf16, four_bit: FourBitEval = FourBitEval.auto,
-             share_prefix: bool = True) -> list[str]:
-    """Greedy answers for `records`, in their order, under the same autocast as training used.
+             batch_size: int | str = "auto", precision: str = "32-true", description: str = "generating",
+             **options) -> list[str]:
+    """Greedy answers for `records`, in their order: `generate_sets` for one set."""
+    return list(generate_sets(model, tokenizer, [(description, records, max_new_tokens)], batch_size, precision,
+                              **options))[0]
+
+
+@torch.no_grad()
+def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: list[tuple[str, list[dict], int]],
+                  batch_size: int | str = "auto", precision: str = "32-true", *, static_cache: bool = True,
+                  int8_cpu: Int8Cpu = Int8Cpu.bf16, four_bit: FourBitEval = FourBitEval.auto,
+                  share_prefix: bool = True) -> Iterator[list[str]]:
+    """Greedy answers for each set (a progress label, its records, its `max_new_tokens`), yielded set by set,
+    each in its records' order, under the same autocast as training used.
 
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
     the rows of a batch need little left padding; answers are put back in the records' order. A row stops
     at EOS or after `max_new_tokens`, and a batch stops when all its rows have. On CUDA with `static_cache`,
-    transformers keeps the KV cache in fixed-shape tensors (one length for every batch, rounded up to
-    `CACHE_STEP`) and compiles the decode step with CUDA graphs; every batch then has the same number of
-    rows (the last is filled with copies of its last prompt, whose answers are dropped), so the step
-    compiles once. An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`), a 4-bit base as `four_bit`
-    says (`four_bit_as_dense`; its dense copy is made before `auto` sizes the batch). With `share_prefix`, on
-    the CPU (unless LLM.int8 computes, whose answers would move), the prompts' shared prefix (FinLoRA's
+    transformers keeps the KV cache in fixed-shape tensors and compiles the decode step with CUDA graphs:
+    every batch of every set then has one shape, the same number of rows (a batch short of it is filled
+    with copies of its last prompt, whose answers are dropped) and one cache length (the longest prompt of
+    all the sets plus its answer, rounded up to `CACHE_STEP`), so the step compiles once for a whole task.
+    An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`), a 4-bit base as `four_bit` says
+    (`four_bit_as_dense`; its dense copy is made before `auto` sizes the batch). With `share_prefix`, on the
+    CPU (unless LLM.int8 computes, whose answers would move), a set's shared prompt prefix (FinLoRA's
     instruction: 25 of FPB's 61 tokens on average) goes through the model once: its KV cache is copied into
     every batch, whose rows hold the rest of their prompts left-padded behind it (`shared_prefix`)."""
-    prompts = [encode_prompt(tokenizer, r) for r in records]
-    if not prompts:
-        return []
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    encoded = [[encode_prompt(tokenizer, r) for r in records] for _, records, _ in sets]
+    if not any(encoded):
+        yield from ([] for _ in sets)
+        return
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     device = next(p.device for p in model.parameters())
     static = static_cache and compiles_decoding(device)
@@ -84,67 +98,70 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
     if device.type == "cpu" and int8_cpu is Int8Cpu.bf16:
         model = int8_as_bf16(model)
     model = four_bit_as_dense(model, four_bit)[0]
-    cache_len = -(-(len(prompts[order[-1]]) + max_new_tokens) // CACHE_STEP) * CACHE_STEP
+    longest = max((len(p) + new for prompts, (_, _, new) in zip(encoded, sets, strict=True) for p in prompts))
+    cache_len = -(-longest // CACHE_STEP) * CACHE_STEP
     auto = batch_size == "auto"
-    size = int(batch_size) if not auto else auto_batch_size(model, device, cache_len, len(prompts), precision)
-    if auto and static:  # equal batches need few filler rows
-        size = even_batches(len(prompts), size, 8)
-    options: dict = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad, "eos_token_id": eos,
-                     "use_cache": True}
+    most_rows = max(map(len, encoded))
+    size = int(batch_size) if not auto else auto_batch_size(model, device, cache_len, max(most_rows, 1), precision)
+    if auto and static:  # each set in as few batches as `size` allows, one row count for all: few filler rows
+        size = max(even_batches(len(prompts), size, 8) for prompts in encoded if prompts)
+    options: dict = {"do_sample": False, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
     if static:
-        options |= {"cache_implementation": "static", "max_cache_len": cache_len,
-                    "compile_config": CompileConfig(fullgraph=False, mode="reduce-overhead")}
+        options |= {"cache_implementation": "static", "max_cache_len": cache_len, "compile_config": DECODE_COMPILE}
     was_training = model.training
     model.eval()
     int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
     autocast = torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision.endswith("mixed"))
-    share = share_prefix and device.type == "cpu" and not static and not runs_llm_int8(model)
-    shared = shared_prefix(prompts) if share else 0
-    shared = shared if shared >= MIN_PREFIX else 0
-    answers: list[str] = [""] * len(prompts)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        if shared:
-            prefix_ids = torch.tensor([prompts[0][:shared]], device=device)
-            with autocast:
-                cache_key, prefix = prefix_cache(model, prefix_ids)
-        with Progress(*columns, transient=True) as progress:
-            bar = progress.add_task(description, total=len(prompts))
-            start = 0
-            while start < len(order):
-                idx = order[start:start + size]
-                rows = [prompts[i][shared:] for i in idx]
-                rows += [rows[-1]] * (size - len(idx) if static else 0)
-                batch = {k: v.to(device) for k, v in pad_left(rows, pad).items()}
-                if shared:
-                    batch = behind_prefix(batch, prefix_ids, cache_key, prefix)
-                try:
-                    with autocast:
-                        out = model.generate(**batch, **options)
-                except torch._dynamo.exc.TorchDynamoException as err:  # the decode step did not compile
-                    if not static:
-                        raise
-                    static = False
-                    options = {k: v for k, v in options.items()
-                               if k not in ("cache_implementation", "max_cache_len", "compile_config")}
-                    log.warning("compiling the decode step failed (%s); generating with a growing cache, eagerly",
-                                str(err).splitlines()[0])
-                    continue
-                except torch.OutOfMemoryError:
-                    if not auto or size == 1:
-                        raise
-                    size //= 2
-                    torch.cuda.empty_cache()
-                    log.warning("out of memory generating %d rows at once; going on with %d", 2 * size, size)
-                    continue
-                width = batch["input_ids"].shape[1]
-                for row, i in enumerate(idx):
-                    answers[i] = tokenizer.decode(_until_eos(out[row, width:].tolist(), eos), skip_special_tokens=True)
-                progress.advance(bar, len(idx))
-                start += len(idx)
+        for (description, _, max_new_tokens), prompts in zip(sets, encoded, strict=True):
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            share = prompts and share_prefix and device.type == "cpu" and not static and not runs_llm_int8(model)
+            shared = shared_prefix(prompts) if share else 0
+            shared = shared if shared >= MIN_PREFIX else 0
+            answers: list[str] = [""] * len(prompts)
+            if shared:
+                prefix_ids = torch.tensor([prompts[0][:shared]], device=device)
+                with autocast:
+                    cache_key, prefix = prefix_cache(model, prefix_ids)
+            with Progress(*columns, transient=True) as progress:
+                bar = progress.add_task(description, total=len(prompts))
+                start = 0
+                while start < len(order):
+                    idx = order[start:start + size]
+                    rows = [prompts[i][shared:] for i in idx]
+                    rows += [rows[-1]] * (size - len(idx) if static else 0)
+                    batch = {k: v.to(device) for k, v in pad_left(rows, pad).items()}
+                    if shared:
+                        batch = behind_prefix(batch, prefix_ids, cache_key, prefix)
+                    try:
+                        with autocast:
+                            out = model.generate(**batch, **options, max_new_tokens=max_new_tokens)
+                    except torch._dynamo.exc.TorchDynamoException as err:  # the decode step did not compile
+                        if not static:
+                            raise
+                        static = False
+                        options = {k: v for k, v in options.items()
+                                   if k not in ("cache_implementation", "max_cache_len", "compile_config")}
+                        log.warning("compiling the decode step failed (%s); generating with a growing cache, eagerly",
+                                    str(err).splitlines()[0])
+                        continue
+                    except torch.OutOfMemoryError:
+                        if not auto or size == 1:
+                            raise
+                        size //= 2
+                        torch.cuda.empty_cache()
+                        log.warning("out of memory generating %d rows at once; going on with %d", 2 * size, size)
+                        continue
+                    width = batch["input_ids"].shape[1]
+                    for row, i in enumerate(idx):
+                        answers[i] = tokenizer.decode(_until_eos(out[row, width:].tolist(), eos),
+                                                      skip_special_tokens=True)
+                    progress.advance(bar, len(idx))
+                    start += len(idx)
+            yield answers
     finally:
         model.train(was_training)
-    return answers
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:
@@ -414,16 +431,12 @@ def four_bit_problem(cfg: EvalConfig, where: Placement) -> str | None:
             "falls back to bitsandbytes' kernels) or eval.four_bit=kernel")
 
 
-def evaluate_set(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set: TestSet, records: list[dict],
-                 rows: list[int], settings: EvalSettings, conditions: dict,
-                 out_dir: Path) -> tuple[dict[str, float], list[dict]]:
-    """Generate for the test set's `rows`, score, and write `<out_dir>/<name>_predictions.jsonl` and
+def score_set(test_set: TestSet, records: list[dict], rows: list[int], generations: list[str], conditions: dict,
+              out_dir: Path) -> tuple[dict[str, float], list[dict]]:
+    """Score the answers generated for the test set's `rows`, and write `<out_dir>/<name>_predictions.jsonl` and
     `<name>_metrics.json` (the metrics, a 95% interval for accuracy, the rows scored and the `conditions` that
     can change a score)."""
     scored = [records[i] for i in rows]
-    generations = generate(model, tokenizer, scored, test_set.max_new_tokens, settings.batch_size,
-                           conditions["precision"], f"eval {test_set.name}", static_cache=settings.static_cache,
-                           int8_cpu=settings.int8_cpu, four_bit=settings.four_bit, share_prefix=settings.share_prefix)
     labels = test_set.labels or None
     metrics = score(test_set.kind, generations, [str(r["target"]) for r in scored], labels)
     predictions = [{"index": i, "target": str(r["target"]), "generated": g,
@@ -470,7 +483,8 @@ def wilson_interval(p: float, n: int, z: float = 1.96) -> list[float]:
 def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_sets: list[tuple[TestSet, list[dict]]],
                   settings: EvalSettings, precision: str, quant_bits: int | None, out_dir: Path,
                   loggers: list[Logger]) -> dict[str, float]:
-    """Every test set of a task; metrics flattened as `test/<set>/<metric>` and logged, predictions as tables."""
+    """Every test set of a task, generated in one `generate_sets` (one decode shape for all); metrics flattened
+    as `test/<set>/<metric>` and logged, predictions as tables."""
     flat: dict[str, float] = {}
     on_cpu = next(p.device for p in model.parameters()).type == "cpu"
     if on_cpu:
@@ -491,9 +505,13 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
         conditions |= {"int8_cpu": settings.int8_cpu.value, "share_prefix": settings.share_prefix}
     if four_bit:  # bitsandbytes' fused kernels and the dense weights round differently (README "Evaluation")
         conditions["four_bit"] = four_bit.value
-    for test_set, records in test_sets:
-        rows = pick_rows(records, test_set, settings)
-        metrics, predictions = evaluate_set(model, tokenizer, test_set, records, rows, settings, conditions, out_dir)
+    chosen = [(test_set, records, pick_rows(records, test_set, settings)) for test_set, records in test_sets]
+    answers = generate_sets(model, tokenizer, [(f"eval {t.name}", [records[i] for i in rows], t.max_new_tokens)
+                                               for t, records, rows in chosen],
+                            settings.batch_size, precision, static_cache=settings.static_cache,
+                            int8_cpu=settings.int8_cpu, four_bit=settings.four_bit, share_prefix=settings.share_prefix)
+    for (test_set, records, rows), generations in zip(chosen, answers, strict=True):  # each set written when done
+        metrics, predictions = score_set(test_set, records, rows, generations, conditions, out_dir)
         flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
         log_predictions(loggers, f"test/{test_set.name}/predictions", predictions)
     for lg in loggers:

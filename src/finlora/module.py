@@ -89,9 +89,10 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
     """`answer_loss` on `model` for training steps: as written, or through torch.compile. The row width is
     compiled as a symbolic size, so one compilation serves every static width; for `cudagraphs`, forward
     and backward are recorded once per width and replayed. finlora's DoRA layers compute their norms inside
-    the compiled graph (`dora.prepare_compile`). With `regions` (`trainer.compile_regions`), each decoder layer
-    is a nested compile region (`decoder_layers`): traced and compiled once, called by every layer, still
-    inside one graph of the whole step. `backend`: torch.compile's (tests use aot_eager)."""
+    the compiled graph (`dora.prepare_compile`). With `regions` (`trainer.compile_regions`), the decoder layers
+    are compiled instead of the whole step, one compilation for every layer of a class (`decoder_layers`), the
+    rest of the step (embeddings, the loss) eager: Dynamo traces one layer, not thirty, and a later job finds
+    that one layer's kernels in the cache. `backend`: torch.compile's (tests use aot_eager)."""
     if mode is Compile.eager:
         return lambda batch: answer_loss(model, batch)
     from torch._dynamo.utils import counters
@@ -100,21 +101,23 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
 
     counters.clear()  # what `train.compile_report` reads: this run's graph breaks and skipped captures only
     prepare_compile(model)
-    compiled = torch.compile(lambda batch: answer_loss(model, batch), backend=backend,
-                             mode="reduce-overhead" if mode is Compile.cudagraphs else None)
-    routed = {layer: MethodType(_region(type(layer)), layer) for layer in (decoder_layers(model) if regions else [])}
-    if regions and not routed:
+    options = {"backend": backend, "mode": "reduce-overhead" if mode is Compile.cudagraphs else None}
+    layers = decoder_layers(model) if regions else []
+    if regions and not layers:
         log.warning("trainer.compile_regions: the model names no repeated block (transformers' _no_split_modules); "
-                    "compiling every layer")
+                    "compiling the whole step")
+    routed = {layer: MethodType(_region(type(layer), **options), layer) for layer in layers}
+    run = ((lambda batch: answer_loss(model, batch)) if routed
+           else torch.compile(lambda batch: answer_loss(model, batch), **options))
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         for t in batch.values():
-            if t.dim() == 2:
+            if t.dim() == 2 and not routed:
                 torch._dynamo.maybe_mark_dynamic(t, 1)
         if mode is Compile.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
         with _through(routed):
-            return compiled(batch)
+            return run(batch)
 
     return step
 
@@ -132,11 +135,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 @functools.cache
-def _region(cls: type) -> Callable:
-    """One nested compile region per layer class, taking the layer as its first argument, so every layer's call
-    is the same region with other weights: compiled once (AOTAutograd and Inductor), and from torch 2.12 on also
-    traced once by Dynamo, which maps a later layer's weights onto the region traced for the first."""
-    return torch.compiler.nested_compile_region(cls.forward)
+def _region(cls: type, **options: str | None) -> Callable:
+    """One compiled forward per layer class, called with each layer as `self`: Dynamo guards on the layer's
+    kind and shapes, not on which layer it is (nn modules are inlined, their weights graph inputs), so the
+    compilation of the first layer serves every other."""
+    return torch.compile(cls.forward, **options)
 
 
 @contextmanager
