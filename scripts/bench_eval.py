@@ -51,7 +51,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
-from bench_eval_task import sentiment_sets
+from bench_eval_task import profiled, sentiment_sets
 
 from finlora.build import build, placement
 from finlora.config import (
@@ -100,6 +100,7 @@ def run_sets(model, tokenizer, sets, settings: EvalSettings, precision: str) -> 
     """The sets as `evaluate_sets` generates them: one `generate_sets`, one decode shape for all."""
     return list(generate_sets(model, tokenizer, [(t.name, rows, t.max_new_tokens) for t, rows in sets],
                               settings.batch_size, precision, static_cache=settings.static_cache,
+                              decode_compile=settings.decode_compile,
                               int8_cpu=settings.int8_cpu, four_bit=settings.four_bit,
                               share_prefix=settings.share_prefix))
 
@@ -116,22 +117,6 @@ def first_and_steady(model, tokenizer, sets, settings: EvalSettings, precision: 
         first = None
         run_sets(model, tokenizer, [(t, rows[:64]) for t, rows in sets], settings, precision)
     return first, timed(run_sets, model, tokenizer, sets, settings, precision)[0]
-
-
-def profiled(path: Path, title: str, fn, *args) -> None:
-    """One run of fn(*args) under torch.profiler; writes the 15 ops with the most self device time and the 15
-    with the most self CPU time to `path`."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        timed(fn, *args)
-    events = prof.key_averages()
-    tables = [f"## {title}: top 15 by {key}\n\n{events.table(sort_by=key, row_limit=15)}"
-              for key in (["self_cuda_time_total"] if torch.cuda.is_available() else []) + ["self_cpu_time_total"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n\n".join(tables) + "\n")
-    print(f"profile: {path}", flush=True)
 
 
 def gpu(args: argparse.Namespace) -> tuple[dict, list[str]]:

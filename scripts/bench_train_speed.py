@@ -18,6 +18,9 @@ Sections (`--only` picks some):
             (`python train.py` in a fresh process with an empty compile cache) compiling the whole model
             against compiling the decoder layers, one compilation for all (`trainer.compile_regions`), then a
             later job of each with the cache the first one filled.
+  profile   the embedded shapes, cudagraphs, batch 8, LoRA and DoRA: where the host's time goes in 50 steady
+            steps (cProfile from step 100 to 150 of the run; the top functions by own and by cumulative time,
+            to `--profile-dir`/train_profile_<adapter>.txt).
   llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit, 8 sentiment examples a step:
             LoRA against DoRA, eager packed and cudagraphs static.
   memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
@@ -188,6 +191,52 @@ def regions(model: Path, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+class HostProfile(L.Callback):
+    """cProfile over the steps from `start` to `start + steps`: the host's share of steady steps, by function."""
+
+    def __init__(self, path: Path, start: int = 100, steps: int = 50) -> None:
+        import cProfile
+
+        self.path, self.start, self.steps, self.profiler = path, start, steps, cProfile.Profile()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == self.start:
+            self.profiler.enable()
+
+    def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
+        if trainer.global_step == self.start + self.steps:
+            self.profiler.disable()
+            import io
+            import pstats
+
+            text = io.StringIO()
+            for key, n in (("tottime", 40), ("cumulative", 40)):
+                pstats.Stats(self.profiler, stream=text).sort_stats(key).print_stats(n)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(f"# cProfile of steps {self.start}-{self.start + self.steps}\n{text.getvalue()}")
+
+
+def profile(model: Path, args: argparse.Namespace) -> list[dict]:
+    """Each adapter's run with `HostProfile` among its callbacks (added to what `train` builds)."""
+    import finlora.train
+
+    built = finlora.train.run_callbacks
+    rows = []
+    for adapter in args.adapters:
+        def with_profile(*a: Any, adapter: str = adapter, **k: Any) -> Any:
+            callbacks = built(*a, **k)
+            callbacks.all.append(HostProfile(Path(args.profile_dir) / f"train_profile_{adapter}.txt"))
+            return callbacks
+
+        finlora.train.run_callbacks = with_profile
+        try:
+            rows.append(run(f"profile b8 {adapter} cudagraphs", model, args, "task=sentiment", f"adapter={adapter}",
+                            "quant=none", "trainer.batch_size=8", "trainer.max_steps=200", *MODES["cudagraphs"]))
+        finally:
+            finlora.train.run_callbacks = built
+    return rows
+
+
 def batch32(model: Path, args: argparse.Namespace) -> list[dict]:
     return [run(f"embedded b32 {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}", "quant=none",
                 "trainer.batch_size=32", f"trainer.max_steps={args.steps}", *MODES[mode])
@@ -277,7 +326,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         default=["embedded", "batch32", "numerics", "cache", "regions", "llama", "memory"])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--adapters", nargs="*", default=["lora", "dora"], help="regions: the adapters to run")
+    parser.add_argument("--adapters", nargs="*", default=["lora", "dora"], help="regions, profile: the adapters")
+    parser.add_argument("--profile-dir", default=str(ROOT / "docs"), help="profile: where its tables go")
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
@@ -302,6 +352,7 @@ def main() -> None:
     sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
                 "numerics": lambda: numerics(model, args),
                 "cache": lambda: cache(model, args), "regions": lambda: regions(model, args),
+                "profile": lambda: profile(model, args),
                 "llama": lambda: llama(tokenizer, args),
                 "memory": lambda: memory(tokenizer, args)}
     args.device = device

@@ -18,6 +18,7 @@ from finlora.adapters import attach_adapter
 from finlora.config import (
     AdapterConfig,
     AdapterMethod,
+    DecodeCompile,
     EvalSample,
     EvalSettings,
     Int8Cpu,
@@ -173,14 +174,18 @@ def test_a_tasks_sets_share_one_decode_shape(lively, monkeypatch):
     original = type(model).generate
 
     def spy(self, *args, **kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len")))
+        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len"),
+                      kwargs["compile_config"].backend))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
     monkeypatch.setattr(type(model), "generate", spy)
     assert list(generate_sets(model, tokenizer, sets, "auto")) == alone
     # auto on the CPU: at most 32 rows; 45 rows in two batches of 24 sets the rows of every batch
-    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "static", 512)}
+    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "static", 512, "cudagraphs")}
+    calls.clear()
+    assert list(generate_sets(model, tokenizer, sets, "auto", decode_compile=DecodeCompile.inductor)) == alone
+    assert {c[3] for c in calls} == {"inductor"}
 
 
 def test_auto_batch_halves_when_out_of_memory_and_a_fixed_one_says_so(lively, monkeypatch, tmp_path):

@@ -33,9 +33,20 @@ from rich.table import Table
 from torch import nn
 from transformers import CompileConfig, PreTrainedTokenizerBase
 
+from finlora.attention import grouped_decoding
 from finlora.batching import pad_left
 from finlora.build import build, placement
-from finlora.config import EvalConfig, EvalSample, EvalSettings, FourBitEval, Int8Cpu, TaskKind, TestSet, validate
+from finlora.config import (
+    DecodeCompile,
+    EvalConfig,
+    EvalSample,
+    EvalSettings,
+    FourBitEval,
+    Int8Cpu,
+    TaskKind,
+    TestSet,
+    validate,
+)
 from finlora.data import load_test_sets, proportional
 from finlora.devices import Placement, linear_params, weight_bytes
 from finlora.errors import ConfigError
@@ -56,7 +67,9 @@ MIN_PREFIX = 8  # tokens: a shorter prefix shared by every prompt is not worth i
 DENSE_SHARE = 0.5  # of the free memory that `eval.four_bit=auto` lets a dense copy take (the rest: KV cache, batch)
 
 
-DECODE_COMPILE = CompileConfig(fullgraph=False, mode="reduce-overhead")  # transformers' torch.compile of the step
+DECODE_COMPILE = {  # what transformers' torch.compile of the decode step is given
+    DecodeCompile.cudagraphs: CompileConfig(fullgraph=False, backend="cudagraphs", mode=None),
+    DecodeCompile.inductor: CompileConfig(fullgraph=False, mode="reduce-overhead")}
 
 
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
@@ -70,7 +83,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
 @torch.no_grad()
 def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: list[tuple[str, list[dict], int]],
                   batch_size: int | str = "auto", precision: str = "32-true", *, static_cache: bool = True,
-                  int8_cpu: Int8Cpu = Int8Cpu.bf16, four_bit: FourBitEval = FourBitEval.auto,
+                  decode_compile: DecodeCompile = DecodeCompile.cudagraphs, int8_cpu: Int8Cpu = Int8Cpu.bf16,
+                  four_bit: FourBitEval = FourBitEval.auto,
                   share_prefix: bool = True) -> Iterator[list[str]]:
     """Greedy answers for each set (a progress label, its records, its `max_new_tokens`), yielded set by set,
     each in its records' order, under the same autocast as training used.
@@ -78,10 +92,12 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
     the rows of a batch need little left padding; answers are put back in the records' order. A row stops
     at EOS or after `max_new_tokens`, and a batch stops when all its rows have. On CUDA with `static_cache`,
-    transformers keeps the KV cache in fixed-shape tensors and compiles the decode step with CUDA graphs:
+    transformers keeps the KV cache in fixed-shape tensors and compiles the decode step into a CUDA graph
+    (by Dynamo's CUDA-graph backend or by Inductor: `decode_compile`):
     every batch of every set then has one shape, the same number of rows (a batch short of it is filled
     with copies of its last prompt, whose answers are dropped) and one cache length (the longest prompt of
-    all the sets plus its answer, rounded up to `CACHE_STEP`), so the step compiles once for a whole task.
+    all the sets plus its answer, rounded up to `CACHE_STEP`), so the step compiles once for a whole task;
+    its attention reads each key/value head once (`attention.grouped_decoding`).
     An 8-bit base on the CPU computes as `int8_cpu` says (`Int8Cpu`), a 4-bit base as `four_bit` says
     (`four_bit_as_dense`; its dense copy is made before `auto` sizes the batch). With `share_prefix`, on the
     CPU (unless LLM.int8 computes, whose answers would move), a set's shared prompt prefix (FinLoRA's
@@ -107,7 +123,8 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
         size = max(even_batches(len(prompts), size, 8) for prompts in encoded if prompts)
     options: dict = {"do_sample": False, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
     if static:
-        options |= {"cache_implementation": "static", "max_cache_len": cache_len, "compile_config": DECODE_COMPILE}
+        options |= {"cache_implementation": "static", "max_cache_len": cache_len,
+                    "compile_config": DECODE_COMPILE[decode_compile]}
     was_training = model.training
     model.eval()
     int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
@@ -135,7 +152,7 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
                     if shared:
                         batch = behind_prefix(batch, prefix_ids, cache_key, prefix)
                     try:
-                        with autocast:
+                        with autocast, grouped_decoding(model, static):
                             out = model.generate(**batch, **options, max_new_tokens=max_new_tokens)
                     except torch._dynamo.exc.TorchDynamoException as err:  # the decode step did not compile
                         if not static:
@@ -509,7 +526,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
     answers = generate_sets(model, tokenizer, [(f"eval {t.name}", [records[i] for i in rows], t.max_new_tokens)
                                                for t, records, rows in chosen],
                             settings.batch_size, precision, static_cache=settings.static_cache,
-                            int8_cpu=settings.int8_cpu, four_bit=settings.four_bit, share_prefix=settings.share_prefix)
+                            decode_compile=settings.decode_compile, int8_cpu=settings.int8_cpu,
+                            four_bit=settings.four_bit, share_prefix=settings.share_prefix)
     for (test_set, records, rows), generations in zip(chosen, answers, strict=True):  # each set written when done
         metrics, predictions = score_set(test_set, records, rows, generations, conditions, out_dir)
         flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
