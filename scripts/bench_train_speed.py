@@ -288,11 +288,14 @@ def markdown(rows: list[dict], device: str) -> list[str]:
                      f"{_num(r.get('step_host_ms'))} | {_num(r.get('host_syncs_per_step'))} | "
                      f"{_num(r.get('compile_s'))} | {r.get('batch_shapes', '')} | {r.get('graph_breaks', '')} | "
                      f"{r.get('cudagraphs_captured', '')} | {_num(r.get('peak_gib'))} |")
+    forms = ("whole model", "regions", "regions nested in the whole-model graph (before)")
     for adapter in ("lora", "dora"):
-        if any(r["name"].startswith(f"first job b8 {adapter}") for r in rows):
-            lines += ["", f"Compile time of the embedded shapes, {adapter}, cudagraphs, first job / later job with its "
-                      "cache (compiling; whole process): " + "; ".join(
-                          f"{form} {_job_times(rows, adapter, form)}" for form in ("whole model", "regions")) + "."]
+        for lease in sorted({r.get("lease") for r in rows if r["name"].startswith(f"first job b8 {adapter}")}):
+            times = [f"{form} {_job_times(rows, adapter, form, lease)}" for form in forms
+                     if any(r["name"] == f"first job b8 {adapter} cudagraphs, {form}" and r.get("lease") == lease
+                            for r in rows)]
+            lines += ["", f"Compile time of the embedded shapes, {adapter}, cudagraphs, lease {lease}, first job / "
+                      "later job with its cache (compiling; whole process): " + "; ".join(times) + "."]
     for r in rows:
         if "max_rel_loss_diff" in r:
             lines += ["", f"Numerics: 50 steps from the same init, eager vs cudagraphs (static batches, DoRA, bf16): "
@@ -301,11 +304,12 @@ def markdown(rows: list[dict], device: str) -> list[str]:
     return lines
 
 
-def _job_times(rows: list[dict], adapter: str, form: str) -> str:
-    """'first / later' compile seconds (process seconds) of the `regions` section's jobs of one form."""
+def _job_times(rows: list[dict], adapter: str, form: str, lease: Any) -> str:
+    """'first / later' compile seconds (process seconds) of one lease's `regions` section jobs of one form."""
     times = []
     for when in ("first", "later"):
-        r = next((r for r in rows if r["name"] == f"{when} job b8 {adapter} cudagraphs, {form}"), {"error": "none"})
+        r = next((r for r in rows if r["name"] == f"{when} job b8 {adapter} cudagraphs, {form}"
+                  and r.get("lease") == lease), {"error": "none"})
         times.append("failed" if "error" in r else f"{_num(r.get('compile_s'), '.0f')} s ({r['process_s']} s)")
     return " / ".join(times)
 

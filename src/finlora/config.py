@@ -272,7 +272,7 @@ class TrainerConfig:
     num_workers: int = 0
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
     compile: Compile = Compile.eager  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
-    compile_regions: bool = False  # compile one decoder layer for all; no faster on torch 2.11 (docs/benchmarks.md)
+    compile_regions: bool = False  # compile the layers, one compilation for all: quicker to compile, slower steps
     extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument (`finlora.extensions`)
 
     def problems(self) -> list[str]:
