@@ -478,6 +478,20 @@ def test_metrics_file_records_rows_interval_and_conditions(tiny_model_dir, tmp_p
                                    "sample": "stratified", "seed": 42}
 
 
+def test_compiled_decoding_is_recorded_with_the_conditions(tiny, tmp_path, monkeypatch):
+    """Where the decode step is compiled (CUDA; here the CPU standing in), how it was compiled is among the
+    conditions of every set's metrics: Inductor's fused kernels and the model's own round differently."""
+    import finlora.evaluate
+    from finlora.evaluate import evaluate_sets
+
+    tokenizer, model = tiny
+    monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
+    test_set, records = _fpb()
+    settings = EvalSettings(limit=4, batch_size=4, decode_compile=DecodeCompile.inductor)
+    evaluate_sets(model, tokenizer, [(test_set, records)], settings, "32-true", None, tmp_path, [])
+    assert json.loads((tmp_path / "fpb_metrics.json").read_text())["conditions"]["decode_compile"] == "inductor"
+
+
 def test_task_scores_during_training_are_logged_and_keep_the_best_adapter(tiny_model_dir, tmp_path):
     """Issue 13, item 4: `val/<task>/accuracy` at every validation, on a fixed sample of held-out rows, usable
     as `checkpoint.monitor`."""

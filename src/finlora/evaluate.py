@@ -522,6 +522,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
         conditions |= {"int8_cpu": settings.int8_cpu.value, "share_prefix": settings.share_prefix}
     if four_bit:  # bitsandbytes' fused kernels and the dense weights round differently (README "Evaluation")
         conditions["four_bit"] = four_bit.value
+    if settings.static_cache and compiles_decoding(next(p.device for p in model.parameters())):
+        conditions["decode_compile"] = settings.decode_compile.value  # Inductor's fused kernels round otherwise
     chosen = [(test_set, records, pick_rows(records, test_set, settings)) for test_set, records in test_sets]
     answers = generate_sets(model, tokenizer, [(f"eval {t.name}", [records[i] for i in rows], t.max_new_tokens)
                                                for t, records, rows in chosen],
