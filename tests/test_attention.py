@@ -10,6 +10,7 @@ from conftest import DATA_DIR
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
+import finlora.attention
 import finlora.evaluate
 from finlora.attention import NAME, decode_attention
 from finlora.config import ModelConfig, QuantConfig
@@ -40,6 +41,34 @@ def test_decode_attention_is_transformers_sdpa(queries):
     theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
     assert ours.shape == theirs.shape == (rows, queries, 9, dim)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_a_prefill_into_an_empty_static_cache_attends_over_the_prompt_only(monkeypatch):
+    """The prompt's 6 positions of a 40-position cache, left padding, everything past the prompt masked: the
+    attention over the first 6 positions, which is the attention over all 40; with one more position visible
+    (a prefill behind earlier tokens) every position is kept."""
+    g = torch.Generator().manual_seed(1)
+    rows, queries, cache = 3, 6, 40
+    query = torch.randn(rows, 9, queries, 16, generator=g)
+    key, value = (torch.randn(rows, 3, cache, 16, generator=g) for _ in range(2))
+    mask = torch.zeros(rows, 1, queries, cache, dtype=torch.bool)
+    mask[:, :, :, :queries] = torch.ones(queries, queries, dtype=torch.bool).tril()
+    mask[1, :, :, :2] = False  # a left-padded row
+    mask[1, :, :2, 0] = True  # (its padding positions attend to something, as transformers arranges)
+    module = _Attention()
+    seen = []
+
+    def spying(module, query, key, value, mask, **kwargs):
+        seen.append(key.shape[2])
+        return sdpa_attention_forward(module, query, key, value, mask, **kwargs)
+
+    monkeypatch.setattr(finlora.attention, "sdpa_attention_forward", spying)
+    for visible in (queries, queries + 1):
+        mask[:, :, :, queries:visible] = True
+        ours, _ = decode_attention(module, query, key, value, mask, scaling=0.25)
+        theirs, _ = sdpa_attention_forward(module, query, key, value, mask, scaling=0.25)
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert seen == [queries, cache]
 
 
 def test_static_decoding_takes_it_and_gives_the_model_its_attention_back(tiny_model_dir, monkeypatch):

@@ -7,8 +7,8 @@ path; for one new token it instead lays the query heads of a group along the que
 but not in compiled code. A compiled decode step over a static cache thus writes and reads the whole
 cache three times more than it holds: on an H100, most of the decode step of the embedded model at 1,016
 rows × 512 positions (docs/eval_profile_task_*.txt). `grouped_decoding` lets a model's decode steps take
-`decode_attention`, which packs the group in compiled code too; every other call (prefill, training) is
-transformers' SDPA, unchanged.
+`decode_attention`, which packs the group in compiled code too; a prefill goes to transformers' SDPA, over
+the prompt's positions only when the cache holds nothing else (`_written`).
 """
 
 from __future__ import annotations
@@ -37,12 +37,26 @@ def decode_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     plain = attention_mask is None or attention_mask.shape[1] == 1
     if query.shape[2] != 1 or groups == 1 or not plain or any(kwargs.get(k) is not None for k in
                                                                   ("softcap", "position_bias", "sinks")):
+        key, value, attention_mask = _written(query, key, value, attention_mask)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     rows, heads, _, dim = query.shape
     out = F.scaled_dot_product_attention(query.reshape(rows, heads // groups, groups, dim), key, value,
                                          attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
     return out.reshape(rows, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _written(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A prefill into an empty static cache sees the whole cache as keys, every position past the prompt
+    masked: only the prompt's positions, then, which is the same attention over a fraction of the cache
+    (transformers does this only without a padding mask). Read from the mask itself (a wait for the GPU, in
+    an eager prefill), so a prefill behind earlier tokens keeps everything."""
+    n = query.shape[2]
+    if (n == 1 or key.shape[2] <= n or mask is None or mask.dtype != torch.bool or mask.shape[-1] != key.shape[2]
+            or torch.compiler.is_compiling() or mask[..., n:].any()):
+        return key, value, mask
+    return key[:, :, :n], value[:, :, :n], mask[..., :n]
 
 
 AttentionInterface.register(NAME, decode_attention)
