@@ -56,6 +56,28 @@ def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
     return path
 
 
+def lively_weights(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` (the tiny Llama) with weights large enough that different prompts get different greedy answers
+    (at the usual init scale every prompt gets the same few tokens, which would prove nothing)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.25 if "embed" in name else 0.15)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_model_dir):
+    """The tokenizer and the tiny Llama with `lively_weights`, in float32 on the CPU."""
+    from finlora.config import ModelConfig, QuantConfig
+    from finlora.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
+    return load_tokenizer(str(tiny_model_dir), cfg), lively_weights(model)
+
+
 def compose_cfg(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:
     """The real configs composed as `python train.py OVERRIDES` (or eval.py, with config="eval") would,
     with the hydra node set and removed."""

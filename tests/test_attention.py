@@ -13,10 +13,8 @@ from transformers.modeling_utils import AttentionInterface
 import finlora.attention
 import finlora.evaluate
 from finlora.attention import NAME, decode_attention
-from finlora.config import ModelConfig, QuantConfig
 from finlora.data import read_jsonl
 from finlora.evaluate import generate
-from finlora.models import load_model, load_tokenizer
 
 
 class _Attention(torch.nn.Module):
@@ -71,18 +69,11 @@ def test_a_prefill_into_an_empty_static_cache_attends_over_the_prompt_only(monke
     assert seen == [queries, cache]
 
 
-def test_static_decoding_takes_it_and_gives_the_model_its_attention_back(tiny_model_dir, monkeypatch):
+def test_static_decoding_takes_it_and_gives_the_model_its_attention_back(lively, monkeypatch):
     """The CUDA path run on the CPU (transformers does not compile it here): every decode step's attention is
     `decode_attention` with one query token, the answers are the eager path's, and the model computes with
     SDPA again afterwards."""
-    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
-    model = load_model(str(tiny_model_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
-    tokenizer = load_tokenizer(str(tiny_model_dir), cfg)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.25 if "embed" in name else 0.15)
+    tokenizer, model = lively
     records = read_jsonl(DATA_DIR / "test" / "fpb_test.jsonl")[:12:2]
     eager = generate(model, tokenizer, records, 5, 8)
     queries = []

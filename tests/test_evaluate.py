@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import DATA_DIR, compose_cfg
+from conftest import DATA_DIR, compose_cfg, lively_weights
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from finlora.adapters import attach_adapter
@@ -82,20 +82,6 @@ def _one_by_one(model, tokenizer, records: list[dict], max_new_tokens: int, eos:
         answers.append(tokenizer.decode(tokens[:tokens.index(eos)] if eos in tokens else tokens,
                                         skip_special_tokens=True))
     return answers
-
-
-@pytest.fixture(scope="module")
-def lively(tiny_model_dir):
-    """The tiny random Llama with weights large enough that different prompts get different greedy answers
-    (at the usual init scale every prompt gets the same few tokens, which would prove nothing)."""
-    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
-    model = load_model(str(tiny_model_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.25 if "embed" in name else 0.15)
-    return load_tokenizer(str(tiny_model_dir), cfg), model
 
 
 def test_greedy_answers_are_identical_at_every_batch_size(lively):
@@ -561,12 +547,7 @@ def lively_dir(tiny_model_dir, tmp_path_factory):
     """The tiny Llama with the `lively` weights, saved, so that it loads quantized like any checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.25 if "embed" in name else 0.15)
+    model = lively_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     path = tmp_path_factory.mktemp("lively")
     model.save_pretrained(path)
     load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))).save_pretrained(path)

@@ -384,6 +384,18 @@ def four_bit_mode(asked: FourBitEval, dense: int, free: int) -> tuple[FourBitEva
                                 f"{DENSE_SHARE:.0%} of them)")
 
 
+def four_bit_choice(model: nn.Module, asked: FourBitEval) -> FourBitEval | None:
+    """How `model`'s bitsandbytes 4-bit layers compute (`four_bit_mode`; for `auto`, a line says why), decided from
+    the free memory now; None: no 4-bit layer."""
+    layers = four_bit_layers(model)
+    if not layers:
+        return None
+    mode, why = four_bit_mode(asked, dense_bytes(layers), free_memory(next(model.parameters()).device))
+    if asked is FourBitEval.auto:
+        log.info("%s", why)
+    return mode
+
+
 def four_bit_as_dense(model: nn.Module, asked: FourBitEval) -> tuple[nn.Module, FourBitEval | None]:
     """`model` with its bitsandbytes 4-bit layers computed as `asked` (`four_bit_mode`), and the mode used (None:
     no 4-bit layer). `dense`: a copy in which each 4-bit layer is a plain `nn.Linear` holding its weight
@@ -393,13 +405,8 @@ def four_bit_as_dense(model: nn.Module, asked: FourBitEval) -> tuple[nn.Module, 
     not take a fused kernel (on CUDA: beyond a few rows; README "Evaluation"), so the answers are the same there,
     and transformers, which compiles no bitsandbytes model, compiles the copy's decode step. `model` is not
     changed; its memory stays in use beside the copy's."""
-    layers = four_bit_layers(model)
-    if not layers:
-        return model, None
-    mode, why = four_bit_mode(asked, dense_bytes(layers), free_memory(next(model.parameters()).device))
-    if asked is FourBitEval.auto:
-        log.info("%s", why)
-    if mode is FourBitEval.kernel:
+    mode = four_bit_choice(model, asked)
+    if mode is not FourBitEval.dense:
         return model, mode
     twin = with_plain_layers(model, sys.modules["bitsandbytes"].nn.Linear4bit,
                              lambda _, layer: (_dequantized_4bit(layer), _bias_4bit(layer)), merge=False, share=True)
@@ -506,9 +513,7 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
     on_cpu = next(p.device for p in model.parameters()).type == "cpu"
     if on_cpu:
         settings = replace(settings, int8_cpu=cpu_int8_mode(settings.int8_cpu))
-    if on_cpu and settings.int8_cpu is Int8Cpu.bf16:  # one copy for every test set
-        model = int8_as_bf16(model)
-    model, four_bit = four_bit_as_dense(model, settings.four_bit)  # the same: decided once, for every set
+    four_bit = four_bit_choice(model, settings.four_bit)  # decided here, for the conditions; the copy is generation's
     settings = replace(settings, four_bit=four_bit or settings.four_bit)
     if quant_bits == 8 and settings.batch_size != 1 and not (on_cpu and settings.int8_cpu is Int8Cpu.dequant):
         log.warning("8-bit base: %s, so scores depend on eval.batch_size=%s and on which prompts share a batch; "

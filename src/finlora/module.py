@@ -111,9 +111,10 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
            else torch.compile(lambda batch: answer_loss(model, batch), **options))
 
     def step(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        for t in batch.values():
-            if t.dim() == 2 and not routed:
-                torch._dynamo.maybe_mark_dynamic(t, 1)
+        if not routed:  # (regions: each layer's inputs become dynamic by themselves at a second width)
+            for t in batch.values():
+                if t.dim() == 2:
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
         if mode is Compile.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
         with _through(routed):
