@@ -9,8 +9,12 @@ time and its host part, and how often the host waited for the GPU outside loggin
 Sections (`--only` picks some):
   embedded  SmolLM2-135M shapes, task=sentiment, batch 8 and 32: today's eager packed step against
             inductor and cudagraphs on static batches, LoRA and DoRA (r=8 on q/k/v, finlora's default).
-  numerics  50 steps from the same init, eager against cudagraphs (both static, so the same batches in the
-            same layout): the largest relative difference of the per-step losses; the adapter loads in peft.
+  numerics  50 steps from the same init, eager against `--numerics-mode` (cudagraphs; both static, so the same
+            batches in the same layout): the largest relative difference of the per-step losses; the adapter
+            loads in peft.
+  capture   the step recorded as CUDA graphs (`trainer.capture`) against eager and the other `--modes`,
+            `--batches`, `--adapters`; with `--jobs`, then one `python train.py` job of each adapter and mode in a
+            fresh process (what a sweep's later job pays to record, and to compile from the cache).
   batch32   the same at batch 32: eager LoRA, cudagraphs LoRA and DoRA.
   cache     `python train.py` in a fresh process with the compile cache the compiled numerics run filled:
             a later job of the same shapes (run after numerics).
@@ -18,11 +22,11 @@ Sections (`--only` picks some):
             (`python train.py` in a fresh process with an empty compile cache) compiling the whole model
             against compiling the decoder layers, one compilation for all (`trainer.compile_regions`), then a
             later job of each with the cache the first one filled.
-  profile   the embedded shapes, cudagraphs, batch 8, LoRA and DoRA: where the host's time goes in 50 steady
+  profile   the embedded shapes, the first of `--modes`, batch 8, LoRA and DoRA: where the host's time goes in 50 steady
             steps (cProfile from step 100 to 150 of the run; the top functions by own and by cumulative time,
             to `--profile-dir`/train_profile_<adapter>.txt).
-  llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit, 8 sentiment examples a step:
-            LoRA against DoRA, eager packed and cudagraphs static.
+  llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit (`--bits`), 8 sentiment examples a
+            step: LoRA against DoRA, eager packed against `--modes` on static batches.
   memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
             memory at 32 layers if `--llama-layers 32`, else at 2 and 4 layers extrapolated.
 
@@ -117,7 +121,11 @@ def losses(out: Path) -> list[float]:
 
 MODES = {"eager": ["trainer.compile=eager", "data.batching=packed"],
          "inductor": ["trainer.compile=inductor", "data.batching=static"],
-         "cudagraphs": ["trainer.compile=cudagraphs", "data.batching=static"]}
+         "cudagraphs": ["trainer.compile=cudagraphs", "data.batching=static"],
+         "capture": ["trainer.capture=true", "data.batching=static"],
+         "capture+inductor": ["trainer.capture=true", "trainer.compile=inductor", "data.batching=static"],
+         "capture+regions": ["trainer.capture=true", "trainer.compile=inductor", "trainer.compile_regions=true",
+                             "data.batching=static"]}
 
 
 def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
@@ -129,13 +137,14 @@ def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
 
 
 NUMERICS = ["task=sentiment", "adapter=dora", "quant=none", "trainer.batch_size=8", "trainer.max_steps=50",
-            "trainer.log_every_n_steps=1", "adapter.dropout=0", "data.batching=static"]
+            "trainer.log_every_n_steps=1", "adapter.dropout=0"]
 
 
 def numerics(model: Path, args: argparse.Namespace) -> list[dict]:
-    """50 steps eager and compiled from the same init; the compiled run starts from an empty compile cache."""
-    rows = [run(f"numerics {mode}", model, args, *NUMERICS, f"trainer.compile={mode}")
-            for mode in ("eager", "cudagraphs")]
+    """50 steps eager and compiled or recorded from the same init; a compiled run starts from an empty cache."""
+    static = {"eager": ["trainer.compile=eager", "data.batching=static"]}  # the same batches, in the same layout
+    rows = [run(f"numerics {mode}", model, args, *NUMERICS, *static.get(mode, MODES[mode]))
+            for mode in ("eager", args.numerics_mode)]
     if all("losses" in r for r in rows):
         a, b = rows[0]["losses"], rows[1]["losses"]
         rows[1]["max_rel_loss_diff"] = max(abs(x - y) / abs(x) for x, y in zip(a, b, strict=True))
@@ -155,7 +164,7 @@ def peft_loads(model: Path, adapter_dir: Path) -> bool:
 def cache(model: Path, args: argparse.Namespace) -> list[dict]:
     """A later job of the same shapes: `python train.py` in a fresh process with the compile cache that the
     compiled numerics run filled (run `numerics` first); its compile seconds against that run's."""
-    return [job("cache warm", model, args, args.cache, *NUMERICS, "trainer.compile=cudagraphs")]
+    return [job("cache warm", model, args, args.cache, *NUMERICS, *MODES["cudagraphs"])]
 
 
 def job(name: str, model: Path, args: argparse.Namespace, compile_cache: str, *extra: str) -> dict[str, Any]:
@@ -225,16 +234,29 @@ def profile(model: Path, args: argparse.Namespace) -> list[dict]:
     for adapter in args.adapters:
         def with_profile(*a: Any, adapter: str = adapter, **k: Any) -> Any:
             callbacks = built(*a, **k)
-            callbacks.all.append(HostProfile(Path(args.profile_dir) / f"train_profile_{adapter}.txt"))
+            name = f"train_profile_{adapter}{'' if args.modes[0] == 'cudagraphs' else '_' + args.modes[0]}.txt"
+            callbacks.all.append(HostProfile(Path(args.profile_dir) / name))
             return callbacks
 
         finlora.train.run_callbacks = with_profile
         try:
-            rows.append(run(f"profile b8 {adapter} cudagraphs", model, args, "task=sentiment", f"adapter={adapter}",
-                            "quant=none", "trainer.batch_size=8", "trainer.max_steps=200", *MODES["cudagraphs"]))
+            rows.append(run(f"profile b8 {adapter} {args.modes[0]}", model, args, "task=sentiment",
+                            f"adapter={adapter}", "quant=none", "trainer.batch_size=8", "trainer.max_steps=200",
+                            *MODES[args.modes[0]]))
         finally:
             finlora.train.run_callbacks = built
     return rows
+
+
+def capture(model: Path, args: argparse.Namespace) -> list[dict]:
+    """In-process runs (compiled modes fill the run's compile cache), then with `--jobs` a fresh job of each:
+    for a compiled mode, a later job of the same shapes with that cache."""
+    rows = [run(f"embedded b{batch} {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}",
+                "quant=none", f"trainer.batch_size={batch}", f"trainer.max_steps={args.steps}", *MODES[mode])
+            for batch in args.batches for adapter in args.adapters for mode in ("eager", *args.modes)]
+    return rows + [job(f"later job b8 {adapter} {mode}", model, args, args.cache, "task=sentiment",
+                       f"adapter={adapter}", "quant=none", "trainer.batch_size=8", f"trainer.max_steps={args.steps}",
+                       *MODES[mode]) for adapter in args.adapters for mode in args.modes if args.jobs]
 
 
 def batch32(model: Path, args: argparse.Namespace) -> list[dict]:
@@ -246,9 +268,9 @@ def batch32(model: Path, args: argparse.Namespace) -> list[dict]:
 def llama(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
     model = save_random_llama(Path(args.work) / "llama4", LLAMA_8B, 4, tokenizer, _init_device())
     rows = []
-    for bits in (4, 8):
-        for adapter in ("lora", "dora"):
-            for mode in ("eager", "cudagraphs"):
+    for bits in args.bits:
+        for adapter in args.adapters:
+            for mode in ("eager", *args.modes):
                 rows.append(run(f"llama-8b x4 {bits}bit {adapter} {mode}", model, args, "task=sentiment",
                                 f"adapter={adapter}", f"quant={bits}bit", "trainer.batch_size=8",
                                 f"trainer.max_steps={args.steps}", *MODES[mode]))
@@ -298,7 +320,8 @@ def markdown(rows: list[dict], device: str) -> list[str]:
                       "later job with its cache (compiling; whole process): " + "; ".join(times) + "."]
     for r in rows:
         if "max_rel_loss_diff" in r:
-            lines += ["", f"Numerics: 50 steps from the same init, eager vs cudagraphs (static batches, DoRA, bf16): "
+            mode = r["name"].removeprefix("numerics ")
+            lines += ["", f"Numerics: 50 steps from the same init, eager vs {mode} (static batches, DoRA, bf16): "
                       f"largest relative difference of the per-step losses {r['max_rel_loss_diff']:.2e}; "
                       f"the adapter loads in plain peft: {r['peft_loads']}."]
     return lines
@@ -316,7 +339,9 @@ def _job_times(rows: list[dict], adapter: str, form: str, lease: Any) -> str:
 
 def _eager_name(name: str) -> str:
     """The eager run a row is compared with: the same batch size, LoRA's when there is no eager DoRA row."""
-    return name.replace("inductor", "eager").replace("cudagraphs", "eager")
+    for mode in ("capture+inductor", "capture+regions", "capture", "inductor", "cudagraphs"):
+        name = name.replace(mode, "eager")
+    return name
 
 
 def _num(x: Any, spec: str = ".1f") -> str:
@@ -330,7 +355,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         default=["embedded", "batch32", "numerics", "cache", "regions", "llama", "memory"])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--adapters", nargs="*", default=["lora", "dora"], help="regions, profile: the adapters")
+    parser.add_argument("--adapters", nargs="*", default=["lora", "dora"],
+                        help="capture, regions, profile, llama: the adapters")
+    parser.add_argument("--modes", nargs="*", default=["cudagraphs"], choices=list(MODES)[1:],
+                        help="capture, llama: the modes beside eager; profile: the first")
+    parser.add_argument("--batches", nargs="*", type=int, default=[8, 32], help="capture: the batch sizes")
+    parser.add_argument("--jobs", action="store_true", help="capture: a fresh `python train.py` job of each mode")
+    parser.add_argument("--numerics-mode", default="cudagraphs", choices=list(MODES)[1:])
+    parser.add_argument("--bits", nargs="*", type=int, default=[4, 8], help="llama: the quantizations")
     parser.add_argument("--profile-dir", default=str(ROOT / "docs"), help="profile: where its tables go")
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
@@ -344,7 +376,7 @@ def main() -> None:
         return write_markdown(args)
     args.cache = str(Path(args.work) / "compile_cache")
     if args.smoke:
-        MODES.update(inductor=MODES["eager"], cudagraphs=MODES["eager"])
+        MODES.update({mode: MODES["eager"] for mode in MODES})
         args.steps = min(args.steps, 4)
     source = args.tokenizer or str(_embedded_tokenizer())
     tokenizer = load_tokenizer(source, ModelConfig(name_or_path=source))
@@ -354,7 +386,7 @@ def main() -> None:
     model = save_random_llama(Path(args.work) / "smollm2", TINY if args.smoke else SMOLLM2,
                               2 if args.smoke else 30, tokenizer, torch.device("cpu"))
     sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
-                "numerics": lambda: numerics(model, args),
+                "numerics": lambda: numerics(model, args), "capture": lambda: capture(model, args),
                 "cache": lambda: cache(model, args), "regions": lambda: regions(model, args),
                 "profile": lambda: profile(model, args),
                 "llama": lambda: llama(tokenizer, args),

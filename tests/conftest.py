@@ -15,6 +15,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
 import finlora.config  # noqa: F401  (registers the config schemas with Hydra, as train.py's import does)
+from finlora.adapters import attach_adapter
+from finlora.batching import pack_static, static_widths, with_stats
+from finlora.config import AdapterConfig, AdapterMethod
+from finlora.prompts import Encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FINLORA_DATA_DIR", ROOT.parent / "shared" / "data" / "finlora"))
@@ -76,6 +80,51 @@ def lively(tiny_model_dir):
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
     model = load_model(str(tiny_model_dir), cfg, QuantConfig(), torch.float32, torch.device("cpu"))
     return load_tokenizer(str(tiny_model_dir), cfg), lively_weights(model)
+
+
+def random_b(model):
+    """B = 0 would leave A without gradient and DoRA's norms equal to the base's."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model.train()
+
+
+def step_each(models, computes, optimizers) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """One optimizer step of each model on its own loss: the losses and the gradients before the step."""
+    losses, grads = [], []
+    for model, compute, opt in zip(models, computes, optimizers, strict=True):
+        opt.zero_grad()
+        loss = compute()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+    return losses, grads
+
+
+def random_llama(layers: int, method: AdapterMethod, checkpointing: bool):
+    """A random Llama of `layers` layers (same seed, same weights) with LoRA or finlora's DoRA on q/k/v."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = attach_adapter(LlamaForCausalLM(config), AdapterConfig(method=method, r=4, dropout=0.0), checkpointing)
+    return random_b(model)
+
+
+def random_static_batch(lengths: tuple[int, ...] = (20, 28, 16), seed: int = 1) -> dict[str, torch.Tensor]:
+    """A static batch of random examples of these lengths (4 answer tokens each) packed in one row, as the
+    training loop gets it: rows of 64 tokens, or 128 or 192 for longer examples."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for n in lengths:
+        ids = torch.randint(3, 256, (n,), generator=g).tolist()
+        examples.append(Encoded(ids, [-100] * (n - 4) + ids[-4:], False))
+    batch = with_stats(lambda b: pack_static(b, 0, static_widths(3, 32, smallest=64)), examples, label_slots=16)
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 def compose_cfg(overrides: list[str], output_dir: Path | None = None, config: str = "train") -> DictConfig:

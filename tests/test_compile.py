@@ -7,6 +7,7 @@ the GPU and leaves the weights as they were."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import time
 from pathlib import Path
@@ -14,9 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import DATA_DIR, compose_cfg
+from conftest import DATA_DIR, compose_cfg, random_b, random_llama, random_static_batch, step_each
 from torch._dynamo.utils import counters
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from finlora.adapters import attach_adapter
 from finlora.batching import pack_static, static_widths, with_stats
@@ -28,7 +28,7 @@ from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.loss import answer_loss
 from finlora.models import load_model, load_tokenizer
 from finlora.module import decoder_layers, training_loss
-from finlora.prompts import Encoded, encode_example
+from finlora.prompts import encode_example
 from finlora.train import train
 
 CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
@@ -71,29 +71,7 @@ def _dora(model_dir: Path, bits: int | None):
                       torch.float32, torch.device("cpu"))
     model = attach_adapter(base, AdapterConfig(method=AdapterMethod.dora, r=4, dropout=0.0,
                                                target_modules=["q_proj", "v_proj", "down_proj"]), False)
-    return _with_random_b(model)
-
-
-def _with_random_b(model):
-    """B = 0 would leave A without gradient and DoRA's norms equal to the base's."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return model.train()
-
-
-def _step_each(models, computes, optimizers) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-    """One optimizer step of each model on its own loss: the losses and the gradients before the step."""
-    losses, grads = [], []
-    for model, compute, opt in zip(models, computes, optimizers, strict=True):
-        opt.zero_grad()
-        loss = compute()
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-        opt.step()
-    return losses, grads
+    return random_b(model)
 
 
 @pytest.mark.parametrize("bits", [None, 8])
@@ -112,32 +90,12 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
                   for m in (eager_model, traced_model)]
     for _ in range(3):  # each step changes A, B and m: the traced norms must follow
-        losses, grads = _step_each((eager_model, traced_model),
+        losses, grads = step_each((eager_model, traced_model),
                                    (lambda: answer_loss(eager_model, batch), lambda: traced(batch)), optimizers)
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
         assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
-
-
-def _random_llama(layers: int, method: AdapterMethod, checkpointing: bool):
-    """A random Llama of `layers` layers (same seed, same weights) with LoRA or finlora's DoRA on q/k/v."""
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    torch.manual_seed(0)
-    model = attach_adapter(LlamaForCausalLM(config), AdapterConfig(method=method, r=4, dropout=0.0), checkpointing)
-    return _with_random_b(model)
-
-
-def _random_batch() -> dict[str, torch.Tensor]:
-    """A static batch of three random examples packed in one row, as the training loop gets it."""
-    g = torch.Generator().manual_seed(1)
-    examples = []
-    for n in (20, 28, 16):
-        ids = torch.randint(3, 256, (n,), generator=g).tolist()
-        examples.append(Encoded(ids, [-100] * (n - 4) + ids[-4:], False))
-    batch = with_stats(lambda b: pack_static(b, 0, static_widths(3, 32, smallest=64)), examples, label_slots=16)
-    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
 @pytest.mark.parametrize("method,checkpointing", [  # the fast suite: plain LoRA, DoRA checkpointed
@@ -148,7 +106,7 @@ def test_step_compiled_by_regions_matches_eager_and_compiles_one_layer_for_all(m
     again for an input that does, and every later layer and step reuses that; were the compilation keyed on
     the layer, there would be one per layer. No graph breaks; outside the step the layers are plain again."""
     layers = 4
-    eager_model, compiled_model = (_random_llama(layers, method, checkpointing) for _ in range(2))
+    eager_model, compiled_model = (random_llama(layers, method, checkpointing) for _ in range(2))
     graphs = []
 
     def backend(gm, example_inputs):  # what Dynamo hands the compiler, then aot_eager: Dynamo + AOTAutograd, no kernels
@@ -157,11 +115,11 @@ def test_step_compiled_by_regions_matches_eager_and_compiles_one_layer_for_all(m
 
     assert len(decoder_layers(compiled_model)) == layers
     step = training_loss(compiled_model, Compile.inductor, regions=True, backend=backend)
-    batch = _random_batch()
+    batch = random_static_batch()
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
                   for m in (eager_model, compiled_model)]
     for _ in range(2):  # the second step after an update: DoRA's norms follow the new weights
-        losses, grads = _step_each((eager_model, compiled_model),
+        losses, grads = step_each((eager_model, compiled_model),
                                    (lambda: answer_loss(eager_model, batch), lambda: step(batch)), optimizers)
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
         assert grads[0].keys() == grads[1].keys() and len(grads[0]) == layers * 3 * (3 if method.value == "dora" else 2)
@@ -195,6 +153,42 @@ def test_fused_optimizer_skips_a_nonfinite_step_and_the_guard_reports_it_later(t
         else:
             guard.check()
             assert "1 optimizer steps skipped so far (the first at step 2: loss nan)" in caplog.text
+
+
+def test_guard_clips_by_the_norm_it_logs_as_clip_grad_norm_would():
+    weights = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))]
+    grads = [torch.tensor([3.0, 0.0, 4.0]), torch.tensor([[0.0, 12.0], [0.0, 0.0]])]  # total norm 13
+    expected = [g.clone().requires_grad_() for g in grads]
+    for e, g in zip(expected, grads, strict=True):
+        e.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(expected, 1.0)
+    logged = {}
+    for clip, want in ((1.0, [e.grad for e in expected]), (0.0, grads)):
+        for w, g in zip(weights, grads, strict=True):
+            w.grad = g.clone()
+        guard = NonFiniteGuard(NonFinitePolicy.stop, Path("last.ckpt"), every_n_steps=50, clip=clip)
+        module = SimpleNamespace(device=torch.device("cpu"), log=lambda name, value, **k: logged.update({name: value}))
+        guard.on_before_optimizer_step(SimpleNamespace(global_step=0), module, torch.optim.AdamW(weights))
+        assert float(logged["train/grad_norm"]) == pytest.approx(13.0)
+        for w, g in zip(weights, want, strict=True):
+            torch.testing.assert_close(w.grad, g)
+
+
+def test_logging_only_where_lightning_writes_keeps_the_logs_and_the_summary(tiny_model_dir, tmp_path):
+    """Values logged at batches whose logs Lightning does not write are never seen, so finlora logs only at
+    those it writes, and at the last, whose values the summary reads: the same rows and the same final loss."""
+    runs = {}
+    for every in (1, 2):
+        out = tmp_path / f"every{every}"
+        cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", *CPU_RUN, "trainer.max_steps=3",
+                           f"trainer.log_every_n_steps={every}"], out)
+        runs[every] = train(cfg), list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    (every_step, rows1), (every_other, rows2) = runs[1], runs[2]
+    assert every_other["final_train_loss"] == every_step["final_train_loss"] is not None
+    logged = [r for r in rows2 if r.get("train/loss")]
+    assert [r["step"] for r in logged] == ["1"]  # the second optimizer step, counted from 0
+    same = next(r for r in rows1 if r.get("train/loss") and r["step"] == "1")
+    assert all(logged[0][k] == same[k] for k in ("train/loss", "train/grad_norm", "train/padding_fraction"))
 
 
 def test_first_batches_of_each_shape_are_reported_as_compile_time():

@@ -1,8 +1,9 @@
 """Every Lightning callback of a training run, and `run_callbacks`, which puts them together.
 
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
-non-finite steps (`NonFiniteGuard`), which checkpoints are kept (`checkpoint_callbacks`), throughput,
-host-boundness and progress (`ThroughputLogger`, `StepProfile`, `progress_bar`).
+non-finite steps and clipping gradients (`NonFiniteGuard`), which checkpoints are kept
+(`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
+`progress_bar`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from finlora.checkpoints import LAST
 from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, FourBitEval, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
+from finlora.loggers import logs_now
 from finlora.metrics import score
 
 log = logging.getLogger(__name__)
@@ -50,13 +52,16 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     """In the order their hooks run: the profile first (its window must close before anything else reads
     the GPU at a step's end), the guard before the stopper (it reads its verdicts back before a save)."""
     stopper = SaveAndStop(ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
-    warm_up = {Compile.eager: 0, Compile.inductor: 1, Compile.cudagraphs: 2}[cfg.trainer.compile]  # record, replay
+    # the batches of each shape that compile or record: cudagraphs records at its second call, capture at its first
+    warm_up = max({Compile.eager: 0, Compile.inductor: 1, Compile.cudagraphs: 2}[cfg.trainer.compile],
+                  int(cfg.trainer.capture))
     throughput = ThroughputLogger(warm_up)
     profile = StepProfile(throughput)
     scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
                if cfg.eval.during_training.size and val_rows and cfg.task.test and cfg.trainer.strategy != "fsdp"
                else [])
-    guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
+    guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps,
+                           cfg.trainer.grad_clip)
     return RunCallbacks(stopper, throughput, profile, [
         profile, ReloadData(), StepSeed(cfg.seed), guard, stopper, *scoring,
         *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
@@ -185,11 +190,14 @@ class NonFiniteGuard(Callback):
     they were (what GradScaler uses it for), and it is read back only on logging steps, before checkpoints
     and at the end. `stop` then raises `NonFiniteLoss` naming the first such step; `skip` warns how many
     were skipped. Otherwise (the CPU) the verdict is read at each step, and `skip` drops the gradients.
-    The gradient norm is logged as `train/grad_norm`.
+    The gradient norm is logged as `train/grad_norm`, and clips the gradients to at most `clip` (`trainer.grad_clip`;
+    0: not clipped), as `clip_grad_norm_` would, without computing the norm a second time. Lightning's own
+    clipping (`gradient_clip_val`) refuses fused optimizers.
     """
 
-    def __init__(self, policy: NonFinitePolicy, last: Path, every_n_steps: int) -> None:
+    def __init__(self, policy: NonFinitePolicy, last: Path, every_n_steps: int, clip: float = 0.0) -> None:
         self.policy = policy
+        self.clip = clip
         self.last = last
         self.every_n_steps = every_n_steps
         self.loss: torch.Tensor | None = None
@@ -201,10 +209,14 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=pl_module.device)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
+                else torch.zeros((), device=pl_module.device))
         loss = self.loss if self.loss is not None else torch.zeros_like(norm)
-        pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)
+        if logs_now(trainer):
+            pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)
+        if self.clip and params:  # a non-finite norm's step is skipped or refused below, whatever this makes of it
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
         bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
         step = trainer.global_step + 1
         if optimizer.defaults.get("fused"):
@@ -282,8 +294,8 @@ def checkpoint_callbacks(cfg: CheckpointConfig, ckpt_dir: Path, has_val: bool) -
 
 
 class ThroughputLogger(L.Callback):
-    """Logs `train/padding_fraction` of each batch and `train/tokens_per_s`, the useful (non-padding)
-    tokens per second over the last `log_every_n_steps` batches.
+    """Logs `train/padding_fraction` of the batch and `train/tokens_per_s`, the useful (non-padding) tokens
+    per second over the last `log_every_n_steps` batches, at the batches whose logs are written (`logs_now`).
 
     Rates are host time between the ends of training batches: they include data loading and add no GPU
     synchronization. The host can run ahead of the GPU by about one step, which a window of several
@@ -323,15 +335,18 @@ class ThroughputLogger(L.Callback):
         warming = self.warming_up(batch)
         shape = tuple(batch["input_ids"].shape)
         self.shapes[shape] = self.shapes.get(shape, 0) + 1
-        pl_module.log("train/padding_fraction", 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
+        logs = logs_now(trainer)
+        if logs:
+            pl_module.log("train/padding_fraction", 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
         if self._last is not None and warming:
             self.compile_s += now - self._last
         elif self._last is not None:
             self.seconds += now - self._last
             self.timed_tokens += stats.tokens
             self._window.append((stats.tokens, now - self._last))
-            rate = sum(t for t, _ in self._window) / sum(s for _, s in self._window)
-            pl_module.log("train/tokens_per_s", rate, on_step=True, batch_size=1)
+            if logs:
+                rate = sum(t for t, _ in self._window) / sum(s for _, s in self._window)
+                pl_module.log("train/tokens_per_s", rate, on_step=True, batch_size=1)
         self._last = now
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

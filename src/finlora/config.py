@@ -273,6 +273,7 @@ class TrainerConfig:
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
     compile: Compile = Compile.eager  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
     compile_regions: bool = False  # compile the layers, one compilation for all: quicker to compile, slower steps
+    capture: bool = False  # GPU only: forward and backward recorded as CUDA graphs once per batch shape, replayed
     extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument (`finlora.extensions`)
 
     def problems(self) -> list[str]:
@@ -483,14 +484,18 @@ class Config(RunConfig):
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
-        graphs = self.trainer.compile is Compile.cudagraphs
-        _check(problems, not graphs or self.data.batching is Batching.static, "trainer.compile",
-               "cudagraphs replays fixed shapes: set data.batching=static "
+        t = self.trainer
+        _check(problems, not (t.capture and t.compile is Compile.cudagraphs), "trainer.capture",
+               "trainer.compile=cudagraphs records CUDA graphs already: capture goes with trainer.compile=eager "
+               "or inductor")
+        graphs = "trainer.capture" if t.capture else "trainer.compile" if t.compile is Compile.cudagraphs else None
+        _check(problems, not graphs or self.data.batching is Batching.static, graphs,
+               "CUDA graphs replay fixed shapes: set data.batching=static "
                f"(got data.batching={self.data.batching.value})")
-        _check(problems, not graphs or self.trainer.grad_accum == 1, "trainer.compile",
-               "cudagraphs replays the backward into the same memory each micro-batch, so gradients cannot "
+        _check(problems, not graphs or t.grad_accum == 1, graphs,
+               "CUDA graphs replay the backward into the same memory each micro-batch, so gradients cannot "
                "accumulate: use trainer.grad_accum=1 with a larger trainer.batch_size "
-               f"(got trainer.grad_accum={self.trainer.grad_accum})")
+               f"(got trainer.grad_accum={t.grad_accum})")
         scored = self.eval.during_training.size > 0 and bool(self.task.test)
         _check(problems, self.checkpoint.monitor == "val/loss" or (scored and self.checkpoint.monitor.startswith(
             f"val/{self.task.name}/")), "checkpoint.monitor",

@@ -21,10 +21,11 @@ class Placement(NamedTuple):
 
 
 def resolve_device(accelerator: str, precision: str | None, quant_bits: int | None,
-                   compiled: bool = False) -> Placement:
+                   cuda_only: str | None = None) -> Placement:
     """`auto` means the GPU with bf16-mixed if there is one, else the CPU in 32-bit; under DDP each process
-    takes the GPU of its LOCAL_RANK. `compiled`: `trainer.compile` asks for torch.compile, which finlora
-    runs on CUDA only (on the CPU it costs minutes of C++ compilation for a step that Python does not bind)."""
+    takes the GPU of its LOCAL_RANK. `cuda_only`: the setting that asks for what finlora runs on CUDA only,
+    `trainer.compile` (on the CPU, minutes of C++ compilation for a step that Python does not bind) or
+    `trainer.capture` (CUDA graphs)."""
     if accelerator == "auto":
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
@@ -34,9 +35,10 @@ def resolve_device(accelerator: str, precision: str | None, quant_bits: int | No
     if accelerator == "cpu" and quant_bits == 8 and precision != "32-true":
         raise ConfigError(f"trainer.precision: bitsandbytes 8-bit on the CPU fails under {precision}; "
                           "use trainer.precision=32-true (trainer=cpu)")
-    if compiled and accelerator not in ("gpu", "cuda"):
-        raise ConfigError(f"trainer.compile: runs on a CUDA GPU only, and this run is on {accelerator}; "
-                          "use trainer.compile=eager")
+    if cuda_only and accelerator not in ("gpu", "cuda"):
+        off = "false" if cuda_only == "trainer.capture" else "eager"
+        raise ConfigError(f"{cuda_only}: runs on a CUDA GPU only, and this run is on {accelerator}; "
+                          f"use {cuda_only}={off}")
     device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if accelerator != "cpu"
               else torch.device("cpu"))
     return Placement(accelerator, precision, device)

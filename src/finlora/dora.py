@@ -28,6 +28,9 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   and never again, the layer computes the same function as plain differentiable ops, the norm rebuilt
   inside the graph every call from the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and
   A·W0ᵀ; the compiler fuses what `_DoraTail` and the Triton kernels do by hand.
+- Recorded as a CUDA graph (`trainer.capture`), the layer runs as in eager mode, with its norms recomputed
+  inside the graph at every replay: the cache is emptied before recording (`forget_norms`), so the
+  recorded forward refreshes every layer's norms, batched, from the parameters the replay reads.
 - With dropout > 0 in training, dropout applies to the LoRA branch only (the formula above). peft
   instead runs the base matmul a second time on dropout(x) and adds that; outside training, or with
   dropout 0, both compute the same function.
@@ -252,6 +255,16 @@ def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
     for i, (module, adapter, _, key) in enumerate(batch):
         entry = _Entry(key, norm[i], scale[i], sb[i], {dtype: (b_eff[i], b_s[i])})
         module.__dict__["_finlora_dora_cache"][adapter] = entry
+
+
+def forget_norms(model: nn.Module) -> None:
+    """Drop every layer's cached norms, keeping the frozen ‖w_i‖², so that the next forward computes them again:
+    inside a CUDA graph being recorded (`finlora.capture`), where they are then recomputed at each replay
+    from the parameters as they are, instead of read from a cache the graph would never consult again."""
+    for module in model.modules():
+        cache = module.__dict__.get("_finlora_dora_cache")
+        for adapter in [k for k in cache or () if k != "w2"]:
+            del cache[adapter]
 
 
 def clear_dora_cache(model: nn.Module) -> None:

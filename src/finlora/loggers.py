@@ -178,3 +178,18 @@ class ResilientWandbLogger(WandbLogger):
             self.experiment.summary.update(values)
         except Exception as err:
             self._give_up(err)
+
+
+def logs_now(trainer: Any) -> bool:
+    """Whether what a training batch logs reaches anyone: Lightning writes the values every `log_every_n_steps`
+    optimizer steps (`should_update_logs`, true for each micro-batch of such a step), and the run's summary
+    reads the last batch's. Logged at any other batch, a value is overwritten unseen after Lightning has spent
+    about a millisecond of host time on it, which a step replayed from CUDA graphs cannot spare five times.
+    Outside a Lightning fit (a hook called by itself), always."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None:
+        return True
+    loop = trainer.fit_loop.epoch_loop
+    last = loop._batches_that_stepped + 1 == trainer.max_steps or (
+        loop.batch_progress.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
+    return connector.should_update_logs or last

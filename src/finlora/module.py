@@ -1,7 +1,8 @@
 """The LightningModule: a causal-LM loss on answer tokens (logits only there: `finlora.loss`), compiled as
-`trainer.compile` says, AdamW on trainable parameters only (fused on CUDA; DoRA's magnitudes may have a
-learning rate of their own: `param_groups`), and checkpoints that hold those parameters and the optimizer,
-never the frozen base."""
+`trainer.compile` says and recorded as CUDA graphs if `trainer.capture` says so (`finlora.capture`), AdamW on
+trainable parameters only (fused on CUDA; DoRA's magnitudes may have a learning rate of their own:
+`param_groups`; gradients clipped by `callbacks.NonFiniteGuard`, which measures their norm anyway), and
+checkpoints that hold those parameters and the optimizer, never the frozen base."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from torch import nn
 from transformers import get_scheduler
 
 from finlora.batching import LOSS_POSITIONS, LOSS_TARGETS, num_examples
+from finlora.capture import CapturedLoss
 from finlora.config import Compile, TrainerConfig
+from finlora.loggers import logs_now
 from finlora.loss import INPUT_KEYS, answer_loss
 from finlora.prompts import IGNORE_INDEX
 
@@ -47,16 +50,19 @@ class FinetuneModule(L.LightningModule):
         self.magnitude_lr_scale = magnitude_lr_scale
         self.strict_loading = False  # checkpoints carry only the trainable parameters
         self.train_loss = training_loss(model, cfg.compile, cfg.compile_regions)
+        if cfg.capture:
+            self.train_loss = CapturedLoss(model, self.train_loss)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_loss(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.train_loss({k: v for k, v in batch.items() if k in STEP_KEYS})
-        answer_tokens = (batch["labels"] != IGNORE_INDEX).sum()
-        # a copy: a CUDA graph's output is overwritten by the next replay, before Lightning reads the logs
-        self.log("train/loss", loss.detach().clone(), prog_bar=True, batch_size=num_examples(batch))
-        self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
+        if logs_now(self.trainer):
+            answer_tokens = (batch["labels"] != IGNORE_INDEX).sum()
+            # a copy: a CUDA graph's output is overwritten by the next replay, before Lightning reads the logs
+            self.log("train/loss", loss.detach().clone(), prog_bar=True, batch_size=num_examples(batch))
+            self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -73,12 +79,6 @@ class FinetuneModule(L.LightningModule):
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.cfg.warmup_steps,
                                   num_training_steps=int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Gradient clipping by norm, done here rather than by Lightning's `gradient_clip_val`, which refuses
-        fused optimizers; at the same point (after the callbacks' hooks, before the step), the same result."""
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}

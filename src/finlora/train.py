@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -29,6 +29,7 @@ from rich.table import Table
 from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
 from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
+from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
 from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
@@ -49,11 +50,12 @@ def train(dict_cfg: DictConfig) -> dict:
     """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
     started = time.time()
     cfg = validate(dict_cfg)
-    if cfg.quant.bits == 8 and cfg.trainer.compile is not Compile.eager:
-        log.warning("trainer.compile=%s: bitsandbytes 8-bit layers wait for the GPU inside their matmuls (about 60 "
-                    "host syncs a step, slower compiled than eager: docs/benchmarks.md); running eager",
-                    cfg.trainer.compile.value)
-        cfg.trainer.compile = Compile.eager
+    if cfg.quant.bits == 8 and (cfg.trainer.compile is not Compile.eager or cfg.trainer.capture):
+        setting = "trainer.capture=true" if cfg.trainer.capture else f"trainer.compile={cfg.trainer.compile.value}"
+        log.warning("%s: bitsandbytes 8-bit layers wait for the GPU inside their matmuls (about 60 host syncs a "
+                    "step: slower compiled than eager, and no CUDA graph can hold them: docs/benchmarks.md); "
+                    "running eager", setting)
+        cfg.trainer.compile, cfg.trainer.capture = Compile.eager, False
     where = placement(cfg)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
     run_dir = Path(cfg.output_dir)
@@ -123,7 +125,8 @@ def train(dict_cfg: DictConfig) -> dict:
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
-            "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer), **callbacks.profile.summary(),
+            "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer, module.train_loss),
+            **callbacks.profile.summary(),
             "train_prompt": cfg.data.train_prompt.value, "eval_prompt": "plain",  # evaluation: the raw context
             "device": str(where.device), "precision": where.precision,
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
@@ -183,16 +186,20 @@ def stop_on_signal(what: str) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def compile_report(t: TrainerConfig) -> dict:
+def compile_report(t: TrainerConfig, loss: Callable) -> dict:
     """What torch.compile did with the step: by regions or not, graph breaks (each one a return to Python
     mid-step) and, for cudagraphs, whether every graph was captured (inductor skips capture it cannot do
-    safely, e.g. CPU ops)."""
+    safely, e.g. CPU ops); for `trainer.capture`, whether the step was recorded (`loss`, the module's
+    `CapturedLoss`) and, if not, why."""
+    report: dict = {}
+    if isinstance(loss, CapturedLoss):
+        report = {"capture": True, "cudagraphs_captured": loss.failure is None and loss.shapes > 0,
+                  "capture_failure": loss.failure}
     if t.compile is Compile.eager:
-        return {}
+        return report
     from torch._dynamo.utils import counters
 
-    breaks = sum(counters["graph_break"].values())
-    report = {"compile_regions": t.compile_regions, "graph_breaks": breaks}
+    report |= {"compile_regions": t.compile_regions, "graph_breaks": sum(counters["graph_break"].values())}
     if t.compile is Compile.cudagraphs:
         report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
     return report
@@ -253,15 +260,18 @@ def print_summary(summary: dict, breakdown: list) -> None:
 def _step_rows(summary: dict) -> list[tuple[str, str]]:
     """The step's compilation, its host/GPU split and what to do when the host sets the pace."""
     rows = []
+    captured = {True: ", CUDA graphs captured", False: ", CUDA graphs NOT captured (eager parts remain)"}.get(
+        summary.get("cudagraphs_captured"), "")
     if summary["compile"] != "eager":
-        captured = {True: ", CUDA graphs captured", False: ", CUDA graphs NOT captured (eager parts remain)"}.get(
-            summary.get("cudagraphs_captured"), "")
         form = "by decoder-layer regions" if summary.get("compile_regions") else "whole model"
         rows.append(("compiled step", f"{summary['compile']} ({form}): {summary['compile_s']:.1f} s compiling "
                      f"{summary['batch_shapes']} batch shapes, {summary['graph_breaks']} graph breaks{captured}"))
+    elif summary.get("capture"):
+        rows.append(("recorded step", f"{summary['compile_s']:.1f} s recording {summary['batch_shapes']} batch "
+                     f"shapes{captured}" + (f": {summary['capture_failure']}" if summary["capture_failure"] else "")))
     if "step_ms" in summary:
         share = summary["step_host_ms"] / summary["step_ms"]
-        verdict = ("bound by the host: try trainer.compile=cudagraphs data.batching=static, or a larger "
+        verdict = ("bound by the host: try trainer.capture=true data.batching=static, or a larger "
                    "trainer.batch_size" if summary["host_bound"] else "bound by the GPU")
         rows.append(("step time (host part)", f"{summary['step_ms']:.1f} ms ({share:.0%}): {verdict}"))
         rows.append(("host waits for the GPU", f"{summary['host_syncs_per_step']} times a step outside logging steps"

@@ -1,0 +1,134 @@
+"""`trainer.capture` (issue 12): refused where it cannot run, before the model loads, and with the settings CUDA
+graphs cannot replay; on a GPU, the recorded forward and backward give the eager loss and gradients step after
+step, with LoRA and with finlora's DoRA (whose norms must follow every optimizer step inside the graph), over two
+batch shapes replayed in turn from one memory pool; a step that cannot be recorded runs unrecorded after one
+line saying why, with the random generator fit for eager use again; an earlier run's graphs freed by the garbage
+collector do not spoil a recording."""
+
+from __future__ import annotations
+
+import gc
+import time
+
+import pytest
+import torch
+from conftest import compose_cfg, random_llama, random_static_batch, step_each
+
+from finlora.capture import CapturedLoss
+from finlora.config import AdapterMethod, validate
+from finlora.dora import forget_norms
+from finlora.errors import ConfigError
+from finlora.loss import answer_loss
+from finlora.train import train
+
+CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
+           "eval.enabled=false", "data.val_size=8"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+def test_capture_refused_on_the_cpu_before_the_model_loads(tmp_path):
+    cfg = compose_cfg([*CPU_RUN, "trainer.capture=true", "data.batching=static"], tmp_path)
+    cfg.model.name_or_path = "org/never-loaded"  # a hub id: loading it here would fail with another error
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^trainer.capture: runs on a CUDA GPU only, and this run is on cpu; "
+                                          r"use trainer.capture=false"):
+        train(cfg)
+    assert time.perf_counter() - started < 30 and not (tmp_path / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("overrides,named", [
+    (["data.batching=packed"], "trainer.capture: CUDA graphs replay fixed shapes: set data.batching=static"),
+    (["trainer.grad_accum=2"], "trainer.capture: CUDA graphs replay the backward .* trainer.grad_accum=1"),
+    (["trainer.compile=cudagraphs"], "trainer.capture: trainer.compile=cudagraphs records CUDA graphs already")])
+def test_capture_refuses_what_graphs_cannot_replay(tmp_path, overrides, named):
+    cfg = compose_cfg([*CPU_RUN, "trainer.capture=true", "data.batching=static", *overrides], tmp_path)
+    with pytest.raises(ConfigError, match=named):
+        validate(cfg)
+
+
+def test_forgotten_norms_are_computed_again_and_the_frozen_ones_kept():
+    model = random_llama(2, AdapterMethod.dora, False)
+    batch = random_static_batch()
+    before = answer_loss(model, batch)
+    layer = next(m for m in model.modules() if "_finlora_dora_cache" in m.__dict__)
+    w2 = layer.__dict__["_finlora_dora_cache"]["w2"]
+    forget_norms(model)
+    assert set(layer.__dict__["_finlora_dora_cache"]) == {"w2"}
+    torch.testing.assert_close(answer_loss(model, batch), before)
+    assert layer.__dict__["_finlora_dora_cache"]["w2"] is w2 and "default" in layer.__dict__["_finlora_dora_cache"]
+
+
+def _on_gpu(method: AdapterMethod, checkpointing: bool):
+    return random_llama(3, method, checkpointing).cuda()
+
+
+def _to_gpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.cuda() for k, v in batch.items()}
+
+
+@cuda
+@pytest.mark.parametrize("method,checkpointing", [(AdapterMethod.lora, False), (AdapterMethod.dora, False),
+                                                  (AdapterMethod.dora, True)])
+def test_recorded_step_matches_eager_step_after_step_over_two_shapes(method, checkpointing):
+    eager_model, captured_model = _on_gpu(method, checkpointing), _on_gpu(method, checkpointing)
+    captured = CapturedLoss(captured_model, lambda b: answer_loss(captured_model, b))
+    shapes = [_to_gpu(random_static_batch((20, 28, 16), seed=1)), _to_gpu(random_static_batch((40, 50, 30), seed=2))]
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
+                  for m in (eager_model, captured_model)]
+    for step in range(6):  # the shapes in turn, each replayed after the other's: one pool, no clobbering
+        batch = shapes[step % 2] if step < 4 else _to_gpu(random_static_batch((20, 28, 16), seed=step))
+        computes = (lambda b=batch: answer_loss(eager_model, b), lambda b=batch: captured(b))
+        losses, grads = step_each((eager_model, captured_model), computes, optimizers)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+    assert captured.failure is None and captured.shapes == 2
+
+
+@cuda
+def test_a_step_that_waits_for_the_host_runs_unrecorded_after_one_line(caplog):
+    model = _on_gpu(AdapterMethod.lora, False)
+    batch = _to_gpu(random_static_batch())
+
+    def syncing(b: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss = answer_loss(model, b)
+        return loss * float(loss.detach().abs().max() > 0)  # .item(): not allowed while a graph records
+
+    torch.manual_seed(0)
+    dropped = torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5)
+
+    captured = CapturedLoss(model, syncing)
+    with caplog.at_level("WARNING", logger="finlora.capture"):
+        loss = captured(batch)
+    said = [r.getMessage() for r in caplog.records]
+    assert captured.failure and captured.shapes == 0
+    assert len(said) == 1 and "\n" not in said[0]
+    assert said[0].startswith("trainer.capture: the step could not be recorded")
+    torch.testing.assert_close(loss, answer_loss(model, batch))
+    torch.testing.assert_close(captured(batch), loss)  # later steps: unrecorded, no new attempt
+    torch.manual_seed(0)  # the random generator is back to eager use: dropout runs, and draws as before
+    assert torch.equal(torch.nn.functional.dropout(torch.ones(64, device="cuda"), 0.5), dropped)
+
+
+@cuda
+def test_an_earlier_runs_graphs_freed_by_the_collector_do_not_spoil_a_recording():
+    """A sweep's jobs can run in one process: the graphs of a finished run, held in a reference cycle, are freed
+    whenever the collector runs, which may be while the next run records (here made certain: a collection at
+    nearly every allocation). CUDA forbids freeing a graph while another records."""
+    batch = _to_gpu(random_static_batch())
+    model = _on_gpu(AdapterMethod.lora, False)
+    earlier = CapturedLoss(model, lambda b: answer_loss(model, b))
+    earlier(batch).backward()
+    earlier.cycle = earlier
+    del earlier
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        later_model = _on_gpu(AdapterMethod.lora, False)
+        later = CapturedLoss(later_model, lambda b: answer_loss(later_model, b))
+        loss = later(batch)
+    finally:
+        gc.set_threshold(*thresholds)
+    assert later.failure is None and later.shapes == 1
+    torch.testing.assert_close(loss, answer_loss(later_model, batch))
