@@ -39,7 +39,8 @@ def test_capture_refused_on_the_cpu_before_the_model_loads(tmp_path):
 @pytest.mark.parametrize("overrides,named", [
     (["data.batching=packed"], "trainer.capture: CUDA graphs replay fixed shapes: set data.batching=static"),
     (["trainer.grad_accum=2"], "trainer.capture: CUDA graphs replay the backward .* trainer.grad_accum=1"),
-    (["trainer.compile=cudagraphs"], "trainer.capture: trainer.compile=cudagraphs records CUDA graphs already")])
+    (["trainer.compile=cudagraphs"], "trainer.capture: trainer.compile=cudagraphs records CUDA graphs already"),
+    (["trainer.strategy=fsdp"], "trainer.capture: FSDP gathers each layer's weights")])
 def test_capture_refuses_what_graphs_cannot_replay(tmp_path, overrides, named):
     cfg = compose_cfg([*CPU_RUN, "trainer.capture=true", "data.batching=static", *overrides], tmp_path)
     with pytest.raises(ConfigError, match=named):

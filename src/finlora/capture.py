@@ -6,7 +6,8 @@ still spend milliseconds a step in their per-tensor bookkeeping. Here `torch.cud
 records the loss's forward and its backward once per batch shape (static batches have a few), after two
 warm-up passes that leave the gradients alone, and each step replays them: one launch for the forward, one
 for the backward, whatever kernels they hold (the model's own, or inductor's with `trainer.compile=inductor`).
-Nothing is compiled, so recording costs a few eager steps. The optimizer step stays outside the graphs.
+Without `trainer.compile` nothing is compiled, so recording costs a few eager passes (seconds). The optimizer
+step stays outside the graphs (fused AdamW: a few launches).
 
 All shapes record into one memory pool: a step's forward and backward replay before the next step's, and
 what outlives a step (the loss, the gradients) is read before the next replay, so shapes may reuse each

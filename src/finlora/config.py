@@ -488,6 +488,9 @@ class Config(RunConfig):
         _check(problems, not (t.capture and t.compile is Compile.cudagraphs), "trainer.capture",
                "trainer.compile=cudagraphs records CUDA graphs already: capture goes with trainer.compile=eager "
                "or inductor")
+        _check(problems, not (t.capture and t.strategy == "fsdp"), "trainer.capture",
+               "FSDP gathers each layer's weights into fresh memory around its forward, which a recorded graph would "
+               "not follow: use trainer.capture=false, or trainer.strategy=ddp")
         graphs = "trainer.capture" if t.capture else "trainer.compile" if t.compile is Compile.cudagraphs else None
         _check(problems, not graphs or self.data.batching is Batching.static, graphs,
                "CUDA graphs replay fixed shapes: set data.batching=static "
