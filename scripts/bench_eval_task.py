@@ -6,7 +6,8 @@ function `eval.py` and training's test stage call (generation, scoring, the file
 first pass pays for compiling the decode step, the second is steady. Run it in a fresh process per row, so
 the first pass starts from what a new `eval.py` job has: nothing compiled in memory, and the compile cache
 in `TORCHINDUCTOR_CACHE_DIR` (empty for a first job, filled for a later one). `--decode-compile` sets
-`eval.decode_compile` (Dynamo's CUDA-graph backend or Inductor; else the checkout's default). `--profile
+`eval.decode_compile` (Dynamo's CUDA-graph backend, Inductor or finlora's recording; else the checkout's
+default). The row holds a digest of the first pass's answers: rows of one model compare answer for answer. `--profile
 FILE` adds a third pass under torch.profiler (its top ops by device and by host time, to FILE). Run against
 another checkout's `src` (PYTHONPATH), it measures that code: the row says which commit.
 
@@ -19,6 +20,7 @@ and rewrites the section "## Evaluation speed, GPU, a whole task end to end" of 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import tempfile
@@ -68,6 +70,14 @@ def profiled(path: Path, title: str, fn, *args) -> None:
     print(f"profile: {path}", flush=True)
 
 
+def answers_digest(out: Path) -> str:
+    """A digest of every answer a pass generated (its `<set>_predictions.jsonl` files)."""
+    digest = hashlib.sha256()
+    for path in sorted(out.glob("*_predictions.jsonl")):
+        digest.update(b"".join(json.dumps(json.loads(line)["generated"]).encode() for line in path.open()))
+    return digest.hexdigest()[:16]
+
+
 def timed_pass(model, tokenizer, sets, settings: EvalSettings, precision: str, out: Path) -> tuple[float, dict]:
     sync = torch.cuda.synchronize if torch.cuda.is_available() else lambda: None
     sync()
@@ -81,7 +91,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--label", required=True, help="what this row measures (e.g. first job, later job)")
     p.add_argument("--commit", default=os.environ.get("FINLORA_COMMIT", "this checkout"))
-    p.add_argument("--decode-compile", choices=["cudagraphs", "inductor"], default=None,
+    p.add_argument("--decode-compile", choices=["cudagraphs", "inductor", "recorded"], default=None,
                    help="eval.decode_compile (default: the checkout's own; older checkouts compile by inductor)")
     p.add_argument("--append", action="store_true", help="add to the part's rows instead of starting anew")
     p.add_argument("--smoke", action="store_true", help="the logic on the CPU: tiny shapes, 24 rows a set")
@@ -115,6 +125,7 @@ def main() -> None:
         where = placement(cfg)
         model = build(cfg, where).model
         first, metrics = timed_pass(model, tokenizer, sets, settings, where.precision, Path(tmp) / "first")
+        digest = answers_digest(Path(tmp) / "first")
         steady, again = timed_pass(model, tokenizer, sets, settings, where.precision, Path(tmp) / "steady")
         if args.profile:
             profiled(args.profile, f"{args.label}, decode step by {compiled_by}: a steady pass", evaluate_sets,
@@ -127,6 +138,7 @@ def main() -> None:
            "transformers": version("transformers"), "sets": [t.name for t, _ in sets], "rows": rows,
            "first_pass_s": round(first, 2), "steady_s": round(steady, 2),
            "steady_examples_per_s": round(rows / steady), "same_scores_both_passes": metrics == again,
+           "answers_sha256": digest,
            "compile_times": compile_times(repr="str", aggregate=True)[-1500:]}
     print(json.dumps(row, indent=1), flush=True)
     saved = json.loads(args.json.read_text()) if args.json.exists() else {}

@@ -3,7 +3,9 @@ graphs cannot replay; on a GPU, the recorded forward and backward give the eager
 step, with LoRA and with finlora's DoRA (whose norms must follow every optimizer step inside the graph), over two
 batch shapes replayed in turn from one memory pool; a step that cannot be recorded runs unrecorded after one
 line saying why, with the random generator fit for eager use again; an earlier run's graphs freed by the garbage
-collector do not spoil a recording."""
+collector do not spoil a recording. The decode step recorded by `recorded_backend` (`eval.decode_compile=recorded`)
+gives the answers of Dynamo's CUDA-graph backend and of eager generation; where nothing can be recorded (the CPU)
+the traced graph runs as it is."""
 
 from __future__ import annotations
 
@@ -12,12 +14,14 @@ import time
 
 import pytest
 import torch
-from conftest import compose_cfg, random_llama, random_static_batch, step_each
+from conftest import DATA_DIR, compose_cfg, random_llama, random_static_batch, step_each
 
-from finlora.capture import CapturedLoss
-from finlora.config import AdapterMethod, validate
+from finlora.capture import CapturedLoss, recorded_backend
+from finlora.config import AdapterMethod, DecodeCompile, validate
+from finlora.data import read_jsonl
 from finlora.dora import forget_norms
 from finlora.errors import ConfigError
+from finlora.evaluate import generate
 from finlora.loss import answer_loss
 from finlora.train import train
 
@@ -133,3 +137,25 @@ def test_an_earlier_runs_graphs_freed_by_the_collector_do_not_spoil_a_recording(
         gc.set_threshold(*thresholds)
     assert later.failure is None and later.shapes == 1
     torch.testing.assert_close(loss, answer_loss(later_model, batch))
+
+
+def test_recorded_backend_runs_the_traced_graph_where_nothing_can_be_recorded():
+    def fn(x, w):
+        return (x @ w).relu() + 1
+
+    compiled = torch.compile(fn, backend=recorded_backend)
+    for seed in range(4):  # past the warm-up calls, where a CUDA input would be recorded
+        x, w = torch.randn(4, 8, generator=torch.Generator().manual_seed(seed)), torch.randn(8, 3)
+        torch.testing.assert_close(compiled(x, w), fn(x, w))
+
+
+@cuda
+def test_recorded_decode_step_gives_the_answers_of_the_cudagraphs_backend_and_of_eager(lively):
+    tokenizer, model = lively
+    model = model.cuda()
+    records = [r for name in ("fpb", "fiqa") for r in read_jsonl(DATA_DIR / "test" / f"{name}_test.jsonl")[:40:4]]
+    eager = generate(model, tokenizer, records, 6, 8, static_cache=False)
+    by_dynamo = generate(model, tokenizer, records, 6, 8, decode_compile=DecodeCompile.cudagraphs)
+    recorded = generate(model, tokenizer, records, 6, 8, decode_compile=DecodeCompile.recorded)
+    assert recorded == by_dynamo == eager
+    assert len(set(recorded)) > 3  # answers that differ between prompts: the check can tell them apart

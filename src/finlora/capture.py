@@ -1,4 +1,5 @@
-"""The training step's forward and backward recorded as CUDA graphs and replayed (`trainer.capture`).
+"""Steps recorded as CUDA graphs and replayed: the training step's forward and backward (`trainer.capture`,
+`CapturedLoss`) and generation's decode step (`eval.decode_compile=recorded`, `recorded_backend`).
 
 On a GPU the steps of a small model, or of a large one on short examples, are bound by the host: Python
 launches thousands of small kernels a step, and torch.compile's own CUDA graphs (`trainer.compile=cudagraphs`)
@@ -9,17 +10,23 @@ for the backward, whatever kernels they hold (the model's own, or inductor's wit
 Without `trainer.compile` nothing is compiled, so recording costs a few eager passes (seconds). The optimizer
 step stays outside the graphs (fused AdamW: a few launches).
 
-All shapes record into one memory pool: a step's forward and backward replay before the next step's, and
-what outlives a step (the loss, the gradients) is read before the next replay, so shapes may reuse each
-other's memory. finlora's DoRA recomputes its norms inside the graph (`dora.forget_norms`).
+The decode step is traced by Dynamo (transformers compiles it on a static KV cache) and handed to
+`recorded_backend`, which runs the traced graph as it is twice and then records it: no AOTAutograd, no
+Inductor, and unlike Dynamo's own `cudagraphs` backend, the inputs that stay where they are (the weights, the
+KV cache) are read in place at each replay instead of copied into the graph's memory.
+
+All shapes of the training step record into one memory pool: a step's forward and backward replay before the
+next step's, and what outlives a step (the loss, the gradients) is read before the next replay, so shapes may
+reuse each other's memory. finlora's DoRA recomputes its norms inside the graph (`dora.forget_norms`).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,19 +78,27 @@ class CapturedLoss:
         eager_rng = rng.clone_state()
         with casts:
             _warm_up(step, sample)
-        collecting = gc.isenabled()
-        gc.collect()  # an earlier run's graphs, freed by a collection mid-recording, would spoil it (CUDA forbids that)
-        gc.disable()
         try:
-            with casts:
+            with casts, _recording():
                 return torch.cuda.make_graphed_callables(step, sample, num_warmup_iters=0, pool=self.pool,
                                                          allow_unused_input=True)
         except RuntimeError:
             rng.graphsafe_set_state(eager_rng)  # a failed recording leaves the generator recording: dropout would fail
             raise
-        finally:
-            if collecting:
-                gc.enable()
+
+
+@contextmanager
+def _recording() -> Iterator[None]:
+    """The garbage collector off while a graph records: an earlier run's graphs, freed by a collection
+    mid-recording, would spoil it (CUDA forbids freeing a graph while another records)."""
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _warm_up(step: nn.Module, sample: tuple[Tensor, ...], passes: int = 2) -> None:
@@ -114,3 +129,57 @@ class _Step(nn.Module):
         (it would compile again, mid-recording, for a cache that changed)."""
         forget_norms(self.model)
         return self.loss(dict(zip(self.names, tensors, strict=True)))
+
+
+def recorded_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
+    """A torch.compile backend for the decode step (`eval.decode_compile=recorded`): `_Recorded` for each graph."""
+    return _Recorded(gm)
+
+
+class _Recorded:
+    """A traced graph run as it is for its first `WARM` calls (lazily made state: cuBLAS workspaces, kernels
+    loaded), then recorded as a CUDA graph and replayed. Inputs that stay at one address from call to call
+    (parameters, and what Dynamo was told is static: transformers marks its static KV cache so) are read in
+    place; any other input is copied into the graph's own buffer before each replay. An input kept in place
+    that has moved, or other inputs than tensors, and the graph runs as it is; a failed recording too, after
+    one line saying why."""
+
+    WARM = 2
+
+    def __init__(self, gm: torch.fx.GraphModule) -> None:
+        self.gm, self.calls = gm, 0
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: list[Tensor | None] = []  # the graph's own copies of the inputs not read in place
+        self.kept: list[tuple[int, int]] = []  # (index, address) of the inputs read in place
+        self.copied: list[int] = []
+        self.outputs: object = None
+        self.failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls += 1
+        if self.failed or self.calls <= self.WARM or not all(isinstance(a, Tensor) and a.is_cuda for a in args):
+            return self.gm(*args)
+        if self.graph is None or any(args[i].data_ptr() != ptr for i, ptr in self.kept):
+            try:
+                self._record(args)
+            except RuntimeError as err:
+                self.failed = True
+                log.warning("eval.decode_compile=recorded: the decode step could not be recorded as a CUDA graph (%s);"
+                            " running it as traced", str(err).strip().splitlines()[0][:200])
+                return self.gm(*args)
+        for i in self.copied:
+            self.inputs[i].copy_(args[i])
+        self.graph.replay()
+        return self.outputs
+
+    def _record(self, args: tuple[Tensor, ...]) -> None:
+        """Only the addresses of the inputs read in place are kept, not the tensors: a KV cache that transformers
+        frees and makes again for the next batch can then come back at the same address, with no new recording."""
+        kept = {i for i, a in enumerate(args) if isinstance(a, nn.Parameter) or hasattr(a, "_dynamo_static_input_type")}
+        own = [a if i in kept else a.clone() for i, a in enumerate(args)]
+        self.inputs = [None if i in kept else t for i, t in enumerate(own)]
+        self.kept = [(i, args[i].data_ptr()) for i in sorted(kept)]
+        self.copied = [i for i in range(len(args)) if i not in kept]
+        self.graph = torch.cuda.CUDAGraph()
+        with _recording(), torch.cuda.graph(self.graph):
+            self.outputs = self.gm(*own)

@@ -369,6 +369,8 @@ class DecodeCompile(Enum):
     cudagraphs = "cudagraphs"  # Dynamo's CUDA-graph backend, the model's own kernels: about 9 s, every job
     inductor = "inductor"  # Inductor's fused kernels in CUDA graphs: about 25 s more the first time (then cached),
     # a fifth faster afterwards: for long evaluations and a sweep's later jobs
+    recorded = "recorded"  # the traced step recorded as a CUDA graph by finlora (`capture.recorded_backend`): no
+    # compiling after the trace, weights and KV cache read in place
 
 
 @dataclass

@@ -36,6 +36,7 @@ from transformers import CompileConfig, PreTrainedTokenizerBase
 from finlora.attention import grouped_decoding
 from finlora.batching import pad_left
 from finlora.build import build, placement
+from finlora.capture import recorded_backend
 from finlora.config import (
     DecodeCompile,
     EvalConfig,
@@ -69,7 +70,8 @@ DENSE_SHARE = 0.5  # of the free memory that `eval.four_bit=auto` lets a dense c
 
 DECODE_COMPILE = {  # what transformers' torch.compile of the decode step is given
     DecodeCompile.cudagraphs: CompileConfig(fullgraph=False, backend="cudagraphs", mode=None),
-    DecodeCompile.inductor: CompileConfig(fullgraph=False, mode="reduce-overhead")}
+    DecodeCompile.inductor: CompileConfig(fullgraph=False, mode="reduce-overhead"),
+    DecodeCompile.recorded: CompileConfig(fullgraph=False, backend=recorded_backend, mode=None)}
 
 
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list[dict], max_new_tokens: int,
