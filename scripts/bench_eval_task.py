@@ -154,10 +154,11 @@ def markdown(rows: list[dict]) -> str:
              "`evaluate_sets`, as `eval.py` does, twice. *First pass*: from a new process's state (decode step "
              "not compiled in memory; the compile cache as the label says); *steady*: the second pass. A random "
              "model rarely says EOS, so most rows decode up to the task's `max_new_tokens`: a worst case.", "",
-             "| row | code | decode step compiled by | device | rows | first pass s | steady s | steady examples/s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| row | code | decode step compiled by | device | rows | first pass s | steady s | steady examples/s "
+             "| answers (digest) |", "|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | {r['commit']} | {r['decode_compile']} | {r['device']} | {r['rows']} | "
-              f"{r['first_pass_s']} | {r['steady_s']} | {r['steady_examples_per_s']:,} |" for r in rows]
+              f"{r['first_pass_s']} | {r['steady_s']} | {r['steady_examples_per_s']:,} | "
+              f"{r.get('answers_sha256', '')} |" for r in rows]
     versions = sorted({f"torch {r['torch']}, transformers {r['transformers']}" for r in rows})
     return "\n".join([*lines, "", f"Versions: {'; '.join(versions)}."]) + "\n"
 
