@@ -190,9 +190,10 @@ class NonFiniteGuard(Callback):
     they were (what GradScaler uses it for), and it is read back only on logging steps, before checkpoints
     and at the end. `stop` then raises `NonFiniteLoss` naming the first such step; `skip` warns how many
     were skipped. Otherwise (the CPU) the verdict is read at each step, and `skip` drops the gradients.
-    The gradient norm is logged as `train/grad_norm`, and clips the gradients to at most `clip` (`trainer.grad_clip`;
-    0: not clipped), as `clip_grad_norm_` would, without computing the norm a second time. Lightning's own
-    clipping (`gradient_clip_val`) refuses fused optimizers.
+    It logs the gradient norm as `train/grad_norm` and clips the gradients by it to at most `clip`
+    (`trainer.grad_clip`; 0: not clipped), as `clip_grad_norm_` would, without computing the norm a second
+    time (Lightning's own clipping, `gradient_clip_val`, refuses fused optimizers). Callbacks after it see the
+    clipped gradients.
     """
 
     def __init__(self, policy: NonFinitePolicy, last: Path, every_n_steps: int, clip: float = 0.0) -> None:
