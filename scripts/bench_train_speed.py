@@ -128,12 +128,21 @@ MODES = {"eager": ["trainer.compile=eager", "data.batching=packed"],
                              "data.batching=static"]}
 
 
-def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
-    plan = [(8, "lora", "eager"), (8, "lora", "cudagraphs"), (8, "dora", "eager"), (8, "dora", "cudagraphs"),
-            (8, "dora", "inductor")]
-    return [run(f"embedded b{batch} {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}",
-                "quant=none", f"trainer.batch_size={batch}", f"trainer.max_steps={args.steps}", *MODES[mode])
+def sentiment(adapter: str, batch: int, steps: int, mode: str, quant: str = "none") -> list[str]:
+    """The overrides of a `task=sentiment` run: adapter, quantization, batch size, steps and mode (`MODES`)."""
+    return ["task=sentiment", f"adapter={adapter}", f"quant={quant}", f"trainer.batch_size={batch}",
+            f"trainer.max_steps={steps}", *MODES[mode]]
+
+
+def embedded_runs(model: Path, args: argparse.Namespace, plan: list[tuple[int, str, str]]) -> list[dict]:
+    """An `embedded b<batch> <adapter> <mode>` row for each (batch, adapter, mode) of `plan`, in its order."""
+    return [run(f"embedded b{batch} {adapter} {mode}", model, args, *sentiment(adapter, batch, args.steps, mode))
             for batch, adapter, mode in plan]
+
+
+def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
+    return embedded_runs(model, args, [(8, "lora", "eager"), (8, "lora", "cudagraphs"), (8, "dora", "eager"),
+                                       (8, "dora", "cudagraphs"), (8, "dora", "inductor")])
 
 
 NUMERICS = ["task=sentiment", "adapter=dora", "quant=none", "trainer.batch_size=8", "trainer.max_steps=50",
@@ -193,8 +202,7 @@ def regions(model: Path, args: argparse.Namespace) -> list[dict]:
     for adapter in args.adapters:
         for form, regions_on in (("whole model", "false"), ("regions", "true")):
             compile_cache = tempfile.mkdtemp(prefix="compile-", dir=args.work)
-            extra = ["task=sentiment", f"adapter={adapter}", "quant=none", "trainer.batch_size=8",
-                     f"trainer.max_steps={args.steps}", *MODES["cudagraphs"], f"trainer.compile_regions={regions_on}"]
+            extra = [*sentiment(adapter, 8, args.steps, "cudagraphs"), f"trainer.compile_regions={regions_on}"]
             rows += [job(f"{when} job b8 {adapter} cudagraphs, {form}", model, args, compile_cache, *extra)
                      for when in ("first", "later")]
     return rows
@@ -240,9 +248,8 @@ def profile(model: Path, args: argparse.Namespace) -> list[dict]:
 
         finlora.train.run_callbacks = with_profile
         try:
-            rows.append(run(f"profile b8 {adapter} {args.modes[0]}", model, args, "task=sentiment",
-                            f"adapter={adapter}", "quant=none", "trainer.batch_size=8", "trainer.max_steps=200",
-                            *MODES[args.modes[0]]))
+            rows.append(run(f"profile b8 {adapter} {args.modes[0]}", model, args,
+                            *sentiment(adapter, 8, 200, args.modes[0])))
         finally:
             finlora.train.run_callbacks = built
     return rows
@@ -251,18 +258,15 @@ def profile(model: Path, args: argparse.Namespace) -> list[dict]:
 def capture(model: Path, args: argparse.Namespace) -> list[dict]:
     """In-process runs (compiled modes fill the run's compile cache), then with `--jobs` a fresh job of each:
     for a compiled mode, a later job of the same shapes with that cache."""
-    rows = [run(f"embedded b{batch} {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}",
-                "quant=none", f"trainer.batch_size={batch}", f"trainer.max_steps={args.steps}", *MODES[mode])
-            for batch in args.batches for adapter in args.adapters for mode in ("eager", *args.modes)]
-    return rows + [job(f"later job b8 {adapter} {mode}", model, args, args.cache, "task=sentiment",
-                       f"adapter={adapter}", "quant=none", "trainer.batch_size=8", f"trainer.max_steps={args.steps}",
-                       *MODES[mode]) for adapter in args.adapters for mode in args.modes if args.jobs]
+    rows = embedded_runs(model, args, [(batch, adapter, mode) for batch in args.batches for adapter in args.adapters
+                                       for mode in ("eager", *args.modes)])
+    return rows + [job(f"later job b8 {adapter} {mode}", model, args, args.cache,
+                       *sentiment(adapter, 8, args.steps, mode)) for adapter in args.adapters for mode in args.modes
+                   if args.jobs]
 
 
 def batch32(model: Path, args: argparse.Namespace) -> list[dict]:
-    return [run(f"embedded b32 {adapter} {mode}", model, args, "task=sentiment", f"adapter={adapter}", "quant=none",
-                "trainer.batch_size=32", f"trainer.max_steps={args.steps}", *MODES[mode])
-            for adapter, mode in (("lora", "eager"), ("lora", "cudagraphs"), ("dora", "cudagraphs"))]
+    return embedded_runs(model, args, [(32, "lora", "eager"), (32, "lora", "cudagraphs"), (32, "dora", "cudagraphs")])
 
 
 def llama(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
@@ -271,9 +275,8 @@ def llama(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
     for bits in args.bits:
         for adapter in args.adapters:
             for mode in ("eager", *args.modes):
-                rows.append(run(f"llama-8b x4 {bits}bit {adapter} {mode}", model, args, "task=sentiment",
-                                f"adapter={adapter}", f"quant={bits}bit", "trainer.batch_size=8",
-                                f"trainer.max_steps={args.steps}", *MODES[mode]))
+                rows.append(run(f"llama-8b x4 {bits}bit {adapter} {mode}", model, args,
+                                *sentiment(adapter, 8, args.steps, mode, f"{bits}bit")))
     return rows
 
 
