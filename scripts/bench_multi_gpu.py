@@ -52,7 +52,10 @@ def train(name: str, model: Path, args: argparse.Namespace, *extra: str, **tags:
     else:
         row |= json.loads((out / "metrics.json").read_text())
         log = out / "csv" / "metrics.csv"
-        row["losses"] = [float(r["train/loss"]) for r in csv.DictReader(log.open()) if r.get("train/loss")]
+        logged = list(csv.DictReader(log.open()))
+        row["losses"] = [float(r["train/loss"]) for r in logged if r.get("train/loss")]
+        windows = sorted(float(r["train/tokens_per_s"]) for r in logged if r.get("train/tokens_per_s"))
+        row["tokens_per_s_median_window"] = windows[len(windows) // 2] if windows else None
     print(f"[{name}] {row.get('tokens_per_s') or 0:,.0f} tok/s/GPU, peak {row.get('gpu_peak_gib')} GiB, "
           f"{row.get('error', '')[-600:]}", flush=True)
     rows = json.loads(Path(args.json).read_text())["rows"] if Path(args.json).is_file() else []
@@ -60,17 +63,23 @@ def train(name: str, model: Path, args: argparse.Namespace, *extra: str, **tags:
     return row
 
 
+MODES = {"eager": ["data.batching=packed"],  # what the rows without a mode in their name ran
+         "capture": ["data.batching=static", "trainer.capture=true"]}
+
+
 def ddp(args: argparse.Namespace, tokenizer) -> list[dict]:
     model = save_random_llama(Path(args.work) / "llama8b", LLAMA_8B, 4, tokenizer, torch.device("cuda"))
-    n = args.gpus
-    common = ["quant=4bit", "data.batching=packed"]
-    return [train("1 GPU x 8 lora", model, args, "trainer=gpu", "adapter=lora", "trainer.batch_size=8", *common),
-            train(f"{n} GPUs x 8 lora", model, args, "trainer=ddp", f"trainer.devices={n}", "adapter=lora",
-                  "trainer.batch_size=8", *common),
-            train(f"1 GPU x {8 * n} lora", model, args, "trainer=gpu", "adapter=lora", f"trainer.batch_size={8 * n}",
-                  *common),
-            train(f"{n} GPUs x 8 dora", model, args, "trainer=ddp", f"trainer.devices={n}", "adapter=dora",
-                  "trainer.batch_size=8", *common)]
+    n, rows = args.gpus, []
+    for mode in args.modes:
+        common, suffix = ["quant=4bit", *MODES[mode]], "" if mode == "eager" else f", {mode}"
+        on_n = ["trainer=ddp", f"trainer.devices={n}", "trainer.batch_size=8"]
+        rows += [train(f"1 GPU x 8 lora{suffix}", model, args, "trainer=gpu", "adapter=lora", "trainer.batch_size=8",
+                       *common),
+                 train(f"{n} GPUs x 8 lora{suffix}", model, args, *on_n, "adapter=lora", *common),
+                 train(f"1 GPU x {8 * n} lora{suffix}", model, args, "trainer=gpu", "adapter=lora",
+                       f"trainer.batch_size={8 * n}", *common),
+                 train(f"{n} GPUs x 8 dora{suffix}", model, args, *on_n, "adapter=dora", *common)]
+    return rows
 
 
 def fsdp(args: argparse.Namespace, tokenizer) -> list[dict]:
@@ -87,38 +96,26 @@ def fsdp(args: argparse.Namespace, tokenizer) -> list[dict]:
 
 def markdown(rows: list[dict], device: str, gpus: int) -> str:
     lines = ["## Several GPUs", "", f"`scripts/bench_multi_gpu.py` on {device}: each row one `python train.py` run, "
-             "read from its own summary (tokens/s: rank zero's useful tokens, so per GPU).", "",
-             "| run | machine | useful tokens/s per GPU | step ms (median) | peak GiB (rank 0) | final loss | wall s |",
-             "|---|---|---|---|---|---|---|"]
+             "read from its own summary (tokens/s: rank zero's useful tokens, so per GPU; over the whole run, and "
+             "the median of the run's logged windows of `trainer.log_every_n_steps` steps, where a step that waited "
+             "while another rank recorded a shape weighs no more than one window).", "",
+             "| run | machine | useful tokens/s per GPU | median window | step ms (median) | peak GiB (rank 0) | "
+             "final loss | wall s |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-                lines.append(f"| {r['name']} | {r.get('machine', device).split(';')[0]} | failed: "
-                         f"{r['error'].strip().splitlines()[-1][:200]} | | | | |")
+            lines.append(f"| {r['name']} | {r.get('machine', device).split(';')[0]} | failed: "
+                         f"{r['error'].strip().splitlines()[-1][:200]} | | | | | |")
         else:
+            window = r.get("tokens_per_s_median_window")
             lines.append(f"| {r['name']} | {r.get('machine', device).split(';')[0]} | {r['tokens_per_s']:,.0f} | "
-                         f"{r.get('step_ms') or '-'} | {r['gpu_peak_gib']} | {r['final_train_loss']:.4f} | "
-                         f"{r['wall_s']} |")
+                         f"{f'{window:,.0f}' if window else '-'} | {r.get('step_ms') or '-'} | {r['gpu_peak_gib']} | "
+                         f"{r['final_train_loss']:.4f} | {r['wall_s']} |")
     lines.append("")
     for invocation in dict.fromkeys(r.get("invocation") for r in rows):  # ratios within one invocation only
         ok = {r["name"]: r for r in rows if "error" not in r and r.get("invocation") == invocation}
-        one = ok.get("1 GPU x 8 lora")
-        for n in sorted({int(k.split()[0]) for k in ok if k.endswith("GPUs x 8 lora")}):
-            many, same = ok[f"{n} GPUs x 8 lora"], ok.get(f"1 GPU x {8 * n} lora")
-            if one:
-                by_step = (f", {one['step_ms'] / many['step_ms']:.2f} × by the median step ({one['step_ms']} ms on "
-                           f"one GPU, {many['step_ms']} ms on {n})" if one.get("step_ms") and many.get("step_ms")
-                           else "")
-                lines.append(f"DDP scaling, {n} GPUs, 8 examples each ({many.get('machine', device)}; run "
-                             f"{invocation}): per GPU "
-                             f"{many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU tokens/s{by_step}.")
-            if same and same["losses"] and many["losses"]:
-                diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
-                tail = min(10, len(diffs))
-                lines.append(f"Loss curve, {n} GPUs x 8 against 1 GPU x {8 * n} (same global batch, other example "
-                             f"order): mean relative difference {sum(diffs) / len(diffs):.3f}, largest "
-                             f"{max(diffs):.3f} over {len(diffs)} logged steps (rank zero's batch on {n} GPUs); "
-                             f"mean of the last {tail} logged losses {_mean(many['losses'][-tail:]):.3f} against "
-                             f"{_mean(same['losses'][-tail:]):.3f}.")
+        for suffix in sorted({k.partition(",")[1] + k.partition(",")[2] for k in ok}):
+            lines += _scaling(ok, suffix, invocation, device)
     fs = {r["layers"]: r for r in rows if "layers" in r and "error" not in r}  # the latest run of each depth
     if len(fs) >= 2:
         low, high = fs[min(fs)], fs[max(fs)]
@@ -132,6 +129,33 @@ def markdown(rows: list[dict], device: str, gpus: int) -> str:
     return "\n".join(lines)
 
 
+def _scaling(ok: dict[str, dict], suffix: str, invocation: str | None, device: str) -> list[str]:
+    """DDP's per-GPU scaling and loss curve, for the rows of one mode (`suffix`: "" for eager, ", capture")."""
+    lines, one = [], ok.get(f"1 GPU x 8 lora{suffix}")
+    for n in sorted({int(k.split()[0]) for k in ok if k.endswith(f"GPUs x 8 lora{suffix}")}):
+        many, same = ok[f"{n} GPUs x 8 lora{suffix}"], ok.get(f"1 GPU x {8 * n} lora{suffix}")
+        mode = suffix.removeprefix(", ") or "eager"
+        if one:
+            by_step = (f", {one['step_ms'] / many['step_ms']:.2f} × by the median step ({one['step_ms']} ms on "
+                       f"one GPU, {many['step_ms']} ms on {n})" if one.get("step_ms") and many.get("step_ms")
+                       else "")
+            windows = (one.get("tokens_per_s_median_window"), many.get("tokens_per_s_median_window"))
+            by_window = (f", {windows[1] / windows[0]:.2f} × by the median window ({windows[1]:,.0f} against "
+                         f"{windows[0]:,.0f})" if all(windows) else "")
+            lines.append(f"DDP scaling, {n} GPUs, 8 examples each, {mode} ({many.get('machine', device)}; run "
+                         f"{invocation}): per GPU {many['tokens_per_s'] / one['tokens_per_s']:.2f} × the one-GPU "
+                         f"tokens/s{by_window}{by_step}.")
+        if same and same["losses"] and many["losses"]:
+            diffs = [abs(a - b) / abs(b) for a, b in zip(many["losses"], same["losses"], strict=False)]
+            tail = min(10, len(diffs))
+            lines.append(f"Loss curve, {n} GPUs x 8 against 1 GPU x {8 * n}, {mode} (same global batch, other example "
+                         f"order): mean relative difference {sum(diffs) / len(diffs):.3f}, largest "
+                         f"{max(diffs):.3f} over {len(diffs)} logged steps (rank zero's batch on {n} GPUs); "
+                         f"mean of the last {tail} logged losses {_mean(many['losses'][-tail:]):.3f} against "
+                         f"{_mean(same['losses'][-tail:]):.3f}.")
+    return lines
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
@@ -142,6 +166,8 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="a tokenizer folder (needed unless --rewrite)")
     parser.add_argument("--only", nargs="*", default=["ddp", "fsdp"])
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["eager"],
+                        help="ddp's runs: eager on packed batches, or trainer.capture on static ones")
     parser.add_argument("--timeout", type=int, default=200)
     parser.add_argument("--fsdp-layers", type=int, nargs="+", default=[1, 2], help="decoder layers of the 70B shapes")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")

@@ -43,11 +43,19 @@ def smollm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, smollm_dir) -> Path:
+def tokenizer_dir(request) -> Path:
+    """SmolLM2's tokenizer: from the embedded model, or from the folder `FINLORA_TEST_TOKENIZER` names (a GPU
+    machine without the embedded model's package runs the tiny-model tests so)."""
+    folder = os.environ.get("FINLORA_TEST_TOKENIZER")
+    return Path(folder) if folder else request.getfixturevalue("smollm_dir")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A 2-layer random Llama (hidden 64) with SmolLM2's tokenizer, saved like any local model folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,

@@ -5,6 +5,8 @@ presets compose; a base too big for the GPUs at hand is refused before loading, 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -39,6 +41,25 @@ def test_ddp_on_two_cpu_processes_trains_and_writes_once(tiny_model_dir, tmp_pat
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     tuned = PeftModel.from_pretrained(base, run / "adapter")
     assert any("lora_magnitude_vector" in n for n, _ in tuned.named_parameters())
+
+
+@pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="needs two GPUs"))])
+def test_a_signal_to_rank_zero_alone_stops_both_ranks_at_one_step(tiny_model_dir, tmp_path, accelerator):
+    """Rank one hears of rank zero's SIGTERM through the ranks' vote (`StopVote`, read a step late; on GPUs
+    from pinned memory behind an event): both save the same step and end with the signal's status, where rank
+    one would otherwise fail or wait for rank zero forever."""
+    from test_faults import finish, start, step_of, wait_for
+
+    proc = start(tiny_model_dir, tmp_path, "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_steps=400",
+                 "trainer.val_every_n_steps=1000", f"trainer.accelerator={accelerator}")
+    wait_for(tmp_path / "checkpoints" / "step-000002.ckpt", proc)
+    os.kill(proc.pid, signal.SIGTERM)  # rank zero only: rank one is a process of its own
+    code, out = finish(proc)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    stopped = step_of(tmp_path / "checkpoints" / "last.ckpt")
+    assert f"stopped by SIGTERM after step {stopped};" in out and "Traceback" not in out and stopped < 400
+    assert f"stopped by SIGTERM after step {stopped};" in (tmp_path / "train_ddp_process_1.log").read_text()
 
 
 def test_fsdp_and_70b_presets_compose(tmp_path):

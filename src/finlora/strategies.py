@@ -18,7 +18,10 @@ from torch import nn
 
 
 def lightning_strategy(strategy: str, model: nn.Module) -> Any:
-    """What `L.Trainer(strategy=...)` gets: Lightning's own name, or for fsdp the strategy wrapping `model`."""
+    """What `L.Trainer(strategy=...)` gets: Lightning's own name, DDP as set out in `ddp`, or for fsdp the
+    strategy wrapping `model`."""
+    if strategy == "ddp":
+        return ddp()
     if strategy != "fsdp":
         return strategy
     from lightning.pytorch.strategies import FSDPStrategy
@@ -31,6 +34,15 @@ def lightning_strategy(strategy: str, model: nn.Module) -> Any:
     per_layer = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
     return FSDPStrategy(auto_wrap_policy=functools.partial(_or_policy, policies=[trainable_leaf, per_layer]),
                         sharding_strategy="FULL_SHARD", state_dict_type="full")
+
+
+def ddp() -> Any:
+    """Lightning's DDP without a broadcast of the model's buffers before every forward (they are the rotary
+    frequencies, the same on every rank: each loaded the same base), and with each gradient a view into DDP's
+    reduction bucket, so no copy into the bucket and back a step."""
+    from lightning.pytorch.strategies import DDPStrategy
+
+    return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def _inner(model: nn.Module) -> nn.Module:
