@@ -15,6 +15,7 @@ from conftest import DATA_DIR, compose_cfg, lively_weights
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from finlora.adapters import attach_adapter
+from finlora.capture import recorded_backend
 from finlora.config import (
     AdapterConfig,
     AdapterMethod,
@@ -168,7 +169,7 @@ def test_a_tasks_sets_share_one_decode_shape(lively, monkeypatch):
     monkeypatch.setattr(type(model), "generate", spy)
     assert list(generate_sets(model, tokenizer, sets, "auto")) == alone
     # auto on the CPU: at most 32 rows; 45 rows in two batches of 24 sets the rows of every batch
-    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "static", 512, "cudagraphs")}
+    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "static", 512, recorded_backend)}
     calls.clear()
     assert list(generate_sets(model, tokenizer, sets, "auto", decode_compile=DecodeCompile.inductor)) == alone
     assert {c[3] for c in calls} == {"inductor"}

@@ -366,18 +366,18 @@ class FourBitEval(Enum):
 class DecodeCompile(Enum):
     """How the decode step is compiled on a static cache, on CUDA (`eval.decode_compile`; docs/benchmarks.md)."""
 
+    recorded = "recorded"  # the traced step recorded as a CUDA graph by finlora (`capture.recorded_backend`): no
+    # compiling after the trace, weights and KV cache read in place; the quickest first pass, what one job runs
     cudagraphs = "cudagraphs"  # Dynamo's CUDA-graph backend, the model's own kernels: about 9 s, every job
     inductor = "inductor"  # Inductor's fused kernels in CUDA graphs: about 25 s more the first time (then cached),
     # a fifth faster afterwards: for long evaluations and a sweep's later jobs
-    recorded = "recorded"  # the traced step recorded as a CUDA graph by finlora (`capture.recorded_backend`): no
-    # compiling after the trace, weights and KV cache read in place
 
 
 @dataclass
 class EvalSettings:
     batch_size: Any = "auto"  # rows generated together: an int, or auto (CUDA: the most that fit in free memory)
     static_cache: bool = True  # CUDA: a static KV cache and a compiled decode step (false: a growing cache, eager)
-    decode_compile: DecodeCompile = DecodeCompile.cudagraphs  # how that step is compiled (`DecodeCompile`)
+    decode_compile: DecodeCompile = DecodeCompile.recorded  # how that step is compiled (`DecodeCompile`)
     int8_cpu: Int8Cpu = Int8Cpu.bf16  # an 8-bit base on the CPU (`Int8Cpu`)
     four_bit: FourBitEval = FourBitEval.auto  # a 4-bit base (`FourBitEval`): recorded in every <set>_metrics.json
     share_prefix: bool = True  # CPU: the prompts' common prefix computed once per test set (not under LLM.int8)

@@ -85,7 +85,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
 @torch.no_grad()
 def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: list[tuple[str, list[dict], int]],
                   batch_size: int | str = "auto", precision: str = "32-true", *, static_cache: bool = True,
-                  decode_compile: DecodeCompile = DecodeCompile.cudagraphs, int8_cpu: Int8Cpu = Int8Cpu.bf16,
+                  decode_compile: DecodeCompile = DecodeCompile.recorded, int8_cpu: Int8Cpu = Int8Cpu.bf16,
                   four_bit: FourBitEval = FourBitEval.auto,
                   share_prefix: bool = True) -> Iterator[list[str]]:
     """Greedy answers for each set (a progress label, its records, its `max_new_tokens`), yielded set by set,
@@ -95,7 +95,7 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
     the rows of a batch need little left padding; answers are put back in the records' order. A row stops
     at EOS or after `max_new_tokens`, and a batch stops when all its rows have. On CUDA with `static_cache`,
     transformers keeps the KV cache in fixed-shape tensors and compiles the decode step into a CUDA graph
-    (by Dynamo's CUDA-graph backend or by Inductor: `decode_compile`):
+    (recorded by finlora, or by Dynamo's CUDA-graph backend, or Inductor's: `decode_compile`):
     every batch of every set then has one shape, the same number of rows (a batch short of it is filled
     with copies of its last prompt, whose answers are dropped) and one cache length (the longest prompt of
     all the sets plus its answer, rounded up to `CACHE_STEP`), so the step compiles once for a whole task;
