@@ -159,3 +159,32 @@ def test_recorded_decode_step_gives_the_answers_of_the_cudagraphs_backend_and_of
     recorded = generate(model, tokenizer, records, 6, 8, decode_compile=DecodeCompile.recorded)
     assert recorded == by_dynamo == eager
     assert len(set(recorded)) > 3  # answers that differ between prompts: the check can tell them apart
+
+
+def test_the_recorded_decode_step_reads_one_cache_for_every_batch_of_a_task(lively, monkeypatch):
+    """Its cause found on the CPU (traced there by Dynamo as on a GPU): transformers made a new static KV cache at
+    every `generate` call, so the inputs the recording reads in place moved at each batch and the step was recorded
+    again for each. With one cache for the task (`evaluate.TaskCache`) they stay where they are."""
+    import dataclasses
+
+    import finlora.capture
+    import finlora.evaluate
+
+    tokenizer, model = lively
+    anywhere = dataclasses.replace(finlora.evaluate.DECODE_COMPILE[DecodeCompile.recorded])
+    anywhere._compile_all_devices = True  # transformers compiles the decode step on CUDA only, unless told so
+    monkeypatch.setitem(finlora.evaluate.DECODE_COMPILE, DecodeCompile.recorded, anywhere)
+    monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
+    kept: dict[int, set[tuple]] = {}
+    traced = finlora.capture._Recorded.__call__
+
+    def spy(self, *args):
+        kept.setdefault(id(self), set()).add(tuple(a.data_ptr() for a in args if isinstance(a, torch.nn.Parameter)
+                                                   or hasattr(a, "_dynamo_static_input_type")))
+        return traced(self, *args)
+
+    monkeypatch.setattr(finlora.capture._Recorded, "__call__", spy)
+    records = read_jsonl(DATA_DIR / "test" / "fpb_test.jsonl")[:20]
+    answers = generate(model, tokenizer, records, 4, 8, decode_compile=DecodeCompile.recorded)  # 3 batches
+    assert kept and all(len(addresses) == 1 for addresses in kept.values())
+    assert answers == generate(model, tokenizer, records, 4, 8, static_cache=False)

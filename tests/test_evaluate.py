@@ -135,13 +135,21 @@ def test_static_cache_path_gives_the_same_answers(lively, monkeypatch):
     original = type(model).generate
 
     def spy(self, *args, **kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len")))
+        cache = _cache_of(kwargs)
+        calls.append((kwargs["input_ids"].shape[0], type(cache).__name__, cache.get_max_length(), id(cache)))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
     monkeypatch.setattr(type(model), "generate", spy)
     assert generate(model, tokenizer, records, 6, 8) == eager
-    assert len(calls) == 3 and set(calls) == {(8, "static", 256)}  # 20 rows: 8 + 8 + 4 filled to 8
+    # 20 rows: 8 + 8 + 4 filled to 8, all on one cache, emptied before each batch (`TaskCache`)
+    assert len(calls) == 3 and len({c[:3] for c in calls}) == 1 and calls[0][:3] == (8, "StaticCache", 256)
+    assert len({c[3] for c in calls}) == 1
+
+
+def _cache_of(generate_kwargs: dict):
+    """The KV cache finlora hands `generate` (by transformers' new name or its old one)."""
+    return generate_kwargs.get("cache", generate_kwargs.get("past_key_values"))
 
 
 def test_a_tasks_sets_share_one_decode_shape(lively, monkeypatch):
@@ -161,7 +169,8 @@ def test_a_tasks_sets_share_one_decode_shape(lively, monkeypatch):
     original = type(model).generate
 
     def spy(self, *args, **kwargs):
-        calls.append((kwargs["input_ids"].shape[0], kwargs.get("cache_implementation"), kwargs.get("max_cache_len"),
+        cache = _cache_of(kwargs)
+        calls.append((kwargs["input_ids"].shape[0], type(cache).__name__, cache.get_max_length(),
                       kwargs["compile_config"].backend))
         return original(self, *args, **kwargs)
 
@@ -169,7 +178,7 @@ def test_a_tasks_sets_share_one_decode_shape(lively, monkeypatch):
     monkeypatch.setattr(type(model), "generate", spy)
     assert list(generate_sets(model, tokenizer, sets, "auto")) == alone
     # auto on the CPU: at most 32 rows; 45 rows in two batches of 24 sets the rows of every batch
-    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "static", 512, recorded_backend)}
+    assert len(calls) == 1 + 1 + 2 and set(calls) == {(24, "StaticCache", 512, recorded_backend)}
     calls.clear()
     assert list(generate_sets(model, tokenizer, sets, "auto", decode_compile=DecodeCompile.inductor)) == alone
     assert {c[3] for c in calls} == {"inductor"}

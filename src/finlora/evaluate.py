@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from torch import nn
-from transformers import CompileConfig, PreTrainedTokenizerBase
+from transformers import CompileConfig, PreTrainedTokenizerBase, StaticCache
 
 from finlora.attention import grouped_decoding
 from finlora.batching import pad_left
@@ -94,8 +94,9 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
     Prompts are sorted by length and cut into batches of `batch_size` rows (`auto`: `auto_batch_size`), so
     the rows of a batch need little left padding; answers are put back in the records' order. A row stops
     at EOS or after `max_new_tokens`, and a batch stops when all its rows have. On CUDA with `static_cache`,
-    transformers keeps the KV cache in fixed-shape tensors and compiles the decode step into a CUDA graph
-    (recorded by finlora, or by Dynamo's CUDA-graph backend, or Inductor's: `decode_compile`):
+    the KV cache is one set of fixed-shape tensors for the whole task (`TaskCache`), and transformers compiles
+    the decode step into a CUDA graph (recorded by finlora, or by Dynamo's CUDA-graph backend, or Inductor's:
+    `decode_compile`):
     every batch of every set then has one shape, the same number of rows (a batch short of it is filled
     with copies of its last prompt, whose answers are dropped) and one cache length (the longest prompt of
     all the sets plus its answer, rounded up to `CACHE_STEP`), so the step compiles once for a whole task;
@@ -125,8 +126,8 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
         size = max(even_batches(len(prompts), size, 8) for prompts in encoded if prompts)
     options: dict = {"do_sample": False, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
     if static:
-        options |= {"cache_implementation": "static", "max_cache_len": cache_len,
-                    "compile_config": DECODE_COMPILE[decode_compile]}
+        options |= {"compile_config": DECODE_COMPILE[decode_compile]}
+    kv: TaskCache | None = None
     was_training = model.training
     model.eval()
     int8_dequantized(model, device.type == "cpu" and int8_cpu is Int8Cpu.dequant)
@@ -153,6 +154,9 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
                     batch = {k: v.to(device) for k, v in pad_left(rows, pad).items()}
                     if shared:
                         batch = behind_prefix(batch, prefix_ids, cache_key, prefix)
+                    if static:
+                        kv = kv if kv is not None and kv.rows == size else TaskCache(model, size, cache_len)
+                        batch[kv.key] = kv.emptied()
                     try:
                         with autocast, grouped_decoding(model, static):
                             out = model.generate(**batch, **options, max_new_tokens=max_new_tokens)
@@ -160,8 +164,7 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
                         if not static:
                             raise
                         static = False
-                        options = {k: v for k, v in options.items()
-                                   if k not in ("cache_implementation", "max_cache_len", "compile_config")}
+                        options = {k: v for k, v in options.items() if k != "compile_config"}
                         log.warning("compiling the decode step failed (%s); generating with a growing cache, eagerly",
                                     str(err).splitlines()[0])
                         continue
@@ -189,11 +192,31 @@ def shared_prefix(prompts: list[list[int]]) -> int:
     return min(len(os.path.commonprefix(prompts)), min(len(p) for p in prompts) - 1)  # element-wise on lists
 
 
-def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor) -> tuple[str, object]:
-    """The KV cache of `prefix_ids` (1 × n tokens) through `model`, and the name `generate` takes it by
-    (transformers renamed `past_key_values` to `cache`; the old name warns until 6.0)."""
+def cache_argument(model: nn.Module) -> str:
+    """The name `generate` and the forward take a KV cache by (transformers renamed `past_key_values` to `cache`;
+    the old name warns until 6.0)."""
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft's takes **kwargs
-    key = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+
+
+class TaskCache:
+    """One static KV cache for every batch of a task's sets (`rows` × `length`), emptied before each: its
+    tensors stay where they are, so the decode step recorded as a CUDA graph (`eval.decode_compile=recorded`)
+    replays on them instead of being recorded again for each batch, as it was on the new cache transformers
+    makes at every `generate` call."""
+
+    def __init__(self, model: nn.Module, rows: int, length: int) -> None:
+        self.rows, self.key = rows, cache_argument(model)
+        self.cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=length)
+
+    def emptied(self) -> StaticCache:
+        self.cache.reset()
+        return self.cache
+
+
+def prefix_cache(model: nn.Module, prefix_ids: torch.Tensor) -> tuple[str, object]:
+    """The KV cache of `prefix_ids` (1 × n tokens) through `model`, and the name `generate` takes it by."""
+    key = cache_argument(model)
     return key, getattr(model(input_ids=prefix_ids, use_cache=True), key)
 
 
