@@ -5,8 +5,11 @@ DDP: Llama-3.1-8B layer shapes (4 decoder layers, vocabulary 128,256, random wei
 GPU on 1 and N GPUs (rank zero counts its own tokens) and the median logging step's time (the same 8
 examples a GPU, so the one-GPU step over the N-GPU step is the per-GPU scaling, free of the first steps'
 one-off costs that weigh on a short run's tokens/s), and the loss curve of N GPUs x 8 against one GPU x 8N
-(the same global batch); DoRA on N GPUs too. Rows keep the machine they ran on, and ratios are taken
-within one invocation only. FSDP: Llama-3.1-70B layer shapes at 1 and 2 decoder
+(the same global batch); DoRA on N GPUs too; for each of `--modes`: eager on packed batches, or
+`trainer.capture` on static ones. Each row also has the median of the run's logged tokens/s windows, which a
+step that waited for another rank's recording of a new shape sways no more than one window. Rows keep the
+machine they ran on, and ratios are taken within one invocation only. `--profile DIR`: every rank of every row
+profiles its host's steps 100-150 (`scripts/train_profiled.py`). FSDP: Llama-3.1-70B layer shapes at 1 and 2 decoder
 layers, 4-bit, sharded over N GPUs: peak memory per GPU, extrapolated linearly to 80 layers.
 
     python scripts/bench_multi_gpu.py --data .gpu/data --tokenizer .gpu/tokenizer
@@ -39,12 +42,16 @@ LLAMA_70B = SHAPES["llama-3.1-70b"]
 
 def train(name: str, model: Path, args: argparse.Namespace, *extra: str, **tags: int) -> dict:
     out = Path(tempfile.mkdtemp(prefix="run-", dir=args.work))
-    cmd = [sys.executable, str(ROOT / "train.py"), f"model.name_or_path={model}", f"paths.data_dir={args.data}",
+    script, env = ROOT / "train.py", None
+    if args.profile:  # every rank's host steps, to --profile/<row>/rank<N>.txt
+        script = ROOT / "scripts" / "train_profiled.py"
+        env = os.environ | {"FINLORA_PROFILE_DIR": str(Path(args.profile) / name.replace(" ", "_").replace(",", ""))}
+    cmd = [sys.executable, str(script), f"model.name_or_path={model}", f"paths.data_dir={args.data}",
            f"hydra.run.dir={out}", "task=sentiment", "logger=csv", "eval.enabled=false", "eval.during_training.size=0",
            "data.val_size=16", "checkpoint.every_n_steps=100000", "checkpoint.keep_best=0",
            "trainer.log_every_n_steps=5", f"trainer.max_steps={args.steps}", *extra]
     started = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
     row = {"name": name, "overrides": list(extra), "wall_s": round(time.perf_counter() - started, 1),
            "machine": args.device, "invocation": args.invocation, **tags}
     if done.returncode or not (out / "metrics.json").is_file():
@@ -169,6 +176,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["eager"],
                         help="ddp's runs: eager on packed batches, or trainer.capture on static ones")
     parser.add_argument("--timeout", type=int, default=200)
+    parser.add_argument("--profile", help="a folder: each row's ranks profile steps 100-150 there (train_profiled.py)")
     parser.add_argument("--fsdp-layers", type=int, nargs="+", default=[1, 2], help="decoder layers of the 70B shapes")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-multi-gpu-"))

@@ -62,6 +62,22 @@ def test_a_signal_to_rank_zero_alone_stops_both_ranks_at_one_step(tiny_model_dir
     assert f"stopped by SIGTERM after step {stopped};" in (tmp_path / "train_ddp_process_1.log").read_text()
 
 
+def test_each_rank_profiles_its_own_host_steps(tiny_model_dir, tmp_path):
+    """`scripts/train_profiled.py` (how a DDP run's host time was traced): Lightning runs the script again for
+    rank one, so both ranks write their profile of the chosen steps."""
+    env = os.environ | {"FINLORA_PROFILE_DIR": str(tmp_path / "profile"), "FINLORA_PROFILE_FROM": "1",
+                        "FINLORA_PROFILE_STEPS": "2"}
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_profiled.py"), f"model.name_or_path={tiny_model_dir}",
+           "quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.devices=2", "trainer.strategy=ddp",
+           "trainer.max_steps=4", "trainer.batch_size=4", "data.max_length=64", "data.val_size=8", "eval.enabled=false",
+           "eval.during_training.size=0", "logger=csv", f"hydra.run.dir={tmp_path / 'run'}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        text = (tmp_path / "profile" / f"rank{rank}.txt").read_text()
+        assert text.startswith("# cProfile of steps 1-3") and "training_step" in text
+
+
 def test_fsdp_and_70b_presets_compose(tmp_path):
     cfg = compose_cfg(["model=llama3_1_70b_instruct", "trainer=fsdp", "quant=4bit"], tmp_path)
     assert cfg.model.name_or_path == "meta-llama/Llama-3.1-70B-Instruct"
