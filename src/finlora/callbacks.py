@@ -31,7 +31,7 @@ from finlora.checkpoints import LAST
 from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, FourBitEval, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
-from finlora.loggers import logs_now
+from finlora.loggers import ends_fit, logs_now
 from finlora.metrics import score
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,7 @@ class SaveAndStop(Callback):
         stop = self.vote(trainer, self.signum)
         if stop and self.signum is None:  # another rank was signalled: this one stops with it
             self.signum = stop
-        epoch_loop = trainer.fit_loop.epoch_loop
-        final = trainer.global_step == trainer.max_steps or (
-            epoch_loop.batch_progress.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
+        final = ends_fit(trainer, trainer.global_step)
         if stop or final or trainer.global_step % self.every_n_steps == 0:
             trainer.save_checkpoint(self.last, weights_only=False)  # optimizer and loops too
         if stop:  # out of the loop now: `should_stop` would still run validation and Lightning's end-of-fit messages

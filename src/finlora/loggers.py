@@ -189,7 +189,11 @@ def logs_now(trainer: Any) -> bool:
     connector = getattr(trainer, "_logger_connector", None)
     if connector is None:
         return True
-    loop = trainer.fit_loop.epoch_loop
-    last = loop._batches_that_stepped + 1 == trainer.max_steps or (
-        loop.batch_progress.is_last_batch and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
-    return connector.should_update_logs or last
+    return connector.should_update_logs or ends_fit(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped + 1)
+
+
+def ends_fit(trainer: Any, steps: int) -> bool:
+    """Whether the fit ends with the current batch, `steps` being the optimizer steps done once it is: the last
+    step (`trainer.max_steps`), or the last batch of the last epoch."""
+    return steps == trainer.max_steps or (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+                                          and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
