@@ -209,19 +209,27 @@ def regions(model: Path, args: argparse.Namespace) -> list[dict]:
 
 
 class HostProfile(L.Callback):
-    """cProfile over the steps from `start` to `start + steps`: the host's share of steady steps, by function."""
+    """cProfile over the steps from `start` to `start + steps`: the host's share of steady steps, by function.
+    On a GPU, then torch.profiler's device side over the next `device_steps` steps: the GPU's busy time a step
+    (its kernels' time, those replayed from CUDA graphs included) against the step's wall time, which tells a
+    step bound by the host from one bound by the GPU, and the kernels that take it."""
 
-    def __init__(self, path: Path, start: int = 100, steps: int = 50) -> None:
+    def __init__(self, path: Path, start: int = 100, steps: int = 50, device_steps: int = 20) -> None:
         import cProfile
 
         self.path, self.start, self.steps, self.profiler = path, start, steps, cProfile.Profile()
+        self.device_steps = device_steps if torch.cuda.is_available() else 0
+        self.device: Any = None
+        self.wall = 0.0
+        self.text = ""
 
     def on_train_batch_start(self, trainer: L.Trainer, *_: Any) -> None:
         if trainer.global_step == self.start:
             self.profiler.enable()
 
     def on_train_batch_end(self, trainer: L.Trainer, *_: Any) -> None:
-        if trainer.global_step == self.start + self.steps:
+        step = trainer.global_step
+        if step == self.start + self.steps:
             self.profiler.disable()
             import io
             import pstats
@@ -229,8 +237,32 @@ class HostProfile(L.Callback):
             text = io.StringIO()
             for key, n in (("tottime", 40), ("cumulative", 40)):
                 pstats.Stats(self.profiler, stream=text).sort_stats(key).print_stats(n)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(f"# cProfile of steps {self.start}-{self.start + self.steps}\n{text.getvalue()}")
+            self.text = f"# cProfile of steps {self.start}-{self.start + self.steps}\n{text.getvalue()}"
+            self._write()
+            if self.device_steps:
+                from torch.profiler import ProfilerActivity, profile
+
+                torch.cuda.synchronize()
+                self.device = profile(activities=[ProfilerActivity.CUDA])
+                self.device.__enter__()
+                self.wall = time.perf_counter()
+        elif self.device is not None and step == self.start + self.steps + self.device_steps:
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - self.wall) * 1e3 / self.device_steps
+            self.device.__exit__(None, None, None)
+            events = self.device.key_averages()
+            busy_ms = sum(e.self_device_time_total for e in events) / 1e3 / self.device_steps
+            self.device = None
+            line = (f"GPU busy {busy_ms:.2f} ms a step (its kernels' time) against {wall_ms:.2f} ms of wall time a "
+                    f"step, steps {self.start + self.steps}-{step} (under the device profiler)")
+            print(f"[{self.path.name}] {line}", flush=True)
+            self.text += (f"\n# {line}\n\n"
+                          f"{events.table(sort_by='self_cuda_time_total', row_limit=30, max_name_column_width=70)}\n")
+            self._write()
+
+    def _write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(self.text)
 
 
 def profile(model: Path, args: argparse.Namespace) -> list[dict]:
