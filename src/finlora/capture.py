@@ -44,6 +44,7 @@ class CapturedLoss:
     def __init__(self, model: nn.Module, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
         self.model, self.loss = model, loss
         self.graphed: dict[tuple, Callable[..., Tensor]] = {}
+        self.trained: tuple[Tensor, ...] = ()  # the parameters it trains, as the model has them when it first records
         self.pool: tuple[int, int] | None = None
         self.failure: str | None = None
 
@@ -60,7 +61,7 @@ class CapturedLoss:
                 log.warning("trainer.capture: the step could not be recorded as a CUDA graph (%s); running it "
                             "unrecorded", self.failure)
                 return self.loss(batch)
-        return graphed(*batch.values())
+        return graphed(*batch.values(), *self.trained)
 
     @property
     def shapes(self) -> int:
@@ -68,8 +69,10 @@ class CapturedLoss:
 
     def _record(self, batch: dict[str, Tensor]) -> Callable[..., Tensor]:
         self.pool = self.pool or torch.cuda.graph_pool_handle()
+        self.trained = self.trained or tuple(p for p in self.model.parameters() if p.requires_grad)
         step = _Step(self.model, self.loss, tuple(batch))
-        sample = tuple(t.clone() for t in batch.values())  # the graph's own inputs: each replay copies a batch in
+        # the graph's own copy of the batch (each replay copies a batch in), and the trained parameters themselves
+        sample = tuple(t.clone() for t in batch.values()) + self.trained
         # autocast's weight-cast cache would hold casts made outside the graph: the recording must make its own
         mixed = torch.is_autocast_enabled("cuda")
         casts = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if mixed
@@ -101,11 +104,11 @@ def _recording() -> Iterator[None]:
             gc.enable()
 
 
-def _warm_up(step: nn.Module, sample: tuple[Tensor, ...], passes: int = 2) -> None:
+def _warm_up(step: _Step, sample: tuple[Tensor, ...], passes: int = 2) -> None:
     """Forward and backward passes that change no gradient, as `make_graphed_callables` would make them, on a side
     stream: whatever is made once (compiled kernels, cuBLAS workspaces) is made here, with the garbage collector
     on, and the recording that follows, with it off, only records."""
-    trained = [p for p in step.parameters() if p.requires_grad]
+    trained = [t for t in sample if t.requires_grad]
     torch.cuda.synchronize()
     with torch.cuda.stream(torch.cuda.Stream()):
         for _ in range(passes):
@@ -114,21 +117,22 @@ def _warm_up(step: nn.Module, sample: tuple[Tensor, ...], passes: int = 2) -> No
     torch.cuda.synchronize()
 
 
-class _Step(nn.Module):
-    """The loss over positional tensors, as `make_graphed_callables` takes it: a module, whose parameters (the
-    model's) are the graph's other inputs and get their gradients from the recorded backward."""
+class _Step:
+    """The loss over positional tensors, as `make_graphed_callables` takes it: the batch's tensors, then the trained
+    parameters, which get their gradients from the recorded backward. Not the model as a module: its frozen
+    weights would be inputs too, read in place all the same but handled one by one on the host at every replay
+    (a few microseconds each, hundreds of them)."""
 
     def __init__(self, model: nn.Module, loss: Callable[[dict[str, Tensor]], Tensor], names: tuple[str, ...]) -> None:
-        super().__init__()
         self.model, self.names = model, names
         self.loss = loss
 
-    def forward(self, *tensors: Tensor) -> Tensor:
+    def __call__(self, *tensors: Tensor) -> Tensor:
         """Called by the warm-up and the recording only. Each starts from the same DoRA cache, with no norms in it,
         so the recorded forward computes them, and compiled code meets at the recording what it was compiled for
         (it would compile again, mid-recording, for a cache that changed)."""
         forget_norms(self.model)
-        return self.loss(dict(zip(self.names, tensors, strict=True)))
+        return self.loss(dict(zip(self.names, tensors[:len(self.names)], strict=True)))
 
 
 def recorded_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable:
