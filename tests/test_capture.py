@@ -5,25 +5,29 @@ batch shapes replayed in turn from one memory pool; a step that cannot be record
 line saying why, with the random generator fit for eager use again; an earlier run's graphs freed by the garbage
 collector do not spoil a recording. The decode step recorded by `recorded_backend` (`eval.decode_compile=recorded`)
 gives the answers of Dynamo's CUDA-graph backend and of eager generation; where nothing can be recorded (the CPU)
-the traced graph runs as it is."""
+the traced graph runs as it is. The optimizer's update recorded with it (`RecordedAdamW`) steps the weights as fused
+AdamW after the guard's measurement does, and the guard reads its verdict after the step."""
 
 from __future__ import annotations
 
 import gc
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import DATA_DIR, compose_cfg, random_llama, random_static_batch, step_each
 
+from finlora.callbacks import NonFiniteGuard
 from finlora.capture import CapturedLoss, recorded_backend
-from finlora.config import AdapterMethod, DecodeCompile, validate
+from finlora.config import AdapterMethod, DecodeCompile, NonFinitePolicy, validate
 from finlora.data import read_jsonl
 from finlora.dora import forget_norms
-from finlora.errors import ConfigError
+from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.evaluate import generate
 from finlora.loss import answer_loss
 from finlora.train import train
+from finlora.update import RecordedAdamW, measure_gradients
 
 CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
            "eval.enabled=false", "data.val_size=8"]
@@ -188,3 +192,61 @@ def test_the_recorded_decode_step_reads_one_cache_for_every_batch_of_a_task(live
     answers = generate(model, tokenizer, records, 4, 8, decode_compile=DecodeCompile.recorded)  # 3 batches
     assert kept and all(len(addresses) == 1 for addresses in kept.values())
     assert answers == generate(model, tokenizer, records, 4, 8, static_cache=False)
+
+
+def _updates(recorded: bool, device: str, steps: int = 7) -> tuple[list[list[torch.Tensor]], torch.optim.Optimizer]:
+    """The weights after each of `steps` AdamW steps under a warm-up schedule, clipped to a norm of 1, with gradients
+    left in two sets of buffers in turn (as the recorded backwards of two batch shapes leave them), the fourth
+    step's loss not finite: by `RecordedAdamW`, or by fused AdamW with the guard's measurement before each step."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(shape, generator=gen).to(device)) for shape in ((5, 3), (7,), (2, 4))]
+    buffers = [[torch.zeros_like(w) for w in weights] for _ in range(2)]
+    optimizer = (RecordedAdamW(weights, clip=1.0, lr=0.1, weight_decay=0.01) if recorded
+                 else torch.optim.AdamW(weights, lr=0.1, weight_decay=0.01, fused=True))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / 4)
+    out = []
+    for step in range(steps):
+        for w, b in zip(weights, buffers[step % 2], strict=True):
+            b.copy_(torch.randn(w.shape, generator=gen) * 3)
+            w.grad = b
+        loss = torch.tensor(float("nan") if step == 3 else 1.0, device=device)
+        if not recorded:
+            optimizer.found_inf = measure_gradients(weights, loss, 1.0)[1].float()
+        optimizer.step(lambda loss=loss: loss)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        out.append([w.detach().clone() for w in weights])
+    return out, optimizer
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_the_recorded_update_measures_clips_and_steps_as_the_guard_and_fused_adamw_do(device):
+    """On a GPU from one graph per set of gradient buffers (the first step, which makes the moments, as it is); on the
+    CPU as it is. The same weights step after step, the not-finite step skipped, the schedule's rates followed."""
+    expected, _ = _updates(False, device)
+    got, optimizer = _updates(True, device)
+    for step, (want, have) in enumerate(zip(expected, got, strict=True)):
+        for w, h in zip(want, have, strict=True):
+            assert torch.equal(h, w), f"step {step}"
+    assert all(torch.equal(a, b) for a, b in zip(got[3], got[2], strict=True))  # the NaN step left the weights alone
+    assert len(optimizer.graphs) == (2 if device == "cuda" else 0) and optimizer.failure is None
+    assert all(isinstance(group["lr"], float) for group in optimizer.param_groups)  # as schedules expect
+
+
+def test_the_guard_reads_the_recorded_updates_verdict_after_the_step(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(4))
+    optimizer = RecordedAdamW([weight], clip=1.0, lr=0.1)
+    guard = NonFiniteGuard(NonFinitePolicy.stop, tmp_path / "last.ckpt", every_n_steps=50, clip=1.0)
+    logged = {}
+    module = SimpleNamespace(device=weight.device, log=lambda name, value, **k: logged.update({name: value}))
+    for step, value in enumerate([1.0, float("nan")], 1):
+        trainer = SimpleNamespace(global_step=step - 1, optimizers=[optimizer], log_every_n_steps=50, max_steps=10)
+        weight.grad = torch.full((4,), 2.0)
+        guard.on_before_optimizer_step(trainer, module, optimizer)
+        assert torch.equal(weight.grad, torch.full((4,), 2.0))  # the guard left measuring and clipping to the update
+        optimizer.step(lambda value=value: torch.tensor(value))
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, module, None, None, 0)
+        assert float(logged["train/grad_norm"]) == pytest.approx(4.0)
+    with pytest.raises(NonFiniteLoss, match=r"^step 2: loss nan; stopped before it reached the weights"):
+        guard.check()

@@ -33,6 +33,7 @@ from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
 from finlora.loggers import ends_fit, logs_now
 from finlora.metrics import score
+from finlora.update import RecordedAdamW, measure_gradients
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,8 @@ class NonFiniteGuard(Callback):
     It logs the gradient norm as `train/grad_norm` and clips the gradients by it to at most `clip`
     (`trainer.grad_clip`; 0: not clipped), as `clip_grad_norm_` would, without computing the norm a second
     time (Lightning's own clipping, `gradient_clip_val`, refuses fused optimizers). Callbacks after it see the
-    clipped gradients.
+    clipped gradients. `update.RecordedAdamW` (`trainer.capture`) measures and clips inside its own update,
+    replayed from a CUDA graph: the guard then reads its verdict after the step.
     """
 
     def __init__(self, policy: NonFinitePolicy, last: Path, every_n_steps: int, clip: float = 0.0) -> None:
@@ -254,15 +256,13 @@ class NonFiniteGuard(Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                  optimizer: torch.optim.Optimizer) -> None:
+        if isinstance(optimizer, RecordedAdamW):  # it measures and clips inside its update: read after the step
+            return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = (torch.nn.utils.get_total_norm([p.grad for p in params]) if params
-                else torch.zeros((), device=pl_module.device))
-        loss = self.loss if self.loss is not None else torch.zeros_like(norm)
+        loss = self.loss if self.loss is not None else torch.zeros((), device=pl_module.device)
+        norm, bad = measure_gradients(params, loss, self.clip)
         if logs_now(trainer):
             pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)
-        if self.clip and params:  # a non-finite norm's step is skipped or refused below, whatever this makes of it
-            torch.nn.utils.clip_grads_with_norm_(params, self.clip, norm)
-        bad = ~(torch.isfinite(norm) & torch.isfinite(loss))
         step = trainer.global_step + 1
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad.float()
@@ -293,6 +293,12 @@ class NonFiniteGuard(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
+        for optimizer in trainer.optimizers:  # one that measured its own update, just now
+            if isinstance(optimizer, RecordedAdamW) and optimizer.measured is not None:
+                loss, norm, bad = optimizer.measured
+                if logs_now(trainer):  # a copy: the next replay overwrites the update's outputs before Lightning reads
+                    pl_module.log("train/grad_norm", norm.clone(), on_step=True, batch_size=1)
+                self._record(bad, step, loss, norm)
         if step % trainer.log_every_n_steps == 0 or step % self.every_n_steps == 0 or step == trainer.max_steps:
             self.check()
 

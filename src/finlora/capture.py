@@ -7,8 +7,8 @@ still spend milliseconds a step in their per-tensor bookkeeping. Here `torch.cud
 records the loss's forward and its backward once per batch shape (static batches have a few), after two
 warm-up passes that leave the gradients alone, and each step replays them: one launch for the forward, one
 for the backward, whatever kernels they hold (the model's own, or inductor's with `trainer.compile=inductor`).
-Without `trainer.compile` nothing is compiled, so recording costs a few eager passes (seconds). The optimizer
-step stays outside the graphs (fused AdamW: a few launches).
+Without `trainer.compile` nothing is compiled, so recording costs a few eager passes (seconds). The optimizer's
+update replays from graphs of its own (`update.RecordedAdamW`).
 
 The decode step is traced by Dynamo (transformers compiles it on a static KV cache) and handed to
 `recorded_backend`, which runs the traced graph as it is twice and then records it: no AOTAutograd, no
@@ -82,7 +82,7 @@ class CapturedLoss:
         with casts:
             _warm_up(step, sample)
         try:
-            with casts, _recording():
+            with casts, recording():
                 return torch.cuda.make_graphed_callables(step, sample, num_warmup_iters=0, pool=self.pool,
                                                          allow_unused_input=True)
         except RuntimeError:
@@ -91,7 +91,7 @@ class CapturedLoss:
 
 
 @contextmanager
-def _recording() -> Iterator[None]:
+def recording() -> Iterator[None]:
     """The garbage collector off while a graph records: an earlier run's graphs, freed by a collection
     mid-recording, would spoil it (CUDA forbids freeing a graph while another records)."""
     collecting = gc.isenabled()
@@ -185,5 +185,5 @@ class _Recorded:
         self.kept = [(i, args[i].data_ptr()) for i in sorted(kept)]
         self.copied = [i for i in range(len(args)) if i not in kept]
         self.graph = torch.cuda.CUDAGraph()
-        with _recording(), torch.cuda.graph(self.graph):
+        with recording(), torch.cuda.graph(self.graph):
             self.outputs = self.gm(*own)

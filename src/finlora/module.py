@@ -1,7 +1,8 @@
 """The LightningModule: a causal-LM loss on answer tokens (logits only there: `finlora.loss`), compiled as
 `trainer.compile` says and recorded as CUDA graphs if `trainer.capture` says so (`finlora.capture`), AdamW on
 trainable parameters only (fused on CUDA; DoRA's magnitudes may have a learning rate of their own:
-`param_groups`; gradients clipped by `callbacks.NonFiniteGuard`, which measures their norm anyway), and
+`param_groups`; gradients clipped by `callbacks.NonFiniteGuard`, which measures their norm anyway, or under
+`trainer.capture` by the optimizer's own recorded update, `update.RecordedAdamW`), and
 checkpoints that hold those parameters and the optimizer, never the frozen base."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from finlora.config import Compile, TrainerConfig
 from finlora.loggers import logs_now
 from finlora.loss import INPUT_KEYS, answer_loss
 from finlora.prompts import IGNORE_INDEX
+from finlora.update import RecordedAdamW
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,10 @@ class FinetuneModule(L.LightningModule):
         # fused: one kernel for every parameter's update on CUDA instead of several per tensor (not under fp16's
         # gradient scaler, whose scaled gradients `on_before_optimizer_step` would clip)
         fused = all(p.is_cuda for g in groups for p in g["params"]) and self.trainer.precision != "16-mixed"
-        optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay, fused=fused)
+        hyper = {"lr": self.cfg.lr, "weight_decay": self.cfg.weight_decay}
+        # with trainer.capture, the update (norm, clipping, verdict, step) replays from CUDA graphs too
+        optimizer = (RecordedAdamW(groups, clip=self.cfg.grad_clip, **hyper) if fused and self.cfg.capture
+                     else torch.optim.AdamW(groups, fused=fused, **hyper))
         # the schedule multiplies each group's own learning rate: the magnitudes keep their ratio throughout
         name = {"constant": "constant_with_warmup"}.get(self.cfg.scheduler.value, self.cfg.scheduler.value)
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.cfg.warmup_steps,

@@ -1,0 +1,131 @@
+"""The optimizer update of a training step: the gradients' norm, their clipping and the non-finite verdict
+(`measure_gradients`), then AdamW's step; with `trainer.capture`, all of it replayed from CUDA graphs
+(`RecordedAdamW`).
+
+Measured and clipped as they are, the gradients cost the host a few microseconds per trained tensor at every step
+(grouping them, the norm, the clip, AdamW's own bookkeeping), and DoRA trains a third more tensors than LoRA (its
+magnitudes): with the forward and backward replayed from graphs, that was most of what was left on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from finlora.capture import recording
+
+log = logging.getLogger(__name__)
+
+
+def measure_gradients(params: list[Tensor], loss: Tensor, clip: float) -> tuple[Tensor, Tensor]:
+    """The gradients' total norm, and whether the step is not finite (its loss or that norm), both on the device;
+    the gradients clipped to a norm of at most `clip` (0: not clipped) by that norm, as `clip_grad_norm_` would,
+    without measuring it a second time. Nothing waits for the GPU."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=loss.device)
+    if clip and params:  # a non-finite norm's step is skipped or refused, whatever this makes of its gradients
+        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
+    return norm, ~(torch.isfinite(norm) & torch.isfinite(loss))
+
+
+class RecordedAdamW(torch.optim.AdamW):
+    """Fused AdamW whose `step` measures the gradients itself (`measure_gradients`, clipping by `clip`), hands the
+    verdict to the fused kernel (`found_inf`: a non-finite step leaves weights, moments and step count as they
+    were) and, on CUDA, replays all of that from a CUDA graph: a few launches a step, whatever the number of
+    trained tensors. `callbacks.NonFiniteGuard` reads `measured` after the step: the last update's loss, norm and
+    verdict, on the device (overwritten by the next update).
+
+    A graph reads the gradients where they were when it was recorded, so there is one per set of gradient
+    addresses: the recorded backward of each batch shape (`trainer.capture`) leaves its gradients in memory of
+    its own, under DDP they are views of its buckets. The schedule's learning rate is copied into the graph's
+    own before each replay. The first step, which makes the moments, runs as it is; so does every step after a
+    failed recording, or once `max_graphs` are recorded (each case said in one line)."""
+
+    def __init__(self, params: Iterable[Any], clip: float = 0.0, max_graphs: int = 32, **kwargs: Any) -> None:
+        super().__init__(params, fused=True, **kwargs)
+        self.clip, self.max_graphs = clip, max_graphs
+        self.graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, Tensor, Tensor]] = {}
+        self.failure: str | None = None
+        self.measured: tuple[Tensor, Tensor, Tensor] | None = None
+        self.loss: Tensor | None = None  # the graphs' copy of the step's loss
+        self.lrs: list[Tensor] = []  # the graphs' learning rates, one per parameter group
+        self.found: Tensor | None = None  # the graphs' verdict, as the fused kernel takes it
+
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if loss is None or not params:
+            return loss
+        with torch.no_grad():
+            graph = self._graph(params, loss)
+            if graph is None:
+                norm, bad = measure_gradients(params, loss.detach(), self.clip)
+                self.measured = (loss.detach(), norm, bad)
+                self.found_inf = bad.float()
+                super().step()
+            else:
+                replay, norm, bad = graph
+                self.measured = (self.loss, norm, bad)
+                self.loss.copy_(loss)
+                for lr, group in zip(self.lrs, self.param_groups, strict=True):
+                    lr.fill_(group["lr"])
+                replay.replay()
+        return loss
+
+    def _graph(self, params: list[Tensor], loss: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
+        """The graph for these gradients' addresses, recorded if new; None where the step runs as it is."""
+        if self.failure or not params[0].is_cuda or not self.state:
+            return None
+        key = tuple(p.grad.data_ptr() for p in params)
+        graph = self.graphs.get(key)
+        if graph is None:
+            if len(self.graphs) >= self.max_graphs:
+                self._fail(f"{self.max_graphs} recorded already: the gradients keep moving, as they do when the backward "
+                           "runs unrecorded")
+                return None
+            try:
+                graph = self.graphs[key] = self._record(params, loss)
+            except RuntimeError as err:
+                self._fail(str(err).strip().splitlines()[0][:200])
+                return None
+        return graph
+
+    def _fail(self, why: str) -> None:
+        self.failure = why
+        log.warning("trainer.capture: the optimizer's update could not be recorded as a CUDA graph (%s); running it "
+                    "unrecorded", why)
+
+    def _record(self, params: list[Tensor], loss: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        if self.loss is None:
+            self.loss = torch.zeros_like(loss.detach())
+            self.found = torch.zeros((), device=loss.device)
+            self.lrs = [torch.tensor(float(group["lr"]), device=loss.device) for group in self.param_groups]
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        with self._capturable(), recording(), torch.cuda.graph(graph):
+            norm, bad = measure_gradients(params, self.loss, self.clip)
+            self.found.copy_(bad)
+            self.found_inf = self.found
+            super().step()
+        return graph, norm, bad
+
+    @contextmanager
+    def _capturable(self) -> Iterator[None]:
+        """While a graph records: each group's learning rate is the graph's tensor (a float would be recorded as
+        a constant), and the group capturable, as torch requires of a step under capture; then as they were (the
+        schedule sets floats, and checkpoints keep them)."""
+        kept = [(group["lr"], group["capturable"]) for group in self.param_groups]
+        for group, lr in zip(self.param_groups, self.lrs, strict=True):
+            group["lr"], group["capturable"] = lr, True
+        try:
+            yield
+        finally:
+            for group, (lr, capturable) in zip(self.param_groups, kept, strict=True):
+                group["lr"], group["capturable"] = lr, capturable
