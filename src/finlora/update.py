@@ -87,8 +87,8 @@ class RecordedAdamW(torch.optim.AdamW):
         graph = self.graphs.get(key)
         if graph is None:
             if len(self.graphs) >= self.max_graphs:
-                self._fail(f"{self.max_graphs} recorded already: the gradients keep moving, as they do when the backward "
-                           "runs unrecorded")
+                self._fail(f"{self.max_graphs} recorded already: the gradients keep moving, as they do when the "
+                           "backward runs unrecorded")
                 return None
             try:
                 graph = self.graphs[key] = self._record(params, loss)
