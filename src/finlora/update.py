@@ -41,9 +41,10 @@ class RecordedAdamW(torch.optim.AdamW):
 
     A graph reads the gradients where they were when it was recorded, so there is one per set of gradient
     addresses: the recorded backward of each batch shape (`trainer.capture`) leaves its gradients in memory of
-    its own, under DDP they are views of its buckets. The schedule's learning rate is copied into the graph's
-    own before each replay. The first step, which makes the moments, runs as it is; so does every step after a
-    failed recording, or once `max_graphs` are recorded (each case said in one line)."""
+    its own, under DDP they are views of its buckets. The schedule's learning rate and the step's loss are copied
+    into the graph's own before each replay. The first step, which makes the moments, runs as it is (and records
+    the graph of its gradients); so does every step after a failed recording, or once `max_graphs` are recorded
+    (each case said in one line)."""
 
     def __init__(self, params: Iterable[Any], clip: float = 0.0, max_graphs: int = 32, **kwargs: Any) -> None:
         super().__init__(params, fused=True, **kwargs)
@@ -64,24 +65,31 @@ class RecordedAdamW(torch.optim.AdamW):
         if loss is None or not params:
             return loss
         with torch.no_grad():
-            graph = self._graph(params, loss)
+            if not self.state:  # the first step makes the moments, as it is; its shape's graph is recorded in it too,
+                self._eager(params, loss)  # at the step that records the shape's forward and backward
+                self._graph(params)
+                return loss
+            graph = self._graph(params)
             if graph is None:
-                norm, bad = measure_gradients(params, loss.detach(), self.clip)
-                self.measured = (loss.detach(), norm, bad)
-                self.found_inf = bad.float()
-                super().step()
-            else:
-                replay, norm, bad = graph
-                self.measured = (self.loss, norm, bad)
-                self.loss.copy_(loss)
-                for lr, group in zip(self.lrs, self.param_groups, strict=True):
-                    lr.fill_(group["lr"])
-                replay.replay()
+                self._eager(params, loss)
+                return loss
+            replay, norm, bad = graph
+            self.measured = (self.loss, norm, bad)
+            self.loss.copy_(loss)
+            for lr, group in zip(self.lrs, self.param_groups, strict=True):
+                lr.fill_(group["lr"])
+            replay.replay()
         return loss
 
-    def _graph(self, params: list[Tensor], loss: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
+    def _eager(self, params: list[Tensor], loss: Tensor) -> None:
+        norm, bad = measure_gradients(params, loss.detach(), self.clip)
+        self.measured = (loss.detach(), norm, bad)
+        self.found_inf = bad.float()
+        super().step()
+
+    def _graph(self, params: list[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
         """The graph for these gradients' addresses, recorded if new; None where the step runs as it is."""
-        if self.failure or not params[0].is_cuda or not self.state:
+        if self.failure or not params[0].is_cuda:
             return None
         key = tuple(p.grad.data_ptr() for p in params)
         graph = self.graphs.get(key)
@@ -91,7 +99,7 @@ class RecordedAdamW(torch.optim.AdamW):
                            "backward runs unrecorded")
                 return None
             try:
-                graph = self.graphs[key] = self._record(params, loss)
+                graph = self.graphs[key] = self._record(params)
             except RuntimeError as err:
                 self._fail(str(err).strip().splitlines()[0][:200])
                 return None
@@ -102,13 +110,13 @@ class RecordedAdamW(torch.optim.AdamW):
         log.warning("trainer.capture: the optimizer's update could not be recorded as a CUDA graph (%s); running it "
                     "unrecorded", why)
 
-    def _record(self, params: list[Tensor], loss: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+    def _record(self, params: list[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor]:
+        """Records without running: the step that records replays the graph, or has already run the update."""
         if self.loss is None:
-            self.loss = torch.zeros_like(loss.detach())
-            self.found = torch.zeros((), device=loss.device)
-            self.lrs = [torch.tensor(float(group["lr"]), device=loss.device) for group in self.param_groups]
+            device = params[0].device
+            self.loss, self.found = torch.zeros((), device=device), torch.zeros((), device=device)
+            self.lrs = [torch.tensor(float(group["lr"]), device=device) for group in self.param_groups]
         graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize()
         with self._capturable(), recording(), torch.cuda.graph(graph):
             norm, bad = measure_gradients(params, self.loss, self.clip)
             self.found.copy_(bad)
