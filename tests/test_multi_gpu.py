@@ -4,6 +4,7 @@ presets compose; a base too big for the GPUs at hand is refused before loading, 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -60,6 +61,27 @@ def test_a_signal_to_rank_zero_alone_stops_both_ranks_at_one_step(tiny_model_dir
     stopped = step_of(tmp_path / "checkpoints" / "last.ckpt")
     assert f"stopped by SIGTERM after step {stopped};" in out and "Traceback" not in out and stopped < 400
     assert f"stopped by SIGTERM after step {stopped};" in (tmp_path / "train_ddp_process_1.log").read_text()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ddp_on_two_gpus_replays_the_step_and_the_update_and_trains_as_unrecorded(tiny_model_dir, tmp_path):
+    """`trainer.capture` under DDP: each rank replays its forward, backward and optimizer update (reading the
+    gradients where DDP's buckets hold them) from CUDA graphs, and the losses follow the unrecorded run's."""
+    losses = {}
+    for capture in ("false", "true"):
+        run = tmp_path / f"capture-{capture}"
+        cmd = [sys.executable, str(ROOT / "train.py"), f"model.name_or_path={tiny_model_dir}", "quant=none",
+               "adapter=dora", "adapter.dropout=0", "task=fpb", "trainer=ddp", "trainer.devices=2",
+               f"trainer.capture={capture}", "data.batching=static", "trainer.max_steps=12", "trainer.batch_size=4",
+               "trainer.log_every_n_steps=1", "data.max_length=96", "data.val_size=8", "eval.enabled=false",
+               "eval.during_training.size=0", "logger=csv", f"hydra.run.dir={run}"]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "could not be recorded" not in done.stdout + done.stderr
+        rows = csv.DictReader((run / "csv" / "metrics.csv").open())
+        losses[capture] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(losses["true"]) == len(losses["false"]) == 12
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-3, atol=1e-4)
 
 
 def test_each_rank_profiles_its_own_host_steps(tiny_model_dir, tmp_path):
