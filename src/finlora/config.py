@@ -273,7 +273,8 @@ class TrainerConfig:
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
     compile: Compile = Compile.eager  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
     compile_regions: bool = False  # compile the layers, one compilation for all: quicker to compile, slower steps
-    capture: bool = False  # GPU only: forward and backward recorded as CUDA graphs once per batch shape, replayed
+    capture: bool = False  # GPU only: forward and backward recorded as CUDA graphs once per batch shape, replayed;
+    # the optimizer's update (gradient norm, clipping, AdamW) too
     extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument (`finlora.extensions`)
 
     def problems(self) -> list[str]:
