@@ -3,7 +3,7 @@
 (`RecordedAdamW`).
 
 Measured and clipped as they are, the gradients cost the host a few microseconds per trained tensor at every step
-(grouping them, the norm, the clip, AdamW's own bookkeeping), and DoRA trains a third more tensors than LoRA (its
+(grouping them, the norm, the clip, AdamW's own bookkeeping), and DoRA trains half as many tensors again as LoRA (its
 magnitudes): with the forward and backward replayed from graphs, that was most of what was left on the host.
 """
 
@@ -44,7 +44,7 @@ class RecordedAdamW(torch.optim.AdamW):
     its own, under DDP they are views of its buckets. The schedule's learning rate and the step's loss are copied
     into the graph's own before each replay. The first step, which makes the moments, runs as it is (and records
     the graph of its gradients); so does every step after a failed recording, or once `max_graphs` are recorded
-    (each case said in one line)."""
+    (either said in one line)."""
 
     def __init__(self, params: Iterable[Any], clip: float = 0.0, max_graphs: int = 32, **kwargs: Any) -> None:
         super().__init__(params, fused=True, **kwargs)
