@@ -46,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,6 +266,21 @@ class HostProfile(L.Callback):
         self.path.write_text(self.text)
 
 
+def with_host_profile(path_of: Callable[[], Path], start: int = 100, steps: int = 50) -> Callable[..., Any]:
+    """`finlora.train.run_callbacks` as it is now, with a `HostProfile` writing to `path_of()` among the callbacks
+    it builds (`path_of` is asked when a run starts: a DDP rank knows its rank by then)."""
+    import finlora.train
+
+    built = finlora.train.run_callbacks
+
+    def with_profile(*a: Any, **k: Any) -> Any:
+        callbacks = built(*a, **k)
+        callbacks.all.append(HostProfile(path_of(), start, steps))
+        return callbacks
+
+    return with_profile
+
+
 def profile(model: Path, args: argparse.Namespace) -> list[dict]:
     """Each adapter's run with `HostProfile` among its callbacks (added to what `train` builds)."""
     import finlora.train
@@ -272,13 +288,8 @@ def profile(model: Path, args: argparse.Namespace) -> list[dict]:
     built = finlora.train.run_callbacks
     rows = []
     for adapter in args.adapters:
-        def with_profile(*a: Any, adapter: str = adapter, **k: Any) -> Any:
-            callbacks = built(*a, **k)
-            name = f"train_profile_{adapter}{'' if args.modes[0] == 'cudagraphs' else '_' + args.modes[0]}.txt"
-            callbacks.all.append(HostProfile(Path(args.profile_dir) / name))
-            return callbacks
-
-        finlora.train.run_callbacks = with_profile
+        name = f"train_profile_{adapter}{'' if args.modes[0] == 'cudagraphs' else '_' + args.modes[0]}.txt"
+        finlora.train.run_callbacks = with_host_profile(lambda name=name: Path(args.profile_dir) / name)
         try:
             rows.append(run(f"profile b8 {adapter} {args.modes[0]}", model, args,
                             *sentiment(adapter, 8, 200, args.modes[0])))

@@ -13,26 +13,16 @@ import importlib.util
 import os
 from pathlib import Path
 
-from bench_train_speed import HostProfile
+from bench_train_speed import with_host_profile
 
 import finlora.train
-from finlora.callbacks import RunCallbacks
 
 ROOT = Path(__file__).resolve().parents[1]
-built = finlora.train.run_callbacks
-
-
-def with_profile(*args, **kwargs) -> RunCallbacks:
-    callbacks = built(*args, **kwargs)
-    rank = os.environ.get("LOCAL_RANK", "0")
-    callbacks.all.append(HostProfile(Path(os.environ["FINLORA_PROFILE_DIR"]) / f"rank{rank}.txt",
-                                     int(os.environ.get("FINLORA_PROFILE_FROM", 100)),
-                                     int(os.environ.get("FINLORA_PROFILE_STEPS", 50))))
-    return callbacks
-
 
 if __name__ == "__main__":
-    finlora.train.run_callbacks = with_profile
+    finlora.train.run_callbacks = with_host_profile(
+        lambda: Path(os.environ["FINLORA_PROFILE_DIR"]) / f"rank{os.environ.get('LOCAL_RANK', '0')}.txt",
+        int(os.environ.get("FINLORA_PROFILE_FROM", 100)), int(os.environ.get("FINLORA_PROFILE_STEPS", 50)))
     # train.py run as __main__ (Hydra finds conf/ beside it), with sys.argv[0] left as this script's path, which
     # Lightning runs again for the other ranks (runpy would point it at train.py)
     spec = importlib.util.spec_from_file_location("__main__", ROOT / "train.py")
