@@ -1,6 +1,7 @@
 """`trainer.capture` (issue 12): refused where it cannot run, before the model loads, and with the settings CUDA
 graphs cannot replay; on a GPU, the recorded forward and backward give the eager loss and gradients step after
-step, with LoRA and with finlora's DoRA (whose norms must follow every optimizer step inside the graph), over two
+step, with LoRA and with finlora's DoRA (whose norms must follow every optimizer step inside the graph), its layers
+compiled or not, over two
 batch shapes replayed in turn from one memory pool; a step that cannot be recorded runs unrecorded after one
 line saying why, with the random generator fit for eager use again; an earlier run's graphs freed by the garbage
 collector do not spoil a recording. The decode step recorded by `recorded_backend` (`eval.decode_compile=recorded`)
@@ -20,12 +21,13 @@ from conftest import DATA_DIR, compose_cfg, random_llama, random_static_batch, s
 
 from finlora.callbacks import NonFiniteGuard
 from finlora.capture import CapturedLoss, recorded_backend
-from finlora.config import AdapterMethod, DecodeCompile, NonFinitePolicy, validate
+from finlora.config import AdapterMethod, Compile, DecodeCompile, NonFinitePolicy, validate
 from finlora.data import read_jsonl
 from finlora.dora import forget_norms
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.evaluate import generate
 from finlora.loss import answer_loss
+from finlora.module import training_loss
 from finlora.train import train
 from finlora.update import RecordedAdamW, measure_gradients
 
@@ -76,11 +78,16 @@ def _to_gpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 @cuda
-@pytest.mark.parametrize("method,checkpointing", [(AdapterMethod.lora, False), (AdapterMethod.dora, False),
-                                                  (AdapterMethod.dora, True)])
-def test_recorded_step_matches_eager_step_after_step_over_two_shapes(method, checkpointing):
+@pytest.mark.parametrize("method,checkpointing,regions", [
+    (AdapterMethod.lora, False, False), (AdapterMethod.dora, False, False), (AdapterMethod.dora, True, False),
+    (AdapterMethod.dora, False, True)])
+def test_recorded_step_matches_eager_step_after_step_over_two_shapes(method, checkpointing, regions):
+    """With `regions`, the recorded step holds the layers compiled by inductor (`trainer.compile_regions`), which read
+    DoRA's norms refreshed, batched, before them in the same graph (`dora.fresh_norms`)."""
     eager_model, captured_model = _on_gpu(method, checkpointing), _on_gpu(method, checkpointing)
-    captured = CapturedLoss(captured_model, lambda b: answer_loss(captured_model, b))
+    loss = (training_loss(captured_model, Compile.inductor, regions=True) if regions
+            else lambda b: answer_loss(captured_model, b))
+    captured = CapturedLoss(captured_model, loss)
     shapes = [_to_gpu(random_static_batch((20, 28, 16), seed=1)), _to_gpu(random_static_batch((40, 50, 30), seed=2))]
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
                   for m in (eager_model, captured_model)]

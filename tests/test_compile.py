@@ -1,9 +1,9 @@
 """`trainer.compile` (issue 12): refused where it cannot run, before the model loads; finlora's DoRA gives
-the eager loss and gradients when traced by torch.compile, step after step (its norms are rebuilt inside
-the graph, not read from a cache the graph would never re-read); the step compiled by regions (the decoder
-layers compiled, one compilation reused by every layer, `trainer.compile_regions`) gives the eager loss and
-gradients with LoRA and DoRA, checkpointed or not; the fused optimizer's skip of a non-finite step never waits for
-the GPU and leaves the weights as they were."""
+the eager loss and gradients when traced by torch.compile, step after step (its norms refreshed before a compiled
+training step, or rebuilt inside the graph, never read from a cache the graph would not re-read); the step
+compiled by regions (the decoder layers compiled, one compilation reused by every layer,
+`trainer.compile_regions`) gives the eager loss and gradients with LoRA and DoRA, checkpointed or not; the fused
+optimizer's skip of a non-finite step never waits for the GPU and leaves the weights as they were."""
 
 from __future__ import annotations
 
@@ -74,8 +74,10 @@ def _dora(model_dir: Path, bits: int | None):
     return random_b(model)
 
 
-@pytest.mark.parametrize("bits", [None, 8])
-def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
+@pytest.mark.parametrize("bits,in_step", [(None, False), (8, False), (None, True)])
+def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits, in_step):
+    """Compiled as a training step (`in_step`), the layers read the norms `fresh_norms` refreshes before it; compiled
+    otherwise (a decode step), they rebuild them inside the graph. Either way the norms follow each update."""
     tokenizer = load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir)))
     rows = read_jsonl(DATA_DIR / "train" / "fpb_train.jsonl")[:8]
     encoded = [encode_example(tokenizer, r, 96) for r in rows]
@@ -84,9 +86,11 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
     batch = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
     eager_model, traced_model = _dora(tiny_model_dir, bits), _dora(tiny_model_dir, bits)
     traced_model.load_state_dict(eager_model.state_dict())
+    counters.clear()
     prepare_compile(traced_model)
     # aot_eager: what torch.compile traces and differentiates, without generating kernels (minutes on a CPU)
-    traced = torch.compile(lambda b: answer_loss(traced_model, b), backend="aot_eager", dynamic=False)
+    traced = (training_loss(traced_model, Compile.inductor, backend="aot_eager") if in_step
+              else torch.compile(lambda b: answer_loss(traced_model, b), backend="aot_eager", dynamic=False))
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
                   for m in (eager_model, traced_model)]
     for _ in range(3):  # each step changes A, B and m: the traced norms must follow
@@ -96,6 +100,7 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits):
         assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
+    assert not sum(counters["graph_break"].values())  # the layers ran compiled, not eagerly after a break
 
 
 @pytest.mark.parametrize("method,checkpointing", [  # the fast suite: plain LoRA, DoRA checkpointed

@@ -24,10 +24,12 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA, a Triton
   kernel forms g·scale and Σ_t g ⊙ y in one pass over g and y.
-- Under torch.compile (`trainer.compile`), where a Python-side cache would be read once at tracing
-  and never again, the layer computes the same function as plain differentiable ops, the norm rebuilt
-  inside the graph every call from the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and
-  A·W0ᵀ; the compiler fuses what `_DoraTail` and the Triton kernels do by hand.
+- Under torch.compile, where a Python-side cache would be read once at tracing and never again, the
+  layer computes the same function as plain differentiable ops; the compiler fuses what `_DoraTail` and the
+  Triton kernels do by hand. A compiled training step (`trainer.compile`) refreshes every layer's norm
+  eagerly, batched, before its compiled code runs, and the layers read them there (`fresh_norms`). Other
+  compiled code (generation's decode step) rebuilds each layer's norm inside the graph at every call, from
+  the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and A·W0ᵀ.
 - Recorded as a CUDA graph (`trainer.capture`), the layer runs as in eager mode, with its norms recomputed
   inside the graph at every replay: the cache is emptied before recording (`forget_norms`), so the
   recorded forward refreshes every layer's norms, batched, from the parameters the replay reads.
@@ -39,6 +41,8 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, NamedTuple
 
 import torch
@@ -63,6 +67,7 @@ _CHUNK_ELEMENTS = 1 << 24  # elements of a weight expanded to float32 at once, f
 
 _optimizer_steps = 0  # bumped after every torch optimizer step; part of every norm-cache key
 _step_hook: Any = None
+_compiled_reads_norms = False  # inside `fresh_norms`: compiled layers read the norms refreshed there
 
 
 def _count_optimizer_step(*_: Any) -> None:
@@ -267,6 +272,32 @@ def forget_norms(model: nn.Module) -> None:
             del cache[adapter]
 
 
+def fresh_norms(model: nn.Module) -> Callable[[], AbstractContextManager]:
+    """A context for compiled training steps: on entry, the norms of every stale finlora DoRA layer of `model` are
+    refreshed, eagerly and batched over layers of one shape (as the eager layers refresh them), and until it exits
+    compiled layers read them instead of rebuilding each layer's norm in its graph (A·W0ᵀ and a few small kernels
+    a layer, where the batched refresh takes a few kernels in all). Dynamo guards on the switch: a graph traced
+    inside the context and one traced outside (a decode step) are separate graphs."""
+    groups = list({id(group): group for module in model.modules()
+                   if (group := module.__dict__.get("_finlora_dora_group"))}.values())
+
+    @contextmanager
+    def refreshed() -> Iterator[None]:
+        global _compiled_reads_norms
+        for group in groups:  # in the dtype the layers compute in: checkpointed layers recompute eagerly
+            module, adapter = group.members[0]
+            weight = module.lora_A[adapter].weight
+            mixed = torch.is_autocast_enabled(weight.device.type)
+            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype)
+        _compiled_reads_norms = True
+        try:
+            yield
+        finally:
+            _compiled_reads_norms = False
+
+    return refreshed
+
+
 def clear_dora_cache(model: nn.Module) -> None:
     """Forget cached norms, for code that writes adapter weights through ``.data`` outside an optimizer."""
     for module in model.modules():
@@ -427,7 +458,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
         if torch.compiler.is_compiling():
-            return _traced_tail(module, result, ax, parts)
+            return _traced_tail(module, active_adapter, result, ax, parts)
         consts = _consts(module, active_adapter, parts, ax.dtype)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None),
                                self.use_triton)
@@ -448,16 +479,20 @@ class FastDoraLinearVariant(DoraLinearVariant):
         return DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
 
 
-def _traced_tail(module: nn.Module, result: Tensor, ax: Tensor, parts: tuple) -> Tensor:
-    """`_DoraTail`'s function as plain differentiable ops, for torch.compile: the norm from the frozen ‖w_i‖²
-    (`prepare_compile`) and this call's A and B, detached as in `_DoraTail`; m's gradient through autograd."""
+def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, parts: tuple) -> Tensor:
+    """`_DoraTail`'s function as plain differentiable ops, for torch.compile: the norm refreshed by `fresh_norms`,
+    or else rebuilt from the frozen ‖w_i‖² (`prepare_compile`) and this call's A and B, detached as in
+    `_DoraTail`; m's gradient through autograd."""
     base, lora_a, lora_b, magnitude, scaling = parts
-    with torch.no_grad():
-        a, b = lora_a.float(), lora_b.float()
-        cross = _a_times_w0t(module, base, lora_a, ax.dtype).float().T  # d_out × r
-        sq = module.__dict__["_finlora_dora_cache"]["w2"][1] + (b * (2 * scaling * cross + scaling**2 * (b @ (a @ a.T)))
-                                                              ).sum(1)
-        norm = sq.clamp_min(0).sqrt()
+    cache = module.__dict__["_finlora_dora_cache"]
+    if _compiled_reads_norms:
+        norm = cache[adapter].norm
+    else:
+        with torch.no_grad():
+            a, b = lora_a.float(), lora_b.float()
+            cross = _a_times_w0t(module, base, lora_a, ax.dtype).float().T  # d_out × r
+            norm = (cache["w2"][1] + (b * (2 * scaling * cross + scaling**2 * (b @ (a @ a.T)))).sum(1)
+                    ).clamp_min(0).sqrt()
     scale = magnitude.float() / norm
     bias = getattr(base, "bias", None)
     plain = result.float() if bias is None else result.float() - bias.float()

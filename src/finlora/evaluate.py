@@ -50,6 +50,7 @@ from finlora.config import (
 )
 from finlora.data import load_test_sets, proportional
 from finlora.devices import Placement, linear_params, weight_bytes
+from finlora.dora import prepare_compile
 from finlora.errors import ConfigError
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
 from finlora.metrics import extract_answer, score
@@ -125,8 +126,9 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
     if auto and static:  # each set in as few batches as `size` allows, one row count for all: few filler rows
         size = max(even_batches(len(prompts), size, 8) for prompts in encoded if prompts)
     options: dict = {"do_sample": False, "pad_token_id": pad, "eos_token_id": eos, "use_cache": True}
-    if static:
+    if static:  # the compiled decode step rebuilds DoRA norms from frozen row norms computed now
         options |= {"compile_config": DECODE_COMPILE[decode_compile]}
+        prepare_compile(model)
     kv: TaskCache | None = None
     was_training = model.training
     model.eval()

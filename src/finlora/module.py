@@ -93,19 +93,19 @@ class FinetuneModule(L.LightningModule):
 def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backend: str = "inductor"):
     """`answer_loss` on `model` for training steps: as written, or through torch.compile. The row width is
     compiled as a symbolic size, so one compilation serves every static width; for `cudagraphs`, forward
-    and backward are recorded once per width and replayed. finlora's DoRA layers compute their norms inside
-    the compiled graph (`dora.prepare_compile`). With `regions` (`trainer.compile_regions`), the decoder layers
-    are compiled instead of the whole step, one compilation for every layer of a class (`decoder_layers`), the
-    rest of the step (embeddings, the loss) eager: Dynamo traces one layer, not thirty, and a later job finds
-    that one layer's kernels in the cache. `backend`: torch.compile's (tests use aot_eager)."""
+    and backward are recorded once per width and replayed. finlora's DoRA norms are refreshed before each step,
+    batched, and the compiled layers read them (`dora.fresh_norms`). With `regions` (`trainer.compile_regions`),
+    the decoder layers are compiled instead of the whole step, one compilation for every layer of a class
+    (`decoder_layers`), the rest of the step (embeddings, the loss) eager: Dynamo traces one layer, not thirty,
+    and a later job finds that one layer's kernels in the cache. `backend`: torch.compile's (tests use aot_eager)."""
     if mode is Compile.eager:
         return lambda batch: answer_loss(model, batch)
     from torch._dynamo.utils import counters
 
-    from finlora.dora import prepare_compile
+    from finlora.dora import fresh_norms
 
     counters.clear()  # what `train.compile_report` reads: this run's graph breaks and skipped captures only
-    prepare_compile(model)
+    refreshed = fresh_norms(model)
     options = {"backend": backend, "mode": "reduce-overhead" if mode is Compile.cudagraphs else None}
     layers = decoder_layers(model) if regions else []
     if regions and not layers:
@@ -122,7 +122,7 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
                     torch._dynamo.maybe_mark_dynamic(t, 1)
         if mode is Compile.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
-        with _through(routed):
+        with _through(routed), refreshed():
             return run(batch)
 
     return step
