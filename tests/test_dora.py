@@ -14,7 +14,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from finlora.dora import FastDoraLinearVariant, clear_dora_cache, use_fast_dora
+from finlora.dora import FastDoraLinearVariant, _grouped_a_w0t, _parts, clear_dora_cache, use_fast_dora
 
 D_IN, D_HID = 64, 128
 TARGETS = ["up", "down"]
@@ -217,6 +217,35 @@ def test_layers_of_one_shape_refresh_together() -> None:
     model(x)
     for layer in layers:
         torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped kernel runs on CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layers_of_one_shape_on_a_gpu_get_a_w0t_from_one_grouped_kernel(dtype) -> None:
+    """Plain 16-bit bases on CUDA: A·W0ᵀ of every layer of a shape in one Triton launch, equal to each layer's product
+    (sizes that fill no block: masks), and the norms refreshed from it equal peft's definition. Layers told not to use
+    Triton take the product a layer."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(100, 100), nn.GELU(), nn.Linear(100, 100), nn.GELU(),
+                                         nn.Linear(100, 100)),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["0", "2", "4"], use_dora=True)).cuda()
+    layers = dora_layers(model)
+    with torch.no_grad():
+        for layer in layers:
+            layer.base_layer.to(dtype)
+            layer.lora_B["default"].weight.normal_(0, 0.3)
+    assert use_fast_dora(model) == 3
+    batch = [(layer, "default", _parts(layer, "default"), None) for layer in layers]
+    a = torch.stack([layer.lora_A["default"].weight for layer in layers]).float()
+    exact = torch.stack([a[i].to(dtype).float() @ layer.base_layer.weight.float().T for i, layer in enumerate(layers)])
+    torch.testing.assert_close(_grouped_a_w0t(batch, a), exact, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cuda", dtype=dtype):
+        model(torch.randn(4, 100, device="cuda"))
+    for layer in layers:
+        torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer).float(),
+                                   rtol=2e-3, atol=1e-4)
+    use_fast_dora(model, use_triton=False)
+    assert _grouped_a_w0t(batch, a) is None
 
 
 def test_paper_worked_example() -> None:

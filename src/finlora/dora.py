@@ -239,17 +239,16 @@ def _frozen_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Te
 
 def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
     """‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij) for layers of one shape and scaling, at once."""
-    w2, cross = [], []
-    for module, _, (base, lora_a, *_), _ in batch:
-        w2.append(_frozen_sqnorm(module, base, dtype))
-        cross.append(_a_times_w0t(module, base, lora_a, dtype))
+    w2 = [_frozen_sqnorm(module, base, dtype) for module, _, (base, *_), _ in batch]
     scaling = batch[0][2][4]
     a = torch.stack([parts[1] for _, _, parts, _ in batch]).float()  # L × r × d_in
     b = torch.stack([parts[2] for _, _, parts, _ in batch]).float()  # L × d_out × r
     m = torch.stack([parts[3] for _, _, parts, _ in batch]).float()  # L × d_out
-    t = torch.baddbmm(
-        torch.stack(cross).float().transpose(1, 2), b, a @ a.transpose(1, 2), beta=2 * scaling, alpha=scaling**2
-    )
+    cross = _grouped_a_w0t(batch, a)
+    if cross is None:
+        cross = torch.stack([_a_times_w0t(module, base, lora_a, dtype).float()
+                             for module, _, (base, lora_a, *_), _ in batch])
+    t = torch.baddbmm(cross.transpose(1, 2), b, a @ a.transpose(1, 2), beta=2 * scaling, alpha=scaling**2)
     n_layers, d_out, r = b.shape
     sq = torch.baddbmm(torch.stack(w2).view(-1, 1, 1), b.view(-1, 1, r), t.view(-1, r, 1))
     norm = sq.view(n_layers, d_out).clamp_min_(0).sqrt_()
@@ -260,6 +259,37 @@ def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
     for i, (module, adapter, _, key) in enumerate(batch):
         entry = _Entry(key, norm[i], scale[i], sb[i], {dtype: (b_eff[i], b_s[i])})
         module.__dict__["_finlora_dora_cache"][adapter] = entry
+
+
+_POINTERS: dict[tuple, Tensor] = {}  # (device, weights' addresses) -> those addresses, on the device
+
+
+def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
+    """A·W0ᵀ of every layer of `batch` (L × r × d_out, float32) in one Triton kernel (`_a_w0t_kernel`) where the bases
+    are plain 16-bit CUDA weights: one launch instead of a skinny GEMM and a cast of A a layer. None elsewhere, and
+    inside a CUDA graph's recording if the table of the weights' addresses is not on the device yet (the host's copy
+    of a new table cannot be recorded; the warm-up passes before a recording make it)."""
+    bases = [parts[0] for _, _, parts, _ in batch]
+    weights = [base.weight for base in bases]
+    if not (_on_triton(a, all(module.lora_variant[adapter].use_triton for module, adapter, _, _ in batch))
+            and all(_is_plain(base) and not getattr(module, "fan_in_fan_out", False)
+                    for base, (module, *_) in zip(bases, batch, strict=True))
+            and all(w.dtype == weights[0].dtype in (torch.bfloat16, torch.float16) and w.is_contiguous()
+                    for w in weights)):
+        return None
+    key = (a.device, *(w.data_ptr() for w in weights))
+    table = _POINTERS.get(key)
+    if table is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        table = _POINTERS[key] = torch.tensor(key[1:], dtype=torch.int64, device=a.device)
+    n_layers, r, d_in = a.shape
+    d_out = weights[0].shape[0]
+    out = torch.empty(n_layers, r, d_out, device=a.device, dtype=torch.float32)
+    _a_w0t_kernel[(n_layers, triton.cdiv(d_out, 64))](
+        table, a, out, r, d_in, d_out, W_DTYPE=tl.bfloat16 if weights[0].dtype == torch.bfloat16 else tl.float16,
+        R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64, BLOCK_K=64)
+    return out
 
 
 def forget_norms(model: nn.Module) -> None:
@@ -318,6 +348,27 @@ if triton is not None:
         r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs, (y + r * scale[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _a_w0t_kernel(w_table, a_ptr, out_ptr, r, d_in, d_out, W_DTYPE: tl.constexpr, R: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[l] = A[l]·W0[l]ᵀ in float32, A cast to W0's dtype first (as `_a_times_w0t`), each layer's W0 read where
+        it lies: its address is w_table[l]. One program a layer and BLOCK_N outputs."""
+        layer = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.arange(0, R)
+        w_ptr = tl.load(w_table + layer).to(tl.pointer_type(W_DTYPE))
+        a_base = a_ptr + layer.to(tl.int64) * r * d_in
+        acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
+        for k0 in tl.range(0, d_in, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_base + rows[:, None] * d_in + ks[None, :], mask=(rows[:, None] < r) & (ks[None, :] < d_in),
+                        other=0.0)
+            w = tl.load(w_ptr + cols[None, :].to(tl.int64) * d_in + ks[:, None],
+                        mask=(cols[None, :] < d_out) & (ks[:, None] < d_in), other=0.0)
+            acc = tl.dot(a.to(W_DTYPE), w, acc)
+        out = out_ptr + layer.to(tl.int64) * r * d_out + rows[:, None] * d_out + cols[None, :]
+        tl.store(out, acc, mask=(rows[:, None] < r) & (cols[None, :] < d_out))
 
     @triton.jit
     def _scale_grad_kernel(
