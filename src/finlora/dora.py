@@ -282,7 +282,8 @@ def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
     if table is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        table = _POINTERS[key] = torch.tensor(key[1:], dtype=torch.int64, device=a.device)
+        # from pinned memory, without waiting: the host does not stop for the GPU outside logging steps
+        table = _POINTERS[key] = torch.tensor(key[1:], dtype=torch.int64).pin_memory().to(a.device, non_blocking=True)
     n_layers, r, d_in = a.shape
     d_out = weights[0].shape[0]
     out = torch.empty(n_layers, r, d_out, device=a.device, dtype=torch.float32)
