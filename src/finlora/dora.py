@@ -16,6 +16,8 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
 - The norm is factored, ‖w_i‖² + 2s·⟨B_i, (W0·Aᵀ)_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ: ‖w_i‖² is a frozen constant
   computed once, W0·Aᵀ is a skinny product over the r rows of A (through the bitsandbytes 4-bit kernel
   or on the int8 weight itself), so W0 + s·B·A is never built and nothing is dequantized per call.
+  Layers of one shape are refreshed together; for plain 16-bit CUDA bases one Triton kernel forms every
+  layer's A·W0ᵀ, reading each W0 where it lies (`_grouped_a_w0t`).
 - The norm depends on parameters only, so it is cached until they change: keyed on the parameters'
   version counters and storage, on the scaling, and on a global count of optimizer steps; a fresh
   value is computed after every optimizer step and reused across gradient-accumulation micro-batches
