@@ -16,8 +16,8 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
 - The norm is factored, ‖w_i‖² + 2s·⟨B_i, (W0·Aᵀ)_i⟩ + s²·B_i·(A·Aᵀ)·B_iᵀ: ‖w_i‖² is a frozen constant
   computed once, W0·Aᵀ is a skinny product over the r rows of A (through the bitsandbytes 4-bit kernel
   or on the int8 weight itself), so W0 + s·B·A is never built and nothing is dequantized per call.
-  Layers of one shape are refreshed together; for plain 16-bit and NF4 CUDA bases one Triton kernel forms
-  every layer's A·W0ᵀ, reading each W0 where it lies (`_grouped_a_w0t`).
+  Layers of one shape are refreshed together; for plain 16-bit CUDA bases one Triton kernel forms every
+  layer's A·W0ᵀ, reading each W0 where it lies (`_grouped_a_w0t`).
 - The norm depends on parameters only, so it is cached until they change: keyed on the parameters'
   version counters and storage, on the scaling, and on a global count of optimizer steps; a fresh
   value is computed after every optimizer step and reused across gradient-accumulation micro-batches
@@ -263,70 +263,36 @@ def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
         module.__dict__["_finlora_dora_cache"][adapter] = entry
 
 
-_TABLES: dict[tuple, tuple[Tensor, ...]] = {}  # what `_grouped_tables` made, by the addresses it holds
+_POINTERS: dict[tuple, Tensor] = {}  # (device, weights' addresses) -> those addresses, on the device
 
 
 def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
     """A·W0ᵀ of every layer of `batch` (L × r × d_out, float32) in one Triton kernel (`_a_w0t_kernel`) where the bases
-    are plain 16-bit or bitsandbytes NF4 CUDA weights: one launch instead of a cast of A and a skinny GEMM a layer (and
-    for NF4, a dequantized copy of W0 a layer). None elsewhere, and inside a CUDA graph's recording if the kernel's
-    table of addresses is not on the device yet (the host's copy of a new table cannot be recorded; the warm-up
-    passes before a recording make it)."""
+    are plain 16-bit CUDA weights: one launch instead of a skinny GEMM and a cast of A a layer. None elsewhere, and
+    inside a CUDA graph's recording if the table of the weights' addresses is not on the device yet (the host's copy
+    of a new table cannot be recorded; the warm-up passes before a recording make it)."""
     bases = [parts[0] for _, _, parts, _ in batch]
-    if not _on_triton(a, all(module.lora_variant[adapter].use_triton for module, adapter, _, _ in batch)):
+    weights = [base.weight for base in bases]
+    if not (_on_triton(a, all(module.lora_variant[adapter].use_triton for module, adapter, _, _ in batch))
+            and all(_is_plain(base) and not getattr(module, "fan_in_fan_out", False)
+                    for base, (module, *_) in zip(bases, batch, strict=True))
+            and all(w.dtype == weights[0].dtype in (torch.bfloat16, torch.float16) and w.is_contiguous()
+                    for w in weights)):
         return None
-    if all(_is_plain(base) and not getattr(module, "fan_in_fan_out", False) for base, (module, *_) in
-           zip(bases, batch, strict=True)):
-        kind, dtype = 0, bases[0].weight.dtype
-        uniform = all(b.weight.dtype == dtype and b.weight.is_contiguous() for b in bases)
-    elif all(_is_unpacked_4bit(b.weight) and b.weight.quant_state.quant_type == "nf4" for b in bases):
-        states = [b.weight.quant_state for b in bases]
-        kind, dtype = 2 if states[0].nested else 1, states[0].dtype
-        uniform = all((s.nested, s.blocksize, s.dtype) == (states[0].nested, states[0].blocksize, dtype)
-                      and (not s.nested or s.state2.blocksize == states[0].state2.blocksize) for s in states)
-    else:
-        return None
-    if not (uniform and dtype in (torch.bfloat16, torch.float16)):
-        return None
-    tables = _grouped_tables(bases, kind, a.device)
-    if tables is None:
-        return None
-    n_layers, r, d_in = a.shape
-    d_out = bases[0].out_features
-    qs = bases[0].weight.quant_state if kind else None
-    out = torch.empty(n_layers, r, d_out, device=a.device, dtype=torch.float32)
-    _a_w0t_kernel[(n_layers, triton.cdiv(d_out, 64))](
-        *tables, a, out, n_layers, r, d_in, d_out, qs.blocksize if kind else 0, qs.state2.blocksize if kind == 2 else 0,
-        KIND=kind, W_DTYPE=tl.bfloat16 if dtype == torch.bfloat16 else tl.float16,
-        R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64, BLOCK_K=64)
-    return out
-
-
-def _grouped_tables(bases: list[nn.Module], kind: int, device: torch.device) -> tuple[Tensor, ...] | None:
-    """The kernel's device tables, made once for a set of weights: the layers' addresses (plain: the weights; NF4: the
-    packed weights, their block scales and, when double-quantized, the scales' scales), NF4's offsets of the
-    double-quantized scales, and NF4's code books (those of the first layer: every NF4 layer has the same)."""
-    states = [b.weight.quant_state for b in bases] if kind else []
-    columns = [[b.weight.data_ptr() for b in bases]]
-    if kind:
-        columns.append([s.absmax.data_ptr() for s in states])
-        columns.append([s.state2.absmax.data_ptr() if kind == 2 else 0 for s in states])
-    key = (device, kind, *(p for column in columns for p in column))
-    tables = _TABLES.get(key)
-    if tables is None:
+    key = (a.device, *(w.data_ptr() for w in weights))
+    table = _POINTERS.get(key)
+    if table is None:
         if torch.cuda.is_current_stream_capturing():
             return None
         # from pinned memory, without waiting: the host does not stop for the GPU outside logging steps
-        addresses = torch.tensor(columns, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
-        if kind:
-            offsets = (torch.stack([s.offset for s in states]).float().to(device) if kind == 2
-                       else torch.zeros(len(bases), device=device))
-            code = states[0].code.float().to(device)
-            code2 = states[0].state2.code.float().to(device) if kind == 2 else code
-        else:
-            offsets = code = code2 = addresses  # unread
-        tables = _TABLES[key] = (addresses, offsets, code, code2)
-    return tables
+        table = _POINTERS[key] = torch.tensor(key[1:], dtype=torch.int64).pin_memory().to(a.device, non_blocking=True)
+    n_layers, r, d_in = a.shape
+    d_out = weights[0].shape[0]
+    out = torch.empty(n_layers, r, d_out, device=a.device, dtype=torch.float32)
+    _a_w0t_kernel[(n_layers, triton.cdiv(d_out, 64))](
+        table, a, out, r, d_in, d_out, W_DTYPE=tl.bfloat16 if weights[0].dtype == torch.bfloat16 else tl.float16,
+        R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64, BLOCK_K=64)
+    return out
 
 
 def forget_norms(model: nn.Module) -> None:
@@ -387,47 +353,22 @@ if triton is not None:
         tl.store(y_ptr + offs, (y + r * scale[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _a_w0t_kernel(addresses, offsets, code, code2, a_ptr, out_ptr, n_layers, r, d_in, d_out, blocksize, blocksize2,
-                      KIND: tl.constexpr, W_DTYPE: tl.constexpr, R: tl.constexpr, BLOCK_N: tl.constexpr,
-                      BLOCK_K: tl.constexpr):
+    def _a_w0t_kernel(w_table, a_ptr, out_ptr, r, d_in, d_out, W_DTYPE: tl.constexpr, R: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[l] = A[l]·W0[l]ᵀ in float32, A cast to W0's dtype first (as `_a_times_w0t`), each layer's W0 read where
-        it lies, through `_grouped_tables`. KIND 0: a plain weight; 1: NF4, W0 = code[nibble]·absmax[block], as
-        bitsandbytes dequantizes it; 2: NF4 whose absmax is itself quantized (code2[byte]·absmax2[block2] + offset).
-        One program a layer and BLOCK_N outputs."""
+        it lies: its address is w_table[l]. One program a layer and BLOCK_N outputs."""
         layer = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.arange(0, R)
-        if KIND == 0:
-            w_ptr = tl.load(addresses + layer).to(tl.pointer_type(W_DTYPE))
-        else:
-            q_ptr = tl.load(addresses + layer).to(tl.pointer_type(tl.uint8))
-            if KIND == 2:
-                am_ptr = tl.load(addresses + n_layers + layer).to(tl.pointer_type(tl.uint8))
-                am2_ptr = tl.load(addresses + 2 * n_layers + layer).to(tl.pointer_type(tl.float32))
-                offset = tl.load(offsets + layer)
-            else:
-                am_ptr = tl.load(addresses + n_layers + layer).to(tl.pointer_type(tl.float32))
+        w_ptr = tl.load(w_table + layer).to(tl.pointer_type(W_DTYPE))
         a_base = a_ptr + layer.to(tl.int64) * r * d_in
         acc = tl.zeros([R, BLOCK_N], dtype=tl.float32)
         for k0 in tl.range(0, d_in, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_base + rows[:, None] * d_in + ks[None, :], mask=(rows[:, None] < r) & (ks[None, :] < d_in),
                         other=0.0)
-            flat = cols[None, :].to(tl.int64) * d_in + ks[:, None]  # W0[col, k], row-major: BLOCK_K × BLOCK_N
-            mask = (cols[None, :] < d_out) & (ks[:, None] < d_in)
-            if KIND == 0:
-                w = tl.load(w_ptr + flat, mask=mask, other=0.0)
-            else:
-                byte = tl.load(q_ptr + flat // 2, mask=mask, other=0).to(tl.int32)
-                value = tl.load(code + tl.where(flat % 2 == 0, byte >> 4, byte & 15))
-                block = flat // blocksize
-                if KIND == 2:
-                    scaled = tl.load(am_ptr + block, mask=mask, other=0).to(tl.int32)
-                    absmax = tl.load(code2 + scaled) * tl.load(am2_ptr + block // blocksize2, mask=mask, other=0.0)
-                    absmax += offset
-                else:
-                    absmax = tl.load(am_ptr + block, mask=mask, other=0.0)
-                w = tl.where(mask, value * absmax, 0.0).to(W_DTYPE)
+            w = tl.load(w_ptr + cols[None, :].to(tl.int64) * d_in + ks[:, None],
+                        mask=(cols[None, :] < d_out) & (ks[:, None] < d_in), other=0.0)
             acc = tl.dot(a.to(W_DTYPE), w, acc)
         out = out_ptr + layer.to(tl.int64) * r * d_out + rows[:, None] * d_out + cols[None, :]
         tl.store(out, acc, mask=(rows[:, None] < r) & (cols[None, :] < d_out))
