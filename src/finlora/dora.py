@@ -306,11 +306,12 @@ def forget_norms(model: nn.Module) -> None:
 
 
 def fresh_norms(model: nn.Module) -> Callable[[], AbstractContextManager]:
-    """A context for compiled training steps: on entry, the norms of every stale finlora DoRA layer of `model` are
-    refreshed, eagerly and batched over layers of one shape (as the eager layers refresh them), and until it exits
-    compiled layers read them instead of rebuilding each layer's norm in its graph (A·W0ᵀ and a few small kernels
-    a layer, where the batched refresh takes a few kernels in all). Dynamo guards on the switch: a graph traced
-    inside the context and one traced outside (a decode step) are separate graphs."""
+    """The context a compiled training step of `model` runs in (a new one at each call of the function returned): on
+    entry, the norms of every stale finlora DoRA layer are refreshed, eagerly and batched over layers of one shape
+    (as the eager layers refresh them), and until it exits compiled layers read them instead of rebuilding each
+    layer's norm in its graph (A·W0ᵀ and a few small kernels a layer, where the batched refresh takes a few kernels
+    in all). Dynamo guards on the switch: a graph traced inside the context and one traced outside (a decode step)
+    are separate graphs."""
     groups = list({id(group): group for module in model.modules()
                    if (group := module.__dict__.get("_finlora_dora_group"))}.values())
 
