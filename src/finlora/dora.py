@@ -271,13 +271,12 @@ def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
     are plain 16-bit CUDA weights: one launch instead of a skinny GEMM and a cast of A a layer. None elsewhere, and
     inside a CUDA graph's recording if the table of the weights' addresses is not on the device yet (the host's copy
     of a new table cannot be recorded; the warm-up passes before a recording make it)."""
-    bases = [parts[0] for _, _, parts, _ in batch]
-    weights = [base.weight for base in bases]
     if not (_on_triton(a, all(module.lora_variant[adapter].use_triton for module, adapter, _, _ in batch))
-            and all(_is_plain(base) and not getattr(module, "fan_in_fan_out", False)
-                    for base, (module, *_) in zip(bases, batch, strict=True))
-            and all(w.dtype == weights[0].dtype in (torch.bfloat16, torch.float16) and w.is_contiguous()
-                    for w in weights)):
+            and all(_is_plain(parts[0]) for _, _, parts, _ in batch)):
+        return None
+    weights = [_plain_weight(module, parts[0]) for module, _, parts, _ in batch]  # a transposed one is not contiguous
+    if not (weights[0].dtype in (torch.bfloat16, torch.float16)
+            and all(w.dtype == weights[0].dtype and w.is_contiguous() for w in weights)):
         return None
     key = (a.device, *(w.data_ptr() for w in weights))
     table = _POINTERS.get(key)
