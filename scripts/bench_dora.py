@@ -246,29 +246,32 @@ def profile(bits: str, impl: str, args: argparse.Namespace, top: int = 25) -> st
 
 def kernel_check(args: argparse.Namespace) -> list[str]:
     """The Triton kernels against the PyTorch path (errors against float64), and their times."""
-    lines = []
-    for n_rows, n_cols in [(4096, 14336), (4096, 1024), (333, 4097)]:
-        g = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16)
-        y = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16)
-        s = torch.rand(n_cols, device="cuda") + 0.5
-        m = torch.rand(n_cols, device="cuda") + 0.5
-        gz_ref = g.double() * s
-        gm_ref = (g.double() * y.double()).sum(0) / m
-        add_ref = y.double() + g.double() * s
-        out = {}
-        for use in (True, False):
-            gz, gm = dora._scale_grad(g, y, s, m, use)
-            added = dora._scale_add_(y.clone(), g, s, use)
-            assert torch.isfinite(gz).all() and torch.isfinite(gm).all() and torch.isfinite(added).all()
-            bwd = timed(lambda gg=g, yy=y, ss=s, mm=m, u=use: dora._scale_grad(gg, yy, ss, mm, u))
-            buf = y.clone()
-            fwd = timed(lambda b=buf, gg=g, ss=s, u=use: dora._scale_add_(b, gg, ss, u))
-            errs = (rel(gz, gz_ref), rel(gm, gm_ref), rel(added, add_ref))
-            out["triton" if use else "torch"] = f"fwd {fwd:.3f} ms bwd {bwd:.3f} ms, errors " + " ".join(
-                f"{e:.1e}" for e in errs
-            )
-        lines.append(f"{n_rows}x{n_cols}: Triton {out['triton']} | PyTorch {out['torch']}")
-    return lines
+    return [kernel_line(n_rows, n_cols) for n_rows, n_cols in [(4096, 14336), (4096, 1024), (333, 4097)]]
+
+
+def kernel_line(n_rows: int, n_cols: int, r: int = 8, scaling: float = 2.0) -> str:
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+
+    res, g, ax, b_eff, b_s = randn(n_rows, n_cols), randn(n_rows, n_cols), randn(n_rows, r), randn(n_cols, r), \
+        randn(n_cols, r)
+    s = torch.rand(n_cols, device="cuda") + 0.5
+    m = torch.rand(n_cols, device="cuda") + 0.5
+    out = {}
+    for use in (True, False):
+        y = dora._dora_out(res, ax, s, b_eff, None, use)
+        gz, _, b_and_m = dora._dora_grads(g, y, ax, s, m, b_s, None, scaling, use)
+        grad_b = scaling * (g.double() * s).T @ ax.double()
+        refs = (ax.double() @ b_eff.double().T + s * res.double(), g.double() * s,
+                torch.cat([grad_b.flatten(), (g.double() * y.double()).sum(0) / m]))
+        assert all(torch.isfinite(t).all() for t in (y, gz, b_and_m))
+        fwd = timed(lambda u=use: dora._dora_out(res, ax, s, b_eff, None, u))
+        bwd = timed(lambda yy=y, u=use: dora._dora_grads(g, yy, ax, s, m, b_s, None, scaling, u))
+        errs = (rel(y, refs[0]), rel(gz, refs[1]), rel(b_and_m, refs[2]))
+        out["triton" if use else "torch"] = f"fwd {fwd:.3f} ms bwd {bwd:.3f} ms, errors " + " ".join(
+            f"{e:.1e}" for e in errs
+        )
+    return f"{n_rows}x{n_cols}: Triton {out['triton']} | PyTorch {out['torch']}"
 
 
 def timed(fn: Callable[[], object], reps: int = 50) -> float:
@@ -357,8 +360,9 @@ def markdown(results: list[Result], checks: list[dict], kernels: list[str], args
     if kernels:
         lines += [
             "",
-            "Kernels, bf16, Triton against the PyTorch path: forward y += r·scale, backward g·scale with "
-            "Σ g·y / m in one pass; errors against float64 of g·scale, Σ g·y / m and y + r·scale:",
+            "Kernels, bf16, r=8, Triton against the PyTorch path: forward y = ax·b_effᵀ + scale·result in one "
+            "pass, backward g·scale, B's gradient and Σ g·y / m in one pass (ax's gradient, a GEMM, in both); "
+            "errors against float64 of y, g·scale and (B's, m's gradients):",
             "",
         ]
         lines += [f"- {k}" for k in kernels]

@@ -258,8 +258,14 @@ class HostProfile(L.Callback):
                     f"step, steps {self.start + self.steps}-{step} (under the device profiler)")
             print(f"[{self.path.name}] {line}", flush=True)
             self.text += (f"\n# {line}\n\n"
-                          f"{events.table(sort_by='self_cuda_time_total', row_limit=30, max_name_column_width=70)}\n")
+                          f"{events.table(sort_by='self_cuda_time_total', row_limit=30, max_name_column_width=70)}\n"
+                          f"\n# every kernel: µs a step, calls a step, name\n{self._per_step(events)}")
             self._write()
+
+    def _per_step(self, events: Any) -> str:
+        rows = sorted(((e.self_device_time_total / self.device_steps, e.count / self.device_steps, e.key)
+                       for e in events if e.self_device_time_total > 0), reverse=True)
+        return "".join(f"{us:9.1f} {calls:6.1f}  {name[:150]}\n" for us, calls, name in rows)
 
     def _write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

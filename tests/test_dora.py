@@ -105,7 +105,7 @@ def run(model: nn.Module, x: Tensor, kind: str = "fp32") -> tuple[Tensor, dict[s
     x = x.clone().requires_grad_(True)
     with autocast_for(kind):
         out = model(x)
-    w = torch.linspace(-1, 1, out.numel()).view(out.shape)
+    w = torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape)
     (out.float() * w).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     grads["input"] = x.grad.clone()
@@ -246,6 +246,34 @@ def test_layers_of_one_shape_on_a_gpu_get_a_w0t_from_one_grouped_kernel(dtype) -
                                    rtol=2e-3, atol=1e-4)
     use_fast_dora(model, use_triton=False)
     assert _grouped_a_w0t(batch, a) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels run on CUDA")
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_kernels_on_a_gpu_give_the_pytorch_paths_output_and_gradients(dtype, bias) -> None:
+    """A 16-bit branch on CUDA runs the layer's output and its gradients in Triton kernels (`_dora_out`,
+    `_dora_grads`); sizes that fill no block, and rows enough that B's and m's gradients are summed over programs,
+    in an order that does not change from run to run."""
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(100, 150, bias=bias), nn.GELU(), nn.Linear(150, 100, bias=bias)),
+                           LoraConfig(r=5, lora_alpha=10, target_modules=["0", "2"], use_dora=True)).cuda()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(3, 700, 100, device="cuda")
+    results = []
+    for use_triton in (True, False, True):
+        assert use_fast_dora(model, use_triton=use_triton) == 2
+        with torch.autocast("cuda", dtype=dtype):
+            results.append(run(model, x))
+    (out, grads), (ref_out, ref_grads), (_, again) = results
+    assert all(torch.equal(again[name], grads[name]) for name in grads)
+    assert rel(out, ref_out) < 1e-2
+    assert ref_grads.keys() == grads.keys() and any("magnitude" in name for name in grads)
+    for name in ref_grads:
+        assert rel(grads[name], ref_grads[name]) < 1e-2, name
 
 
 def test_paper_worked_example() -> None:

@@ -24,14 +24,16 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   and activation-checkpoint recomputation.
 - One autograd node (`_DoraTail`) scales the base output and adds the LoRA branch with the scale
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
-  (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA, a Triton
-  kernel forms g·scale and Σ_t g ⊙ y in one pass over g and y.
-- Under torch.compile, where a Python-side cache would be read once at tracing and never again, the
-  layer computes the same function as plain differentiable ops; the compiler fuses what `_DoraTail` and the
-  Triton kernels do by hand. A compiled training step (`trainer.compile`) refreshes every layer's norm
-  eagerly, batched, before its compiled code runs, and the layers read them there (`fresh_norms`). Other
-  compiled code (generation's decode step) rebuilds each layer's norm inside the graph at every call, from
-  the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and A·W0ᵀ.
+  (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
+  branch, one Triton kernel forms y (the branch's product B·(A·x) and the scaled base output together),
+  and one forms g·scale with B's and m's gradients, in one pass over g, y and A·x (a kernel each where
+  LoRA runs a GEMM and an elementwise kernel each).
+- Under torch.compile, where a Python-side cache would be read once at tracing and never again, a compiled
+  training step (`trainer.compile`) refreshes every layer's norm eagerly, batched, before its compiled
+  code runs (`fresh_norms`), and the layers call `_DoraTail`'s kernels as one operator
+  (`finlora::dora_tail`) with the constants refreshed there. Other compiled code (generation's decode
+  step) computes the same function as plain differentiable ops, rebuilding each layer's norm inside the
+  graph at every call from the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and A·W0ᵀ.
 - Recorded as a CUDA graph (`trainer.capture`), the layer runs as in eager mode, with its norms recomputed
   inside the graph at every replay: the cache is emptied before recording (`forget_norms`), so the
   recorded forward refreshes every layer's norms, batched, from the parameters the replay reads.
@@ -340,17 +342,25 @@ def clear_dora_cache(model: nn.Module) -> None:
 if triton is not None:
 
     @triton.jit
-    def _scale_add_kernel(y_ptr, r_ptr, scale_ptr, n_rows, n_cols, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-        """y += r·scale[column], in float32, in place."""
+    def _dora_out_kernel(res_ptr, ax_ptr, b_ptr, scale_ptr, bias_ptr, y_ptr, n_rows, n_cols, r, HAS_BIAS: tl.constexpr,
+                         BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr):
+        """y = ax·b_effᵀ + scale ⊙ result (+ (1 - scale) ⊙ bias), in float32, rounded once: the LoRA branch's
+        product and the scaled base output in one pass."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        mask = (rows[:, None] < n_rows) & col_mask[None, :]
+        ks = tl.arange(0, R)
+        row_mask, col_mask = rows < n_rows, cols < n_cols
+        a = tl.load(ax_ptr + rows[:, None].to(tl.int64) * r + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < r),
+                    other=0.0)
+        b = tl.load(b_ptr + cols[None, :] * r + ks[:, None], mask=col_mask[None, :] & (ks[:, None] < r), other=0.0)
+        acc = tl.dot(a, b)
+        mask = row_mask[:, None] & col_mask[None, :]
         offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
-        r = tl.load(r_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, (y + r * scale[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(res_ptr + offs, mask=mask, other=0.0).to(tl.float32) * scale[None, :]
+        if HAS_BIAS:
+            acc += ((1 - scale) * tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32))[None, :]
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _a_w0t_kernel(w_table, a_ptr, out_ptr, r, d_in, d_out, W_DTYPE: tl.constexpr, R: tl.constexpr,
@@ -374,35 +384,53 @@ if triton is not None:
         tl.store(out, acc, mask=(rows[:, None] < r) & (cols[None, :] < d_out))
 
     @triton.jit
-    def _scale_grad_kernel(
-        g_ptr,
-        y_ptr,
-        scale_ptr,
-        m_ptr,
-        gz_ptr,
-        part_ptr,
-        n_rows,
-        n_cols,
-        BLOCK_T: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        ITERS: tl.constexpr,
-    ):
-        """gz = g·scale and per-column partial sums of g·y / m (float32), one pass over g and y."""
-        pid_t = tl.program_id(0)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _dora_grad_kernel(g_ptr, y_ptr, ax_ptr, scale_ptr, m_ptr, bias_ptr, gz_ptr, part_ptr, lock_ptr, out_ptr, n_rows,
+                          n_cols, r, scaling, n_progs, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_N: tl.constexpr, R: tl.constexpr, ITERS: tl.constexpr):
+        """gz = g·scale, and B's gradient, s·gzᵀ·ax, and m's, Σ g·(y - bias) / m, in float32: one pass over g, y
+        and ax. Each of the `n_progs` programs of a block of columns writes its rows' partial sums; the last one to
+        finish (a counter in `lock_ptr`, which it sets back to 0) adds them up in a fixed order, so the result does
+        not depend on which finishes last."""
+        pid_t, pid_n = tl.program_id(0), tl.program_id(1)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, R)
         col_mask = cols < n_cols
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+        acc_m = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N, R], dtype=tl.float32)
         for i in range(ITERS):
             rows = (pid_t * ITERS + i) * BLOCK_T + tl.arange(0, BLOCK_T)
-            mask = (rows[:, None] < n_rows) & col_mask[None, :]
+            row_mask = rows < n_rows
+            mask = row_mask[:, None] & col_mask[None, :]
             offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(gz_ptr + offs, (g * scale[None, :]).to(gz_ptr.dtype.element_ty), mask=mask)
-            acc += tl.sum(g * y, axis=0)
+            if HAS_BIAS:
+                y -= bias[None, :]
+            gz = (g * scale[None, :]).to(gz_ptr.dtype.element_ty)
+            tl.store(gz_ptr + offs, gz, mask=mask)
+            acc_m += tl.sum(g * y, axis=0)
+            a = tl.load(ax_ptr + rows[:, None].to(tl.int64) * r + ks[None, :],
+                        mask=row_mask[:, None] & (ks[None, :] < r), other=0.0)
+            acc_b = tl.dot(tl.trans(gz.to(a.dtype)), a, acc_b)
         m = tl.load(m_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
-        tl.store(part_ptr + pid_t * n_cols + cols, acc / m, mask=col_mask)
+        b_offs, b_mask = cols[:, None] * r + ks[None, :], col_mask[:, None] & (ks[None, :] < r)
+        part = part_ptr + pid_t.to(tl.int64) * n_cols * (r + 1)
+        tl.store(part + b_offs, acc_b * scaling, mask=b_mask)
+        tl.store(part + n_cols * r + cols, acc_m / m, mask=col_mask)
+        tl.debug_barrier()  # every thread's partial sums stored before the counter says so
+        if tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel") == n_progs - 1:
+            total_b = tl.zeros([BLOCK_N, R], dtype=tl.float32)
+            total_m = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for p in range(n_progs):
+                part = part_ptr + p * n_cols * (r + 1)
+                total_b += tl.load(part + b_offs, mask=b_mask, other=0.0, cache_modifier=".cg")
+                total_m += tl.load(part + n_cols * r + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + b_offs, total_b, mask=b_mask)
+            tl.store(out_ptr + n_cols * r + cols, total_m, mask=col_mask)
+            tl.atomic_xchg(lock_ptr + pid_n, 0)
 
 
 @functools.cache
@@ -414,37 +442,83 @@ def _on_triton(t: Tensor, use: bool) -> bool:
     return use and triton is not None and t.is_cuda
 
 
-def _scale_add_(y: Tensor, r: Tensor, scale: Tensor, use_triton: bool = True) -> Tensor:
-    """y += r ⊙ scale (scale float32, broadcast over the last dimension), in place; y and r contiguous."""
-    if _on_triton(y, use_triton) and r.is_contiguous():
-        n_cols = y.shape[-1]
-        n_rows = y.numel() // n_cols
-        grid = (triton.cdiv(n_rows, 8), triton.cdiv(n_cols, 512))
-        _scale_add_kernel[grid](y, r, scale, n_rows, n_cols, BLOCK_T=8, BLOCK_N=512)
+_COUNTERS: dict[torch.device, Tensor] = {}  # per device, zeros that `_dora_grad_kernel` counts in and sets back
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """At least `n` zero counters for `_dora_grad_kernel`: kept, as each launch leaves them at 0 (kernels run one at
+    a time on a device's stream). Not kept when made inside a CUDA graph's recording: zeros made there are zeros at
+    each replay only, not now; the graph zeros its own at each replay."""
+    counters = _COUNTERS.get(device)
+    if counters is not None and counters.numel() >= n:
+        return counters
+    counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    if not torch.cuda.is_current_stream_capturing():
+        _COUNTERS[device] = counters
+    return counters
+
+
+def _fused(ax: Tensor, use: bool) -> bool:
+    """The Triton kernels of the layer's output and gradients: on CUDA, with a 16-bit LoRA branch (a float32 one
+    would go through TF32 in `tl.dot`)."""
+    return _on_triton(ax, use) and ax.dtype in (torch.bfloat16, torch.float16)
+
+
+def _dora_out(result: Tensor, ax: Tensor, scale: Tensor, b_eff: Tensor, bias: Tensor | None, use_triton: bool,
+              ) -> Tensor:
+    """y = scale ⊙ result + (1 - scale) ⊙ b + ax·b_effᵀ, from the base output (its bias b included)."""
+    if _fused(ax, use_triton):
+        result, ax = result.contiguous(), ax.contiguous()
+        n_cols, r = result.shape[-1], ax.shape[-1]
+        n_rows = result.numel() // n_cols
+        y = torch.empty_like(result)
+        _dora_out_kernel[(triton.cdiv(n_rows, 64), triton.cdiv(n_cols, 64))](
+            result, ax, b_eff, scale, scale if bias is None else bias, y, n_rows, n_cols, r, HAS_BIAS=bias is not None,
+            BLOCK_T=64, BLOCK_N=64, R=triton.next_power_of_2(max(r, 16)))
         return y
-    return y.addcmul_(r, scale)
+    y = torch.matmul(ax, b_eff.T)
+    if bias is not None:
+        y += ((1 - scale) * bias.detach().float()).to(y.dtype)
+    return y.addcmul_(result, scale).to(result.dtype)
 
 
-def _scale_grad(g: Tensor, y: Tensor, scale: Tensor, magnitude: Tensor, use_triton: bool = True,
-                ) -> tuple[Tensor, Tensor]:
-    """(g·scale in g's dtype, Σ_rows g·y / m in float32) for 2-D contiguous g and y."""
-    if _on_triton(g, use_triton):
-        n_rows, n_cols = g.shape
-        block_t, block_n = 32, 128
-        col_blocks = triton.cdiv(n_cols, block_n)
-        target = 4 * _sm_count(g.device.index)
+def _dora_grads(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: Tensor, b_s: Tensor,
+                bias: Tensor | None, scaling: float, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The gradients of `_dora_out`'s inputs from its output's, `grad`: (the base output's, g·scale; ax's; B's
+    and m's, flattened into one float32 vector). m's is Σ_tokens g·(y - b) / m."""
+    n_out, r = b_s.shape
+    g2, y2, ax2 = grad.reshape(-1, n_out), y.reshape(-1, n_out), ax.reshape(-1, r)
+    if _fused(ax, use_triton):
+        g2, ax2 = g2.contiguous(), ax2.contiguous()
+        n_rows = g2.shape[0]
+        block_t, block_n = 32, 64
+        col_blocks = triton.cdiv(n_out, block_n)
         row_tiles = triton.cdiv(n_rows, block_t)
-        # a power of two, so that few variants are compiled however the number of rows varies
-        iters = min(64, triton.next_power_of_2(triton.cdiv(row_tiles, triton.cdiv(target, col_blocks))))
+        # enough programs to fill the GPU; a power of two, so that few variants compile however many rows there are
+        iters = min(64, triton.next_power_of_2(triton.cdiv(row_tiles, triton.cdiv(4 * _sm_count(g2.device.index),
+                                                                                   col_blocks))))
         row_progs = triton.cdiv(row_tiles, iters)
-        gz = torch.empty_like(g)
-        part = torch.empty(row_progs, n_cols, device=g.device, dtype=torch.float32)
-        _scale_grad_kernel[(row_progs, col_blocks)](
-            g, y, scale, magnitude, gz, part, n_rows, n_cols, BLOCK_T=block_t, BLOCK_N=block_n, ITERS=iters
-        )
-        return gz, part.sum(0)
-    gz = torch.mul(g, scale, out=torch.empty_like(g))
-    return gz, (g * y).sum(0, dtype=torch.float32).div_(magnitude)
+        gz = torch.empty_like(g2)
+        part = torch.empty(row_progs, n_out * (r + 1), device=g2.device, dtype=torch.float32)
+        b_and_m = torch.empty(n_out * (r + 1), device=g2.device, dtype=torch.float32)
+        _dora_grad_kernel[(row_progs, col_blocks)](
+            g2, y2, ax2, scale, magnitude, scale if bias is None else bias, gz, part, _counters(g2.device, col_blocks),
+            b_and_m, n_rows, n_out, r, scaling, row_progs, HAS_BIAS=bias is not None, BLOCK_T=block_t,
+            BLOCK_N=block_n, R=triton.next_power_of_2(max(r, 16)), ITERS=iters)
+    else:
+        gz = torch.mul(g2, scale, out=torch.empty_like(g2))
+        g_y = (g2 * y2).sum(0, dtype=torch.float32)
+        if bias is not None:
+            g_y -= bias.float() * g2.sum(0, dtype=torch.float32)
+        grad_b = (gz.to(ax.dtype).T @ ax2).float().mul_(scaling)
+        b_and_m = torch.cat([grad_b.flatten(), g_y / magnitude])
+    grad_ax = torch.matmul(gz.to(ax.dtype), b_s).view(ax.shape)
+    return gz.view(grad.shape), grad_ax, b_and_m
+
+
+def _split_b_and_m(b_and_m: Tensor, lora_b: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    n_out, r = lora_b.shape
+    return b_and_m[: n_out * r].view(n_out, r).to(lora_b.dtype), b_and_m[n_out * r :].to(magnitude.dtype)
 
 
 class _DoraTail(torch.autograd.Function):
@@ -463,38 +537,66 @@ class _DoraTail(torch.autograd.Function):
         use_triton: bool,
     ) -> Tensor:
         # b_eff and ax share a dtype, so an enclosing autocast casts nothing here
-        y = torch.matmul(ax, consts.b_eff.T)
-        if bias is not None:
-            y += ((1 - consts.scale) * bias.detach().float()).to(y.dtype)
-        y = _scale_add_(y, result.contiguous(), consts.scale, use_triton).to(result.dtype)
-        ctx.save_for_backward(y, ax, magnitude, bias)
+        y = _dora_out(result, ax, consts.scale, consts.b_eff, bias, use_triton)
+        ctx.save_for_backward(y, ax, lora_b, magnitude, bias)
         ctx.use_triton = use_triton
         ctx.consts = consts
         ctx.scaling = scaling
-        ctx.b_dtype = lora_b.dtype
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        y, ax, magnitude, bias = ctx.saved_tensors
+        y, ax, lora_b, magnitude, bias = ctx.saved_tensors
         consts: _Consts = ctx.consts
-        n_out = y.shape[-1]
-        g2 = grad.reshape(-1, n_out)
-        grad_ax = grad_b = grad_m = grad_bias = None
-        if bias is None:
-            gz, grad_m = _scale_grad(g2, y.reshape(-1, n_out), consts.scale, magnitude, ctx.use_triton)
-        else:  # Σ g·(y - b) / m
-            gz = torch.mul(g2, consts.scale, out=torch.empty_like(g2))
-            g_sum = g2.sum(0, dtype=torch.float32)
-            grad_m = ((g2 * y.reshape(-1, n_out)).sum(0, dtype=torch.float32) - bias.float() * g_sum) / magnitude
-            grad_bias = (g_sum * (1 - consts.scale)).to(bias.dtype)
-        gz_lora = gz.to(ax.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_ax = torch.matmul(gz_lora, consts.b_s).view(ax.shape)
-        if ctx.needs_input_grad[2]:
-            grad_b = (gz_lora.T @ ax.reshape(-1, ax.shape[-1])).to(ctx.b_dtype).mul_(ctx.scaling)
-        return gz.view(grad.shape), grad_ax, grad_b, grad_m.to(magnitude.dtype), None, None, grad_bias, None
+        gz, grad_ax, b_and_m = _dora_grads(grad, y, ax, consts.scale, magnitude, consts.b_s,
+                                           None if bias is None else bias.detach(), ctx.scaling, ctx.use_triton)
+        grad_b, grad_m = _split_b_and_m(b_and_m, lora_b, magnitude)
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[6]:
+            grad_bias = (grad.reshape(-1, y.shape[-1]).sum(0, dtype=torch.float32) * (1 - consts.scale)).to(bias.dtype)
+        return gz, grad_ax, grad_b, grad_m, None, None, grad_bias, None
+
+
+@torch.library.custom_op("finlora::dora_tail", mutates_args=())
+def _dora_tail_op(result: Tensor, ax: Tensor, lora_b: Tensor, magnitude: Tensor, scale: Tensor, b_eff: Tensor,
+                  b_s: Tensor, bias: Tensor | None, scaling: float, use_triton: bool) -> Tensor:
+    """`_DoraTail` as one operator for compiled code, which calls it as it is: its kernels are fused already.
+    (`lora_b` and `magnitude` are there for their gradients.)"""
+    return _dora_out(result, ax, scale, b_eff, bias, use_triton)
+
+
+@torch.library.custom_op("finlora::dora_tail_grads", mutates_args=())
+def _dora_tail_grads_op(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: Tensor, b_s: Tensor,
+                        bias: Tensor | None, scaling: float, use_triton: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _dora_grads(grad, y, ax, scale, magnitude, b_s, bias, scaling, use_triton)
+
+
+@_dora_tail_op.register_fake
+def _(result: Tensor, *_: Any) -> Tensor:
+    return result.new_empty(result.shape)
+
+
+@_dora_tail_grads_op.register_fake
+def _(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: Tensor, b_s: Tensor, *_: Any,
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    return grad.new_empty(grad.shape), ax.new_empty(ax.shape), b_s.new_empty(b_s.numel() + b_s.shape[0],
+                                                                           dtype=torch.float32)
+
+
+def _dora_tail_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:
+    result, ax, lora_b, magnitude, scale, b_eff, b_s, bias, scaling, use_triton = inputs
+    ctx.save_for_backward(output, ax, lora_b, magnitude, scale, b_s, bias)
+    ctx.scaling, ctx.use_triton = scaling, use_triton
+
+
+def _dora_tail_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    y, ax, lora_b, magnitude, scale, b_s, bias = ctx.saved_tensors
+    gz, grad_ax, b_and_m = _dora_tail_grads_op(grad, y, ax, scale, magnitude, b_s, bias, ctx.scaling, ctx.use_triton)
+    return gz, grad_ax, *_split_b_and_m(b_and_m, lora_b, magnitude), None, None, None, None, None, None
+
+
+_dora_tail_op.register_autograd(_dora_tail_backward, setup_context=_dora_tail_setup)
 
 
 class FastDoraLinearVariant(DoraLinearVariant):
@@ -512,7 +614,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
         if torch.compiler.is_compiling():
-            return _traced_tail(module, active_adapter, result, ax, parts)
+            return _traced_tail(module, active_adapter, result, ax, parts, self.use_triton)
         consts = _consts(module, active_adapter, parts, ax.dtype)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None),
                                self.use_triton)
@@ -533,12 +635,20 @@ class FastDoraLinearVariant(DoraLinearVariant):
         return DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
 
 
-def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, parts: tuple) -> Tensor:
-    """`_DoraTail`'s function as plain differentiable ops, for torch.compile: the norm refreshed by `fresh_norms`,
-    or else rebuilt from the frozen ‖w_i‖² (`prepare_compile`) and this call's A and B, detached as in
-    `_DoraTail`; m's gradient through autograd."""
+def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, parts: tuple, use_triton: bool,
+                 ) -> Tensor:
+    """`_DoraTail`'s function for torch.compile. In a compiled training step (`fresh_norms`), one operator that reads
+    the constants refreshed before the step and runs `_DoraTail`'s kernels (`_dora_tail_op`). Elsewhere (a decode step;
+    a trainable base bias) plain differentiable ops, with the norm rebuilt from the frozen ‖w_i‖² (`prepare_compile`)
+    and this call's A and B, detached as in `_DoraTail`, and m's gradient through autograd."""
     base, lora_a, lora_b, magnitude, scaling = parts
     cache = module.__dict__["_finlora_dora_cache"]
+    bias = getattr(base, "bias", None)
+    if _compiled_reads_norms and (bias is None or not bias.requires_grad):
+        entry = cache[adapter]
+        b_eff, b_s = entry.derived.get(ax.dtype) or ((entry.sb * entry.scale[:, None]).to(ax.dtype),
+                                                     entry.sb.to(ax.dtype))
+        return _dora_tail_op(result, ax, lora_b, magnitude, entry.scale, b_eff, b_s, bias, scaling, use_triton)
     if _compiled_reads_norms:
         norm = cache[adapter].norm
     else:
@@ -548,7 +658,6 @@ def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, pa
             norm = (cache["w2"][1] + (b * (2 * scaling * cross + scaling**2 * (b @ (a @ a.T)))).sum(1)
                     ).clamp_min(0).sqrt()
     scale = magnitude.float() / norm
-    bias = getattr(base, "bias", None)
     plain = result.float() if bias is None else result.float() - bias.float()
     y = scale * (plain + scaling * F.linear(ax, lora_b).float())
     return (y if bias is None else y + bias.float()).to(result.dtype)
