@@ -253,9 +253,8 @@ def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
         cross = torch.stack([_a_times_w0t(module, base, lora_a, dtype).float()
                              for module, _, (base, lora_a, *_), _ in batch])
     t = torch.baddbmm(cross.transpose(1, 2), b, a @ a.transpose(1, 2), beta=2 * scaling, alpha=scaling**2)
-    n_layers, d_out, r = b.shape
-    sq = torch.baddbmm(torch.stack(w2).view(-1, 1, 1), b.view(-1, 1, r), t.view(-1, r, 1))
-    norm = sq.view(n_layers, d_out).clamp_min_(0).sqrt_()
+    # Σ_j B_ij·t_ij elementwise: as a batched GEMM of L·d_out products of r numbers each, cuBLAS took 0.1 ms a step
+    norm = (b * t).sum(-1).add_(torch.stack(w2)).clamp_min_(0).sqrt_()
     scale = m / norm
     sb = b * scaling
     b_eff = torch.mul(sb, scale[..., None], out=torch.empty_like(sb, dtype=dtype))
