@@ -22,9 +22,10 @@ Sections (`--only` picks some):
             (`python train.py` in a fresh process with an empty compile cache) compiling the whole model
             against compiling the decoder layers, one compilation for all (`trainer.compile_regions`), then a
             later job of each with the cache the first one filled.
-  profile   the embedded shapes, the first of `--modes`, batch 8, LoRA and DoRA: where the host's time goes in 50 steady
-            steps (cProfile from step 100 to 150 of the run; the top functions by own and by cumulative time,
-            to `--profile-dir`/train_profile_<adapter>.txt).
+  profile   the embedded shapes (`--profile-llama`: the llama section's at 4-bit), the first of `--modes`, batch 8,
+            LoRA and DoRA: where the host's time goes in 50 steady steps (cProfile from step 100 to 150 of the run;
+            the top functions by own and by cumulative time), then the GPU's kernels over 20 steps, to
+            `--profile-dir`/train_profile_<adapter>.txt.
   llama     Llama-3.1-8B shapes, 4 layers, vocabulary 128,256, 4-bit and 8-bit (`--bits`), 8 sentiment examples a
             step: LoRA against DoRA, eager packed against `--modes` on static batches.
   memory    Llama-3.1-8B shapes, 4-bit NF4, r=8 on q/k/v, 1 x 2048 tokens with gradient checkpointing: peak
@@ -287,18 +288,22 @@ def with_host_profile(path_of: Callable[[], Path], start: int = 100, steps: int 
     return with_profile
 
 
-def profile(model: Path, args: argparse.Namespace) -> list[dict]:
-    """Each adapter's run with `HostProfile` among its callbacks (added to what `train` builds)."""
+def profile(model: Path, args: argparse.Namespace, tokenizer: Any) -> list[dict]:
+    """Each adapter's run with `HostProfile` among its callbacks (added to what `train` builds); with
+    `--profile-llama`, on Llama-3.1-8B shapes (4 layers) at 4-bit instead of the embedded shapes."""
     import finlora.train
 
+    shapes, quant = ("", "none") if not args.profile_llama else ("llama4bit_", "4bit")
+    if args.profile_llama:
+        model = save_random_llama(Path(args.work) / "llama4", LLAMA_8B, 4, tokenizer, _init_device())
     built = finlora.train.run_callbacks
     rows = []
     for adapter in args.adapters:
-        name = f"train_profile_{adapter}{'' if args.modes[0] == 'cudagraphs' else '_' + args.modes[0]}.txt"
+        name = f"train_profile_{shapes}{adapter}{'' if args.modes[0] == 'cudagraphs' else '_' + args.modes[0]}.txt"
         finlora.train.run_callbacks = with_host_profile(lambda name=name: Path(args.profile_dir) / name)
         try:
-            rows.append(run(f"profile b8 {adapter} {args.modes[0]}", model, args,
-                            *sentiment(adapter, 8, 200, args.modes[0])))
+            rows.append(run(f"profile {shapes}b8 {adapter} {args.modes[0]}", model, args,
+                            *sentiment(adapter, 8, 200, args.modes[0], quant)))
         finally:
             finlora.train.run_callbacks = built
     return rows
@@ -416,6 +421,7 @@ def main() -> None:
     parser.add_argument("--numerics-mode", default="cudagraphs", choices=list(MODES)[1:])
     parser.add_argument("--bits", nargs="*", type=int, default=[4, 8], help="llama: the quantizations")
     parser.add_argument("--profile-dir", default=str(ROOT / "docs"), help="profile: where its tables go")
+    parser.add_argument("--profile-llama", action="store_true", help="profile: Llama-3.1-8B shapes at 4-bit")
     parser.add_argument("--llama-layers", type=int, default=0, help="memory: measure this many layers only")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
@@ -440,7 +446,7 @@ def main() -> None:
     sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
                 "numerics": lambda: numerics(model, args), "capture": lambda: capture(model, args),
                 "cache": lambda: cache(model, args), "regions": lambda: regions(model, args),
-                "profile": lambda: profile(model, args),
+                "profile": lambda: profile(model, args, tokenizer),
                 "llama": lambda: llama(tokenizer, args),
                 "memory": lambda: memory(tokenizer, args)}
     args.device = device
