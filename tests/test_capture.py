@@ -83,7 +83,9 @@ def _to_gpu(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     (AdapterMethod.dora, False, True)])
 def test_recorded_step_matches_eager_step_after_step_over_two_shapes(method, checkpointing, regions):
     """With `regions`, the recorded step holds the layers compiled by inductor (`trainer.compile_regions`), which read
-    DoRA's norms refreshed, batched, before them in the same graph (`dora.fresh_norms`)."""
+    DoRA's norms refreshed, batched, before them in the same graph (`dora.fresh_norms`). Every replayed backward
+    leaves the gradients at the same addresses, whatever the shape, and gives them back to parameters whose `.grad`
+    was let go (`zero_grad`)."""
     eager_model, captured_model = _on_gpu(method, checkpointing), _on_gpu(method, checkpointing)
     loss = (training_loss(captured_model, Compile.inductor, regions=True) if regions
             else lambda b: answer_loss(captured_model, b))
@@ -91,15 +93,18 @@ def test_recorded_step_matches_eager_step_after_step_over_two_shapes(method, che
     shapes = [_to_gpu(random_static_batch((20, 28, 16), seed=1)), _to_gpu(random_static_batch((40, 50, 30), seed=2))]
     optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True)
                   for m in (eager_model, captured_model)]
+    addresses = set()
     for step in range(6):  # the shapes in turn, each replayed after the other's: one pool, no clobbering
         batch = shapes[step % 2] if step < 4 else _to_gpu(random_static_batch((20, 28, 16), seed=step))
         computes = (lambda b=batch: answer_loss(eager_model, b), lambda b=batch: captured(b))
         losses, grads = step_each((eager_model, captured_model), computes, optimizers)
+        addresses.add(tuple(p.grad.data_ptr() for p in captured_model.parameters() if p.requires_grad))
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
         assert grads[0].keys() == grads[1].keys()
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
     assert captured.failure is None and captured.shapes == 2
+    assert captured.keeps_gradients and len(addresses) == 1
 
 
 @cuda

@@ -3,10 +3,11 @@
 
 On a GPU the steps of a small model, or of a large one on short examples, are bound by the host: Python
 launches thousands of small kernels a step, and torch.compile's own CUDA graphs (`trainer.compile=cudagraphs`)
-still spend milliseconds a step in their per-tensor bookkeeping. Here `torch.cuda.make_graphed_callables`
-records the loss's forward and its backward once per batch shape (static batches have a few), after two
-warm-up passes that leave the gradients alone, and each step replays them: one launch for the forward, one
-for the backward, whatever kernels they hold (the model's own, or inductor's with `trainer.compile=inductor`).
+still spend milliseconds a step in their per-tensor bookkeeping. Here the loss's forward and its backward are
+recorded once per batch shape (static batches have a few), after two warm-up passes that leave the gradients
+alone, and each step replays them: one launch for the forward, one for the backward, whatever kernels they hold
+(the model's own, or inductor's with `trainer.compile=inductor`), and the backward leaves every gradient where
+the parameter's `.grad` already is, so the host does nothing per trained tensor.
 Without `trainer.compile` nothing is compiled, so recording costs a few eager passes (seconds). The optimizer's
 update replays from graphs of its own (`update.RecordedAdamW`).
 
@@ -39,12 +40,19 @@ log = logging.getLogger(__name__)
 class CapturedLoss:
     """`loss(batch)` replayed from CUDA graphs recorded at the first batch of each shape. If recording fails (an
     operation that waits for the host, such as bitsandbytes' int8 matmul), one line says why and every later
-    step runs `loss` as it is. `failure` holds that reason; `shapes` counts the recorded shapes."""
+    step runs `loss` as it is. `failure` holds that reason; `shapes` counts the recorded shapes.
+
+    In one process the recorded backward leaves every trained parameter's gradient in a buffer of its own (`grads`,
+    the same for every shape), which stays the parameter's `.grad`: the replayed step is one autograd node, with no
+    per-parameter work on the host at all (`keeps_gradients`: nothing need zero them, each replay writes them
+    anew; a parameter the loss does not reach gets zeros, not None). Under DDP, whose reducer starts on each
+    gradient's arrival, `torch.cuda.make_graphed_callables` hands them to autograd one by one as usual."""
 
     def __init__(self, model: nn.Module, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
         self.model, self.loss = model, loss
         self.graphed: dict[tuple, Callable[..., Tensor]] = {}
         self.trained: tuple[Tensor, ...] = ()  # the parameters it trains, as the model has them when it first records
+        self.grads: tuple[Tensor, ...] = ()  # one process: where every replayed backward leaves their gradients
         self.pool: tuple[int, int] | None = None
         self.failure: str | None = None
 
@@ -61,18 +69,22 @@ class CapturedLoss:
                 log.warning("trainer.capture: the step could not be recorded as a CUDA graph (%s); running it "
                             "unrecorded", self.failure)
                 return self.loss(batch)
-        return graphed(*batch.values(), *self.trained)
+        return graphed(*batch.values())
 
     @property
     def shapes(self) -> int:
         return len(self.graphed)
 
+    @property
+    def keeps_gradients(self) -> bool:
+        """The trained parameters' `.grad` are `grads`, written anew by every replay: zeroing them is wasted."""
+        return bool(self.grads) and self.failure is None
+
     def _record(self, batch: dict[str, Tensor]) -> Callable[..., Tensor]:
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         self.trained = self.trained or tuple(p for p in self.model.parameters() if p.requires_grad)
         step = _Step(self.model, self.loss, tuple(batch))
-        # the graph's own copy of the batch (each replay copies a batch in), and the trained parameters themselves
-        sample = tuple(t.clone() for t in batch.values()) + self.trained
+        sample = tuple(t.clone() for t in batch.values())  # the graph's own copy (each replay copies a batch in)
         # autocast's weight-cast cache would hold casts made outside the graph: the recording must make its own
         mixed = torch.is_autocast_enabled("cuda")
         casts = (torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False) if mixed
@@ -80,14 +92,69 @@ class CapturedLoss:
         rng = torch.cuda.default_generators[torch.cuda.current_device()]
         eager_rng = rng.clone_state()
         with casts:
-            _warm_up(step, sample)
+            _warm_up(step, sample + self.trained)
         try:
             with casts, recording():
-                return torch.cuda.make_graphed_callables(step, sample, num_warmup_iters=0, pool=self.pool,
-                                                         allow_unused_input=True)
+                if torch.distributed.is_available() and torch.distributed.is_initialized():
+                    graphed = torch.cuda.make_graphed_callables(step, sample + self.trained, num_warmup_iters=0,
+                                                                pool=self.pool, allow_unused_input=True)
+                    return lambda *tensors: graphed(*tensors, *self.trained)
+                return self._record_graphs(step, sample)
         except RuntimeError:
             rng.graphsafe_set_state(eager_rng)  # a failed recording leaves the generator recording: dropout would fail
             raise
+
+    def _record_graphs(self, step: _Step, sample: tuple[Tensor, ...]) -> Callable[..., Tensor]:
+        """The forward's graph, and the backward's, which ends by copying every gradient into `grads`."""
+        if not self.grads:
+            self.grads = tuple(torch.zeros_like(p) for p in self.trained)
+        recorded = _StepGraphs(sample, self.trained, self.grads)
+        with torch.cuda.graph(recorded.forward, pool=self.pool):
+            recorded.loss = step(*sample)
+        recorded.grad_loss = torch.empty_like(recorded.loss)
+        with torch.cuda.graph(recorded.backward, pool=self.pool):
+            got = torch.autograd.grad(recorded.loss, self.trained, recorded.grad_loss, allow_unused=True)
+            reached = [(buffer, grad) for buffer, grad in zip(self.grads, got, strict=True) if grad is not None]
+            torch._foreach_copy_([buffer for buffer, _ in reached], [grad for _, grad in reached])
+        anchor = torch.zeros((), device=recorded.loss.device, requires_grad=True)
+        return lambda *tensors: _Replay.apply(anchor, recorded, *tensors)
+
+
+class _StepGraphs:
+    """One batch shape's recorded forward and backward, what they read (`inputs`, `grad_loss`) and write (`loss`;
+    the gradients, into `grads`)."""
+
+    def __init__(self, inputs: tuple[Tensor, ...], trained: tuple[Tensor, ...], grads: tuple[Tensor, ...]) -> None:
+        self.inputs, self.trained, self.grads = inputs, trained, grads
+        self.forward, self.backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        self.loss: Tensor | None = None
+        self.grad_loss: Tensor | None = None
+
+
+class _Replay(torch.autograd.Function):
+    """The replayed step as one autograd node: forward replays the forward's graph on the batch copied in; backward
+    replays the backward's, which leaves the gradients in the recording's buffers, and makes each parameter's `.grad`
+    its buffer again where something (`zero_grad`) has let it go. `anchor`: an input that asks for a gradient, so
+    that autograd calls the backward at all."""
+
+    @staticmethod
+    def forward(ctx: Any, anchor: Tensor, recorded: _StepGraphs, *batch: Tensor) -> Tensor:
+        for own, tensor in zip(recorded.inputs, batch, strict=True):
+            if own.data_ptr() != tensor.data_ptr():
+                own.copy_(tensor)
+        recorded.forward.replay()
+        ctx.recorded = recorded
+        return recorded.loss.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
+        recorded: _StepGraphs = ctx.recorded
+        recorded.grad_loss.copy_(grad)
+        recorded.backward.replay()
+        for param, buffer in zip(recorded.trained, recorded.grads, strict=True):
+            if param.grad is not buffer:
+                param.grad = buffer
+        return (None,) * (2 + len(recorded.inputs))
 
 
 @contextmanager
@@ -118,8 +185,8 @@ def _warm_up(step: _Step, sample: tuple[Tensor, ...], passes: int = 2) -> None:
 
 
 class _Step:
-    """The loss over positional tensors, as `make_graphed_callables` takes it: the batch's tensors, then the trained
-    parameters, which get their gradients from the recorded backward. Not the model as a module: its frozen
+    """The loss over positional tensors: the batch's tensors, then (as `make_graphed_callables` takes them) the
+    trained parameters, which get their gradients from the recorded backward. Not the model as a module: its frozen
     weights would be inputs too, read in place all the same but handled one by one on the host at every replay
     (a few microseconds each, hundreds of them)."""
 

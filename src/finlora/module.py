@@ -67,6 +67,12 @@ class FinetuneModule(L.LightningModule):
             self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
         return loss
 
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
+        """Not where a replayed backward writes every gradient anew (`CapturedLoss.keeps_gradients`): letting them go
+        would cost the host a few microseconds a trained tensor, twice (the replay hands them back)."""
+        if not getattr(self.train_loss, "keeps_gradients", False):
+            optimizer.zero_grad()
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.log("val/loss", self(batch), prog_bar=True, sync_dist=True, batch_size=num_examples(batch))
 
