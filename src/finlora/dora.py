@@ -26,8 +26,8 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
   branch, one Triton kernel forms y (the branch's product B·(A·x) and the scaled base output together),
-  and one forms g·scale with B's and m's gradients, in one pass over g, y and A·x (a kernel each where
-  LoRA runs a GEMM and an elementwise kernel each).
+  and one forms g·scale with B's and m's gradients, in one pass over g, y and A·x (its per-block partial
+  sums added up by a sum of their own), where LoRA runs a GEMM and an elementwise kernel each way.
 - Under torch.compile, where a Python-side cache would be read once at tracing and never again, a compiled
   training step (`trainer.compile`) refreshes every layer's norm eagerly, batched, before its compiled
   code runs (`fresh_norms`), and the layers call `_DoraTail`'s kernels as one operator
@@ -383,15 +383,13 @@ if triton is not None:
         tl.store(out, acc, mask=(rows[:, None] < r) & (cols[None, :] < d_out))
 
     @triton.jit
-    def _dora_grad_kernel(g_ptr, y_ptr, ax_ptr, scale_ptr, m_ptr, bias_ptr, gz_ptr, part_ptr, lock_ptr, out_ptr, n_rows,
-                          n_cols, r, scaling, n_progs, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_N: tl.constexpr, R: tl.constexpr, ITERS: tl.constexpr):
-        """gz = g·scale, and B's gradient, s·gzᵀ·ax, and m's, Σ g·(y - bias) / m, in float32: one pass over g, y
-        and ax. Each of the `n_progs` programs of a block of columns writes its rows' partial sums; the last one to
-        finish (a counter in `lock_ptr`, which it sets back to 0) adds them up in a fixed order, so the result does
-        not depend on which finishes last."""
-        pid_t, pid_n = tl.program_id(0), tl.program_id(1)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    def _dora_grad_kernel(g_ptr, y_ptr, ax_ptr, scale_ptr, m_ptr, bias_ptr, gz_ptr, part_ptr, n_rows, n_cols, r,
+                          scaling, HAS_BIAS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+                          R: tl.constexpr, ITERS: tl.constexpr):
+        """gz = g·scale, and over this program's rows the partial sums (float32) of B's gradient, s·gzᵀ·ax, and of
+        m's, Σ g·(y - bias) / m: one pass over g, y and ax."""
+        pid_t = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, R)
         col_mask = cols < n_cols
         scale = tl.load(scale_ptr + cols, mask=col_mask, other=0.0)
@@ -415,21 +413,9 @@ if triton is not None:
                         mask=row_mask[:, None] & (ks[None, :] < r), other=0.0)
             acc_b = tl.dot(tl.trans(gz.to(a.dtype)), a, acc_b)
         m = tl.load(m_ptr + cols, mask=col_mask, other=1.0).to(tl.float32)
-        b_offs, b_mask = cols[:, None] * r + ks[None, :], col_mask[:, None] & (ks[None, :] < r)
-        part = part_ptr + pid_t.to(tl.int64) * n_cols * (r + 1)
-        tl.store(part + b_offs, acc_b * scaling, mask=b_mask)
-        tl.store(part + n_cols * r + cols, acc_m / m, mask=col_mask)
-        tl.debug_barrier()  # every thread's partial sums stored before the counter says so
-        if tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel") == n_progs - 1:
-            total_b = tl.zeros([BLOCK_N, R], dtype=tl.float32)
-            total_m = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for p in range(n_progs):
-                part = part_ptr + p * n_cols * (r + 1)
-                total_b += tl.load(part + b_offs, mask=b_mask, other=0.0, cache_modifier=".cg")
-                total_m += tl.load(part + n_cols * r + cols, mask=col_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + b_offs, total_b, mask=b_mask)
-            tl.store(out_ptr + n_cols * r + cols, total_m, mask=col_mask)
-            tl.atomic_xchg(lock_ptr + pid_n, 0)
+        out = part_ptr + pid_t.to(tl.int64) * n_cols * (r + 1)
+        tl.store(out + cols[:, None] * r + ks[None, :], acc_b * scaling, mask=col_mask[:, None] & (ks[None, :] < r))
+        tl.store(out + n_cols * r + cols, acc_m / m, mask=col_mask)
 
 
 @functools.cache
@@ -439,22 +425,6 @@ def _sm_count(device: int | None) -> int:
 
 def _on_triton(t: Tensor, use: bool) -> bool:
     return use and triton is not None and t.is_cuda
-
-
-_COUNTERS: dict[torch.device, Tensor] = {}  # per device, zeros that `_dora_grad_kernel` counts in and sets back
-
-
-def _counters(device: torch.device, n: int) -> Tensor:
-    """At least `n` zero counters for `_dora_grad_kernel`: kept, as each launch leaves them at 0 (kernels run one at
-    a time on a device's stream). Not kept when made inside a CUDA graph's recording: zeros made there are zeros at
-    each replay only, not now; the graph zeros its own at each replay."""
-    counters = _COUNTERS.get(device)
-    if counters is not None and counters.numel() >= n:
-        return counters
-    counters = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
-    if not torch.cuda.is_current_stream_capturing():
-        _COUNTERS[device] = counters
-    return counters
 
 
 def _fused(ax: Tensor, use: bool) -> bool:
@@ -499,11 +469,12 @@ def _dora_grads(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: T
         row_progs = triton.cdiv(row_tiles, iters)
         gz = torch.empty_like(g2)
         part = torch.empty(row_progs, n_out * (r + 1), device=g2.device, dtype=torch.float32)
-        b_and_m = torch.empty(n_out * (r + 1), device=g2.device, dtype=torch.float32)
         _dora_grad_kernel[(row_progs, col_blocks)](
-            g2, y2, ax2, scale, magnitude, scale if bias is None else bias, gz, part, _counters(g2.device, col_blocks),
-            b_and_m, n_rows, n_out, r, scaling, row_progs, HAS_BIAS=bias is not None, BLOCK_T=block_t,
-            BLOCK_N=block_n, R=triton.next_power_of_2(max(r, 16)), ITERS=iters)
+            g2, y2, ax2, scale, magnitude, scale if bias is None else bias, gz, part, n_rows, n_out, r, scaling,
+            HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_N=block_n, R=triton.next_power_of_2(max(r, 16)),
+            ITERS=iters)
+        # a sum of its own: the last program adding up the others' (a counter in memory) took longer on an H100
+        b_and_m = part.sum(0) if row_progs > 1 else part[0]
     else:
         gz = torch.mul(g2, scale, out=torch.empty_like(g2))
         g_y = (g2 * y2).sum(0, dtype=torch.float32)
