@@ -487,6 +487,7 @@ def _dora_grads(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: T
 
 
 def _split_b_and_m(b_and_m: Tensor, lora_b: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
+    """B's and m's gradients from `_dora_grads`' one vector, each in its parameter's dtype."""
     n_out, r = lora_b.shape
     return b_and_m[: n_out * r].view(n_out, r).to(lora_b.dtype), b_and_m[n_out * r :].to(magnitude.dtype)
 
