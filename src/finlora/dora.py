@@ -206,11 +206,13 @@ def _consts(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -
     pair = entry.derived.get(dtype)
     if pair is None:
         with torch.no_grad():
-            pair = entry.derived[dtype] = (
-                torch.mul(entry.sb, entry.scale[:, None], out=torch.empty_like(entry.sb, dtype=dtype)),
-                entry.sb.to(dtype),
-            )
+            pair = entry.derived[dtype] = _branch_weights(entry.sb, entry.scale, dtype)
     return _Consts(entry.norm, entry.scale, *pair)
+
+
+def _branch_weights(sb: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(s·scale ⊙ B, s·B) in the LoRA branch's dtype, from s·B and the scale in float32 (of one layer or a batch)."""
+    return torch.mul(sb, scale[..., None], out=torch.empty_like(sb, dtype=dtype)), sb.to(dtype)
 
 
 @torch.no_grad()
@@ -257,8 +259,7 @@ def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
     norm = (b * t).sum(-1).add_(torch.stack(w2)).clamp_min_(0).sqrt_()
     scale = m / norm
     sb = b * scaling
-    b_eff = torch.mul(sb, scale[..., None], out=torch.empty_like(sb, dtype=dtype))
-    b_s = sb.to(dtype)
+    b_eff, b_s = _branch_weights(sb, scale, dtype)
     for i, (module, adapter, _, key) in enumerate(batch):
         entry = _Entry(key, norm[i], scale[i], sb[i], {dtype: (b_eff[i], b_s[i])})
         module.__dict__["_finlora_dora_cache"][adapter] = entry
@@ -617,8 +618,7 @@ def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, pa
     bias = getattr(base, "bias", None)
     if _compiled_reads_norms and (bias is None or not bias.requires_grad):
         entry = cache[adapter]
-        b_eff, b_s = entry.derived.get(ax.dtype) or ((entry.sb * entry.scale[:, None]).to(ax.dtype),
-                                                     entry.sb.to(ax.dtype))
+        b_eff, b_s = entry.derived.get(ax.dtype) or _branch_weights(entry.sb, entry.scale, ax.dtype)
         return _dora_tail_op(result, ax, lora_b, magnitude, entry.scale, b_eff, b_s, bias, scaling, use_triton)
     if _compiled_reads_norms:
         norm = cache[adapter].norm
