@@ -27,7 +27,7 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
   branch, one Triton kernel forms y (the branch's product B·(A·x) and the scaled base output together),
   and one forms g·scale with B's and m's gradients, in one pass over g, y and A·x (its per-block partial
-  sums added up by a sum of their own), where LoRA runs a GEMM and an elementwise kernel each way.
+  sums added up by a third kernel), where LoRA runs a GEMM and an elementwise kernel each way.
 - Under torch.compile, where a Python-side cache would be read once at tracing and never again, a compiled
   training step (`trainer.compile`) refreshes every layer's norm eagerly, batched, before its compiled
   code runs (`fresh_norms`), and the layers call `_DoraTail`'s kernels as one operator
@@ -419,6 +419,20 @@ if triton is not None:
         tl.store(out + n_cols * r + cols, acc_m / m, mask=col_mask)
 
 
+    @triton.jit
+    def _sum_rows_kernel(part_ptr, out_ptr, n_rows, n_cols, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+        """out = Σ_rows part (n_rows × n_cols, float32), BLOCK_P rows at a time, in one fixed order."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for p0 in range(0, n_rows, BLOCK_P):
+            rows = p0 + tl.arange(0, BLOCK_P)
+            mask = (rows[:, None] < n_rows) & col_mask[None, :]
+            acc += tl.sum(tl.load(part_ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask,
+                                  other=0.0), axis=0)
+        tl.store(out_ptr + cols, acc, mask=col_mask)
+
+
 @functools.cache
 def _sm_count(device: int | None) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -475,7 +489,7 @@ def _dora_grads(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: T
             HAS_BIAS=bias is not None, BLOCK_T=block_t, BLOCK_N=block_n, R=triton.next_power_of_2(max(r, 16)),
             ITERS=iters)
         # a sum of its own: the last program adding up the others' (a counter in memory) took longer on an H100
-        b_and_m = part.sum(0) if row_progs > 1 else part[0]
+        b_and_m = _sum_rows(part) if row_progs > 1 else part[0]
     else:
         gz = torch.mul(g2, scale, out=torch.empty_like(g2))
         g_y = (g2 * y2).sum(0, dtype=torch.float32)
@@ -485,6 +499,17 @@ def _dora_grads(grad: Tensor, y: Tensor, ax: Tensor, scale: Tensor, magnitude: T
         b_and_m = torch.cat([grad_b.flatten(), g_y / magnitude])
     grad_ax = torch.matmul(gz.to(ax.dtype), b_s).view(ax.shape)
     return gz.view(grad.shape), grad_ax, b_and_m
+
+
+def _sum_rows(part: Tensor) -> Tensor:
+    """Σ over the rows of the grad kernel's partial sums, in one fixed order: 1.85 µs a layer on an H100, where torch's
+    column sum took 3.2 µs (embedded shapes, batch 8)."""
+    n_rows, n_cols = part.shape
+    block_p = min(32, triton.next_power_of_2(n_rows))
+    block_n = 4096 // block_p
+    out = part.new_empty(n_cols)
+    _sum_rows_kernel[(triton.cdiv(n_cols, block_n),)](part, out, n_rows, n_cols, BLOCK_P=block_p, BLOCK_N=block_n)
+    return out
 
 
 def _split_b_and_m(b_and_m: Tensor, lora_b: Tensor, magnitude: Tensor) -> tuple[Tensor, Tensor]:
