@@ -23,7 +23,7 @@ from finlora.batching import pack_static, static_widths, with_stats
 from finlora.callbacks import NonFiniteGuard, ThroughputLogger
 from finlora.config import AdapterConfig, AdapterMethod, Compile, ModelConfig, NonFinitePolicy, QuantConfig, validate
 from finlora.data import read_jsonl
-from finlora.dora import prepare_compile
+from finlora.dora import fresh_norms, prepare_compile
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.loss import answer_loss
 from finlora.models import load_model, load_tokenizer
@@ -101,6 +101,31 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits, in_st
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
     assert not sum(counters["graph_break"].values())  # the layers ran compiled, not eagerly after a break
+
+
+def test_dora_constants_for_torch_compiles_cuda_graphs_keep_their_addresses_and_follow_each_update():
+    """torch.compile takes the tensors modules hold for static inputs, and its CUDA graphs (`trainer.compile=
+    cudagraphs`) are recorded again whenever one moves. So its steps refresh DoRA's constants in place: each layer's
+    norm, scale and branch weights stay where they were, with the values of the weights after each update."""
+    model = random_llama(2, AdapterMethod.dora, False)
+    layers = [m for m in model.modules() if "_finlora_dora_group" in m.__dict__]
+    refreshed = fresh_norms(model, in_place=True)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch, first = random_static_batch(), None
+    for _ in range(3):
+        with refreshed():
+            entries = [layer.__dict__["_finlora_dora_cache"]["default"] for layer in layers]
+        addresses = [t.data_ptr() for e in entries for t in (e.norm, e.scale, e.sb, *e.derived[torch.float32])]
+        assert first is None or addresses == first
+        first = addresses
+        for layer, entry in zip(layers, entries, strict=True):
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            want = torch.linalg.norm(layer.base_layer.weight + layer.scaling["default"] * b @ a, dim=1)
+            torch.testing.assert_close(entry.norm, want.detach())
+            torch.testing.assert_close(entry.scale, (layer.lora_magnitude_vector["default"].weight / want).detach())
+        optimizer.zero_grad()
+        answer_loss(model, batch).backward()  # eager: reads the same constants (their keys hold until the update)
+        optimizer.step()
 
 
 @pytest.mark.parametrize("method,checkpointing", [  # the fast suite: plain LoRA, DoRA checkpointed

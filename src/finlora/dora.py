@@ -216,8 +216,9 @@ def _branch_weights(sb: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 
 @torch.no_grad()
-def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype) -> None:
-    """Recompute the constants of the stale layers among ``members``, batched over layers of one shape."""
+def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place: bool = False) -> None:
+    """Recompute the constants of the stale layers among ``members``, batched over layers of one shape; `in_place`:
+    where the last refresh of the same layers left them (`_kept`)."""
     batches: dict[tuple, list] = {}
     for module, adapter in members:
         if adapter not in module.lora_A or not isinstance(module.lora_variant.get(adapter), FastDoraLinearVariant):
@@ -231,7 +232,7 @@ def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype) -> None:
             batches.setdefault(shape, []).append((module, adapter, parts, key))
     for (device, *_), batch in batches.items():
         with torch.autocast(device.type, enabled=False):
-            _refresh_batch(batch, dtype)
+            _refresh_batch(batch, dtype, in_place)
 
 
 def _frozen_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -243,7 +244,7 @@ def _frozen_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Te
     return cache["w2"][1]
 
 
-def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
+def _refresh_batch(batch: list, dtype: torch.dtype, in_place: bool = False) -> None:
     """‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij) for layers of one shape and scaling, at once."""
     w2 = [_frozen_sqnorm(module, base, dtype) for module, _, (base, *_), _ in batch]
     scaling = batch[0][2][4]
@@ -260,9 +261,25 @@ def _refresh_batch(batch: list, dtype: torch.dtype) -> None:
     scale = m / norm
     sb = b * scaling
     b_eff, b_s = _branch_weights(sb, scale, dtype)
+    if in_place:
+        norm, scale, sb, b_eff, b_s = _kept(batch, dtype, (norm, scale, sb, b_eff, b_s))
     for i, (module, adapter, _, key) in enumerate(batch):
         entry = _Entry(key, norm[i], scale[i], sb[i], {dtype: (b_eff[i], b_s[i])})
         module.__dict__["_finlora_dora_cache"][adapter] = entry
+
+
+def _kept(batch: list, dtype: torch.dtype, fresh: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """`fresh` copied into the tensors the last refresh of the same layers left (one multi-tensor copy), or kept as
+    those tensors. torch.compile takes tensors that modules hold for static inputs, and its CUDA graphs
+    (`trainer.compile=cudagraphs`) are recorded again whenever one moves: each step, had each refresh new tensors."""
+    kept = batch[0][0].__dict__.setdefault("_finlora_dora_kept", {})
+    key = (tuple((id(module), adapter) for module, adapter, _, _ in batch), dtype)
+    old = kept.get(key)
+    if old is None or [(t.shape, t.dtype, t.device) for t in old] != [(t.shape, t.dtype, t.device) for t in fresh]:
+        kept[key] = fresh
+        return fresh
+    torch._foreach_copy_(list(old), list(fresh))
+    return old
 
 
 _POINTERS: dict[tuple, Tensor] = {}  # (device, weights' addresses) -> those addresses, on the device
@@ -306,13 +323,14 @@ def forget_norms(model: nn.Module) -> None:
             del cache[adapter]
 
 
-def fresh_norms(model: nn.Module) -> Callable[[], AbstractContextManager]:
+def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], AbstractContextManager]:
     """The context a compiled training step of `model` runs in (a new one at each call of the function returned): on
     entry, the norms of every stale finlora DoRA layer are refreshed, eagerly and batched over layers of one shape
     (as the eager layers refresh them), and until it exits compiled layers read them instead of rebuilding each
     layer's norm in its graph (A·W0ᵀ and a few small kernels a layer, where the batched refresh takes a few kernels
     in all). Dynamo guards on the switch: a graph traced inside the context and one traced outside (a decode step)
-    are separate graphs."""
+    are separate graphs. `in_place`: refreshed where the last refresh left them (`_kept`), for torch.compile's CUDA
+    graphs."""
     groups = list({id(group): group for module in model.modules()
                    if (group := module.__dict__.get("_finlora_dora_group"))}.values())
 
@@ -323,7 +341,7 @@ def fresh_norms(model: nn.Module) -> Callable[[], AbstractContextManager]:
             module, adapter = group.members[0]
             weight = module.lora_A[adapter].weight
             mixed = torch.is_autocast_enabled(weight.device.type)
-            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype)
+            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype, in_place)
         _compiled_reads_norms = True
         try:
             yield

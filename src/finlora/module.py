@@ -111,7 +111,7 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
     from finlora.dora import fresh_norms
 
     counters.clear()  # what `train.compile_report` reads: this run's graph breaks and skipped captures only
-    refreshed = fresh_norms(model)
+    refreshed = fresh_norms(model, in_place=mode is Compile.cudagraphs)
     options = {"backend": backend, "mode": "reduce-overhead" if mode is Compile.cudagraphs else None}
     layers = decoder_layers(model) if regions else []
     if regions and not layers:
