@@ -3,7 +3,8 @@ the eager loss and gradients when traced by torch.compile, step after step (its 
 training step, or rebuilt inside the graph, never read from a cache the graph would not re-read); the step
 compiled by regions (the decoder layers compiled, one compilation reused by every layer,
 `trainer.compile_regions`) gives the eager loss and gradients with LoRA and DoRA, checkpointed or not; the fused
-optimizer's skip of a non-finite step never waits for the GPU and leaves the weights as they were."""
+optimizer's skip of a non-finite step never waits for the GPU and leaves the weights as they were; for torch.compile's
+CUDA graphs, DoRA's refreshed constants stay at their addresses."""
 
 from __future__ import annotations
 
@@ -111,13 +112,13 @@ def test_dora_constants_for_torch_compiles_cuda_graphs_keep_their_addresses_and_
     layers = [m for m in model.modules() if "_finlora_dora_group" in m.__dict__]
     refreshed = fresh_norms(model, in_place=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    batch, first = random_static_batch(), None
+    batch, previous = random_static_batch(), None
     for _ in range(3):
         with refreshed():
             entries = [layer.__dict__["_finlora_dora_cache"]["default"] for layer in layers]
         addresses = [t.data_ptr() for e in entries for t in (e.norm, e.scale, e.sb, *e.derived[torch.float32])]
-        assert first is None or addresses == first
-        first = addresses
+        assert previous is None or addresses == previous
+        previous = addresses
         for layer, entry in zip(layers, entries, strict=True):
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             want = torch.linalg.norm(layer.base_layer.weight + layer.scaling["default"] * b @ a, dim=1)
