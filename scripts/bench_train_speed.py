@@ -138,8 +138,14 @@ def sentiment(adapter: str, batch: int, steps: int, mode: str, quant: str = "non
 
 def embedded_runs(model: Path, args: argparse.Namespace, plan: list[tuple[int, str, str]]) -> list[dict]:
     """An `embedded b<batch> <adapter> <mode>` row for each (batch, adapter, mode) of `plan`, in its order."""
-    return [run(f"embedded b{batch} {adapter} {mode}", model, args, *sentiment(adapter, batch, args.steps, mode))
-            for batch, adapter, mode in plan]
+    return [run(f"embedded b{batch} {adapter} {mode}", model, args,
+                *sentiment(adapter, batch, run_steps(args, mode), mode)) for batch, adapter, mode in plan]
+
+
+def run_steps(args: argparse.Namespace, mode: str) -> int:
+    """The run's optimizer steps: `--eager-steps` for an eager baseline where given (each eager step takes 0.1-0.3 s
+    on the embedded model, where a captured one takes 10-20 ms), else `--steps`."""
+    return args.eager_steps if mode == "eager" and args.eager_steps else args.steps
 
 
 def embedded(model: Path, args: argparse.Namespace) -> list[dict]:
@@ -330,7 +336,7 @@ def llama(tokenizer: Any, args: argparse.Namespace) -> list[dict]:
         for adapter in args.adapters:
             for mode in ("eager", *args.modes):
                 rows.append(run(f"llama-8b x4 {bits}bit {adapter} {mode}", model, args,
-                                *sentiment(adapter, 8, args.steps, mode, f"{bits}bit")))
+                                *sentiment(adapter, 8, run_steps(args, mode), mode, f"{bits}bit")))
     return rows
 
 
@@ -412,6 +418,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*",
                         default=["embedded", "batch32", "numerics", "cache", "regions", "llama", "memory"])
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--eager-steps", type=int, default=0,
+                        help="capture, llama: the eager runs' steps (default: --steps)")
     parser.add_argument("--adapters", nargs="*", default=["lora", "dora"],
                         help="capture, regions, profile, llama: the adapters")
     parser.add_argument("--modes", nargs="*", default=["cudagraphs"], choices=list(MODES)[1:],
@@ -435,7 +443,7 @@ def main() -> None:
     args.cache = str(Path(args.work) / "compile_cache")
     if args.smoke:
         MODES.update({mode: MODES["eager"] for mode in MODES})
-        args.steps = min(args.steps, 4)
+        args.steps, args.eager_steps = min(args.steps, 4), min(args.eager_steps, 4)
     source = args.tokenizer or str(_embedded_tokenizer())
     tokenizer = load_tokenizer(source, ModelConfig(name_or_path=source))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
