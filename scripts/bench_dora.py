@@ -253,8 +253,8 @@ def kernel_line(n_rows: int, n_cols: int, r: int = 8, scaling: float = 2.0) -> s
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
 
-    res, g, ax, b_eff, b_s = randn(n_rows, n_cols), randn(n_rows, n_cols), randn(n_rows, r), randn(n_cols, r), \
-        randn(n_cols, r)
+    res, g = randn(n_rows, n_cols), randn(n_rows, n_cols)
+    ax, b_eff, b_s = randn(n_rows, r), randn(n_cols, r), randn(n_cols, r)
     s = torch.rand(n_cols, device="cuda") + 0.5
     m = torch.rand(n_cols, device="cuda") + 0.5
     out = {}

@@ -43,10 +43,11 @@ class CapturedLoss:
     step runs `loss` as it is. `failure` holds that reason; `shapes` counts the recorded shapes.
 
     In one process the recorded backward leaves every trained parameter's gradient in a buffer of its own (`grads`,
-    the same for every shape), which stays the parameter's `.grad`: the replayed step is one autograd node, with no
-    per-parameter work on the host at all (`keeps_gradients`: nothing need zero them, each replay writes them
-    anew; a parameter the loss does not reach gets zeros, not None). Under DDP, whose reducer starts on each
-    gradient's arrival, `torch.cuda.make_graphed_callables` hands them to autograd one by one as usual."""
+    the same for every shape), which stays the parameter's `.grad`: the replayed step is one autograd node, and the
+    host's only per-parameter work is to check that each `.grad` is still its buffer (`keeps_gradients`: nothing
+    need zero them, each replay writes them anew; a parameter the loss does not reach gets zeros, not None). Under
+    DDP, whose reducer starts on each gradient's arrival, `torch.cuda.make_graphed_callables` hands them to autograd
+    one by one as usual."""
 
     def __init__(self, model: nn.Module, loss: Callable[[dict[str, Tensor]], Tensor]) -> None:
         self.model, self.loss = model, loss
