@@ -260,14 +260,34 @@ class HostProfile(L.Callback):
             self.device.__exit__(None, None, None)
             events = self.device.key_averages()
             busy_ms = sum(e.self_device_time_total for e in events) / 1e3 / self.device_steps
+            idle = self._idle()
             self.device = None
             line = (f"GPU busy {busy_ms:.2f} ms a step (its kernels' time) against {wall_ms:.2f} ms of wall time a "
                     f"step, steps {self.start + self.steps}-{step} (under the device profiler)")
-            print(f"[{self.path.name}] {line}", flush=True)
-            self.text += (f"\n# {line}\n\n"
+            print(f"[{self.path.name}] {line}\n[{self.path.name}] {idle}", flush=True)
+            self.text += (f"\n# {line}\n# {idle}\n\n"
                           f"{events.table(sort_by='self_cuda_time_total', row_limit=30, max_name_column_width=70)}\n"
                           f"\n# every kernel: µs a step, calls a step, name\n{self._per_step(events)}")
             self._write()
+
+    def _idle(self) -> str:
+        """The GPU's idle time a step, by the length of each pause between its kernels: short pauses inside
+        recorded graphs (the next kernel not yet there) tell apart from long ones between them (the host)."""
+        spans = sorted((e.time_range.start, e.time_range.end) for e in self.device.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+        bins = {5: [0.0, 0], 20: [0.0, 0], 100: [0.0, 0], float("inf"): [0.0, 0]}  # up to µs: [idle µs, pauses]
+        end = spans[0][1] if spans else 0.0
+        for start, stop in spans[1:]:
+            if start > end:
+                pause = start - end
+                slot = bins[next(limit for limit in bins if pause <= limit)]
+                slot[0] += pause
+                slot[1] += 1
+            end = max(end, stop)
+        n = self.device_steps
+        return "GPU idle a step, µs (pauses), by pause: " + ", ".join(
+            f"{'longer' if limit == float('inf') else f'≤{limit:g} µs'} {idle / n:.0f} ({count / n:.1f})"
+            for limit, (idle, count) in bins.items())
 
     def _per_step(self, events: Any) -> str:
         rows = sorted(((e.self_device_time_total / self.device_steps, e.count / self.device_steps, e.key)

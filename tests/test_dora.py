@@ -14,7 +14,7 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from finlora.dora import FastDoraLinearVariant, _grouped_a_w0t, _parts, clear_dora_cache, use_fast_dora
+from finlora.dora import FastDoraLinearVariant, _gram, _grouped_a_w0t, _parts, clear_dora_cache, use_fast_dora
 
 D_IN, D_HID = 64, 128
 TARGETS = ["up", "down"]
@@ -188,10 +188,15 @@ def test_trainable_base_bias_matches_peft() -> None:
         assert rel(grads[name], ref_grads[name]) < 1e-5, name
 
 
-def make_stack(seed: int = 0) -> nn.Module:
-    """Three layers of one shape, whose constants are computed in one batch."""
+def make_stack(seed: int = 0, nf4: bool = False) -> nn.Module:
+    """Three layers of one shape, whose constants are computed in one batch (`nf4`: bitsandbytes 4-bit ones)."""
     torch.manual_seed(seed)
     layers = [nn.Linear(D_IN, D_IN), nn.GELU(), nn.Linear(D_IN, D_IN), nn.GELU(), nn.Linear(D_IN, D_IN)]
+    for i in (0, 2, 4) if nf4 else ():
+        q = bnb.nn.Linear4bit(D_IN, D_IN, compute_dtype=torch.float32, quant_type="nf4")
+        q.weight = bnb.nn.Params4bit(layers[i].weight.data.clone(), requires_grad=False, quant_type="nf4")
+        q.bias = nn.Parameter(layers[i].bias.data.clone(), requires_grad=False)
+        layers[i] = q.to("cpu")
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"], use_dora=True)
     model = get_peft_model(nn.Sequential(*layers), cfg)
     with torch.no_grad():
@@ -217,6 +222,31 @@ def test_layers_of_one_shape_refresh_together() -> None:
     model(x)
     for layer in layers:
         torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+
+
+def test_4bit_layers_of_one_shape_refresh_together() -> None:
+    """A·W0ᵀ of a group of 4-bit layers, A cast once for all (`_stacked_a_w0t`): each norm is ‖W0 + s·B·A‖ of the
+    dequantized W0, after the first forward and after an update."""
+    model = make_stack(nf4=True)
+    assert use_fast_dora(model) == 3
+    layers = dora_layers(model)
+    x = x_for("fp32")
+    for _ in range(2):
+        model(x).square().mean().backward()
+        for layer in layers:
+            w0 = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            want = torch.linalg.norm(w0 + layer.scaling["default"] * b @ a, dim=1).detach()
+            torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, want, rtol=1e-5, atol=1e-6)
+        torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="one product of all layers' rows on CUDA only")
+@pytest.mark.parametrize("n_layers", [1, 3, 16, 17, 40])
+def test_gram_of_each_layer_on_a_gpu(n_layers: int) -> None:
+    """`_gram` on CUDA, one product of all layers' rows for few layers, a batched one for many: A·Aᵀ of each layer."""
+    a = torch.randn(n_layers, 8, 96, dtype=torch.float64, device="cuda")
+    torch.testing.assert_close(_gram(a), a @ a.transpose(1, 2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the grouped kernel runs on CUDA")
