@@ -271,8 +271,8 @@ class HostProfile(L.Callback):
             self._write()
 
     def _idle(self) -> str:
-        """The GPU's idle time a step, by the length of each pause between its kernels: short pauses inside
-        recorded graphs (the next kernel not yet there) tell apart from long ones between them (the host)."""
+        """The GPU's idle time a step, by the length of each pause between its kernels, which tells short pauses inside
+        recorded graphs (the next kernel not yet there) apart from long ones between them (the host)."""
         spans = sorted((e.time_range.start, e.time_range.end) for e in self.device.events()
                        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
         bins = {5: [0.0, 0], 20: [0.0, 0], 100: [0.0, 0], float("inf"): [0.0, 0]}  # up to µs: [idle µs, pauses]
