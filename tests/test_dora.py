@@ -14,7 +14,16 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from finlora.dora import FastDoraLinearVariant, _gram, _grouped_a_w0t, _parts, clear_dora_cache, use_fast_dora
+from finlora.dora import (
+    FastDoraLinearVariant,
+    _dora_norm_op,
+    _gram,
+    _grouped_a_w0t,
+    _parts,
+    clear_dora_cache,
+    forget_norms,
+    use_fast_dora,
+)
 
 D_IN, D_HID = 64, 128
 TARGETS = ["up", "down"]
@@ -239,6 +248,70 @@ def test_4bit_layers_of_one_shape_refresh_together() -> None:
             want = torch.linalg.norm(w0 + layer.scaling["default"] * b @ a, dim=1).detach()
             torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, want, rtol=1e-5, atol=1e-6)
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="a GPU: the norm's Triton kernel (`_dora_norm_kernel`)"))])
+@pytest.mark.parametrize("kind", ["nf4", "nf4-bf16"])
+def test_4bit_layers_in_training_take_their_norm_from_one_call_of_their_base(kind, device, monkeypatch) -> None:
+    """In training, a 4-bit layer takes its base output and A·W0ᵀ from one call of its base layer, A's rows appended
+    to x's (`DoraLinear4bit`), and computes its norm from that: nothing cached, no other product with W0. Its output
+    and gradients are those of the cached-norm path it takes in eval mode, before and after an update."""
+    model = fast(make_dora(kind)).to(device)
+    layers = dora_layers(model)
+    assert all(type(layer).__name__ == "DoraLinear4bit" for layer in layers)
+    x = x_for(kind).to(device)
+    mixed = torch.autocast(device, dtype=torch.bfloat16, enabled=kind == "nf4-bf16")
+    close = 1e-5 if kind == "nf4" else 3e-2
+
+    def step(train: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        model.zero_grad(set_to_none=True)
+        for layer in layers:
+            layer.train(train)  # eval: the cached-norm path, as peft's forward runs it (no dropout either way)
+        inputs = x.clone().requires_grad_(True)
+        with mixed:
+            out = model(inputs)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=device).view(out.shape)).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.detach().float(), {**grads, "input": inputs.grad.clone()}
+
+    step(False)  # the frozen ‖w_i‖², computed once a weight
+    rows = []
+    for layer in layers:
+        layer.base_layer.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    real = bnb.matmul_4bit
+    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: rows.append("matmul_4bit") or real(*a, **k))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(2):
+        forget_norms(model)
+        rows.clear()
+        out, grads = step(True)
+        # each base layer called once, on x's rows and A's 4; no other 4-bit product
+        assert rows == [x.shape[0] * x.shape[1] + 4, "matmul_4bit"] * len(layers)
+        assert all("default" not in layer._finlora_dora_cache for layer in layers)
+        want_out, want = step(False)
+        assert all("default" in layer._finlora_dora_cache for layer in layers)
+        assert rel(out, want_out) < close
+        for name in want:
+            assert rel(grads[name], want[name]) < close, name
+        opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the norm's Triton kernel runs on CUDA")
+@pytest.mark.parametrize("r,d_in,d_out", [(8, 200, 150), (4, 4096, 1024), (16, 130, 70)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_norm_kernel_on_a_gpu_gives_the_pytorch_paths_constants(r, d_in, d_out, dtype) -> None:
+    """`_dora_norm_op` on CUDA, one Triton kernel, against its PyTorch path: sizes that fill no block (masks)."""
+    gen = torch.Generator("cuda").manual_seed(0)
+    a, b = torch.randn(r, d_in, device="cuda", generator=gen), 0.3 * torch.randn(d_out, r, device="cuda", generator=gen)
+    m, w2 = torch.rand(d_out, device="cuda", generator=gen) + 0.5, 10 * torch.rand(d_out, device="cuda", generator=gen)
+    cross = torch.randn(r, d_out, device="cuda", generator=gen).to(dtype)
+    exact = dtype == torch.float32  # A·Aᵀ in float32 beside a float32 A·W0ᵀ, else in TF32
+    got, want = (_dora_norm_op(cross, a, b, m, w2 + 5, 2.0, dtype, use, exact) for use in (True, False))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype and g.shape == w.shape
+        # the branch's weights rounded to `dtype`
+        torch.testing.assert_close(g.float(), w.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="one product of all layers' rows on CUDA only")
@@ -489,8 +562,8 @@ def test_nf4_cpu_packed_eval() -> None:
     x = x_for("fp32")
     train_out = run(model, x)[0]
     layers = dora_layers(model)
+    eval_out(model, x)  # with gradients on: no repacking, the norms cached
     before = [layer._finlora_dora_cache["default"].norm for layer in layers]
-    model.eval()
     with torch.no_grad():
         model(x)  # repacks the weights where the CPU supports it
     if not getattr(layers[0].base_layer.weight.quant_state, "packing_format_for_cpu", False):

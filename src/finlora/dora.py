@@ -22,6 +22,11 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   version counters and storage, on the scaling, and on a global count of optimizer steps; a fresh
   value is computed after every optimizer step and reused across gradient-accumulation micro-batches
   and activation-checkpoint recomputation.
+- In training, a layer on a bitsandbytes 4-bit base instead computes its norm in its own forward
+  (`DoraLinear4bit`): its base layer runs once on x's rows with A's r rows appended, and bitsandbytes'
+  one dequantization of W0 then serves both the base output and A·W0ᵀ, where a cached refresh would
+  dequantize W0 a second time. One Triton kernel a layer turns A·W0ᵀ into the norm and the branch's
+  weights on CUDA (`_dora_norm_kernel`).
 - One autograd node (`_DoraTail`) scales the base output and adds the LoRA branch with the scale
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
@@ -51,6 +56,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
@@ -64,6 +70,7 @@ except ImportError:  # the CPU wheels of torch ship without Triton
 
 try:
     import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as _Lora4bit
 except ImportError:
     bnb = None
 
@@ -206,7 +213,8 @@ def _consts(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -
     entry = cache.get(adapter)
     if entry is None or entry.key != _key(*parts):
         group = module.__dict__.get("_finlora_dora_group")
-        _refresh(group.members if group and (id(module), adapter) in group.ids else [(module, adapter)], dtype)
+        caller = (module, adapter)
+        _refresh(group.members if group and (id(module), adapter) in group.ids else [caller], dtype, caller=caller)
         entry = cache[adapter]
     pair = entry.derived.get(dtype)
     if pair is None:
@@ -221,12 +229,16 @@ def _branch_weights(sb: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 
 @torch.no_grad()
-def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place: bool = False) -> None:
+def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place: bool = False,
+             caller: tuple[nn.Module, str] | None = None) -> None:
     """Recompute the constants of the stale layers among ``members``, batched over layers of one shape; `in_place`:
-    where the last refresh of the same layers left them (`_kept`)."""
+    where the last refresh of the same layers left them (`_kept`). Layers that compute their norm in their own
+    forward (`_norm_in_forward`) are left out, unless one is the `caller` that needs its constants."""
     batches: dict[tuple, list] = {}
     for module, adapter in members:
         if adapter not in module.lora_A or not isinstance(module.lora_variant.get(adapter), FastDoraLinearVariant):
+            continue
+        if _norm_in_forward(module) == adapter and (module, adapter) != caller:
             continue
         parts = _parts(module, adapter)
         key = _key(*parts)
@@ -259,17 +271,24 @@ def _refresh_batch(batch: list, dtype: torch.dtype, in_place: bool = False) -> N
     cross = _grouped_a_w0t(batch, a)
     if cross is None:
         cross = _stacked_a_w0t(batch, a, dtype)
-    t = torch.baddbmm(cross.transpose(1, 2), b, _gram(a), beta=2 * scaling, alpha=scaling**2)
-    # Σ_j B_ij·t_ij elementwise: as a batched GEMM of L·d_out products of r numbers each, cuBLAS took 0.1 ms a step
-    norm = (b * t).sum(-1).add_(torch.stack(w2)).clamp_min_(0).sqrt_()
-    scale = m / norm
-    sb = b * scaling
-    b_eff, b_s = _branch_weights(sb, scale, dtype)
+    norm, scale, sb, b_eff, b_s = _norm_consts(a, b, m, torch.stack(w2), cross, scaling, dtype)
     if in_place:
         norm, scale, sb, b_eff, b_s = _kept(batch, dtype, (norm, scale, sb, b_eff, b_s))
     for i, (module, adapter, _, key) in enumerate(batch):
         entry = _Entry(key, norm[i], scale[i], sb[i], {dtype: (b_eff[i], b_s[i])})
         module.__dict__["_finlora_dora_cache"][adapter] = entry
+
+
+def _norm_consts(a: Tensor, b: Tensor, m: Tensor, w2: Tensor, cross: Tensor, scaling: float, dtype: torch.dtype,
+                 ) -> tuple[Tensor, ...]:
+    """(norm, scale, s·B, b_eff, b_s) of L layers of one shape (`_Entry`, `_Consts`) from their A, B, m (L × …),
+    frozen ‖w_i‖² and A·W0ᵀ, all float32: ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij), then m / norm."""
+    t = torch.baddbmm(cross.transpose(1, 2), b, _gram(a), beta=2 * scaling, alpha=scaling**2)
+    # Σ_j B_ij·t_ij elementwise: as a batched GEMM of L·d_out products of r numbers each, cuBLAS took 0.1 ms a step
+    norm = (b * t).sum(-1).add_(w2).clamp_min_(0).sqrt_()
+    scale = m / norm
+    sb = b * scaling
+    return (norm, scale, sb, *_branch_weights(sb, scale, dtype))
 
 
 def _kept(batch: list, dtype: torch.dtype, fresh: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -341,6 +360,69 @@ def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
     return out
 
 
+def _norm_in_forward(module: nn.Module) -> str | None:
+    """The adapter whose norm `module` computes in its own forward (`DoraLinear4bit`), from the A·W0ᵀ that its base's
+    dequantized weight gives: in training, for one active finlora DoRA adapter on an unpacked 4-bit base with no
+    trainable bias. None where the layer reads its norms from the cache."""
+    if bnb is None or not isinstance(module, DoraLinear4bit) or not module.training or module.disable_adapters \
+            or module.merged:
+        return None
+    active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
+    base = module.get_base_layer()
+    if (len(active) != 1 or not isinstance(module.lora_variant.get(active[0]), FastDoraLinearVariant)
+            or not _is_unpacked_4bit(base.weight) or (base.bias is not None and base.bias.requires_grad)):
+        return None
+    return active[0]
+
+
+def _base_and_cross(base: nn.Module, x: Tensor, lora_a: Tensor) -> tuple[Tensor, Tensor]:
+    """base(x), and A·W0ᵀ (r × d_out, no gradient), from one call of the 4-bit base layer on x's rows with A's r rows
+    appended. For training's row counts bitsandbytes dequantizes W0 for one cuBLAS product, whose extra rows cost
+    next to nothing, where the norm refresh dequantized each W0 a second time (0.17 ms of an 8 ms step on 4 Llama-3.1-8B
+    layers). The backward is bitsandbytes' own, which keeps no dequantized copy."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = base(torch.cat([rows, lora_a.detach().to(rows.dtype)]))
+    cross = out[rows.shape[0]:].detach()
+    if base.bias is not None:
+        cross = cross - base.bias.detach().to(cross.dtype)
+    return out[:rows.shape[0]].view(*x.shape[:-1], out.shape[-1]), cross
+
+
+def _frozen_sqnorm_read(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
+    """‖w_i‖² of the layer's base weight; in compiled code as `prepare_compile` left it (a cache lookup would not be
+    traced)."""
+    if torch.compiler.is_compiling():
+        return module.__dict__["_finlora_dora_cache"]["w2"][1]
+    return _frozen_sqnorm(module, base, dtype)
+
+
+@torch.library.custom_op("finlora::dora_norm", mutates_args=())
+def _dora_norm_op(cross: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
+                  dtype: torch.dtype, use_triton: bool, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer's (norm, scale, b_eff, b_s) (`_Consts`) from its A·W0ᵀ (r × d_out): `_norm_consts` for one layer, on
+    CUDA in one Triton kernel (`_dora_norm_kernel`) instead of a dozen small ones. `exact`: A·W0ᵀ was computed in
+    float32, and so is A·Aᵀ in the kernel (else in TF32)."""
+    if _on_triton(cross, use_triton):
+        r, d_out = cross.shape
+        norm, scale = (cross.new_empty(d_out, dtype=torch.float32) for _ in range(2))
+        b_eff, b_s = (cross.new_empty(d_out, r, dtype=dtype) for _ in range(2))
+        _dora_norm_kernel[(triton.cdiv(d_out, 64),)](
+            cross.contiguous(), lora_a.contiguous(), lora_b.contiguous(), magnitude.contiguous(), w2, norm, scale,
+            b_eff, b_s, r, lora_a.shape[1], d_out, scaling, R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64,
+            BLOCK_K=128, EXACT=exact)
+        return norm, scale, b_eff, b_s
+    norm, scale, _, b_eff, b_s = _norm_consts(lora_a.float()[None], lora_b.float()[None], magnitude.float()[None],
+                                              w2[None], cross.float()[None], scaling, dtype)
+    return norm[0], scale[0], b_eff[0], b_s[0]
+
+
+@_dora_norm_op.register_fake
+def _(cross: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
+      dtype: torch.dtype, use_triton: bool, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return (w2.new_empty(w2.shape), w2.new_empty(w2.shape), lora_b.new_empty(lora_b.shape, dtype=dtype),
+            lora_b.new_empty(lora_b.shape, dtype=dtype))
+
+
 def forget_norms(model: nn.Module) -> None:
     """Drop every layer's cached norms, keeping the frozen ‖w_i‖², so that the next forward computes them again:
     inside a CUDA graph being recorded (`finlora.capture`), where they are then recomputed at each replay
@@ -361,6 +443,7 @@ def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], Abstra
     graphs."""
     groups = list({id(group): group for module in model.modules()
                    if (group := module.__dict__.get("_finlora_dora_group"))}.values())
+    prepare_compile(model)  # for the layers that compute their norm in their own forward (`_norm_in_forward`)
 
     @contextmanager
     def refreshed() -> Iterator[None]:
@@ -428,6 +511,40 @@ if triton is not None:
             acc = tl.dot(a.to(W_DTYPE), w, acc)
         out = out_ptr + layer.to(tl.int64) * r * d_out + rows[:, None] * d_out + cols[None, :]
         tl.store(out, acc, mask=(rows[:, None] < r) & (cols[None, :] < d_out))
+
+    @triton.jit
+    def _dora_norm_kernel(cross_ptr, a_ptr, b_ptr, m_ptr, w2_ptr, norm_ptr, scale_ptr, b_eff_ptr, b_s_ptr, r, d_in,
+                          d_out, scaling, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          EXACT: tl.constexpr):
+        """One layer's constants from its A·W0ᵀ, as `_norm_consts`, for BLOCK_N rows of W0 a program: each program
+        forms A·Aᵀ itself (A is r rows), then ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij), m / norm, and s·B
+        scaled by it and not, in the branch's dtype. A·Aᵀ is as precise as A·W0ᵀ: in float32 where that is (`EXACT`);
+        else on tensor cores, TF32 for a float32 A, finer than a 16-bit A·W0ᵀ (float32 took 80 µs a Llama-3.1-8B layer
+        on an H100, TF32 11)."""
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, R)
+        col_mask = cols < d_out
+        gram = tl.zeros([R, R], dtype=tl.float32)
+        for k0 in tl.range(0, d_in, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + ks[:, None] * d_in + kk[None, :], mask=(ks[:, None] < r) & (kk[None, :] < d_in),
+                        other=0.0)
+            if EXACT:
+                gram = tl.dot(a.to(tl.float32), tl.trans(a.to(tl.float32)), gram, input_precision="ieee")
+            else:
+                gram = tl.dot(a, tl.trans(a), gram)
+        mask = col_mask[:, None] & (ks[None, :] < r)
+        b = tl.load(b_ptr + cols[:, None] * r + ks[None, :], mask=mask, other=0.0).to(tl.float32)
+        cross = tl.load(cross_ptr + ks[None, :] * d_out + cols[:, None], mask=mask, other=0.0).to(tl.float32)
+        t = 2 * scaling * cross + scaling * scaling * tl.dot(b, gram, input_precision="ieee")
+        norm = tl.sqrt(tl.maximum(tl.sum(b * t, axis=1) + tl.load(w2_ptr + cols, mask=col_mask, other=0.0), 0.0))
+        scale = tl.load(m_ptr + cols, mask=col_mask, other=1.0).to(tl.float32) / norm
+        tl.store(norm_ptr + cols, norm, mask=col_mask)
+        tl.store(scale_ptr + cols, scale, mask=col_mask)
+        sb = b * scaling
+        offs = cols[:, None] * r + ks[None, :]
+        tl.store(b_eff_ptr + offs, (sb * scale[:, None]).to(b_eff_ptr.dtype.element_ty), mask=mask)
+        tl.store(b_s_ptr + offs, sb.to(b_s_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _dora_grad_kernel(g_ptr, y_ptr, ax_ptr, scale_ptr, m_ptr, bias_ptr, gz_ptr, part_ptr, n_rows, n_cols, r,
@@ -649,18 +766,30 @@ class FastDoraLinearVariant(DoraLinearVariant):
     def __init__(self, use_triton: bool = True) -> None:
         self.use_triton = use_triton
 
-    def forward(self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, **kwargs: Any) -> Tensor:
+    def forward(self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, cross: Tensor | None = None,
+                **kwargs: Any) -> Tensor:
+        """`cross`: the layer's A·W0ᵀ from its own forward (`DoraLinear4bit`), whose norm is then computed here from it
+        instead of read from the cache."""
         dropout = module.lora_dropout[active_adapter]
         if module.training and not isinstance(dropout, nn.Identity):
             x = dropout(x)
         parts = _parts(module, active_adapter)
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
-        if torch.compiler.is_compiling():
+        bias = getattr(base, "bias", None)
+        if cross is not None:
+            exact = (base.compute_dtype or cross.dtype) == torch.float32  # A·W0ᵀ computed in float32
+            consts = _Consts(*_dora_norm_op(cross, lora_a.detach(), lora_b.detach(), magnitude.detach(),
+                                            _frozen_sqnorm_read(module, base, ax.dtype), scaling, ax.dtype,
+                                            self.use_triton, exact))
+            if torch.compiler.is_compiling():
+                return _dora_tail_op(result, ax, lora_b, magnitude, consts.scale, consts.b_eff, consts.b_s, bias,
+                                     scaling, self.use_triton)
+        elif torch.compiler.is_compiling():
             return _traced_tail(module, active_adapter, result, ax, parts, self.use_triton)
-        consts = _consts(module, active_adapter, parts, ax.dtype)
-        return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, getattr(base, "bias", None),
-                               self.use_triton)
+        else:
+            consts = _consts(module, active_adapter, parts, ax.dtype)
+        return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, bias, self.use_triton)
 
     @staticmethod
     def merge_safe(module: nn.Module, active_adapter: str, orig_weight: Tensor) -> Tensor:
@@ -676,6 +805,26 @@ class FastDoraLinearVariant(DoraLinearVariant):
     def unmerge(module: nn.Module, active_adapter: str, orig_weight: Tensor) -> Tensor:
         module.__dict__.pop("_finlora_dora_cache", None)
         return DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
+
+
+if bnb is not None:
+
+    class DoraLinear4bit(_Lora4bit):
+        """peft's LoRA layer on a bitsandbytes 4-bit base, whose class `use_fast_dora` switches to this one: in
+        training (`_norm_in_forward`) its forward takes the base output and A·W0ᵀ from one call of the base layer
+        (`_base_and_cross`), and the DoRA variant computes the norm from that, in the layer. Anything else (eval,
+        merged or disabled adapters, several active ones) runs peft's forward, with the norms cached."""
+
+        def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            adapter = _norm_in_forward(self)
+            if adapter is None or args or set(kwargs) - set(VARIANT_KWARG_KEYS):
+                return super().forward(x, *args, **kwargs)
+            variant, lora_a = self.lora_variant[adapter], self.lora_A[adapter].weight
+            result, cross = _base_and_cross(self.get_base_layer(), x, lora_a)
+            if torch.is_autocast_enabled():  # as peft's forward: without autocast, x in A's dtype, y in result's
+                return variant.forward(self, adapter, x, result, cross=cross)
+            y = variant.forward(self, adapter, self._cast_input_dtype(x, lora_a.dtype), result, cross=cross)
+            return y.to(result.dtype)
 
 
 def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, parts: tuple, use_triton: bool,
@@ -745,6 +894,8 @@ def use_fast_dora(model: nn.Module, use_triton: bool = True) -> int:
         fast = [name for name, variant in variants.items() if isinstance(variant, FastDoraLinearVariant)]
         members += [(module, name) for name in fast]
         layers += [module] if fast else []
+        if fast and bnb is not None and type(module) is _Lora4bit:
+            module.__class__ = DoraLinear4bit
     group = _Group(members)
     for module in layers:
         module.__dict__["_finlora_dora_group"] = group
