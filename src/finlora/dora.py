@@ -25,8 +25,8 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
 - In training, a layer on a bitsandbytes 4-bit base instead computes its norm in its own forward
   (`DoraLinear4bit`): its base layer runs once on x's rows with A's r rows appended, and bitsandbytes'
   one dequantization of W0 then serves both the base output and A·W0ᵀ, where a cached refresh would
-  dequantize W0 a second time. One Triton kernel a layer turns A·W0ᵀ into the norm and the branch's
-  weights on CUDA (`_dora_norm_kernel`).
+  dequantize W0 a second time. A·Aᵀ is still refreshed batched over the layers of a shape, and one
+  Triton kernel a layer turns both into the norm and the branch's weights on CUDA (`_dora_norm_kernel`).
 - One autograd node (`_DoraTail`) scales the base output and adds the LoRA branch with the scale
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
@@ -232,24 +232,50 @@ def _branch_weights(sb: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tens
 def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place: bool = False,
              caller: tuple[nn.Module, str] | None = None) -> None:
     """Recompute the constants of the stale layers among ``members``, batched over layers of one shape; `in_place`:
-    where the last refresh of the same layers left them (`_kept`). Layers that compute their norm in their own
-    forward (`_norm_in_forward`) are left out, unless one is the `caller` that needs its constants."""
+    where the last refresh of the same layers left them (`_kept`). Of a layer that computes its norm in its own
+    forward (`_norm_in_forward`), only A·Aᵀ (`_refresh_grams`), unless it is the `caller` that needs its constants."""
     batches: dict[tuple, list] = {}
     for module, adapter in members:
         if adapter not in module.lora_A or not isinstance(module.lora_variant.get(adapter), FastDoraLinearVariant):
             continue
-        if _norm_in_forward(module) == adapter and (module, adapter) != caller:
-            continue
+        own = _norm_in_forward(module) == adapter and (module, adapter) != caller
         parts = _parts(module, adapter)
         key = _key(*parts)
-        entry = module.__dict__.setdefault("_finlora_dora_cache", {}).get(adapter)
-        if entry is None or entry.key != key:
+        entry = module.__dict__.setdefault("_finlora_dora_cache", {}).get(("gram", adapter) if own else adapter)
+        if entry is None or entry[0] != key:
             base, lora_a, lora_b, _, scaling = parts
-            shape = (lora_a.device, tuple(lora_a.shape), tuple(lora_b.shape), scaling)
+            shape = (own, lora_a.device, tuple(lora_a.shape), tuple(lora_b.shape), scaling)
             batches.setdefault(shape, []).append((module, adapter, parts, key))
-    for (device, *_), batch in batches.items():
+    for (own, device, *_), batch in batches.items():
         with torch.autocast(device.type, enabled=False):
-            _refresh_batch(batch, dtype, in_place)
+            (_refresh_grams if own else _refresh_batch)(batch, dtype, in_place)
+
+
+def _refresh_grams(batch: list, dtype: torch.dtype, in_place: bool = False) -> None:
+    """A·Aᵀ of layers of one shape that compute their norm in their forward, at once, kept as ``("gram", adapter)``:
+    a product a layer took 9 µs on an H100 (Llama-3.1-8B's 4,096 columns), as long as all the rest of its norm."""
+    gram = _gram(torch.stack([parts[1] for _, _, parts, _ in batch]).float())
+    if in_place:
+        (gram,) = _kept(batch, dtype, (gram,))
+    for i, (module, adapter, _, key) in enumerate(batch):
+        module.__dict__["_finlora_dora_cache"][("gram", adapter)] = (key, gram[i])
+
+
+def _layer_gram(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -> Tensor:
+    """A·Aᵀ (r × r, float32) of a layer that computes its norm in its forward: when stale, refreshed with its group's
+    (`_refresh`); in compiled code, as `fresh_norms` left it, or else formed in the graph."""
+    cache = module.__dict__.setdefault("_finlora_dora_cache", {})
+    if torch.compiler.is_compiling():
+        if _compiled_reads_norms:
+            return cache[("gram", adapter)][1]
+        a = parts[1].detach().float()
+        return a @ a.T
+    entry = cache.get(("gram", adapter))
+    if entry is None or entry[0] != _key(*parts):
+        group = module.__dict__.get("_finlora_dora_group")
+        _refresh(group.members if group and (id(module), adapter) in group.ids else [(module, adapter)], dtype)
+        entry = cache[("gram", adapter)]
+    return entry[1]
 
 
 def _frozen_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -271,7 +297,7 @@ def _refresh_batch(batch: list, dtype: torch.dtype, in_place: bool = False) -> N
     cross = _grouped_a_w0t(batch, a)
     if cross is None:
         cross = _stacked_a_w0t(batch, a, dtype)
-    norm, scale, sb, b_eff, b_s = _norm_consts(a, b, m, torch.stack(w2), cross, scaling, dtype)
+    norm, scale, sb, b_eff, b_s = _norm_consts(_gram(a), b, m, torch.stack(w2), cross, scaling, dtype)
     if in_place:
         norm, scale, sb, b_eff, b_s = _kept(batch, dtype, (norm, scale, sb, b_eff, b_s))
     for i, (module, adapter, _, key) in enumerate(batch):
@@ -279,11 +305,11 @@ def _refresh_batch(batch: list, dtype: torch.dtype, in_place: bool = False) -> N
         module.__dict__["_finlora_dora_cache"][adapter] = entry
 
 
-def _norm_consts(a: Tensor, b: Tensor, m: Tensor, w2: Tensor, cross: Tensor, scaling: float, dtype: torch.dtype,
+def _norm_consts(gram: Tensor, b: Tensor, m: Tensor, w2: Tensor, cross: Tensor, scaling: float, dtype: torch.dtype,
                  ) -> tuple[Tensor, ...]:
-    """(norm, scale, s·B, b_eff, b_s) of L layers of one shape (`_Entry`, `_Consts`) from their A, B, m (L × …),
+    """(norm, scale, s·B, b_eff, b_s) of L layers of one shape (`_Entry`, `_Consts`) from their A·Aᵀ, B, m (L × …),
     frozen ‖w_i‖² and A·W0ᵀ, all float32: ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij), then m / norm."""
-    t = torch.baddbmm(cross.transpose(1, 2), b, _gram(a), beta=2 * scaling, alpha=scaling**2)
+    t = torch.baddbmm(cross.transpose(1, 2), b, gram, beta=2 * scaling, alpha=scaling**2)
     # Σ_j B_ij·t_ij elementwise: as a batched GEMM of L·d_out products of r numbers each, cuBLAS took 0.1 ms a step
     norm = (b * t).sum(-1).add_(w2).clamp_min_(0).sqrt_()
     scale = m / norm
@@ -397,28 +423,26 @@ def _frozen_sqnorm_read(module: nn.Module, base: nn.Module, dtype: torch.dtype) 
 
 
 @torch.library.custom_op("finlora::dora_norm", mutates_args=())
-def _dora_norm_op(cross: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
-                  dtype: torch.dtype, use_triton: bool, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer's (norm, scale, b_eff, b_s) (`_Consts`) from its A·W0ᵀ (r × d_out): `_norm_consts` for one layer, on
-    CUDA in one Triton kernel (`_dora_norm_kernel`) instead of a dozen small ones. `exact`: A·W0ᵀ was computed in
-    float32, and so is A·Aᵀ in the kernel (else in TF32)."""
+def _dora_norm_op(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
+                  dtype: torch.dtype, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer's (norm, scale, b_eff, b_s) (`_Consts`) from its A·W0ᵀ (r × d_out) and A·Aᵀ: `_norm_consts` for one
+    layer, on CUDA in one Triton kernel (`_dora_norm_kernel`) instead of a dozen small ones."""
     if _on_triton(cross, use_triton):
         r, d_out = cross.shape
         norm, scale = (cross.new_empty(d_out, dtype=torch.float32) for _ in range(2))
         b_eff, b_s = (cross.new_empty(d_out, r, dtype=dtype) for _ in range(2))
         _dora_norm_kernel[(triton.cdiv(d_out, 64),)](
-            cross.contiguous(), lora_a.contiguous(), lora_b.contiguous(), magnitude.contiguous(), w2, norm, scale,
-            b_eff, b_s, r, lora_a.shape[1], d_out, scaling, R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64,
-            BLOCK_K=128, EXACT=exact)
+            cross.contiguous(), gram.contiguous(), lora_b.contiguous(), magnitude.contiguous(), w2, norm, scale, b_eff,
+            b_s, r, d_out, scaling, R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64)
         return norm, scale, b_eff, b_s
-    norm, scale, _, b_eff, b_s = _norm_consts(lora_a.float()[None], lora_b.float()[None], magnitude.float()[None],
-                                              w2[None], cross.float()[None], scaling, dtype)
+    norm, scale, _, b_eff, b_s = _norm_consts(gram[None], lora_b.float()[None], magnitude.float()[None], w2[None],
+                                              cross.float()[None], scaling, dtype)
     return norm[0], scale[0], b_eff[0], b_s[0]
 
 
 @_dora_norm_op.register_fake
-def _(cross: Tensor, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
-      dtype: torch.dtype, use_triton: bool, exact: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
+      dtype: torch.dtype, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return (w2.new_empty(w2.shape), w2.new_empty(w2.shape), lora_b.new_empty(lora_b.shape, dtype=dtype),
             lora_b.new_empty(lora_b.shape, dtype=dtype))
 
@@ -513,26 +537,15 @@ if triton is not None:
         tl.store(out, acc, mask=(rows[:, None] < r) & (cols[None, :] < d_out))
 
     @triton.jit
-    def _dora_norm_kernel(cross_ptr, a_ptr, b_ptr, m_ptr, w2_ptr, norm_ptr, scale_ptr, b_eff_ptr, b_s_ptr, r, d_in,
-                          d_out, scaling, R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                          EXACT: tl.constexpr):
-        """One layer's constants from its A·W0ᵀ, as `_norm_consts`, for BLOCK_N rows of W0 a program: each program
-        forms A·Aᵀ itself (A is r rows), then ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij), m / norm, and s·B
-        scaled by it and not, in the branch's dtype. A·Aᵀ is as precise as A·W0ᵀ: in float32 where that is (`EXACT`);
-        else on tensor cores, TF32 for a float32 A, finer than a 16-bit A·W0ᵀ (float32 took 80 µs a Llama-3.1-8B layer
-        on an H100, TF32 11)."""
+    def _dora_norm_kernel(cross_ptr, gram_ptr, b_ptr, m_ptr, w2_ptr, norm_ptr, scale_ptr, b_eff_ptr, b_s_ptr, r, d_out,
+                          scaling, R: tl.constexpr, BLOCK_N: tl.constexpr):
+        """One layer's constants from its A·W0ᵀ and A·Aᵀ, as `_norm_consts`, for BLOCK_N rows of W0 a program:
+        ‖w_i‖² + Σ_j B_ij·(2s·(W0Aᵀ)_ij + s²·(B·A·Aᵀ)_ij), m / norm, and s·B scaled by it and not, in the branch's
+        dtype."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = tl.arange(0, R)
         col_mask = cols < d_out
-        gram = tl.zeros([R, R], dtype=tl.float32)
-        for k0 in tl.range(0, d_in, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + ks[:, None] * d_in + kk[None, :], mask=(ks[:, None] < r) & (kk[None, :] < d_in),
-                        other=0.0)
-            if EXACT:
-                gram = tl.dot(a.to(tl.float32), tl.trans(a.to(tl.float32)), gram, input_precision="ieee")
-            else:
-                gram = tl.dot(a, tl.trans(a), gram)
+        gram = tl.load(gram_ptr + ks[:, None] * r + ks[None, :], mask=(ks[:, None] < r) & (ks[None, :] < r), other=0.0)
         mask = col_mask[:, None] & (ks[None, :] < r)
         b = tl.load(b_ptr + cols[:, None] * r + ks[None, :], mask=mask, other=0.0).to(tl.float32)
         cross = tl.load(cross_ptr + ks[None, :] * d_out + cols[:, None], mask=mask, other=0.0).to(tl.float32)
@@ -778,10 +791,10 @@ class FastDoraLinearVariant(DoraLinearVariant):
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
         bias = getattr(base, "bias", None)
         if cross is not None:
-            exact = (base.compute_dtype or cross.dtype) == torch.float32  # A·W0ᵀ computed in float32
-            consts = _Consts(*_dora_norm_op(cross, lora_a.detach(), lora_b.detach(), magnitude.detach(),
+            consts = _Consts(*_dora_norm_op(cross, _layer_gram(module, active_adapter, parts, ax.dtype),
+                                            lora_b.detach(), magnitude.detach(),
                                             _frozen_sqnorm_read(module, base, ax.dtype), scaling, ax.dtype,
-                                            self.use_triton, exact))
+                                            self.use_triton))
             if torch.compiler.is_compiling():
                 return _dora_tail_op(result, ax, lora_b, magnitude, consts.scale, consts.b_eff, consts.b_s, bias,
                                      scaling, self.use_triton)
