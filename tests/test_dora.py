@@ -16,9 +16,9 @@ from torch.utils.checkpoint import checkpoint
 
 from finlora.dora import (
     FastDoraLinearVariant,
-    _dora_norm_op,
     _gram,
     _grouped_a_w0t,
+    _layer_consts,
     _parts,
     clear_dora_cache,
     forget_norms,
@@ -253,10 +253,10 @@ def test_4bit_layers_of_one_shape_refresh_together() -> None:
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="a GPU: the norm's Triton kernel (`_dora_norm_kernel`)"))])
 @pytest.mark.parametrize("kind", ["nf4", "nf4-bf16"])
-def test_4bit_layers_in_training_take_their_norm_from_one_call_of_their_base(kind, device, monkeypatch) -> None:
-    """In training, a 4-bit layer takes its base output and A·W0ᵀ from one call of its base layer, A's rows appended
-    to x's (`DoraLinear4bit`), and computes its norm from that: no other product with W0, only A·Aᵀ cached. Its output
-    and gradients are those of the cached-norm path it takes in eval mode, before and after an update."""
+def test_4bit_layers_in_training_take_their_norm_from_one_dequantization(kind, device, monkeypatch) -> None:
+    """In training, a 4-bit layer takes its base output and A·W0ᵀ from one dequantization of W0 (`DoraLinear4bit`),
+    and computes its norm from that: no other product with W0, only A·Aᵀ cached. Its output and
+    gradients are those of the cached-norm path it takes in eval mode, before and after an update."""
     model = fast(make_dora(kind)).to(device)
     layers = dora_layers(model)
     assert all(type(layer).__name__ == "DoraLinear4bit" for layer in layers)
@@ -276,18 +276,17 @@ def test_4bit_layers_in_training_take_their_norm_from_one_call_of_their_base(kin
         return out.detach().float(), {**grads, "input": inputs.grad.clone()}
 
     step(False)  # the frozen ‖w_i‖², computed once a weight
-    rows = []
-    for layer in layers:
-        layer.base_layer.register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
-    real = bnb.matmul_4bit
-    monkeypatch.setattr(bnb, "matmul_4bit", lambda *a, **k: rows.append("matmul_4bit") or real(*a, **k))
+    calls = []
+    for name in ("matmul_4bit", "functional.dequantize_4bit"):
+        owner, attr = (bnb.functional, "dequantize_4bit") if "." in name else (bnb, name)
+        real = getattr(owner, attr)
+        monkeypatch.setattr(owner, attr, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     for _ in range(2):
         forget_norms(model)
-        rows.clear()
+        calls.clear()
         out, grads = step(True)
-        # each base layer called once, on x's rows and A's 4; no other 4-bit product
-        assert rows == [x.shape[0] * x.shape[1] + 4, "matmul_4bit"] * len(layers)
+        assert calls == ["functional.dequantize_4bit"] * 2 * len(layers)  # forward and backward, once each
         for layer in layers:  # only A·Aᵀ cached
             a = layer.lora_A["default"].weight.detach()
             assert "default" not in layer._finlora_dora_cache
@@ -304,12 +303,12 @@ def test_4bit_layers_in_training_take_their_norm_from_one_call_of_their_base(kin
 @pytest.mark.parametrize("r,d_in,d_out", [(8, 200, 150), (4, 4096, 1024), (16, 130, 70)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_norm_kernel_on_a_gpu_gives_the_pytorch_paths_constants(r, d_in, d_out, dtype) -> None:
-    """`_dora_norm_op` on CUDA, one Triton kernel, against its PyTorch path: sizes that fill no block (masks)."""
+    """`_layer_consts` on CUDA, one Triton kernel, against its PyTorch path: sizes that fill no block (masks)."""
     gen = torch.Generator("cuda").manual_seed(0)
     a, b = torch.randn(r, d_in, device="cuda", generator=gen), 0.3 * torch.randn(d_out, r, device="cuda", generator=gen)
     m, w2 = torch.rand(d_out, device="cuda", generator=gen) + 0.5, 10 * torch.rand(d_out, device="cuda", generator=gen)
     cross = torch.randn(r, d_out, device="cuda", generator=gen).to(dtype)
-    got, want = (_dora_norm_op(cross, a @ a.T, b, m, w2 + 5, 2.0, dtype, use) for use in (True, False))
+    got, want = (_layer_consts(cross, a @ a.T, b, m, w2 + 5, 2.0, dtype, use) for use in (True, False))
     for g, w in zip(got, want, strict=True):
         assert g.dtype == w.dtype and g.shape == w.shape
         torch.testing.assert_close(g.float(), w.float(), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)

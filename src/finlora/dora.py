@@ -22,11 +22,12 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   version counters and storage, on the scaling, and on a global count of optimizer steps; a fresh
   value is computed after every optimizer step and reused across gradient-accumulation micro-batches
   and activation-checkpoint recomputation.
-- In training, a layer on a bitsandbytes 4-bit base instead computes its norm in its own forward
-  (`DoraLinear4bit`): its base layer runs once on x's rows with A's r rows appended, and bitsandbytes'
-  one dequantization of W0 then serves both the base output and A·W0ᵀ, where a cached refresh would
-  dequantize W0 a second time. A·Aᵀ is still refreshed batched over the layers of a shape, and one
-  Triton kernel a layer turns both into the norm and the branch's weights on CUDA (`_dora_norm_kernel`).
+- In training, run eagerly (and so recorded by `trainer.capture`), a layer on a bitsandbytes 4-bit
+  base instead computes its norm in its own forward (`DoraLinear4bit`): W0 is dequantized once for
+  both the base output and A·W0ᵀ, as bitsandbytes dequantizes it for training's row counts anyway,
+  where a cached refresh would dequantize W0 a second time. A·Aᵀ is still refreshed batched over the
+  layers of a shape, and one Triton kernel a layer turns both into the norm and the branch's weights
+  on CUDA (`_dora_norm_kernel`). Compiled, the layer refreshes and reads its norm as the others do.
 - One autograd node (`_DoraTail`) scales the base output and adds the LoRA branch with the scale
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
@@ -70,6 +71,7 @@ except ImportError:  # the CPU wheels of torch ship without Triton
 
 try:
     import bitsandbytes as bnb
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     from peft.tuners.lora.bnb import Linear4bit as _Lora4bit
 except ImportError:
     bnb = None
@@ -230,15 +232,16 @@ def _branch_weights(sb: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 @torch.no_grad()
 def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place: bool = False,
-             caller: tuple[nn.Module, str] | None = None) -> None:
+             caller: tuple[nn.Module, str] | None = None, compiled: bool = False) -> None:
     """Recompute the constants of the stale layers among ``members``, batched over layers of one shape; `in_place`:
     where the last refresh of the same layers left them (`_kept`). Of a layer that computes its norm in its own
-    forward (`_norm_in_forward`), only A·Aᵀ (`_refresh_grams`), unless it is the `caller` that needs its constants."""
+    forward (`_norm_in_forward`), only A·Aᵀ (`_refresh_grams`), unless it is the `caller` that needs its constants or
+    the layers are about to run `compiled`, where none does."""
     batches: dict[tuple, list] = {}
     for module, adapter in members:
         if adapter not in module.lora_A or not isinstance(module.lora_variant.get(adapter), FastDoraLinearVariant):
             continue
-        own = _norm_in_forward(module) == adapter and (module, adapter) != caller
+        own = not compiled and _norm_in_forward(module) == adapter and (module, adapter) != caller
         parts = _parts(module, adapter)
         key = _key(*parts)
         entry = module.__dict__.setdefault("_finlora_dora_cache", {}).get(("gram", adapter) if own else adapter)
@@ -248,28 +251,24 @@ def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place:
             batches.setdefault(shape, []).append((module, adapter, parts, key))
     for (own, device, *_), batch in batches.items():
         with torch.autocast(device.type, enabled=False):
-            (_refresh_grams if own else _refresh_batch)(batch, dtype, in_place)
+            if own:
+                _refresh_grams(batch)
+            else:
+                _refresh_batch(batch, dtype, in_place)
 
 
-def _refresh_grams(batch: list, dtype: torch.dtype, in_place: bool = False) -> None:
+def _refresh_grams(batch: list) -> None:
     """A·Aᵀ of layers of one shape that compute their norm in their forward, at once, kept as ``("gram", adapter)``:
     a product a layer took 9 µs on an H100 (Llama-3.1-8B's 4,096 columns), as long as all the rest of its norm."""
     gram = _gram(torch.stack([parts[1] for _, _, parts, _ in batch]).float())
-    if in_place:
-        (gram,) = _kept(batch, dtype, (gram,))
     for i, (module, adapter, _, key) in enumerate(batch):
         module.__dict__["_finlora_dora_cache"][("gram", adapter)] = (key, gram[i])
 
 
 def _layer_gram(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -> Tensor:
     """A·Aᵀ (r × r, float32) of a layer that computes its norm in its forward: when stale, refreshed with its group's
-    (`_refresh`); in compiled code, as `fresh_norms` left it, or else formed in the graph."""
+    (`_refresh`)."""
     cache = module.__dict__.setdefault("_finlora_dora_cache", {})
-    if torch.compiler.is_compiling():
-        if _compiled_reads_norms:
-            return cache[("gram", adapter)][1]
-        a = parts[1].detach().float()
-        return a @ a.T
     entry = cache.get(("gram", adapter))
     if entry is None or entry[0] != _key(*parts):
         group = module.__dict__.get("_finlora_dora_group")
@@ -389,9 +388,11 @@ def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
 def _norm_in_forward(module: nn.Module) -> str | None:
     """The adapter whose norm `module` computes in its own forward (`DoraLinear4bit`), from the A·W0ᵀ that its base's
     dequantized weight gives: in training, for one active finlora DoRA adapter on an unpacked 4-bit base with no
-    trainable bias. None where the layer reads its norms from the cache."""
+    trainable bias, run eagerly (a CUDA graph recording included). None where the layer reads its norms from the
+    cache. Not in compiled code, for now: compiled by regions on an H100, this form broke the layers' graphs (23 graph
+    breaks in a run, none with the cached norms; docs/benchmarks.md, "The 4-bit norm in the layer")."""
     if bnb is None or not isinstance(module, DoraLinear4bit) or not module.training or module.disable_adapters \
-            or module.merged:
+            or module.merged or torch.compiler.is_compiling():
         return None
     active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
     base = module.get_base_layer()
@@ -401,32 +402,49 @@ def _norm_in_forward(module: nn.Module) -> str | None:
     return active[0]
 
 
+class _Dequantized4bit(torch.autograd.Function):
+    """x·W0ᵀ + b of a bitsandbytes 4-bit layer, and A·W0ᵀ (no gradient), from one dequantized W0: for training's row
+    counts bitsandbytes' own matmul dequantizes W0 for cuBLAS too (`gemm_4bit`'s fallback, the same two operators),
+    where the norm refresh dequantized each W0 a second time (0.17 ms of an 8 ms step on 4 Llama-3.1-8B layers). The
+    backward dequantizes again, as bitsandbytes' does, instead of keeping the copy."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, lora_a: Tensor, weight: Tensor, bias: Tensor | None, quant_state: Any,
+                ) -> tuple[Tensor, Tensor]:
+        w = bnb.functional.dequantize_4bit(weight, quant_state).to(x.dtype)
+        cross = F.linear(lora_a.to(x.dtype), w)
+        ctx.mark_non_differentiable(cross)
+        ctx.save_for_backward(weight)
+        ctx.quant_state = quant_state
+        return F.linear(x, w, bias), cross
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        w = bnb.functional.dequantize_4bit(weight, ctx.quant_state).to(grad.dtype)
+        return torch.matmul(grad, w), None, None, None, None
+
+
 def _base_and_cross(base: nn.Module, x: Tensor, lora_a: Tensor) -> tuple[Tensor, Tensor]:
-    """base(x), and A·W0ᵀ (r × d_out, no gradient), from one call of the 4-bit base layer on x's rows with A's r rows
-    appended. For training's row counts bitsandbytes dequantizes W0 for one cuBLAS product, whose extra rows cost
-    next to nothing, where the norm refresh dequantized each W0 a second time (0.17 ms of an 8 ms step on 4 Llama-3.1-8B
-    layers). The backward is bitsandbytes' own, which keeps no dequantized copy."""
-    rows = x.reshape(-1, x.shape[-1])
-    out = base(torch.cat([rows, lora_a.detach().to(rows.dtype)]))
-    cross = out[rows.shape[0]:].detach()
-    if base.bias is not None:
-        cross = cross - base.bias.detach().to(cross.dtype)
-    return out[:rows.shape[0]].view(*x.shape[:-1], out.shape[-1]), cross
+    """What bitsandbytes' `Linear4bit.forward` returns for `x` (its dtype handling repeated here), and A·W0ᵀ, from one
+    dequantization of W0 (`_Dequantized4bit`)."""
+    fix_4bit_weight_quant_state_from_module(base)
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    dtype = x.dtype
+    if base.compute_dtype is not None:
+        x = x.to(base.compute_dtype)
+    bias = None if base.bias is None else base.bias.to(x.dtype)
+    out, cross = _Dequantized4bit.apply(x, lora_a.detach(), base.weight, bias, base.weight.quant_state)
+    return out.to(dtype), cross
 
 
-def _frozen_sqnorm_read(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
-    """‖w_i‖² of the layer's base weight; in compiled code as `prepare_compile` left it (a cache lookup would not be
-    traced)."""
-    if torch.compiler.is_compiling():
-        return module.__dict__["_finlora_dora_cache"]["w2"][1]
-    return _frozen_sqnorm(module, base, dtype)
-
-
-@torch.library.custom_op("finlora::dora_norm", mutates_args=())
-def _dora_norm_op(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
-                  dtype: torch.dtype, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """One layer's (norm, scale, b_eff, b_s) (`_Consts`) from its A·W0ᵀ (r × d_out) and A·Aᵀ: `_norm_consts` for one
-    layer, on CUDA in one Triton kernel (`_dora_norm_kernel`) instead of a dozen small ones."""
+def _layer_consts(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
+                  dtype: torch.dtype, use_triton: bool) -> _Consts:
+    """One layer's constants from its A·W0ᵀ (r × d_out) and A·Aᵀ: `_norm_consts` for one layer, on CUDA in one Triton
+    kernel (`_dora_norm_kernel`) instead of a dozen small ones."""
     if _on_triton(cross, use_triton):
         r, d_out = cross.shape
         norm, scale = (cross.new_empty(d_out, dtype=torch.float32) for _ in range(2))
@@ -434,17 +452,10 @@ def _dora_norm_op(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor
         _dora_norm_kernel[(triton.cdiv(d_out, 64),)](
             cross.contiguous(), gram.contiguous(), lora_b.contiguous(), magnitude.contiguous(), w2, norm, scale, b_eff,
             b_s, r, d_out, scaling, R=triton.next_power_of_2(max(r, 16)), BLOCK_N=64)
-        return norm, scale, b_eff, b_s
+        return _Consts(norm, scale, b_eff, b_s)
     norm, scale, _, b_eff, b_s = _norm_consts(gram[None], lora_b.float()[None], magnitude.float()[None], w2[None],
                                               cross.float()[None], scaling, dtype)
-    return norm[0], scale[0], b_eff[0], b_s[0]
-
-
-@_dora_norm_op.register_fake
-def _(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor, w2: Tensor, scaling: float,
-      dtype: torch.dtype, use_triton: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return (w2.new_empty(w2.shape), w2.new_empty(w2.shape), lora_b.new_empty(lora_b.shape, dtype=dtype),
-            lora_b.new_empty(lora_b.shape, dtype=dtype))
+    return _Consts(norm[0], scale[0], b_eff[0], b_s[0])
 
 
 def forget_norms(model: nn.Module) -> None:
@@ -467,7 +478,6 @@ def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], Abstra
     graphs."""
     groups = list({id(group): group for module in model.modules()
                    if (group := module.__dict__.get("_finlora_dora_group"))}.values())
-    prepare_compile(model)  # for the layers that compute their norm in their own forward (`_norm_in_forward`)
 
     @contextmanager
     def refreshed() -> Iterator[None]:
@@ -476,7 +486,8 @@ def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], Abstra
             module, adapter = group.members[0]
             weight = module.lora_A[adapter].weight
             mixed = torch.is_autocast_enabled(weight.device.type)
-            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype, in_place)
+            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype, in_place,
+                     compiled=True)
         _compiled_reads_norms = True
         try:
             yield
@@ -790,18 +801,14 @@ class FastDoraLinearVariant(DoraLinearVariant):
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
         bias = getattr(base, "bias", None)
-        if cross is not None:
-            consts = _Consts(*_dora_norm_op(cross, _layer_gram(module, active_adapter, parts, ax.dtype),
-                                            lora_b.detach(), magnitude.detach(),
-                                            _frozen_sqnorm_read(module, base, ax.dtype), scaling, ax.dtype,
-                                            self.use_triton))
-            if torch.compiler.is_compiling():
-                return _dora_tail_op(result, ax, lora_b, magnitude, consts.scale, consts.b_eff, consts.b_s, bias,
-                                     scaling, self.use_triton)
-        elif torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():
             return _traced_tail(module, active_adapter, result, ax, parts, self.use_triton)
-        else:
+        if cross is None:
             consts = _consts(module, active_adapter, parts, ax.dtype)
+        else:
+            with torch.no_grad():
+                consts = _layer_consts(cross, _layer_gram(module, active_adapter, parts, ax.dtype), lora_b, magnitude,
+                                       _frozen_sqnorm(module, base, ax.dtype), scaling, ax.dtype, self.use_triton)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, bias, self.use_triton)
 
     @staticmethod
@@ -824,7 +831,7 @@ if bnb is not None:
 
     class DoraLinear4bit(_Lora4bit):
         """peft's LoRA layer on a bitsandbytes 4-bit base, whose class `use_fast_dora` switches to this one: in
-        training (`_norm_in_forward`) its forward takes the base output and A·W0ᵀ from one call of the base layer
+        training (`_norm_in_forward`) its forward takes the base output and A·W0ᵀ from one dequantization of W0
         (`_base_and_cross`), and the DoRA variant computes the norm from that, in the layer. Anything else (eval,
         merged or disabled adapters, several active ones) runs peft's forward, with the norms cached."""
 
