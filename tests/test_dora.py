@@ -443,6 +443,22 @@ def test_gradient_accumulation_and_checkpointing() -> None:
             assert rel(p.grad, ref_grads[name]) < 1e-5, name
 
 
+def test_4bit_layers_computing_their_norm_accumulate_and_recompute_as_peft() -> None:
+    """4-bit layers that compute their norm in their forward, over two micro-batches, each backward recomputing its
+    checkpointed forward: the gradients of one full batch of peft's DoRA."""
+    x = x_for("nf4", n=8)
+    _, ref_grads = run(make_dora("nf4"), x)
+    model = fast(make_dora("nf4"))
+    model.base_model.model.ckpt = True
+    w = torch.linspace(-1, 1, x.numel()).view(x.shape)
+    for part, wp in zip(x.split(1), w.split(1), strict=True):
+        (model(part) * wp).sum().backward()
+    assert all("default" not in layer._finlora_dora_cache for layer in dora_layers(model))  # the norm in the layer
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert rel(p.grad, ref_grads[name]) < 1e-5, name
+
+
 def _fresh_norm(layer: nn.Module) -> Tensor:
     """peft's definition, on the full matrix."""
     w0 = layer.base_layer.weight
