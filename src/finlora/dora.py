@@ -209,15 +209,23 @@ def _key(base: nn.Module, lora_a: Tensor, lora_b: Tensor, magnitude: Tensor, sca
     return (_optimizer_steps, _state(lora_a), _state(lora_b), _state(magnitude), scaling, _state(base.weight))
 
 
-def _consts(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -> _Consts:
-    """The layer's constants; when stale, those of every stale layer of its group are recomputed."""
+def _fresh_entry(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype, slot: Any) -> Any:
+    """The layer's cache entry at `slot` (`adapter`: its constants; ``("gram", adapter)``: its A·Aᵀ alone); when stale,
+    every stale layer of its group is refreshed first, and this layer to what `slot` holds."""
     cache = module.__dict__.setdefault("_finlora_dora_cache", {})
-    entry = cache.get(adapter)
-    if entry is None or entry.key != _key(*parts):
+    entry = cache.get(slot)
+    if entry is None or entry[0] != _key(*parts):
         group = module.__dict__.get("_finlora_dora_group")
-        caller = (module, adapter)
-        _refresh(group.members if group and (id(module), adapter) in group.ids else [caller], dtype, caller=caller)
-        entry = cache[adapter]
+        layer = (module, adapter)
+        _refresh(group.members if group and (id(module), adapter) in group.ids else [layer], dtype,
+                 caller=layer if slot == adapter else None)
+        entry = cache[slot]
+    return entry
+
+
+def _consts(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -> _Consts:
+    """The layer's constants, refreshed with its group's when stale (`_fresh_entry`)."""
+    entry = _fresh_entry(module, adapter, parts, dtype, adapter)
     pair = entry.derived.get(dtype)
     if pair is None:
         with torch.no_grad():
@@ -263,18 +271,6 @@ def _refresh_grams(batch: list) -> None:
     gram = _gram(torch.stack([parts[1] for _, _, parts, _ in batch]).float())
     for i, (module, adapter, _, key) in enumerate(batch):
         module.__dict__["_finlora_dora_cache"][("gram", adapter)] = (key, gram[i])
-
-
-def _layer_gram(module: nn.Module, adapter: str, parts: tuple, dtype: torch.dtype) -> Tensor:
-    """A·Aᵀ (r × r, float32) of a layer that computes its norm in its forward: when stale, refreshed with its group's
-    (`_refresh`)."""
-    cache = module.__dict__.setdefault("_finlora_dora_cache", {})
-    entry = cache.get(("gram", adapter))
-    if entry is None or entry[0] != _key(*parts):
-        group = module.__dict__.get("_finlora_dora_group")
-        _refresh(group.members if group and (id(module), adapter) in group.ids else [(module, adapter)], dtype)
-        entry = cache[("gram", adapter)]
-    return entry[1]
 
 
 def _frozen_sqnorm(module: nn.Module, base: nn.Module, dtype: torch.dtype) -> Tensor:
@@ -807,8 +803,9 @@ class FastDoraLinearVariant(DoraLinearVariant):
             consts = _consts(module, active_adapter, parts, ax.dtype)
         else:
             with torch.no_grad():
-                consts = _layer_consts(cross, _layer_gram(module, active_adapter, parts, ax.dtype), lora_b, magnitude,
-                                       _frozen_sqnorm(module, base, ax.dtype), scaling, ax.dtype, self.use_triton)
+                gram = _fresh_entry(module, active_adapter, parts, ax.dtype, ("gram", active_adapter))[1]
+                consts = _layer_consts(cross, gram, lora_b, magnitude, _frozen_sqnorm(module, base, ax.dtype), scaling,
+                                       ax.dtype, self.use_triton)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, bias, self.use_triton)
 
     @staticmethod
