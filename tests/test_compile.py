@@ -165,6 +165,8 @@ def test_step_compiled_by_regions_matches_eager_and_compiles_one_layer_for_all(m
     adapted = [n for gm in graphs for n in gm.graph.nodes if n.op == "placeholder" and "lora_a" in n.name]
     assert len(graphs) == 2 and not sum(counters["graph_break"].values())
     assert len(adapted) == 2 * 3  # each graph is one layer: q, k and v's A
+    checkpoints = [n for gm in graphs for n in gm.graph.nodes if "checkpoint" in str(n.target)]
+    assert len(checkpoints) == (2 if checkpointing else 0), checkpoints  # recomputed in the compiled backward
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(compiled_model))  # plain layers outside
 
 

@@ -117,7 +117,7 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
     if regions and not layers:
         log.warning("trainer.compile_regions: the model names no repeated block (transformers' _no_split_modules); "
                     "compiling the whole step")
-    routed = {layer: MethodType(_region(type(layer), **options), layer) for layer in layers}
+    routed = {layer: MethodType(_region(type(layer), _checkpointed(layer), **options), layer) for layer in layers}
     run = ((lambda batch: answer_loss(model, batch)) if routed
            else torch.compile(lambda batch: answer_loss(model, batch), **options))
 
@@ -146,23 +146,44 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [module for _, module in found]
 
 
+def _checkpointed(layer: nn.Module) -> bool:
+    """Whether transformers checkpoints the layer's activations (`trainer.gradient_checkpointing`)."""
+    return layer.__dict__.get("gradient_checkpointing") is True
+
+
 @functools.cache
-def _region(cls: type, **options: str | None) -> Callable:
+def _region(cls: type, checkpointed: bool, **options: str | None) -> Callable:
     """One compiled forward per layer class, called with each layer as `self`: Dynamo guards on the layer's
     kind and shapes, not on which layer it is (nn modules are inlined, their weights graph inputs), so the
-    compilation of the first layer serves every other."""
-    return torch.compile(cls.forward, **options)
+    compilation of the first layer serves every other. A `checkpointed` layer's checkpoint is taken inside the
+    region, so that the backward recomputes the compiled forward. transformers 5.17 checkpoints the layer's __call__
+    (5.24 its forward), outside the region, and its recomputation after the step ran the plain forward, whose saved
+    tensors are not the compiled one's (torch.utils.checkpoint's CheckpointError)."""
+    forward = cls.forward
+    if not checkpointed:
+        return torch.compile(forward, **options)
+
+    def checkpointed_forward(self: nn.Module, *args: object, **kwargs: object) -> object:
+        return self._gradient_checkpointing_func(functools.partial(forward, self, **kwargs), *args)
+
+    return torch.compile(checkpointed_forward, **options)
 
 
 @contextmanager
 def _through(routed: dict[nn.Module, MethodType]) -> Iterator[None]:
     """Each layer's forward through its region while the compiled step runs, and only then: other compiled code on
     the same model (generation's decode step) keeps the plain layers. The same bound methods every step, set in
-    the instance's __dict__ directly, so Dynamo's guards hold and a step pays no module __setattr__."""
+    the instance's __dict__ directly, so Dynamo's guards hold and a step pays no module __setattr__. Checkpointed
+    layers checkpoint inside their region (`_region`), not again around it."""
+    held = [layer for layer in routed if _checkpointed(layer)]
     for layer, method in routed.items():
         layer.__dict__["forward"] = method
+    for layer in held:
+        layer.__dict__["gradient_checkpointing"] = False
     try:
         yield
     finally:
         for layer in routed:
             layer.__dict__.pop("forward", None)
+        for layer in held:
+            layer.__dict__["gradient_checkpointing"] = True
