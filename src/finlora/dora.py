@@ -22,12 +22,12 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   version counters and storage, on the scaling, and on a global count of optimizer steps; a fresh
   value is computed after every optimizer step and reused across gradient-accumulation micro-batches
   and activation-checkpoint recomputation.
-- In training, run eagerly (and so recorded by `trainer.capture`), a layer on a bitsandbytes 4-bit
-  base instead computes its norm in its own forward (`DoraLinear4bit`): W0 is dequantized once for
-  both the base output and A·W0ᵀ, as bitsandbytes dequantizes it for training's row counts anyway,
-  where a cached refresh would dequantize W0 a second time. A·Aᵀ is still refreshed batched over the
-  layers of a shape, and one Triton kernel a layer turns both into the norm and the branch's weights
-  on CUDA (`_dora_norm_kernel`). Compiled, the layer refreshes and reads its norm as the others do.
+- In training (eager, recorded by `trainer.capture`, or a compiled training step), a layer on a
+  bitsandbytes 4-bit base instead computes its norm in its own forward (`DoraLinear4bit`): W0 is
+  dequantized once for both the base output and A·W0ᵀ, as bitsandbytes dequantizes it for training's
+  row counts anyway, where a cached refresh would dequantize W0 a second time. A·Aᵀ is still refreshed
+  batched over the layers of a shape, and one Triton kernel a layer turns both into the norm and the
+  branch's weights on CUDA (`_dora_norm_kernel`).
 - One autograd node (`_DoraTail`) scales the base output and adds the LoRA branch with the scale
   folded into B; it saves the layer's output y and takes the magnitude's gradient from it
   (Σ_t g ⊙ (y - b) / m), instead of saving the base and LoRA outputs separately. On CUDA with a 16-bit
@@ -35,8 +35,8 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   and one forms g·scale with B's and m's gradients, in one pass over g, y and A·x (its per-block partial
   sums added up by a third kernel), where LoRA runs a GEMM and an elementwise kernel each way.
 - Under torch.compile, where a Python-side cache would be read once at tracing and never again, a compiled
-  training step (`trainer.compile`) refreshes every layer's norm eagerly, batched, before its compiled
-  code runs (`fresh_norms`), and the layers call `_DoraTail`'s kernels as one operator
+  training step (`trainer.compile`) refreshes every layer's norm (of a 4-bit layer, its A·Aᵀ) eagerly,
+  batched, before its compiled code runs (`fresh_norms`), and the layers call `_DoraTail`'s kernels as one operator
   (`finlora::dora_tail`) with the constants refreshed there. Other compiled code (generation's decode
   step) computes the same function as plain differentiable ops, rebuilding each layer's norm inside the
   graph at every call from the frozen ‖w_i‖² (`prepare_compile` computes it once, eagerly) and A·W0ᵀ.
@@ -240,16 +240,15 @@ def _branch_weights(sb: Tensor, scale: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 @torch.no_grad()
 def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place: bool = False,
-             caller: tuple[nn.Module, str] | None = None, compiled: bool = False) -> None:
+             caller: tuple[nn.Module, str] | None = None) -> None:
     """Recompute the constants of the stale layers among ``members``, batched over layers of one shape; `in_place`:
     where the last refresh of the same layers left them (`_kept`). Of a layer that computes its norm in its own
-    forward (`_norm_in_forward`), only A·Aᵀ (`_refresh_grams`), unless it is the `caller` that needs its constants or
-    the layers are about to run `compiled`, where none does."""
+    forward (`_norm_in_forward`), only A·Aᵀ (`_refresh_grams`), unless it is the `caller` that needs its constants."""
     batches: dict[tuple, list] = {}
     for module, adapter in members:
         if adapter not in module.lora_A or not isinstance(module.lora_variant.get(adapter), FastDoraLinearVariant):
             continue
-        own = not compiled and _norm_in_forward(module) == adapter and (module, adapter) != caller
+        own = _norm_in_forward(module) == adapter and (module, adapter) != caller
         parts = _parts(module, adapter)
         key = _key(*parts)
         entry = module.__dict__.setdefault("_finlora_dora_cache", {}).get(("gram", adapter) if own else adapter)
@@ -259,16 +258,15 @@ def _refresh(members: list[tuple[nn.Module, str]], dtype: torch.dtype, in_place:
             batches.setdefault(shape, []).append((module, adapter, parts, key))
     for (own, device, *_), batch in batches.items():
         with torch.autocast(device.type, enabled=False):
-            if own:
-                _refresh_grams(batch)
-            else:
-                _refresh_batch(batch, dtype, in_place)
+            (_refresh_grams if own else _refresh_batch)(batch, dtype, in_place)
 
 
-def _refresh_grams(batch: list) -> None:
+def _refresh_grams(batch: list, dtype: torch.dtype, in_place: bool = False) -> None:
     """A·Aᵀ of layers of one shape that compute their norm in their forward, at once, kept as ``("gram", adapter)``:
     a product a layer took 9 µs on an H100 (Llama-3.1-8B's 4,096 columns), as long as all the rest of its norm."""
     gram = _gram(torch.stack([parts[1] for _, _, parts, _ in batch]).float())
+    if in_place:
+        (gram,) = _kept(batch, dtype, (gram,))
     for i, (module, adapter, _, key) in enumerate(batch):
         module.__dict__["_finlora_dora_cache"][("gram", adapter)] = (key, gram[i])
 
@@ -384,11 +382,10 @@ def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
 def _norm_in_forward(module: nn.Module) -> str | None:
     """The adapter whose norm `module` computes in its own forward (`DoraLinear4bit`), from the A·W0ᵀ that its base's
     dequantized weight gives: in training, for one active finlora DoRA adapter on an unpacked 4-bit base with no
-    trainable bias, run eagerly (a CUDA graph recording included). None where the layer reads its norms from the
-    cache. Not in compiled code, for now: compiled by regions on an H100, this form broke the layers' graphs (23 graph
-    breaks in a run, none with the cached norms; docs/benchmarks.md, "The 4-bit norm in the layer")."""
+    trainable bias, run eagerly (a CUDA graph recording included) or compiled in a training step (`fresh_norms`,
+    which refreshes its A·Aᵀ). None where the layer reads its norms from the cache."""
     if bnb is None or not isinstance(module, DoraLinear4bit) or not module.training or module.disable_adapters \
-            or module.merged or torch.compiler.is_compiling():
+            or module.merged or (torch.compiler.is_compiling() and not _compiled_reads_norms):
         return None
     active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
     base = module.get_base_layer()
@@ -402,7 +399,7 @@ class _Dequantized4bit(torch.autograd.Function):
     """x·W0ᵀ + b of a bitsandbytes 4-bit layer, and A·W0ᵀ (no gradient), from one dequantized W0: for training's row
     counts bitsandbytes' own matmul dequantizes W0 for cuBLAS too (`gemm_4bit`'s fallback, the same two operators),
     where the norm refresh dequantized each W0 a second time (0.17 ms of an 8 ms step on 4 Llama-3.1-8B layers). The
-    backward dequantizes again, as bitsandbytes' does, instead of keeping the copy."""
+    backward dequantizes again, as bitsandbytes' does, instead of keeping the copy (`_dequantize_4bit_op`)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, lora_a: Tensor, weight: Tensor, bias: Tensor | None, quant_state: Any,
@@ -418,8 +415,31 @@ class _Dequantized4bit(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, grad: Tensor, _: Tensor) -> tuple[Tensor | None, ...]:
         (weight,) = ctx.saved_tensors
-        w = bnb.functional.dequantize_4bit(weight, ctx.quant_state).to(grad.dtype)
-        return torch.matmul(grad, w), None, None, None, None
+        qs = ctx.quant_state
+        nested = qs.state2 if qs.nested else None
+        w = _dequantize_4bit_op(weight, qs.absmax, list(qs.shape), qs.dtype, qs.blocksize, qs.quant_type, qs.offset,
+                                nested and nested.absmax, nested and nested.code, nested.blocksize if nested else 0)
+        return torch.matmul(grad, w.to(grad.dtype)), None, None, None, None
+
+
+@torch.library.custom_op("finlora::dequantize_4bit", mutates_args=())
+def _dequantize_4bit_op(packed: Tensor, absmax: Tensor, shape: list[int], dtype: torch.dtype, blocksize: int,
+                        quant_type: str, offset: Tensor | None, absmax2: Tensor | None, code2: Tensor | None,
+                        blocksize2: int) -> Tensor:
+    """bitsandbytes' `dequantize_4bit` (a nested state's absmax included) as one operator of finlora's, for the backward
+    of `_Dequantized4bit`. Compiled, Inductor would take bitsandbytes' own operators there for the forward's (the same
+    operators on the same inputs), merge them, and keep the forward's dequantized W0 until the backward: 48 MB a
+    Llama-3.1-8B q/k/v layer, where bitsandbytes' matmul keeps none."""
+    state2 = None if absmax2 is None else bnb.functional.QuantState(absmax=absmax2, code=code2, blocksize=blocksize2,
+                                                                       dtype=torch.float32)
+    state = bnb.functional.QuantState(absmax=absmax, shape=torch.Size(shape), blocksize=blocksize,
+                                      quant_type=quant_type, dtype=dtype, offset=offset, state2=state2)
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
+@_dequantize_4bit_op.register_fake
+def _(packed: Tensor, absmax: Tensor, shape: list[int], dtype: torch.dtype, *_: Any) -> Tensor:
+    return packed.new_empty(shape, dtype=dtype)
 
 
 def _base_and_cross(base: nn.Module, x: Tensor, lora_a: Tensor) -> tuple[Tensor, Tensor]:
@@ -454,6 +474,22 @@ def _layer_consts(cross: Tensor, gram: Tensor, lora_b: Tensor, magnitude: Tensor
     return _Consts(norm[0], scale[0], b_eff[0], b_s[0])
 
 
+@torch.no_grad()
+def _own_consts(module: nn.Module, adapter: str, parts: tuple, cross: Tensor, dtype: torch.dtype, use_triton: bool,
+                ) -> _Consts:
+    """The constants of a layer that computes its norm in its forward, from its A·W0ᵀ (`_norm_in_forward`). Compiled,
+    A·Aᵀ and ‖w_i‖² are read as `fresh_norms` left them: Dynamo traces no cache lookup (`__dict__.setdefault` broke
+    the graph at each layer)."""
+    base, _, lora_b, magnitude, scaling = parts
+    if torch.compiler.is_compiling():
+        cache = module.__dict__["_finlora_dora_cache"]
+        gram, w2 = cache[("gram", adapter)][1], cache["w2"][1]
+    else:
+        gram = _fresh_entry(module, adapter, parts, dtype, ("gram", adapter))[1]
+        w2 = _frozen_sqnorm(module, base, dtype)
+    return _layer_consts(cross, gram, lora_b, magnitude, w2, scaling, dtype, use_triton)
+
+
 def forget_norms(model: nn.Module) -> None:
     """Drop every layer's cached norms, keeping the frozen ‖w_i‖², so that the next forward computes them again:
     inside a CUDA graph being recorded (`finlora.capture`), where they are then recomputed at each replay
@@ -474,6 +510,7 @@ def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], Abstra
     graphs."""
     groups = list({id(group): group for module in model.modules()
                    if (group := module.__dict__.get("_finlora_dora_group"))}.values())
+    prepare_compile(model)  # ‖w_i‖², for the layers that compute their norm in their forward (`_norm_in_forward`)
 
     @contextmanager
     def refreshed() -> Iterator[None]:
@@ -482,8 +519,7 @@ def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], Abstra
             module, adapter = group.members[0]
             weight = module.lora_A[adapter].weight
             mixed = torch.is_autocast_enabled(weight.device.type)
-            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype, in_place,
-                     compiled=True)
+            _refresh(group.members, torch.get_autocast_dtype(weight.device.type) if mixed else weight.dtype, in_place)
         _compiled_reads_norms = True
         try:
             yield
@@ -797,15 +833,16 @@ class FastDoraLinearVariant(DoraLinearVariant):
         base, lora_a, lora_b, magnitude, scaling = parts
         ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
         bias = getattr(base, "bias", None)
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if cross is None and compiling:
             return _traced_tail(module, active_adapter, result, ax, parts, self.use_triton)
         if cross is None:
             consts = _consts(module, active_adapter, parts, ax.dtype)
         else:
-            with torch.no_grad():
-                gram = _fresh_entry(module, active_adapter, parts, ax.dtype, ("gram", active_adapter))[1]
-                consts = _layer_consts(cross, gram, lora_b, magnitude, _frozen_sqnorm(module, base, ax.dtype), scaling,
-                                       ax.dtype, self.use_triton)
+            consts = _own_consts(module, active_adapter, parts, cross, ax.dtype, self.use_triton)
+        if compiling:
+            return _dora_tail_op(result, ax, lora_b, magnitude, consts.scale, consts.b_eff, consts.b_s, bias, scaling,
+                                 self.use_triton)
         return _DoraTail.apply(result, ax, lora_b, magnitude, consts, scaling, bias, self.use_triton)
 
     @staticmethod
