@@ -398,18 +398,22 @@ def _norm_in_forward(module: nn.Module) -> str | None:
 class _Dequantized4bit(torch.autograd.Function):
     """x·W0ᵀ + b of a bitsandbytes 4-bit layer, and A·W0ᵀ (no gradient), from one dequantized W0: for training's row
     counts bitsandbytes' own matmul dequantizes W0 for cuBLAS too (`gemm_4bit`'s fallback, the same two operators),
-    where the norm refresh dequantized each W0 a second time (0.17 ms of an 8 ms step on 4 Llama-3.1-8B layers). The
-    backward dequantizes again, as bitsandbytes' does, instead of keeping the copy (`_dequantize_4bit_op`)."""
+    where the norm refresh dequantized each W0 a second time (0.17 ms of an 8 ms step on 4 Llama-3.1-8B layers). A's r
+    rows are appended to x's for one product, which reads W0 once: as a product of its own, A·W0ᵀ read all of W0 again
+    (about 100 µs a step on 4 Llama-3.1-8B layers, q, k and v). The backward dequantizes again, as bitsandbytes' does,
+    instead of keeping the copy (`_dequantize_4bit_op`), and multiplies x's rows' gradient only."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, lora_a: Tensor, weight: Tensor, bias: Tensor | None, quant_state: Any,
                 ) -> tuple[Tensor, Tensor]:
         w = bnb.functional.dequantize_4bit(weight, quant_state).to(x.dtype)
-        cross = F.linear(lora_a.to(x.dtype), w)
+        rows = x.reshape(-1, x.shape[-1])
+        both = F.linear(torch.cat([rows, lora_a.to(x.dtype)]), w)
+        out, cross = both[:rows.shape[0]].view(*x.shape[:-1], -1), both[rows.shape[0]:]
         ctx.mark_non_differentiable(cross)
         ctx.save_for_backward(weight)
         ctx.quant_state = quant_state
-        return F.linear(x, w, bias), cross
+        return out if bias is None else out + bias, cross
 
     @staticmethod
     @once_differentiable
