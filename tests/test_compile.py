@@ -244,7 +244,7 @@ def test_first_batches_of_each_shape_are_reported_as_compile_time():
     assert logger.timed_tokens == 56 + 120 + 56  # the 3rd batch of each shape onwards
 
 
-@pytest.mark.parametrize("regions", [False, True])
+@pytest.mark.parametrize("regions", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_compiled_4bit_dora_keeps_no_dequantized_weight_for_its_backward(tiny_model_dir, regions):
     """Compiled, Inductor's partitioner merges identical operators of forward and backward. Had a 4-bit DoRA layer's
     backward dequantized W0 with the operators its forward uses, the forward's dequantized W0 would be kept for the
