@@ -509,12 +509,13 @@ def fresh_norms(model: nn.Module, in_place: bool = False) -> Callable[[], Abstra
     entry, the norms of every stale finlora DoRA layer are refreshed, eagerly and batched over layers of one shape
     (as the eager layers refresh them), and until it exits compiled layers read them instead of rebuilding each
     layer's norm in its graph (A·W0ᵀ and a few small kernels a layer, where the batched refresh takes a few kernels
-    in all). Dynamo guards on the switch: a graph traced inside the context and one traced outside (a decode step)
-    are separate graphs. `in_place`: refreshed where the last refresh left them (`_kept`), for torch.compile's CUDA
-    graphs."""
+    in all). A 4-bit layer that computes its norm in its forward (`_norm_in_forward`) has only its A·Aᵀ refreshed here,
+    and reads that and its ‖w_i‖² (computed once, now). Dynamo guards on the switch: a graph traced inside the context
+    and one traced outside (a decode step) are separate graphs. `in_place`: refreshed where the last refresh left them
+    (`_kept`), for torch.compile's CUDA graphs."""
     groups = list({id(group): group for module in model.modules()
                    if (group := module.__dict__.get("_finlora_dora_group"))}.values())
-    prepare_compile(model)  # ‖w_i‖², for the layers that compute their norm in their forward (`_norm_in_forward`)
+    prepare_compile(model)
 
     @contextmanager
     def refreshed() -> Iterator[None]:
