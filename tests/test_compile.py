@@ -75,7 +75,8 @@ def _dora(model_dir: Path, bits: int | None):
     return random_b(model)
 
 
-@pytest.mark.parametrize("bits,in_step", [(None, False), (8, False), (None, True), (4, True), (4, False)])
+@pytest.mark.parametrize("bits,in_step", [(None, False), pytest.param(8, False, marks=pytest.mark.slow), (None, True),
+                                          (4, True), (4, False)])
 def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits, in_step):
     """Compiled as a training step (`in_step`), the layers read the norms `fresh_norms` refreshes before it (4-bit
     layers, as in eager training, compute theirs in their forward from their base's dequantized weight and the A·Aᵀ

@@ -84,6 +84,7 @@ def test_ddp_on_two_gpus_replays_the_step_and_the_update_and_trains_as_unrecorde
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow  # a benchmark script's helper, 30 s of two processes: out of the fast suite's 10 minutes
 def test_each_rank_profiles_its_own_host_steps(tiny_model_dir, tmp_path):
     """`scripts/train_profiled.py` (how a DDP run's host time was traced): Lightning runs the script again for
     rank one, so both ranks write their profile of the chosen steps."""
