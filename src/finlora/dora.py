@@ -81,6 +81,7 @@ _CHUNK_ELEMENTS = 1 << 24  # elements of a weight expanded to float32 at once, f
 _optimizer_steps = 0  # bumped after every torch optimizer step; part of every norm-cache key
 _step_hook: Any = None
 _compiled_reads_norms = False  # inside `fresh_norms`: compiled layers read the norms refreshed there
+_VARIANT_KWARGS = frozenset(VARIANT_KWARG_KEYS)  # what peft's LoRA forward passes on to the variant
 
 
 def _count_optimizer_step(*_: Any) -> None:
@@ -876,7 +877,7 @@ if bnb is not None:
 
         def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
             adapter = _norm_in_forward(self)
-            if adapter is None or args or set(kwargs) - set(VARIANT_KWARG_KEYS):
+            if adapter is None or args or kwargs.keys() - _VARIANT_KWARGS:
                 return super().forward(x, *args, **kwargs)
             variant, lora_a = self.lora_variant[adapter], self.lora_A[adapter].weight
             result, cross = _base_and_cross(self.get_base_layer(), x, lora_a)

@@ -117,7 +117,8 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
     if regions and not layers:
         log.warning("trainer.compile_regions: the model names no repeated block (transformers' _no_split_modules); "
                     "compiling the whole step")
-    routed = {layer: MethodType(_region(type(layer), _checkpointed(layer), **options), layer) for layer in layers}
+    held = {layer for layer in layers if _checkpointed(layer)}  # checkpointed inside their regions (`_region`)
+    routed = {layer: MethodType(_region(type(layer), layer in held, **options), layer) for layer in layers}
     run = ((lambda batch: answer_loss(model, batch)) if routed
            else torch.compile(lambda batch: answer_loss(model, batch), **options))
 
@@ -128,7 +129,7 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
                     torch._dynamo.maybe_mark_dynamic(t, 1)
         if mode is Compile.cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer needed
-        with _through(routed), refreshed():
+        with _through(routed, held), refreshed():
             return run(batch)
 
     return step
@@ -170,12 +171,11 @@ def _region(cls: type, checkpointed: bool, **options: str | None) -> Callable:
 
 
 @contextmanager
-def _through(routed: dict[nn.Module, MethodType]) -> Iterator[None]:
+def _through(routed: dict[nn.Module, MethodType], held: set[nn.Module]) -> Iterator[None]:
     """Each layer's forward through its region while the compiled step runs, and only then: other compiled code on
     the same model (generation's decode step) keeps the plain layers. The same bound methods every step, set in
-    the instance's __dict__ directly, so Dynamo's guards hold and a step pays no module __setattr__. Checkpointed
+    the instance's __dict__ directly, so Dynamo's guards hold and a step pays no module __setattr__. The `held`
     layers checkpoint inside their region (`_region`), not again around it."""
-    held = [layer for layer in routed if _checkpointed(layer)]
     for layer, method in routed.items():
         layer.__dict__["forward"] = method
     for layer in held:
