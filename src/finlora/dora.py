@@ -73,6 +73,9 @@ try:
     import bitsandbytes as bnb
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
     from peft.tuners.lora.bnb import Linear4bit as _Lora4bit
+    from peft.tuners.lora.bnb import Linear8bitLt as _Lora8bit
+
+    from finlora.quant.int8 import WeightOnlyLinear8bit, int8_product
 except ImportError:
     bnb = None
 
@@ -81,7 +84,6 @@ _CHUNK_ELEMENTS = 1 << 24  # elements of a weight expanded to float32 at once, f
 _optimizer_steps = 0  # bumped after every torch optimizer step; part of every norm-cache key
 _step_hook: Any = None
 _compiled_reads_norms = False  # inside `fresh_norms`: compiled layers read the norms refreshed there
-_VARIANT_KWARGS = frozenset(VARIANT_KWARG_KEYS)  # what peft's LoRA forward passes on to the variant
 
 
 def _count_optimizer_step(*_: Any) -> None:
@@ -380,18 +382,25 @@ def _grouped_a_w0t(batch: list, a: Tensor) -> Tensor | None:
     return out
 
 
+def _dequantizes_in_forward(base: nn.Module) -> bool:
+    """Whether `base` computes through its dequantized weight: bitsandbytes 4-bit (unpacked) for training's row
+    counts, weight-only 8-bit (`finlora.quant.int8`) always."""
+    return _is_unpacked_4bit(base.weight) or isinstance(base, WeightOnlyLinear8bit)
+
+
 def _norm_in_forward(module: nn.Module) -> str | None:
-    """The adapter whose norm `module` computes in its own forward (`DoraLinear4bit`), from the A·W0ᵀ that its base's
-    dequantized weight gives: in training, for one active finlora DoRA adapter on an unpacked 4-bit base with no
-    trainable bias, run eagerly (a CUDA graph recording included) or compiled in a training step (`fresh_norms`,
-    which refreshes its A·Aᵀ). None where the layer reads its norms from the cache."""
-    if bnb is None or not isinstance(module, DoraLinear4bit) or not module.training or module.disable_adapters \
+    """The adapter whose norm `module` computes in its own forward (`DoraLinearQuantized`), from the A·W0ᵀ that its
+    base's dequantized weight gives: in training, for one active finlora DoRA adapter on a base that dequantizes its
+    weight (`_dequantizes_in_forward`) with no trainable bias, run eagerly (a CUDA graph recording included) or
+    compiled in a training step (`fresh_norms`, which refreshes its A·Aᵀ). None where the layer reads its norms from
+    the cache."""
+    if bnb is None or not isinstance(module, DoraLinearQuantized) or not module.training or module.disable_adapters \
             or module.merged or (torch.compiler.is_compiling() and not _compiled_reads_norms):
         return None
     active = [adapter for adapter in module.active_adapters if adapter in module.lora_A]
     base = module.get_base_layer()
     if (len(active) != 1 or not isinstance(module.lora_variant.get(active[0]), FastDoraLinearVariant)
-            or not _is_unpacked_4bit(base.weight) or (base.bias is not None and base.bias.requires_grad)):
+            or not _dequantizes_in_forward(base) or (base.bias is not None and base.bias.requires_grad)):
         return None
     return active[0]
 
@@ -448,8 +457,11 @@ def _(packed: Tensor, absmax: Tensor, shape: list[int], dtype: torch.dtype, *_: 
 
 
 def _base_and_cross(base: nn.Module, x: Tensor, lora_a: Tensor) -> tuple[Tensor, Tensor]:
-    """What bitsandbytes' `Linear4bit.forward` returns for `x` (its dtype handling repeated here), and A·W0ᵀ, from one
-    dequantization of W0 (`_Dequantized4bit`)."""
+    """What the base layer returns for `x`, and A·W0ᵀ, from one dequantization of W0: `int8_product` for a weight-only
+    8-bit base; for a 4-bit one, `_Dequantized4bit` (bitsandbytes' `Linear4bit.forward`'s dtype handling repeated
+    here)."""
+    if isinstance(base, WeightOnlyLinear8bit):
+        return int8_product(base, x, lora_a.detach())
     fix_4bit_weight_quant_state_from_module(base)
     if not base.compute_type_is_set:
         base.set_compute_type(x)
@@ -867,24 +879,41 @@ class FastDoraLinearVariant(DoraLinearVariant):
         return DoraLinearVariant.unmerge(module, active_adapter, orig_weight)
 
 
+def _variant_kwargs_only(args: tuple, kwargs: dict) -> bool:
+    """Whether a LoRA layer's call passes nothing but what peft hands its variant: Dynamo traces this (torch 2.11's
+    fails on `kwargs.keys() - a_frozenset`)."""
+    return not args and not set(kwargs) - set(VARIANT_KWARG_KEYS)
+
+
+class DoraLinearQuantized:
+    """The forward of a peft LoRA layer on a bitsandbytes base that dequantizes its weight (4-bit, or weight-only
+    8-bit), whose class `use_fast_dora` switches to `DoraLinear4bit` / `DoraLinear8bit`: in training
+    (`_norm_in_forward`) it takes the base output and A·W0ᵀ from one dequantization of W0 (`_base_and_cross`), and
+    the DoRA variant computes the norm from that, in the layer. Anything else (eval, merged or disabled adapters,
+    several active ones) runs peft's forward, with the norms cached."""
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        adapter = _norm_in_forward(self)
+        if adapter is None or not _variant_kwargs_only(args, kwargs):
+            return super().forward(x, *args, **kwargs)
+        variant, lora_a = self.lora_variant[adapter], self.lora_A[adapter].weight
+        result, cross = _base_and_cross(self.get_base_layer(), x, lora_a)
+        if torch.is_autocast_enabled():  # as peft's forward: without autocast, x in A's dtype, y in result's
+            return variant.forward(self, adapter, x, result, cross=cross)
+        y = variant.forward(self, adapter, self._cast_input_dtype(x, lora_a.dtype), result, cross=cross)
+        return y.to(result.dtype)
+
+
 if bnb is not None:
 
-    class DoraLinear4bit(_Lora4bit):
-        """peft's LoRA layer on a bitsandbytes 4-bit base, whose class `use_fast_dora` switches to this one: in
-        training (`_norm_in_forward`) its forward takes the base output and A·W0ᵀ from one dequantization of W0
-        (`_base_and_cross`), and the DoRA variant computes the norm from that, in the layer. Anything else (eval,
-        merged or disabled adapters, several active ones) runs peft's forward, with the norms cached."""
+    class DoraLinear4bit(DoraLinearQuantized, _Lora4bit):
+        """peft's LoRA layer on a bitsandbytes 4-bit base, with `DoraLinearQuantized`'s forward."""
 
-        def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-            adapter = _norm_in_forward(self)
-            if adapter is None or args or kwargs.keys() - _VARIANT_KWARGS:
-                return super().forward(x, *args, **kwargs)
-            variant, lora_a = self.lora_variant[adapter], self.lora_A[adapter].weight
-            result, cross = _base_and_cross(self.get_base_layer(), x, lora_a)
-            if torch.is_autocast_enabled():  # as peft's forward: without autocast, x in A's dtype, y in result's
-                return variant.forward(self, adapter, x, result, cross=cross)
-            y = variant.forward(self, adapter, self._cast_input_dtype(x, lora_a.dtype), result, cross=cross)
-            return y.to(result.dtype)
+    class DoraLinear8bit(DoraLinearQuantized, _Lora8bit):
+        """peft's LoRA layer on a bitsandbytes 8-bit base, with `DoraLinearQuantized`'s forward (its norm in the layer
+        when the base is weight-only, `finlora.quant.int8`)."""
+
+    _QUANTIZED_DORA = {_Lora4bit: DoraLinear4bit, _Lora8bit: DoraLinear8bit}
 
 
 def _traced_tail(module: nn.Module, adapter: str, result: Tensor, ax: Tensor, parts: tuple, use_triton: bool,
@@ -954,8 +983,8 @@ def use_fast_dora(model: nn.Module, use_triton: bool = True) -> int:
         fast = [name for name, variant in variants.items() if isinstance(variant, FastDoraLinearVariant)]
         members += [(module, name) for name in fast]
         layers += [module] if fast else []
-        if fast and bnb is not None and type(module) is _Lora4bit:
-            module.__class__ = DoraLinear4bit
+        if fast and bnb is not None and type(module) in _QUANTIZED_DORA:
+            module.__class__ = _QUANTIZED_DORA[type(module)]
     group = _Group(members)
     for module in layers:
         module.__dict__["_finlora_dora_group"] = group

@@ -57,6 +57,7 @@ from finlora.metrics import extract_answer, score
 from finlora.models import compute_dtype, model_config, resolve_source
 from finlora.outputs import write_json, write_jsonl
 from finlora.prompts import encode_prompt
+from finlora.quant.int8 import WeightOnlyLinear8bit
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ def runs_llm_int8(model: nn.Module) -> bool:
     """Whether bitsandbytes' LLM.int8 computes some layer of `model` (8-bit layers in eval mode: see
     `int8_dequantized`), whose outlier columns, chosen per batch, a separately computed prefix would change."""
     bnb = sys.modules.get("bitsandbytes")
-    return bnb is not None and any(isinstance(m, bnb.nn.Linear8bitLt) and not m.training for m in model.modules())
+    return bnb is not None and any(type(m) is bnb.nn.Linear8bitLt and not m.training for m in model.modules())
 
 
 def even_batches(rows: int, most: int, multiple: int) -> int:
@@ -542,7 +543,9 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
         settings = replace(settings, int8_cpu=cpu_int8_mode(settings.int8_cpu))
     four_bit = four_bit_choice(model, settings.four_bit)  # decided here, for the conditions; the copy is generation's
     settings = replace(settings, four_bit=four_bit or settings.four_bit)
-    if quant_bits == 8 and settings.batch_size != 1 and not (on_cpu and settings.int8_cpu is Int8Cpu.dequant):
+    weight_only = quant_bits == 8 and any(isinstance(m, WeightOnlyLinear8bit) for m in model.modules())
+    if quant_bits == 8 and settings.batch_size != 1 and not weight_only and not (
+            on_cpu and settings.int8_cpu is Int8Cpu.dequant):
         log.warning("8-bit base: %s, so scores depend on eval.batch_size=%s and on which prompts share a batch; "
                     "eval.batch_size=1 scores each prompt alone, eval.int8_cpu=dequant (CPU) is batch-invariant "
                     "(README)",
@@ -550,6 +553,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                     Int8Cpu.bf16 else "LLM.int8 picks outlier columns per batch", settings.batch_size)
     conditions = {"batch_size": settings.batch_size, "quant_bits": quant_bits, "precision": precision,
                   "limit": settings.limit, "sample": settings.sample.value, "seed": settings.seed}
+    if quant_bits == 8:  # what the answers depend on (`quant.int8_compute`)
+        conditions["int8_compute"] = "weight_only" if weight_only else "llm_int8"
     if quant_bits == 8 and on_cpu:  # (an fp32 model's answers do not change with a shared prefix)
         conditions |= {"int8_cpu": settings.int8_cpu.value, "share_prefix": settings.share_prefix}
     if four_bit:  # bitsandbytes' fused kernels and the dense weights round differently (README "Evaluation")

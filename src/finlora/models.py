@@ -149,14 +149,19 @@ def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.d
     """The base model with its weights in `dtype`, quantized as asked (`sharded`: for FSDP).
 
     Weights are placed directly on `device`: bitsandbytes quantizes as it loads, and moving an 8-bit
-    model afterwards is not supported.
+    model afterwards is not supported. An 8-bit base computes as `quant.int8_compute` says (`finlora.quant.int8`).
     """
     bnb = quantization_config(quant, dtype, sharded)
     model = AutoModelForCausalLM.from_pretrained(
         source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
         quantization_config=bnb, device_map={"": device})
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
-    if quant.bits == 8:
+    if quant.weight_only_int8(device.type):
+        from finlora.quant.int8 import use_weight_only_int8
+
+        log.info("quant.int8_compute: weight-only (%d 8-bit layers compute through their dequantized weight)",
+                 use_weight_only_int8(model))
+    elif quant.bits == 8:
         keep_int8_state_consistent(model)
     return model
 

@@ -1,0 +1,1 @@
+"""How finlora computes with quantized base weights (bitsandbytes' storage, finlora's compute)."""

@@ -1,0 +1,92 @@
+"""Weight-only int8 compute for bitsandbytes 8-bit layers (`quant.int8_compute=weight_only`).
+
+bitsandbytes stores an 8-bit layer as int8 rows CB with one scale a row, W0 = CB · SCB / 127. Its LLM.int8
+matmul quantizes the activations too, picks outlier columns from the whole batch and waits for the GPU twice a
+layer, so a step cannot be recorded as a CUDA graph and a row's result depends on the rest of the batch. Here
+the same stored CB and SCB are dequantized to the compute dtype for one ordinary product, forward and backward
+(the backward dequantizes again instead of keeping the copy), so nothing waits for the host and the layer records,
+compiles and batches like a 16-bit one; memory and the saved adapter are unchanged. The layer's class becomes
+`WeightOnlyLinear8bit`, a subclass of bitsandbytes' `Linear8bitLt`, so peft wraps and saves it as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+
+def int8_rows(base: nn.Module) -> tuple[Tensor, Tensor]:
+    """CB (out × in, int8) and SCB (out, float) of a bitsandbytes 8-bit layer; SCB moves to the layer's state
+    once bitsandbytes has used the layer."""
+    scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
+    return base.weight.data, scb
+
+
+def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
+    """W0 = CB · SCB / 127 in `dtype`: CB's integers are exact in any float dtype, so one rounding, at the scale."""
+    return cb.to(dtype) * (scb / 127.0).to(dtype)[:, None]
+
+
+def _working_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes `x` in: autocast's where it is on, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class _Int8Product(torch.autograd.Function):
+    """x·W0ᵀ + b from one dequantized W0, and with `extra` rows (DoRA's A) also extra·W0ᵀ, without a gradient, from
+    the same product: appended to x's rows, they read W0 once. The backward dequantizes W0 again and multiplies x's
+    rows' gradient only."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cb: Tensor, scb: Tensor, bias: Tensor | None, extra: Tensor | None,
+                ) -> tuple[Tensor, Tensor | None]:
+        w = dequantize_int8(cb, scb, x.dtype)
+        rows = x.reshape(-1, x.shape[-1])
+        if extra is not None:
+            rows = torch.cat([rows, extra.to(x.dtype)])
+        both = F.linear(rows, w)
+        n = x.shape[:-1].numel()
+        out = both[:n].view(*x.shape[:-1], -1)
+        cross = both[n:] if extra is not None else None
+        if cross is not None:
+            ctx.mark_non_differentiable(cross)
+        ctx.save_for_backward(cb, scb)
+        ctx.bias_grad = bias is not None and bias.requires_grad
+        return (out if bias is None else out + bias.to(x.dtype)), cross
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor, _: Tensor | None) -> tuple[Tensor | None, ...]:
+        cb, scb = ctx.saved_tensors
+        grad_x = torch.matmul(grad, dequantize_int8(cb, scb, grad.dtype))
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.bias_grad else None
+        return grad_x, None, None, grad_bias, None
+
+
+def int8_product(base: nn.Module, x: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """`base`'s output for `x` in the dtype it computes x in, and extra·W0ᵀ (or None)."""
+    x = x.to(_working_dtype(x))
+    cb, scb = int8_rows(base)
+    return _Int8Product.apply(x, cb, scb, base.bias, extra)
+
+
+class WeightOnlyLinear8bit(bnb.nn.Linear8bitLt):
+    """bitsandbytes' 8-bit layer computing through its dequantized weight (`int8_product`); stored, saved and loaded
+    as bitsandbytes does."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_product(self, x)[0]
+
+
+def use_weight_only_int8(model: nn.Module) -> int:
+    """Switch every bitsandbytes 8-bit layer of `model` to weight-only compute, in place; the number switched."""
+    layers = [m for m in model.modules() if type(m) is bnb.nn.Linear8bitLt]
+    for layer in layers:
+        layer.__class__ = WeightOnlyLinear8bit
+    return len(layers)
