@@ -121,9 +121,9 @@ def losses(out: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
-MODES = {"eager": ["trainer.compile=eager", "data.batching=packed"],
-         "inductor": ["trainer.compile=inductor", "data.batching=static"],
-         "cudagraphs": ["trainer.compile=cudagraphs", "data.batching=static"],
+MODES = {"eager": ["trainer.capture=false", "trainer.compile=eager", "data.batching=packed"],
+         "inductor": ["trainer.capture=false", "trainer.compile=inductor", "data.batching=static"],
+         "cudagraphs": ["trainer.capture=false", "trainer.compile=cudagraphs", "data.batching=static"],
          "capture": ["trainer.capture=true", "data.batching=static"],
          "capture+inductor": ["trainer.capture=true", "trainer.compile=inductor", "data.batching=static"],
          "capture+regions": ["trainer.capture=true", "trainer.compile=inductor", "trainer.compile_regions=true",
@@ -159,7 +159,8 @@ NUMERICS = ["task=sentiment", "adapter=dora", "quant=none", "trainer.batch_size=
 
 def numerics(model: Path, args: argparse.Namespace) -> list[dict]:
     """50 steps eager and compiled or recorded from the same init; a compiled run starts from an empty cache."""
-    static = {"eager": ["trainer.compile=eager", "data.batching=static"]}  # the same batches, in the same layout
+    # the same batches, in the same layout
+    static = {"eager": ["trainer.capture=false", "trainer.compile=eager", "data.batching=static"]}
     rows = [run(f"numerics {mode}", model, args, *NUMERICS, *static.get(mode, MODES[mode]))
             for mode in ("eager", args.numerics_mode)]
     if all("losses" in r for r in rows):
@@ -466,9 +467,7 @@ def main() -> None:
         args.steps, args.eager_steps = min(args.steps, 4), min(args.eager_steps, 4)
     source = args.tokenizer or str(_embedded_tokenizer())
     tokenizer = load_tokenizer(source, ModelConfig(name_or_path=source))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    device += (f"; torch {torch.__version__}, lightning {L.__version__}, transformers {transformers.__version__}, "
-               f"peft {peft.__version__}")
+    device = describe_device()
     model = save_random_llama(Path(args.work) / "smollm2", TINY if args.smoke else SMOLLM2,
                               2 if args.smoke else 30, tokenizer, torch.device("cpu"))
     sections = {"embedded": lambda: embedded(model, args), "batch32": lambda: batch32(model, args),
@@ -491,6 +490,13 @@ def write_markdown(args: argparse.Namespace) -> None:
     text = "\n".join(markdown(done["rows"], done["device"]))
     replace_section(Path(args.md), text)
     print(text)
+
+
+def describe_device() -> str:
+    """The device and the versions of the libraries that shape a step's speed."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return (f"{device}; torch {torch.__version__}, lightning {L.__version__}, transformers {transformers.__version__}, "
+            f"peft {peft.__version__}")
 
 
 def _init_device() -> torch.device:

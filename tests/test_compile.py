@@ -51,12 +51,12 @@ def test_eight_bit_base_trains_eager_with_one_line_saying_why(tiny_model_dir, tm
     on the CPU, where a compiled run would be refused) and says so in one line; the summary says what ran."""
     cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", *CPU_RUN, "quant=8bit",
                        "trainer.compile=cudagraphs", "data.batching=static"], tmp_path)
-    with caplog.at_level("WARNING", logger="finlora.train"):
+    with caplog.at_level("WARNING", logger="finlora.plan"):
         summary = train(cfg)
-    said = [r.getMessage() for r in caplog.records if r.name == "finlora.train"]
-    assert any(m.startswith("trainer.compile=cudagraphs: bitsandbytes 8-bit") and m.endswith("running eager")
+    said = [r.getMessage() for r in caplog.records if r.name == "finlora.plan"]
+    assert any(m.startswith("trainer.compile=cudagraphs: bitsandbytes' LLM.int8") and m.endswith("running eager")
                and "\n" not in m for m in said)
-    assert summary["compile"] == "eager" and summary["steps"] == 2
+    assert summary["compile"] == "eager" and summary["step_path"] == "eager" and summary["steps"] == 2
 
 
 @pytest.mark.parametrize("override,named", [("data.batching=packed", "data.batching=static"),

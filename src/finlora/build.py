@@ -29,7 +29,8 @@ def placement(cfg: Config | EvalConfig) -> Placement:
     callers run it before reading data or loading anything."""
     if isinstance(cfg, Config):
         t = cfg.trainer
-        cuda_only = "trainer.compile" if t.compile is not Compile.eager else "trainer.capture" if t.capture else None
+        compiled = t.compile not in (Compile.eager, Compile.auto)
+        cuda_only = "trainer.compile" if compiled else "trainer.capture" if t.capture else None
         where = resolve_device(t.accelerator, t.precision, cfg.quant.bits, cuda_only)
         if t.strategy == "fsdp" and where.device.type != "cuda":
             raise ConfigError(f"trainer.strategy: Lightning's FSDP runs on CUDA GPUs only, and this run is on "

@@ -63,6 +63,7 @@ class LoggerKind(Enum):
 class Batching(Enum):
     """How training examples become batches (`finlora.batching` says what each costs)."""
 
+    auto = "auto"  # static where the step is recorded as CUDA graphs, else packed (`finlora.plan`)
     padded = "padded"
     grouped = "grouped"
     packed = "packed"
@@ -72,9 +73,18 @@ class Batching(Enum):
 class Compile(Enum):
     """How the training step runs on a GPU (`trainer.compile`)."""
 
+    auto = "auto"  # inductor on the decoder layers for a recorded run long enough to pay for it, else eager
     eager = "eager"  # PyTorch as written
     inductor = "inductor"  # torch.compile: fused kernels, fewer launches
     cudagraphs = "cudagraphs"  # torch.compile(mode="reduce-overhead"): forward and backward replayed as CUDA graphs
+
+
+class Int8Compute(Enum):
+    """How an 8-bit base computes (`quant.int8_compute`; `finlora.quant.int8`)."""
+
+    auto = "auto"  # weight_only on a CUDA GPU, llm_int8 on the CPU
+    weight_only = "weight_only"  # the int8 weight dequantized for one 16-bit product: recordable, no host waits
+    llm_int8 = "llm_int8"  # bitsandbytes' LLM.int8 matmul (int8 activations, outlier columns)
 
 
 class NonFinitePolicy(Enum):
@@ -156,6 +166,12 @@ class QuantConfig:
     bits: int | None = None  # null: the base weights stay in the trainer's precision; 8: LLM.int8; 4: 4-bit
     quant_type: FourBitType = FourBitType.nf4  # 4-bit only
     double_quant: bool = True  # 4-bit only: quantize the quantization constants too
+    int8_compute: Int8Compute = Int8Compute.auto  # 8-bit only: weight_only, llm_int8, or auto (by device)
+
+    def weight_only_int8(self, device_type: str) -> bool:
+        """Whether an 8-bit base computes through its dequantized weight on `device_type` (cpu, cuda)."""
+        return self.bits == 8 and (self.int8_compute is Int8Compute.weight_only or (
+            self.int8_compute is Int8Compute.auto and device_type == "cuda"))
 
     def problems(self) -> list[str]:
         problems: list[str] = []
@@ -241,7 +257,7 @@ class DataConfig:
     max_length: int = 256  # prompt + answer tokens; longer prompts are cut in the middle (counted and reported)
     val_size: int = 200  # examples held out of the training files for validation (before any repetition)
     seed: int = 42  # fixes the validation split (the top-level seed fixes init and shuffling)
-    batching: Batching = Batching.packed  # padded | grouped (by length) | packed (whole examples per row) | static
+    batching: Batching = Batching.auto  # auto | padded | grouped (by length) | packed (whole examples per row) | static
     train_prompt: TrainPrompt = TrainPrompt.plain  # finlora_inst: train on FinLoRA's [INST] wrap, evaluate on raw
 
     def problems(self) -> list[str]:
@@ -271,10 +287,10 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     num_workers: int = 0
     on_nonfinite_loss: NonFinitePolicy = NonFinitePolicy.stop
-    compile: Compile = Compile.eager  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
+    compile: Compile = Compile.auto  # GPU only; cudagraphs needs data.batching=static and grad_accum=1
     compile_regions: bool = False  # compile the layers, one compilation for all: quicker to compile, slower steps
-    capture: bool = False  # GPU only: forward and backward recorded as CUDA graphs once per batch shape, replayed;
-    # the optimizer's update (gradient norm, clipping, AdamW) too
+    capture: bool | None = None  # GPU only: forward and backward recorded as CUDA graphs once per batch shape,
+    # replayed; the optimizer's update (gradient norm, clipping, AdamW) too. null: on a GPU wherever it can be recorded
     extra: dict[str, Any] = field(default_factory=dict)  # any other lightning.Trainer argument (`finlora.extensions`)
 
     def problems(self) -> list[str]:
@@ -495,7 +511,7 @@ class Config(RunConfig):
                "FSDP gathers each layer's weights into fresh memory around its forward, which a recorded graph would "
                "not follow: use trainer.capture=false, or trainer.strategy=ddp")
         graphs = "trainer.capture" if t.capture else "trainer.compile" if t.compile is Compile.cudagraphs else None
-        _check(problems, not graphs or self.data.batching is Batching.static, graphs,
+        _check(problems, not graphs or self.data.batching in (Batching.static, Batching.auto), graphs,
                "CUDA graphs replay fixed shapes: set data.batching=static "
                f"(got data.batching={self.data.batching.value})")
         _check(problems, not graphs or t.grad_accum == 1, graphs,

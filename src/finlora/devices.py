@@ -20,6 +20,13 @@ class Placement(NamedTuple):
     device: torch.device  # this process's device
 
 
+def device_type(accelerator: str) -> str:
+    """The torch device type a Lightning `accelerator` setting runs on here (`auto`: cuda if torch sees a GPU)."""
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if accelerator in ("gpu", "cuda") else accelerator
+
+
 def resolve_device(accelerator: str, precision: str | None, quant_bits: int | None,
                    cuda_only: str | None = None) -> Placement:
     """`auto` means the GPU with bf16-mixed if there is one, else the CPU in 32-bit; under DDP each process

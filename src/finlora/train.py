@@ -34,6 +34,7 @@ from finlora.card import set_base_name, write_card
 from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
 from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
 from finlora.data import TaskDataModule, load_task
+from finlora.devices import device_type
 from finlora.errors import ConfigError, Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
@@ -41,6 +42,7 @@ from finlora.loggers import build_loggers, finish, log_adapter, log_summary
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
+from finlora.plan import plan_step
 from finlora.strategies import full_state, lightning_strategy
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,9 @@ def train(dict_cfg: DictConfig) -> dict:
     """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
     started = time.time()
     cfg = validate(dict_cfg)
-    if cfg.quant.bits == 8 and (cfg.trainer.compile is not Compile.eager or cfg.trainer.capture):
-        setting = "trainer.capture=true" if cfg.trainer.capture else f"trainer.compile={cfg.trainer.compile.value}"
-        log.warning("%s: bitsandbytes 8-bit layers wait for the GPU inside their matmuls (about 60 host syncs a "
-                    "step: slower compiled than eager, and no CUDA graph can hold them: docs/benchmarks.md); "
-                    "running eager", setting)
-        cfg.trainer.compile, cfg.trainer.capture = Compile.eager, False
-    where = placement(cfg)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
+    step_plan = plan_step(cfg, device_type(cfg.trainer.accelerator), len(task_data.train))
+    where = placement(cfg)
     run_dir = Path(cfg.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
@@ -125,6 +122,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "truncated_train_examples": datamodule.train_set.num_truncated,
             "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
             "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
+            "step_path": step_plan.path, "step_path_reason": step_plan.reason,
             "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer, module.train_loss),
             **callbacks.profile.summary(),
             "train_prompt": cfg.data.train_prompt.value, "eval_prompt": "plain",  # evaluation: the raw context
