@@ -192,6 +192,12 @@ SUMMARY_KEYS = ("steps", "final_train_loss", "step_ms", "step_host_ms", "host_bo
                 "batching", "device", "precision", "gpu_peak_gib", "wall_time_s")
 
 
+def failure(cell: dict, error: str, cpu: bool) -> str:
+    """A failed train.py's status: on the CPU, a capture or regions cell that finlora refused for want of a GPU is
+    what is expected there."""
+    return "refused (no GPU)" if cpu and cell["path"] in ("capture", "regions") and NO_GPU in error else "failed"
+
+
 def run_cell(cell: dict, args: argparse.Namespace, env: dict) -> dict:
     run_dir, eval_dir = args.work / cell["name"], args.work / f"{cell['name']}.eval"
     train_log, eval_log = args.work / f"{cell['name']}.train.out", args.work / f"{cell['name']}.eval.out"
@@ -205,9 +211,7 @@ def run_cell(cell: dict, args: argparse.Namespace, env: dict) -> dict:
         record.update(status="failed", error=f"timed out after {args.cell_timeout:.0f} s\n{tail(train_log)}")
     elif code != 0 or not summary:
         error = tail(train_log)
-        refused = args.cpu and cell["path"] in ("capture", "regions") and NO_GPU in error
-        record.update(status="refused (no GPU)" if refused else "failed",
-                      error=error or f"exit code {code}, no metrics.json")
+        record.update(status=failure(cell, error, args.cpu), error=error or f"exit code {code}, no metrics.json")
     elif summary.get("steps") != args.steps:
         record.update(status="failed", error=f"{summary.get('steps')} optimizer steps, {args.steps} asked")
     else:
@@ -381,6 +385,9 @@ def print_table(report: dict) -> None:
     t = report.get("pytest") or {}
     tests = (f"GPU tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped" if t
              else "GPU tests: not run")
+    if not rows:
+        print(f"{tests}\n{report['summary']}")
+        return
     try:
         from rich.console import Console
         from rich.table import Table
@@ -436,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start no cell after this many seconds of the gate (the rest: 'not run')")
     p.add_argument("--commit", default=None, help="the commit tested, where the copy has no .git")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (the gate's own test)")
+    p.set_defaults(model_path=None, cpu=False)  # set in main: the model used, and whether CUDA is missing
     return p.parse_args(argv)
 
 
