@@ -391,6 +391,7 @@ def print_table(report: dict) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         print("\n" + " | ".join(header))
         for r in rows:
@@ -404,12 +405,12 @@ def print_table(report: dict) -> None:
                          overflow="fold" if col == "error" else "ellipsis", max_width=60 if col == "error" else None)
     for r in rows:
         style = "green" if r[1] == "ok" else "yellow" if r[1].startswith("refused") else "red"
-        table.add_row(*r, style=style)
+        table.add_row(*(Text(x) for x in r), style=style)  # Text: no markup read into "[...]" of a message
     console = Console(width=max(160, Console().width))
     console.print(table)
     for f in t.get("failures", [])[:10]:
-        console.print(f"[red]FAILED[/red] {f['test']}: {_last_line(f['message'])}")
-    console.print(f"{tests}\n{report['summary']}")
+        console.print(Text("FAILED ", style="red") + Text(f"{f['test']}: {_last_line(f['message'])}"))
+    console.print(Text(f"{tests}\n{report['summary']}"))
 
 
 def _num(x: Any, spec: str) -> str:
