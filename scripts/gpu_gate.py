@@ -33,7 +33,9 @@ then join them with `--merge` (cells and tests not run in this call are taken fr
 
 Other options: `--only a,b` (cells whose name holds any of these), `--steps`, `--skip-tests`, `--no-cells`,
 `--extra k=v ...` (appended to every train.py cell), `--eval-extra k=v ...` (to every eval.py call),
-`--eval-limit`, `--cell-timeout`, `--time-limit`, `--commit` (when the copy has no .git), `--allow-cpu`.
+`--eval-limit`, `--cell-timeout`, `--time-limit S` (the whole gate's seconds: a run still going then is stopped and
+failed, a cell not started is "not run"; the JSON is rewritten after every cell, so `--out $OUT/...` keeps what
+finished), `--commit` (when the copy has no .git), `--allow-cpu`.
 
 On a machine without CUDA the gate refuses to run unless `--allow-cpu` (its own test): then the capture and
 regions cells are expected to be refused by finlora's config check, and are recorded as "refused (no GPU)"
@@ -192,6 +194,13 @@ SUMMARY_KEYS = ("steps", "final_train_loss", "step_ms", "step_host_ms", "host_bo
                 "batching", "device", "precision", "gpu_peak_gib", "wall_time_s")
 
 
+def allowed(args: argparse.Namespace, seconds: float) -> float:
+    """`seconds`, or what is left before `--time-limit` if that is less (0 when it is reached)."""
+    if args.deadline is None:
+        return seconds
+    return max(0.0, min(seconds, args.deadline - time.perf_counter()))
+
+
 def failure(cell: dict, error: str, cpu: bool) -> str:
     """A failed train.py's status: on the CPU, a capture or regions cell that finlora refused for want of a GPU is
     what is expected there."""
@@ -204,11 +213,12 @@ def run_cell(cell: dict, args: argparse.Namespace, env: dict) -> dict:
     record: dict[str, Any] = {**cell, "run_dir": str(run_dir)}
     cmd = [sys.executable, str(ROOT / "train.py"), *train_overrides(cell, run_dir, args)]
     record["overrides"] = cmd[2:]
-    code, seconds = run_logged(cmd, train_log, env, args.cell_timeout)
+    limit = allowed(args, args.cell_timeout)
+    code, seconds = run_logged(cmd, train_log, env, limit)
     summary = read_json(run_dir / "metrics.json")
     record.update(exit_code=code, seconds=seconds)
     if code is None:
-        record.update(status="failed", error=f"timed out after {args.cell_timeout:.0f} s\n{tail(train_log)}")
+        record.update(status="failed", error=f"{tail(train_log)}\ntimed out after {limit:.0f} s")
     elif code != 0 or not summary:
         error = tail(train_log)
         record.update(status=failure(cell, error, args.cpu), error=error or f"exit code {code}, no metrics.json")
@@ -227,8 +237,13 @@ def run_cell(cell: dict, args: argparse.Namespace, env: dict) -> dict:
     if record["status"] != "ok":
         record["eval"] = {"status": "not run"}
         return record
-    code, seconds = run_logged([sys.executable, str(ROOT / "eval.py"), *eval_overrides(cell, run_dir, eval_dir, args)],
-                               eval_log, env, args.cell_timeout)
+    limit = allowed(args, args.cell_timeout)
+    if limit < 1:
+        record.update(status="not run", error=f"--time-limit {args.time_limit:.0f} s reached before eval.py")
+        record["eval"] = {"status": "not run"}
+        return record
+    cmd = [sys.executable, str(ROOT / "eval.py"), *eval_overrides(cell, run_dir, eval_dir, args)]
+    code, seconds = run_logged(cmd, eval_log, env, limit)
     metrics = read_json(eval_dir / "eval" / "fpb_metrics.json")
     evaluation: dict[str, Any] = {"exit_code": code, "seconds": seconds, "run_dir": str(eval_dir)}
     if code == 0 and metrics:
@@ -236,8 +251,8 @@ def run_cell(cell: dict, args: argparse.Namespace, env: dict) -> dict:
         evaluation.update(status="ok", accuracy=metrics.get("accuracy"),
                           rows=len(rows) if isinstance(rows, list) else rows)
     else:
-        why = f"timed out after {args.cell_timeout:.0f} s\n" if code is None else ""
-        evaluation.update(status="failed", error=why + (tail(eval_log) or f"exit code {code}, no fpb_metrics.json"))
+        why = f"\ntimed out after {limit:.0f} s" if code is None else ""
+        evaluation.update(status="failed", error=(tail(eval_log) or f"exit code {code}, no fpb_metrics.json") + why)
         record.update(status="failed", error="eval.py failed (see eval.error)")
     record["eval"] = evaluation
     return record
@@ -255,12 +270,13 @@ def gpu_tests(args: argparse.Namespace, env: dict) -> dict:
     xml.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rfEs", f"--junitxml={xml}",
            *files]
-    code, seconds = run_logged(cmd, log, env, args.tests_timeout)
+    limit = allowed(args, args.tests_timeout)
+    code, seconds = run_logged(cmd, log, env, limit)
     result: dict[str, Any] = {"files": files, "exit_code": code, "seconds": seconds, "passed": 0, "failed": 0,
                               "skipped": 0, "failures": [], "log": str(log)}
     if not xml.is_file():
-        result.update(failed=1, failures=[{"test": "pytest", "message": ("timed out\n" if code is None else "")
-                                           + tail(log)}])
+        result.update(failed=1, failures=[{"test": "pytest", "message": tail(log)
+                                           + ("\ntimed out" if code is None else "")}])
         return result
     for case in ET.parse(xml).getroot().iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
@@ -275,7 +291,7 @@ def gpu_tests(args: argparse.Namespace, env: dict) -> dict:
             result["passed"] += 1
     if code is None:
         result["failed"] += 1
-        result["failures"].append({"test": "pytest", "message": f"timed out after {args.tests_timeout:.0f} s"})
+        result["failures"].append({"test": "pytest", "message": f"timed out after {limit:.0f} s"})
     elif code not in (0, 1) and not result["failures"]:  # 5: nothing collected; 2-4: interrupted, usage, internal
         result["failed"] += 1
         result["failures"].append({"test": "pytest", "message": f"exit code {code}\n{tail(log)}"})
@@ -441,16 +457,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cell-timeout", type=float, default=900, help="seconds for one train.py or eval.py")
     p.add_argument("--tests-timeout", type=float, default=1800, help="seconds for the GPU tests")
     p.add_argument("--time-limit", type=float, default=None,
-                   help="start no cell after this many seconds of the gate (the rest: 'not run')")
+                   help="the gate's seconds: what runs then is stopped (failed), what has not started is 'not run'")
     p.add_argument("--commit", default=None, help="the commit tested, where the copy has no .git")
     p.add_argument("--allow-cpu", action="store_true", help="run without CUDA (the gate's own test)")
-    p.set_defaults(model_path=None, cpu=False)  # set in main: the model used, and whether CUDA is missing
+    p.set_defaults(model_path=None, cpu=False, deadline=None)  # set in main: the model used, no CUDA, --time-limit
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     args = parse_args(argv)
+    args.deadline = None if args.time_limit is None else started + args.time_limit
     stamp = dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     args.work = Path(args.work or ROOT / "outputs" / "gpu_gate" / stamp).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -490,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         report["pytest"] = next((e["pytest"] for e in earlier if e.get("pytest")), None)
     done_now: set[str] = set()
     for cell in chosen:
-        if args.time_limit is not None and time.perf_counter() - started > args.time_limit:
+        if allowed(args, 1.0) < 1.0:
             record = {**cell, "status": "not run", "error": f"--time-limit {args.time_limit:.0f} s reached"}
         else:
             print(f"gpu_gate: {cell['name']} ...", flush=True)
