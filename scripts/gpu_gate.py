@@ -181,17 +181,19 @@ def path_ran(summary: dict, config: dict) -> str:
 
 
 def expected_path(cell: dict) -> str | None:
-    """What `path_ran` should say: an 8-bit base runs eager whatever was asked (finlora says so in its log)."""
-    if cell["path"] == "default":
+    """What `path_ran` should say, where the cell alone decides it: not for the defaults, nor for an 8-bit base
+    (LLM.int8 runs eager whatever was asked, a weight-only int8 compute may record: finlora's choice, in its log)."""
+    if cell["path"] == "default" or cell["quant"] == "8bit":
         return None
-    if cell["quant"] == "8bit" or cell["path"] == "eager":
+    if cell["path"] == "eager":
         return "eager"
     return {"capture": "capture", "regions": "capture+inductor regions"}[cell["path"]]
 
 
 SUMMARY_KEYS = ("steps", "final_train_loss", "step_ms", "step_host_ms", "host_bound", "host_syncs_per_step",
                 "tokens_per_s", "compile_s", "batch_shapes", "graph_breaks", "cudagraphs_captured", "capture_failure",
-                "batching", "device", "precision", "gpu_peak_gib", "wall_time_s")
+                "batching", "device", "precision", "gpu_peak_gib", "wall_time_s",
+                "step_path", "step_path_reason")  # the last two: the path finlora planned and why, where it says
 
 
 def allowed(args: argparse.Namespace, seconds: float) -> float:

@@ -80,6 +80,15 @@ def test_path_ran_is_read_from_the_runs_summary(summary, ran):
     assert gpu_gate.path_ran(summary, {}) == ran
 
 
+def test_the_path_a_cell_should_take_is_judged_only_where_the_cell_decides_it():
+    cell = {c["name"]: c for c in gpu_gate.cells()}
+    assert gpu_gate.expected_path(cell["eager-dora-4bit"]) == "eager"
+    assert gpu_gate.expected_path(cell["capture-lora-none"]) == "capture"
+    assert gpu_gate.expected_path(cell["regions-dora-4bit"]) == "capture+inductor regions"
+    assert gpu_gate.expected_path(cell["capture-lora-8bit"]) is None
+    assert gpu_gate.expected_path(cell["default-none"]) is None
+
+
 def test_merge_keeps_earlier_cells_not_run_now_in_matrix_order():
     earlier = {"commit": "a" * 40, "date": "d", "cells": [{"name": "eager-lora-4bit", "status": "ok"},
                                                           {"name": "eager-lora-none", "status": "failed"}]}
