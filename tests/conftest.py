@@ -5,6 +5,7 @@ Hydra composition of the real configs."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,24 @@ from finlora.prompts import Encoded
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FINLORA_DATA_DIR", ROOT.parent / "shared" / "data" / "finlora"))
+
+
+# A skipif whose reason speaks of CUDA or GPUs (e.g. `not torch.cuda.is_available()`, `device_count() < 2`), or whose
+# condition string does: such a test runs only on a GPU machine.
+GPU_SKIP = re.compile(r"\b(CUDA|GPUs?)\b|cuda\.(is_available|device_count)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark every test that is skipped without a CUDA GPU with `gpu`, so `pytest -m gpu` selects exactly those
+    (scripts/gpu_gate.py runs them on a GPU machine); a test may also say `@pytest.mark.gpu` itself."""
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            condition = mark.args[0] if mark.args else mark.kwargs.get("condition")
+            said = f"{mark.kwargs.get('reason', '')} {condition if isinstance(condition, str) else ''}"
+            if GPU_SKIP.search(said):
+                item.add_marker(pytest.mark.gpu)
+                break
 
 
 @pytest.fixture(autouse=True, scope="session")
