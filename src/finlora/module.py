@@ -158,8 +158,11 @@ def _region(cls: type, checkpointed: bool, **options: str | None) -> Callable:
     kind and shapes, not on which layer it is (nn modules are inlined, their weights graph inputs), so the
     compilation of the first layer serves every other. A `checkpointed` layer's checkpoint is taken inside the
     region, so that the backward recomputes the compiled forward. transformers 5.17 checkpoints the layer's __call__
-    (5.24 its forward), outside the region, and its recomputation after the step ran the plain forward, whose saved
-    tensors are not the compiled one's (torch.utils.checkpoint's CheckpointError)."""
+    (5.24 and 5.25 its forward), outside the region, and its recomputation after the step ran the plain forward, whose
+    saved tensors are not the compiled one's (torch.utils.checkpoint's CheckpointError); `_through` turns that
+    checkpoint off during the step, whichever of the two transformers takes, through the layer's own
+    `gradient_checkpointing` flag. The region must trace whole for its checkpoint to be the compiled one
+    (`_side_effects_once`)."""
     forward = cls.forward
     if not checkpointed:
         return torch.compile(forward, **options)
