@@ -173,6 +173,50 @@ def test_step_compiled_by_regions_matches_eager_and_compiles_one_layer_for_all(m
     assert all("forward" not in layer.__dict__ for layer in decoder_layers(compiled_model))  # plain layers outside
 
 
+class _Scope:
+    active: object = None
+
+
+def test_step_compiled_by_regions_checkpoints_a_layer_whose_forward_sets_python_state_and_back(monkeypatch):
+    """A checkpointed layer whose forward sets Python state outside itself and sets it back, as transformers 5.25's
+    hub kernels do around the attention's forward (`kernels.use_kernelized_func`: a ContextVar set and reset), still
+    compiles as one region with its checkpoint in the graph. Had Dynamo given the checkpoint up (a graph break), it
+    would run eagerly around compiled code and recompute other tensors in the backward (CheckpointError)."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    scope, plain = _Scope(), LlamaAttention.forward
+
+    def forward(self, *args, **kwargs):
+        previous, scope.active = scope.active, self
+        try:
+            return plain(self, *args, **kwargs)
+        finally:
+            scope.active = previous
+
+    monkeypatch.setattr(LlamaAttention, "forward", forward)
+    torch._dynamo.reset()  # the layers compile afresh, with the patched attention
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    eager_model, compiled_model = (random_llama(2, AdapterMethod.dora, True) for _ in range(2))
+    step = training_loss(compiled_model, Compile.inductor, regions=True, backend=backend)
+    batch = random_static_batch()
+    optimizers = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+                  for m in (eager_model, compiled_model)]
+    for _ in range(2):
+        losses, grads = step_each((eager_model, compiled_model),
+                                   (lambda: answer_loss(eager_model, batch), lambda: step(batch)), optimizers)
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+        assert grads[0].keys() == grads[1].keys()
+        for name in grads[0]:
+            torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not sum(counters["graph_break"].values()) and scope.active is None
+    assert sum("checkpoint" in str(n.target) for gm in graphs for n in gm.graph.nodes) == len(graphs) == 2
+
+
 @pytest.mark.parametrize("policy", list(NonFinitePolicy))
 def test_fused_optimizer_skips_a_nonfinite_step_and_the_guard_reports_it_later(tmp_path, policy, caplog):
     weight = torch.nn.Parameter(torch.ones(4))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from types import MethodType
 
 import lightning as L
@@ -158,8 +158,11 @@ def _region(cls: type, checkpointed: bool, **options: str | None) -> Callable:
     kind and shapes, not on which layer it is (nn modules are inlined, their weights graph inputs), so the
     compilation of the first layer serves every other. A `checkpointed` layer's checkpoint is taken inside the
     region, so that the backward recomputes the compiled forward. transformers 5.17 checkpoints the layer's __call__
-    (5.24 its forward), outside the region, and its recomputation after the step ran the plain forward, whose saved
-    tensors are not the compiled one's (torch.utils.checkpoint's CheckpointError)."""
+    (5.24 and 5.25 its forward), outside the region, and its recomputation after the step ran the plain forward, whose
+    saved tensors are not the compiled one's (torch.utils.checkpoint's CheckpointError); `_through` turns that
+    checkpoint off during the step, whichever of the two transformers takes, through the layer's own
+    `gradient_checkpointing` flag. The region must trace whole for its checkpoint to be the compiled one
+    (`_side_effects_once`)."""
     forward = cls.forward
     if not checkpointed:
         return torch.compile(forward, **options)
@@ -175,15 +178,34 @@ def _through(routed: dict[nn.Module, MethodType], held: set[nn.Module]) -> Itera
     """Each layer's forward through its region while the compiled step runs, and only then: other compiled code on
     the same model (generation's decode step) keeps the plain layers. The same bound methods every step, set in
     the instance's __dict__ directly, so Dynamo's guards hold and a step pays no module __setattr__. The `held`
-    layers checkpoint inside their region (`_region`), not again around it."""
+    layers checkpoint inside their region (`_region`), not again around it, and their forward may change Python
+    state that the recomputation then leaves alone (`_side_effects_once`)."""
     for layer, method in routed.items():
         layer.__dict__["forward"] = method
     for layer in held:
         layer.__dict__["gradient_checkpointing"] = False
     try:
-        yield
+        with _side_effects_once() if held else nullcontext():
+            yield
     finally:
         for layer in routed:
             layer.__dict__.pop("forward", None)
         for layer in held:
             layer.__dict__["gradient_checkpointing"] = True
+
+
+def _side_effects_once() -> AbstractContextManager:
+    """Dynamo traces a checkpointed region's forward even where it changes Python state outside the region, and the
+    compiled backward's recomputation does not do it again (torch's `skip_fwd_side_effects_in_bwd_under_checkpoint`).
+    Without this, such a change makes Dynamo give up the checkpoint as one region (a graph break, 'HOP: Unsafe side
+    effect'): torch.utils.checkpoint then runs eagerly around compiled code, its recomputation in the backward runs
+    other code (eager, and after `_through` has given the layers their own checkpointing back) and saves other tensors
+    than the forward did (CheckpointError). transformers 5.25 is such a case: it requires `kernels` (>=0.19.1,
+    which 5.17 and 5.24 leave unused when it is installed at all), whose `use_kernelized_func` wraps the attention's
+    forward (LlamaAttention and others) in a ContextVar set and reset. That change is undone within the same forward,
+    so leaving it out of the recomputation changes nothing; the recomputation runs the traced graph either way.
+    Checked with torch 2.13 (CPU) on transformers 5.17, 5.24 and 5.25; a torch without the switch gets nothing."""
+    config = torch._dynamo.config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return nullcontext()
+    return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
