@@ -2,7 +2,7 @@
 
 It runs (a) every GPU test (`pytest -m gpu`: each test skipped without CUDA carries the `gpu` marker,
 tests/conftest.py), then (b) a smoke matrix through the real `python train.py` and `python eval.py`, as
-subprocesses, one cell at a time:
+subprocesses, one cell at a time (`--parallel N`: N at once):
 
     path {eager, capture, regions} x adapter {lora, dora} x quant {none, 8bit, 4bit}   18 cells
     default-{none, 8bit, 4bit}: no path or adapter flag at all, what a user gets by default   3 cells
@@ -53,6 +53,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -456,6 +457,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                          "are kept in --out")
     p.add_argument("--skip-tests", action="store_true", help="no pytest -m gpu")
     p.add_argument("--no-cells", action="store_true", help="the GPU tests alone")
+    p.add_argument("--parallel", type=int, default=1,
+                   help="cells run at once (one GPU holds several small runs; each is its own process)")
     p.add_argument("--cell-timeout", type=float, default=900, help="seconds for one train.py or eval.py")
     p.add_argument("--tests-timeout", type=float, default=1800, help="seconds for the GPU tests")
     p.add_argument("--time-limit", type=float, default=None,
@@ -508,18 +511,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         report["pytest"] = next((e["pytest"] for e in earlier if e.get("pytest")), None)
     done_now: set[str] = set()
-    for cell in chosen:
+
+    def one(cell: dict) -> dict:
         if allowed(args, 1.0) < 1.0:
-            record = {**cell, "status": "not run", "error": f"--time-limit {args.time_limit:.0f} s reached"}
-        else:
-            print(f"gpu_gate: {cell['name']} ...", flush=True)
-            record = run_cell(cell, args, env)
-            print(f"gpu_gate: {cell['name']}: {record['status']}, eval {record['eval']['status']}, "
-                  f"{record['seconds']} s, {record.get('path_ran', '')}", flush=True)
-        report["cells"].append(record)
-        done_now.add(cell["name"])
-        report["cells"] = merged_cells(report["cells"], earlier, done_now)
-        write_report(report, out)
+            return {**cell, "status": "not run", "error": f"--time-limit {args.time_limit:.0f} s reached"}
+        print(f"gpu_gate: {cell['name']} ...", flush=True)
+        record = run_cell(cell, args, env)
+        print(f"gpu_gate: {cell['name']}: {record['status']}, eval {record['eval']['status']}, "
+              f"{record['seconds']} s, {record.get('path_ran', '')}", flush=True)
+        return record
+
+    with ThreadPoolExecutor(args.parallel) as pool:  # cells are processes: threads only wait for them
+        for cell, record in zip(chosen, pool.map(one, chosen), strict=True):
+            report["cells"].append(record)
+            done_now.add(cell["name"])
+            report["cells"] = merged_cells(report["cells"], earlier, done_now)
+            write_report(report, out)
     report["cells"] = merged_cells(report["cells"], earlier, done_now)
     for e in earlier:
         if e.get("commit") not in (None, report["commit"]):

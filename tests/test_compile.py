@@ -32,6 +32,8 @@ from finlora.module import decoder_layers, training_loss
 from finlora.prompts import encode_example
 from finlora.train import train
 
+pytestmark = pytest.mark.gpu  # compiled code: the GPU gate runs these under the GPU image's torch and transformers
+
 CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
            "eval.enabled=false", "data.val_size=8"]
 

@@ -84,6 +84,7 @@ def test_weight_only_int8_dora_matches_peft_over_steps() -> None:
             opt.step()
 
 
+@pytest.mark.gpu  # the GPU gate runs it under the GPU image's torch
 def test_variant_keyword_check_traces_in_dynamo() -> None:
     """The 4-bit/8-bit forward's keyword check compiles without a graph break (torch 2.11's Dynamo failed on the
     `kwargs.keys() - frozenset` form)."""
