@@ -75,9 +75,10 @@ AutoTokenizer.from_pretrained(source).save_pretrained(sys.argv[1])
 print(f"gpu_bundle: {source}'s config and tokenizer: {config.num_hidden_layers} layers, hidden {config.hidden_size}")
 EOF
 
-# FinLoRA's data: what the gate and the GPU tests read.
+# FinLoRA's data: what the gate and the GPU tests read, and the rest of task=sentiment (TFNS, NWGI) for the benchmarks.
 DATA=${FINLORA_DATA_DIR:-../shared/data/finlora}
-for f in train/fpb_train.jsonl test/fpb_test.jsonl train/fiqa_train.jsonl test/fiqa_test.jsonl; do
+for f in train/fpb_train.jsonl test/fpb_test.jsonl train/fiqa_train.jsonl test/fiqa_test.jsonl \
+         train/tfns_train.jsonl test/tfns_test_fixed.jsonl test/nwgi_test.jsonl; do
   cp "$DATA/$f" "$OUT/data/$f"
 done
 echo "$(git rev-parse HEAD 2>/dev/null || echo unknown)$( [ -z "$(git status --porcelain 2>/dev/null)" ] || echo ' dirty')" \
