@@ -1,6 +1,6 @@
 # The few commands a newcomer needs. Each one sets up .venv first (a no-op when nothing changed); test-latest
 # and lock install into venvs of their own.
-.PHONY: setup quickstart test test-latest test-slow lint lock
+.PHONY: setup quickstart test test-latest test-slow test-gpu gpu-bundle lint lock
 
 setup:
 	bash scripts/setup.sh
@@ -17,6 +17,14 @@ test-latest:
 	FINLORA_VENV=.venv-latest FINLORA_LOCK= bash scripts/setup.sh
 	.venv-latest/bin/python scripts/lock_diff.py
 	.venv-latest/bin/python -m pytest -q --ignore=tests/test_install.py
+
+# On a GPU machine: the GPU tests and a train.py + eval.py smoke matrix, to docs/gpu_gate.json (scripts/gpu_gate.py).
+test-gpu: setup
+	.venv/bin/python scripts/gpu_gate.py --parallel 4
+
+# .gpu/: what a bare GPU image lacks (wheels, the embedded model's config and tokenizer, data), to carry there.
+gpu-bundle: setup
+	bash scripts/gpu_bundle.sh
 
 test-slow: setup
 	.venv/bin/python -m pytest -q -m slow
