@@ -248,6 +248,7 @@ def print_summary(summary: dict, breakdown: list) -> None:
             ("wall time", f"{summary['wall_time_s']:.0f} s on {summary['device']} ({summary['precision']})"),
             ("useful tokens/s (padding)", f"{_fmt(summary['tokens_per_s'], ',.0f')} "
              f"({_fmt(summary['padding_fraction'], '.1%')} of the tokens, {summary['batching']} batches)"),
+            ("training step", f"{summary['step_path']}: {summary['step_path_reason']}"),
             *_step_rows(summary),
             ("adapter", summary["adapter_dir"])]
     for k, v in rows:
