@@ -22,10 +22,10 @@ with the row norm detached from the graph (DoRA paper, section 4.3), as peft doe
   version counters and storage, on the scaling, and on a global count of optimizer steps; a fresh
   value is computed after every optimizer step and reused across gradient-accumulation micro-batches
   and activation-checkpoint recomputation.
-- In training (eager, recorded by `trainer.capture`, or a compiled training step), a layer on a
-  bitsandbytes 4-bit base instead computes its norm in its own forward (`DoraLinear4bit`): W0 is
-  dequantized once for both the base output and A·W0ᵀ, as bitsandbytes dequantizes it for training's
-  row counts anyway, where a cached refresh would dequantize W0 a second time. A·Aᵀ is still refreshed
+- In training (eager, recorded by `trainer.capture`, or a compiled training step), a layer on a base that
+  dequantizes its weight for the product (bitsandbytes 4-bit, or 8-bit computed weight-only, `finlora.quant.int8`)
+  instead computes its norm in its own forward (`DoraLinearQuantized`): W0 is dequantized once for both the base
+  output and A·W0ᵀ, where a cached refresh would dequantize W0 a second time. A·Aᵀ is still refreshed
   batched over the layers of a shape, and one Triton kernel a layer turns both into the norm and the
   branch's weights on CUDA (`_dora_norm_kernel`).
 - One autograd node (`_DoraTail`) scales the base output and adds the LoRA branch with the scale
@@ -75,7 +75,7 @@ try:
     from peft.tuners.lora.bnb import Linear4bit as _Lora4bit
     from peft.tuners.lora.bnb import Linear8bitLt as _Lora8bit
 
-    from finlora.quant.int8 import WeightOnlyLinear8bit, int8_product
+    from finlora.quant.int8 import WeightOnlyLinear8bit, int8_product, int8_rows
 except ImportError:
     bnb = None
 
@@ -118,9 +118,8 @@ def _is_plain(base: nn.Module) -> bool:
 
 
 def _int8_scale(base: nn.Module) -> Tensor:
-    """Row scales of an int8 weight, W0 = CB · SCB / 127 (bitsandbytes moves SCB to the state on use)."""
-    scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
-    return scb.float() / 127.0
+    """Row scales of an int8 weight, W0 = CB · SCB / 127."""
+    return int8_rows(base)[1].float() / 127.0
 
 
 def _base_without_bias(base: nn.Module, inputs: Tensor) -> Tensor:
@@ -842,7 +841,7 @@ class FastDoraLinearVariant(DoraLinearVariant):
 
     def forward(self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, cross: Tensor | None = None,
                 **kwargs: Any) -> Tensor:
-        """`cross`: the layer's A·W0ᵀ from its own forward (`DoraLinear4bit`), whose norm is then computed here from it
+        """`cross`: the layer's A·W0ᵀ from its own forward (`DoraLinearQuantized`), whose norm is then computed here from it
         instead of read from the cache."""
         dropout = module.lora_dropout[active_adapter]
         if module.training and not isinstance(dropout, nn.Identity):
