@@ -841,8 +841,8 @@ class FastDoraLinearVariant(DoraLinearVariant):
 
     def forward(self, module: nn.Module, active_adapter: str, x: Tensor, result: Tensor, cross: Tensor | None = None,
                 **kwargs: Any) -> Tensor:
-        """`cross`: the layer's A·W0ᵀ from its own forward (`DoraLinearQuantized`), whose norm is then computed here from it
-        instead of read from the cache."""
+        """`cross`: the layer's A·W0ᵀ from its own forward (`DoraLinearQuantized`), whose norm is then computed here
+        from it instead of read from the cache."""
         dropout = module.lora_dropout[active_adapter]
         if module.training and not isinstance(dropout, nn.Identity):
             x = dropout(x)
