@@ -330,12 +330,14 @@ def materialize(model: Path, work: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")  # gates running at once each write their own
     shutil.copytree(model, tmp)
     torch.manual_seed(0)
     config = AutoConfig.from_pretrained(model)
     AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(tmp)
+    if any(target.glob("*.safetensors")):  # another gate finished the same model first: the one it may be reading
+        shutil.rmtree(tmp)
+        return target
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     print(f"gpu_gate: random-init model of {model}'s config saved to {target}", flush=True)
