@@ -58,6 +58,11 @@ class FinetuneModule(L.LightningModule):
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_loss(self.model, batch)
 
+    def cpu(self) -> FinetuneModule:
+        """Stays where it is: Lightning's teardown moves the model to the CPU after `fit`, where the test stage would
+        then generate, and a bitsandbytes 8-bit model cannot move back (its int8 weights would be quantized again)."""
+        return self
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.train_loss({k: v for k, v in batch.items() if k in STEP_KEYS})
         if logs_now(self.trainer):
