@@ -5,7 +5,8 @@ Sections (`--only` picks some):
   mission   the mission's command (`adapter=dora adapter.r=8 quant=8bit`, embedded shapes, task=sentiment, batch 8)
             with no other flags, against the same with `trainer.capture=false quant.int8_compute=llm_int8` (the
             eager LLM.int8 step users got before); also LoRA, and quant=none / 4bit with no flags.
-  llama     Llama-3.1-8B shapes, 4 layers, batch 8, no flags: 8-bit against 4-bit, DoRA against LoRA.
+  llama     Llama-3.1-8B shapes, 4 layers, batch 8, no flags: 8-bit against 4-bit, DoRA against LoRA; then DoRA at
+            both with the decoder layers compiled (`trainer.compile=inductor trainer.compile_regions=true`).
   numerics  50 steps from one init: the 8-bit base computed weight-only against a bf16 model holding the same
             weights dequantized (W0 = CB·SCB/127, saved as a model of its own): the largest relative difference of
             the per-step losses.
@@ -35,7 +36,7 @@ import bench_train_speed as bench  # noqa: E402  (the runner every training benc
 
 from finlora.config import ModelConfig  # noqa: E402
 from finlora.models import load_tokenizer, save_random_llama  # noqa: E402
-from finlora.outputs import replace_section, write_json  # noqa: E402
+from finlora.outputs import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Fast by default"
@@ -59,9 +60,12 @@ def mission(model: Path, args: argparse.Namespace) -> list[dict]:
 def llama(args: argparse.Namespace) -> list[dict]:
     model = save_random_llama(Path(args.work) / "llama4", bench.LLAMA_8B, 2 if args.smoke else 4, args.tok,
                               bench._init_device())
-    return [bench.run(f"llama-8b x4 {bits}bit {adapter}, no flags", model, args, "task=sentiment",
-                      f"adapter={adapter}", f"quant={bits}bit", "trainer.batch_size=8", steps(args, False))
-            for bits in (8, 4) for adapter in ("lora", "dora")]
+    common = ["task=sentiment", "trainer.batch_size=8", steps(args, False)]
+    rows = [bench.run(f"llama-8b x4 {bits}bit {adapter}, no flags", model, args, *common, f"adapter={adapter}",
+                      f"quant={bits}bit") for bits in (8, 4) for adapter in ("lora", "dora")]
+    return rows + [bench.run(f"llama-8b x4 {bits}bit dora, capture+regions", model, args, *common, "adapter=dora",
+                             f"quant={bits}bit", "trainer.compile=inductor", "trainer.compile_regions=true")
+                   for bits in (8, 4)]
 
 
 def numerics(model: Path, args: argparse.Namespace) -> list[dict]:
@@ -141,11 +145,13 @@ def markdown(rows: list[dict], device: str) -> list[str]:
     for bits in (8, 4):
         lora, dora = by.get(f"llama-8b x4 {bits}bit lora, no flags"), by.get(f"llama-8b x4 {bits}bit dora, no flags")
         if lora and dora:
-            lines += ["", f"Llama-3.1-8B shapes at {bits}-bit: DoRA/LoRA step {dora['step_ms'] / lora['step_ms']:.3f}."]
-    for adapter in ("lora", "dora"):
-        eight, four = by.get(f"llama-8b x4 8bit {adapter}, no flags"), by.get(f"llama-8b x4 4bit {adapter}, no flags")
+            lines += ["", f"Llama-3.1-8B shapes at {bits}-bit, no flags: DoRA/LoRA step "
+                      f"{dora['step_ms'] / lora['step_ms']:.3f}."]
+    for adapter, form in (("lora", "no flags"), ("dora", "no flags"), ("dora", "capture+regions")):
+        eight, four = by.get(f"llama-8b x4 8bit {adapter}, {form}"), by.get(f"llama-8b x4 4bit {adapter}, {form}")
         if eight and four:
-            lines += ["", f"{adapter}: 8-bit step / 4-bit step {eight['step_ms'] / four['step_ms']:.3f}."]
+            lines += ["", f"Llama-3.1-8B shapes, {adapter}, {form}: 8-bit step / 4-bit step "
+                      f"{eight['step_ms'] / four['step_ms']:.3f}."]
     for r in rows:
         if "max_rel_loss_diff" in r:
             lines += ["", f"Numerics: {r['steps']} steps of DoRA from one init, weight-only 8-bit against a bf16 "
@@ -166,7 +172,10 @@ def main() -> None:
     parser.add_argument("--json", default=str(ROOT / "docs/defaults_speed.json"))
     parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
+    parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
     args = parser.parse_args()
+    if args.rewrite:
+        return write_markdown(args)
     args.cache = str(Path(args.work) / "compile_cache")
     if args.smoke:
         args.steps, args.eager_steps = min(args.steps, 3), min(args.eager_steps, 3)
@@ -183,10 +192,13 @@ def main() -> None:
                 "memory": lambda: memory(args)}
     for name in args.only:
         sections[name]()
+    write_markdown(args)
+
+
+def write_markdown(args: argparse.Namespace) -> None:
     done = json.loads(Path(args.json).read_text())
     text = "\n".join(markdown(done["rows"], done["device"]))
     replace_section(Path(args.md), text)
-    write_json(Path(args.json), done)
     print(text)
 
 
