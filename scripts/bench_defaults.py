@@ -24,7 +24,6 @@ Writes docs/defaults_speed.json (every run's summary) and the section "## Fast b
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,6 @@ import bench_train_speed as bench  # noqa: E402  (the runner every training benc
 
 from finlora.config import ModelConfig  # noqa: E402
 from finlora.models import load_tokenizer, save_random_llama  # noqa: E402
-from finlora.outputs import replace_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Fast by default"
@@ -175,7 +173,7 @@ def main() -> None:
     parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
     args = parser.parse_args()
     if args.rewrite:
-        return write_markdown(args)
+        return bench.write_markdown(args, markdown)
     args.cache = str(Path(args.work) / "compile_cache")
     if args.smoke:
         args.steps, args.eager_steps = min(args.steps, 3), min(args.eager_steps, 3)
@@ -192,14 +190,7 @@ def main() -> None:
                 "memory": lambda: memory(args)}
     for name in args.only:
         sections[name]()
-    write_markdown(args)
-
-
-def write_markdown(args: argparse.Namespace) -> None:
-    done = json.loads(Path(args.json).read_text())
-    text = "\n".join(markdown(done["rows"], done["device"]))
-    replace_section(Path(args.md), text)
-    print(text)
+    bench.write_markdown(args, markdown)
 
 
 if __name__ == "__main__":

@@ -484,10 +484,10 @@ def main() -> None:
     write_markdown(args)
 
 
-def write_markdown(args: argparse.Namespace) -> None:
-    """The section from every row in --json: with --append, the earlier runs' rows too."""
+def write_markdown(args: argparse.Namespace, render: Callable[[list[dict], str], list[str]] = markdown) -> None:
+    """The section `render` makes of every row in --json (with --append, the earlier runs' rows too), into --md."""
     done = json.loads(Path(args.json).read_text())
-    text = "\n".join(markdown(done["rows"], done["device"]))
+    text = "\n".join(render(done["rows"], done["device"]))
     replace_section(Path(args.md), text)
     print(text)
 
