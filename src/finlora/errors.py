@@ -30,6 +30,12 @@ class DataError(FinloraError, ValueError):
     exit_code = 2
 
 
+class FolderInUse(FinloraError):
+    """Another live process writes into the run folder; the message names it (pid, host)."""
+
+    exit_code = 2
+
+
 class RunFault(FinloraError, RuntimeError):
     """Training stopped for a reason the message explains (a non-finite loss, GPU memory)."""
 

@@ -27,11 +27,13 @@ from omegaconf import DictConfig
 
 import finlora.config  # noqa: F401  (registers the schemas that train.yaml and eval.yaml compose into)
 import finlora.run.sweep  # noqa: F401  (registers ${finlora.ray_job:…}, which conf/hydra/launcher/ray.yaml uses)
-from finlora.errors import FinloraError, Interrupted, MissingObjective
+from finlora.errors import FinloraError, FolderInUse, Interrupted, MissingObjective
 from finlora.run.job import JobRecord, prepare_job, tag_run
+from finlora.run.lock import LOCK_FILE, RunLock
 
 log = logging.getLogger(__name__)
-HYDRA_FILES = {".hydra", "train.log", "eval.log"}  # what Hydra writes into a run folder before the run starts
+# What Hydra writes into a run folder before the run starts, and the run's lock (`finlora.run.lock`).
+HYDRA_FILES = {".hydra", "train.log", "eval.log", LOCK_FILE}
 
 
 def cli(main: Callable[[], object]) -> None:
@@ -62,6 +64,11 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
             _log_to_files(f"finlora: {err}")
             _drop_if_unstarted(Path(hydra.runtime.output_dir))
             fail(err)
+    try:  # a job rerun by `report.py --rerun-failed` while it still runs, or twice at once
+        lock = RunLock.take(Path(hydra.runtime.output_dir))
+    except FolderInUse as err:
+        print(f"finlora: {err}", file=sys.stderr)
+        return {}
     job = JobRecord.start(hydra)
     try:
         prepare_job(cfg, hydra)
@@ -83,6 +90,7 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         return {}
     finally:
         job.close()
+        lock.release()
 
 
 def _grid(hydra: DictConfig) -> bool:

@@ -1,9 +1,12 @@
 """Checks that run before Hydra creates a run folder or writes its `.hydra/` copies of the config: a
-refused command leaves nothing behind, and a token typed on the command line is never written to disk."""
+refused command leaves nothing behind, and a token typed on the command line is never written to disk. Then
+the run's folder (or the sweep's) is locked for this process (`finlora.run.lock`): a second process started
+on it is refused before it writes anything there."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
@@ -11,8 +14,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from finlora.config import Config, EvalConfig, token_problems, validate
-from finlora.errors import ConfigError
+from finlora.errors import ConfigError, FinloraError
 from finlora.run.entry import fail
+from finlora.run.lock import SWEEP_LOCK_FILE, hold
 
 SCHEMAS = {"train": Config, "eval": EvalConfig}
 
@@ -33,7 +37,8 @@ class Preflight(Callback):
             task.output_dir = str(config.hydra.run.dir)  # Hydra sets its runtime folder only when the job starts
         try:
             validate(task, schema)
-        except ConfigError as err:
+            hold(Path(config.hydra.run.dir))
+        except FinloraError as err:
             fail(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -46,3 +51,7 @@ class Preflight(Callback):
                             "sweep.direction only (the sweeper follows it)")
         if problems:
             fail(ConfigError.listing(problems))
+        try:  # `report.py --rerun-failed` leaves the jobs of a live sweep to it
+            hold(Path(config.hydra.sweep.dir), SWEEP_LOCK_FILE)
+        except FinloraError as err:
+            fail(err)
