@@ -31,7 +31,7 @@ from finlora.checkpoints import LAST
 from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, FourBitEval, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
-from finlora.loggers import ends_fit, logs_now
+from finlora.loggers import LastStepLogs, ends_fit, logs_now
 from finlora.metrics import score
 from finlora.update import RecordedAdamW, measure_gradients
 
@@ -51,7 +51,8 @@ class RunCallbacks:
 def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase,
                   precision: str) -> RunCallbacks:
     """In the order their hooks run: the profile first (its window must close before anything else reads
-    the GPU at a step's end), the guard before the stopper (it reads its verdicts back before a save)."""
+    the GPU at a step's end), the guard before the stopper (it reads its verdicts back before a save),
+    `LastStepLogs` last (the others read `log_every_n_steps` as set)."""
     stopper = SaveAndStop(ckpt_dir / LAST, cfg.checkpoint.every_n_steps)
     # the batches of each shape that compile or record: cudagraphs records at its second call, capture at its first
     warm_up = max({Compile.eager: 0, Compile.inductor: 1, Compile.cudagraphs: 2}[cfg.trainer.compile],
@@ -66,7 +67,7 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     return RunCallbacks(stopper, throughput, profile, [
         profile, ReloadData(), StepSeed(cfg.seed), guard, stopper, *scoring,
         *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
-        progress_bar(cfg.trainer.log_every_n_steps)])
+        progress_bar(cfg.trainer.log_every_n_steps), LastStepLogs()])
 
 
 class TaskScore(Callback):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -197,3 +198,29 @@ def ends_fit(trainer: Any, steps: int) -> bool:
     step (`trainer.max_steps`), or the last batch of the last epoch."""
     return steps == trainer.max_steps or (trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
                                           and trainer.current_epoch + 1 >= (trainer.max_epochs or 1))
+
+
+class LastStepLogs(Callback):
+    """Has Lightning write the last step's values (those `logs_now` logs it for): it writes a step's logs only
+    every `log_every_n_steps` steps, so a run ending between two lost its last values, and one shorter than
+    that with no validation (`trainer.max_steps=1`) wrote no csv/metrics.csv at all. Lightning reads the
+    setting right after this hook; it is put back before anything else reads it (validation, the fit's end)."""
+
+    def __init__(self) -> None:
+        self._every: int | None = None
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        connector = trainer._logger_connector
+        if (self._every is None and trainer.log_every_n_steps and not connector.should_update_logs
+                and ends_fit(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped + 1)):
+            self._every, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._restore(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._restore(trainer)
+
+    def _restore(self, trainer: Any) -> None:
+        if self._every is not None:
+            trainer.log_every_n_steps, self._every = self._every, None

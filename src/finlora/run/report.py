@@ -28,8 +28,10 @@ from omegaconf import OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from finlora.errors import DataError
 from finlora.outputs import write_text
 from finlora.run.job import JOB_FILE, job_suffix
+from finlora.run.lock import SWEEP_LOCK_FILE, holder
 
 # Keys that differ between the jobs of any sweep by design (a folder and a name per job; tags name the
 # adapter and quant choices), never evidence of a job run under other settings.
@@ -37,6 +39,7 @@ PER_JOB_KEYS = ("output_dir", "run_name", "logger.tags")
 # Config groups whose options set keys outside their own package.
 GLOBAL_GROUPS = ("experiment",)
 SEED_KEY = "seed"  # swept to repeat a cell, never to define one
+LIVE = ("running", "waiting")  # a job whose process holds its folder, or one a live sweep has yet to start
 
 
 @dataclass
@@ -50,9 +53,14 @@ class Job:
     @property
     def status(self) -> str:
         status = self.record.get("status")
-        if status == "running":  # the process ended without its closing record: killed, or still going
-            return "crashed"
+        if status == "running":  # without its closing record: still going (its lock is held), or killed
+            return "running" if self.holder is not None else "crashed"
         return status or ("ok" if self.metrics else "no record")
+
+    @cached_property
+    def holder(self) -> dict[str, Any] | None:
+        """The live process that runs this job now (`finlora.run.lock`), or None."""
+        return holder(self.dir)
 
     @property
     def device(self) -> str:
@@ -83,8 +91,14 @@ class Job:
     def rerun_command(self, script: Path) -> list[str]:
         """The command that runs this job again, alone, in its own folder (where a checkpoint resumes it). The
         folder is the rerun's whole sweep folder, so the sweep's own `multirun.yaml` is never rewritten."""
-        return [sys.executable, str(script), "-m", f"hydra.sweep.dir='{self.dir.resolve()}'", "hydra.sweep.subdir=.",
-                *self.raw_overrides]
+        return [sys.executable, str(script), "-m", f"hydra.sweep.dir={hydra_quoted(str(self.dir.resolve()))}",
+                "hydra.sweep.subdir=.", *self.raw_overrides]
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as one quoted string of a Hydra override, whatever characters it holds (a path with `'` in it):
+    quotes escaped, and the backslashes before a quote or at the end doubled, as Hydra's grammar reads them."""
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), value) + "'"
 
 
 @dataclass
@@ -102,7 +116,13 @@ class Sweep:
 
     @property
     def failed(self) -> list[Job]:
-        return [j for j in self.jobs if j.status != "ok"]
+        """The jobs that did not finish and are not under way: what `--rerun-failed` runs again."""
+        return [j for j in self.jobs if j.status not in ("ok", *LIVE)]
+
+    @property
+    def live(self) -> list[Job]:
+        """The jobs still running, and those a live sweep has yet to start: never rerun beside it."""
+        return [j for j in self.jobs if j.status in LIVE]
 
     @property
     def cells(self) -> list[Cell]:
@@ -131,8 +151,12 @@ class Sweep:
 
 def load_sweep(sweep_dir: Path) -> Sweep:
     """Every job of the sweep, in job order: each job folder (one with `.hydra/overrides.yaml`) directly under
-    `sweep_dir`, and, for a sweep of Hydra's basic sweeper, each job its command line asked for that never
-    started (the sweep was killed before it), as "never started"."""
+    `sweep_dir`, and, for a sweep of Hydra's basic sweeper, each job its command line asked for that has not
+    started: "waiting" while the sweep's process still runs, else "never started" (the sweep was killed before
+    it). A path that is not a folder is a `DataError`."""
+    if not sweep_dir.is_dir():
+        raise DataError(f"{shlex.quote(str(sweep_dir))} is {'not a folder' if sweep_dir.exists() else 'missing'}: "
+                        "give a sweep's folder (outputs/sweeps/<time>)")
     parser = OverridesParser.create()
     jobs = []
     for d in sorted(sweep_dir.iterdir(), key=_job_order):
@@ -150,10 +174,11 @@ def load_sweep(sweep_dir: Path) -> Sweep:
         planned = BasicSweeper.split_arguments(command, None)[0]
         exclude = list(hydra.job.config.override_dirname.exclude_keys)
         swept = [o.key_or_group for o in command if o.is_sweep_override()]
+        pending = "waiting" if holder(sweep_dir, SWEEP_LOCK_FILE) is not None else "never started"
         for num, raw in enumerate(planned):
             if num not in started:
                 jobs.append(Job(sweep_dir / f"{num}_{job_suffix(raw, exclude, swept)}", _by_key(parser, raw), raw,
-                                {"status": "never started"}, {}))
+                                {"status": pending}, {}))
         jobs.sort(key=lambda j: _job_order(j.dir))
     return Sweep(sweep_dir, jobs, script)
 
@@ -327,8 +352,8 @@ def write_report(sweep: Sweep) -> Path:
         if name:
             lines += [f"![{title}]({name})", ""]
     if sweep.failed:
-        lines += ["## Jobs that did not finish", "",
-                  f"Rerun them all: `python scripts/report.py {sweep.dir} --rerun-failed`; or one:", ""]
+        rerun = f"python scripts/report.py {shlex.quote(str(sweep.dir))} --rerun-failed"
+        lines += ["## Jobs that did not finish", "", f"Rerun them all: `{rerun}`; or one:", ""]
         for job in sweep.failed:
             lines += [f"- `{job.dir.name}` ({job.status}): {_one_line(job.record.get('error'))}",
                       f"  `{shlex.join(job.rerun_command(sweep.script))}`"]
@@ -430,7 +455,17 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The file's object, {} if it is missing; one that is cut short or damaged is said in one line and counts
+    as missing (the job's status then says "no record"; `--rerun-failed` runs it again)."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as err:
+        print(f"report: {shlex.quote(str(path))} cannot be read ({err}); the job counts as having no record",
+              file=sys.stderr)
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _job_order(path: Path) -> tuple[int, str]:
