@@ -86,6 +86,10 @@ def check_saved_adapter(adapter_path: str, base: dict) -> None:
     one on a base other than the one it was trained on: the weights would not be its own (a size mismatch at
     best, silently wrong scores if the shapes agree). Adapters saved without `BASE_FILE` (plain peft) are
     not checked for their base."""
+    adapter_config = Path(adapter_path) / "adapter_config.json"
+    if problem := config_problem(adapter_config):
+        raise ConfigError(f"adapter_path: {adapter_config}: {problem}; it should be the adapter_config.json that "
+                          "training wrote")
     weights = Path(adapter_path) / "adapter_model.safetensors"
     if weights.is_file():
         try:
@@ -104,6 +108,23 @@ def check_saved_adapter(adapter_path: str, base: dict) -> None:
                           f"for, {_describe(base)}; set model.name_or_path (and model.revision) to its base")
 
 
+def config_problem(path: Path) -> str | None:
+    """What makes a saved `adapter_config.json` unusable, or None: missing, not JSON, not a LoRA config."""
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        return err.strerror
+    except ValueError as err:  # not UTF-8, or not JSON (the message gives line and column)
+        return f"not JSON ({err})"
+    if not isinstance(saved, dict):
+        return f"a JSON {type(saved).__name__}, not an object"
+    if missing := [k for k in ("peft_type", "r", "target_modules") if k not in saved]:
+        return f"no {', '.join(missing)}"
+    if not isinstance(saved["r"], int) or saved["r"] < 1:
+        return f"r must be a positive integer, got {saved['r']!r}"
+    return None
+
+
 def _describe(base: dict) -> str:
     revision = f" at {base['revision']}" if base.get("revision") else ""
     weights = f", weights {base['weights'][:12]}" if base.get("weights") else ""
@@ -117,7 +138,8 @@ def load_adapter(model: PreTrainedModel, path: str, impl: DoraImpl, merge: bool)
     peft_model = PeftModel.from_pretrained(model, path)
     if merge:
         return peft_model.merge_and_unload()
-    choose_dora(peft_model, impl)
+    if any(getattr(c, "use_dora", False) for c in peft_model.peft_config.values()):  # LoRA has no DoRA layers
+        choose_dora(peft_model, impl)
     return peft_model
 
 

@@ -94,8 +94,10 @@ def damage(path: Path) -> str | None:
     """Why a checkpoint file cannot be resumed from, or None; reads its index, not its tensors."""
     try:
         checkpoint = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        raise  # it holds more than tensors (code, maybe): a planted file to stop on, not a damaged one to skip
+    except pickle.UnpicklingError:  # it holds more than tensors (code, maybe): a file to stop on, not one to skip
+        raise ConfigError(f"{path} holds pickled Python objects, not only tensors (not a finlora checkpoint: written "
+                          "by another tool, or planted); finlora never loads such files, as loading them could run "
+                          "code. Move it away, or pass ckpt_path=<a checkpoint finlora wrote>") from None
     except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unreadable'}"
     missing = [k for k in ("state_dict", "global_step", "optimizer_states") if k not in checkpoint]

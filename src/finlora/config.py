@@ -259,6 +259,7 @@ class DataConfig:
     seed: int = 42  # fixes the validation split (the top-level seed fixes init and shuffling)
     batching: Batching = Batching.auto  # auto | padded | grouped (by length) | packed (whole examples per row) | static
     train_prompt: TrainPrompt = TrainPrompt.plain  # finlora_inst: train on FinLoRA's [INST] wrap, evaluate on raw
+    allow_test_overlap: bool = False  # train on rows that are also test rows (refused unless set)
 
     def problems(self) -> list[str]:
         problems: list[str] = []

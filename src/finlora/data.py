@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import pack, pack_static, pad_right, static_widths, with_stats
-from finlora.config import Batching, DataConfig, TaskConfig, TestSet, TrainPrompt
+from finlora.config import Batching, DataConfig, TaskConfig, TaskKind, TestSet, TrainPrompt
 from finlora.errors import DataError
 from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
@@ -111,12 +112,58 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
     test = load_test_sets(task, data_dir)
     if task.train and not train:
         raise DataError(f"task {task.name}: no training rows left after holding out {data.val_size}")
+    distinct = [row for rows, _ in sources for row in rows]
+    warn_unknown_labels(task, distinct)
+    check_overlap(distinct, test, data.allow_test_overlap)
     return TaskData(train, val, test)
 
 
 def load_test_sets(task: TaskConfig, data_dir: str | Path) -> list[tuple[TestSet, list[dict]]]:
-    """Each test set of a task with its records."""
-    return [(test_set, read_jsonl(Path(data_dir) / test_set.file)) for test_set in task.test]
+    """Each test set of a task with its records. A label set's targets must be among its `labels`: any other
+    could never be predicted, and would score 0% without a word."""
+    sets = [(test_set, read_jsonl(Path(data_dir) / test_set.file)) for test_set in task.test]
+    for test_set, records in sets:
+        if outside := _outside(records, test_set.labels if test_set.kind is TaskKind.label else []):
+            raise DataError(f"{len(outside)} targets of test set {test_set.name} are not among its labels "
+                            f"{test_set.labels} (e.g. {_examples(outside)}); fix the file or the task's labels")
+    return sets
+
+
+def warn_unknown_labels(task: TaskConfig, train: list[dict]) -> None:
+    """Training targets outside the labels of a task whose test sets are all label sets: counted per target and
+    warned about (a mixture may train on more answers than it tests), never refused."""
+    if not task.test or any(t.kind is not TaskKind.label for t in task.test):
+        return
+    labels = sorted({label for t in task.test for label in t.labels})
+    if outside := _outside(train, labels):
+        counts = Counter(row["target"] for row in outside)
+        log.warning("%d of %d training rows have targets outside the test labels %s (%s; e.g. %s)", len(outside),
+                    len(train), labels, ", ".join(f"{t!r}: {n}" for t, n in counts.most_common(5)), _examples(outside))
+
+
+def check_overlap(train: list[dict], test: list[tuple[TestSet, list[dict]]], allowed: bool) -> None:
+    """Refuse training rows whose context is also a test row's (the test would score memorized answers), unless
+    `data.allow_test_overlap`; then they are counted in a warning."""
+    tested = {row["context"]: row[SOURCE_KEY] for _, records in test for row in records}
+    shared = [row for row in train if row["context"] in tested]
+    if not shared:
+        return
+    first = f"{shared[0][SOURCE_KEY]} = {tested[shared[0]['context']]}"
+    if not allowed:
+        raise DataError(f"{len(shared)} of {len(train)} training rows are also test rows (e.g. {first}); remove them "
+                        "from the training file, or set data.allow_test_overlap=true to train on them anyway")
+    log.warning("data.allow_test_overlap: %d of %d training rows are also test rows (e.g. %s)", len(shared),
+                len(train), first)
+
+
+def _outside(records: list[dict], labels: list[str]) -> list[dict]:
+    """Records whose target is none of `labels` (compared as scoring does: stripped, lower-cased)."""
+    known = {label.strip().lower() for label in labels}
+    return [row for row in records if row["target"].strip().lower() not in known] if known else []
+
+
+def _examples(records: list[dict], most: int = 3) -> str:
+    return ", ".join(f"{row[SOURCE_KEY]}: {row['target']!r}" for row in records[:most])
 
 
 def proportional(sizes: list[int], total: int) -> list[int]:

@@ -6,6 +6,9 @@ They stay exceptions through the library (tests and scripts catch them by type);
 
 from __future__ import annotations
 
+import errno
+import signal
+
 
 class FinloraError(Exception):
     """An expected failure whose message says what was wrong and what to do."""
@@ -60,3 +63,35 @@ class Interrupted(RunFault):
     def __init__(self, message: str, signum: int) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the file system is read-only"}
+
+
+class CannotWrite(RunFault):
+    """A file could not be written (a full disk, a read-only folder); what was written before stays whole."""
+
+    @classmethod
+    def of(cls, err: OSError, path: object = None, needed: int | None = None) -> CannotWrite | None:
+        """The fault for an `OSError` that says the disk is full or read-only (None for any other): the path,
+        at least how many bytes were needed where known, and what was kept."""
+        if err.errno not in NO_ROOM:
+            return None
+        size = f" ({needed:,} bytes written when it failed)" if needed else ""
+        return cls(f"cannot write {path or err.filename}: {NO_ROOM[err.errno]}{size}; every file written before is "
+                   "kept whole (each is written under a temporary name and renamed into place once complete): free "
+                   "space, or write elsewhere (hydra.run.dir=…, paths.cache_dir=…), and rerun")
+
+
+def as_fault(err: BaseException) -> FinloraError | None:
+    """The finlora error that explains `err` in one line: itself; Ctrl-C outside training (whose own handler
+    saves and stops) as `Interrupted`; a full disk or read-only folder as `CannotWrite`. None for any other."""
+    if isinstance(err, FinloraError):
+        return err
+    if isinstance(err, KeyboardInterrupt):
+        return Interrupted("stopped by SIGINT (Ctrl-C) outside training: nothing was being saved, and every file "
+                           "written before is whole", signal.SIGINT)
+    if isinstance(err, OSError):
+        return CannotWrite.of(err)
+    return None

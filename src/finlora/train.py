@@ -107,7 +107,9 @@ def train(dict_cfg: DictConfig) -> dict:
         gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
         base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
         if trainer.is_global_zero:
-            with atomic_dir(adapter_dir) as tmp:
+            with stop_on_signal(f"while writing {adapter_dir}; it was not written (its partial copy is removed), and "
+                                f"{ckpt_dir / 'last.ckpt'} holds the trained steps: rerun in the same folder to write "
+                                "it"), atomic_dir(adapter_dir) as tmp:
                 model.save_pretrained(tmp, state_dict=gathered)
                 tokenizer.save_pretrained(tmp)
                 write_json(tmp / BASE_FILE, base)

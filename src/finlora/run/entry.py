@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 import finlora.config  # noqa: F401  (registers the schemas that train.yaml and eval.yaml compose into)
 import finlora.run.sweep  # noqa: F401  (registers ${finlora.ray_job:…}, which conf/hydra/launcher/ray.yaml uses)
-from finlora.errors import FinloraError, FolderInUse, Interrupted, MissingObjective
+from finlora.errors import FinloraError, FolderInUse, Interrupted, MissingObjective, as_fault
 from finlora.run.job import JobRecord, prepare_job, tag_run
 from finlora.run.lock import LOCK_FILE, RunLock
 
@@ -45,6 +45,10 @@ def cli(main: Callable[[], object]) -> None:
         cause = f"\n{err.__cause__}" if err.__cause__ and str(err.__cause__) not in str(err) else ""
         print(f"finlora: {err}{cause}", file=sys.stderr)
         sys.exit(2)
+    except (KeyboardInterrupt, OSError) as err:  # before a run started: Hydra making a run folder on a full disk
+        if (fault := as_fault(err)) is None:
+            raise
+        fail(fault)
 
 
 def fail(err: FinloraError) -> NoReturn:
@@ -60,7 +64,9 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
         try:
             tag_run(cfg, hydra)
             return work(cfg) or {}
-        except FinloraError as err:
+        except (FinloraError, KeyboardInterrupt, OSError) as caught:
+            if (err := as_fault(caught)) is None:
+                raise
             _log_to_files(f"finlora: {err}")
             _drop_if_unstarted(Path(hydra.runtime.output_dir))
             fail(err)
@@ -77,7 +83,11 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
             raise MissingObjective(missing_objective(cfg, summary["objective_metric"]))  # no value for the sweeper
         job.succeeded(summary)
         return summary
-    except FinloraError as err:
+    except (FinloraError, KeyboardInterrupt, OSError) as caught:
+        if (err := as_fault(caught)) is None:
+            log.exception("job %d failed", hydra.job.num)
+            job.failed(caught, 1)
+            return {}
         print(f"finlora: {err}", file=sys.stderr)
         _log_to_files(f"finlora: {err}")
         job.failed(err, err.exit_code)
