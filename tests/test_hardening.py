@@ -150,7 +150,8 @@ def test_resume_under_other_adapter_settings_is_refused_before_loading(tiny_mode
     proc = _cli("train.py", *TINY, f"model.name_or_path={tiny_model_dir}", "adapter=dora", "adapter.r=16",
                 f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "was trained under other settings (adapter.method: 'lora' → 'dora'; adapter.r: 8 → 16)" in proc.stderr
+    assert "  adapter.method: 'lora' → 'dora'\n  adapter.r: 8 → 16\n" in proc.stderr
+    assert "adapter.method, adapter.r change what its tensors are, so it cannot continue under them" in proc.stderr
     assert (tmp_path / "run" / "config.yaml").read_text().count("method: lora") == 1  # the run's record stays
 
 

@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import STATS_KEY, BatchStats
-from finlora.checkpoints import LAST
+from finlora.checkpoints import LAST, RECORD, last_good
 from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, FourBitEval, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
@@ -49,7 +49,7 @@ class RunCallbacks:
 
 
 def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase,
-                  precision: str) -> RunCallbacks:
+                  precision: str, record: dict) -> RunCallbacks:
     """In the order their hooks run: the profile first (its window must close before anything else reads
     the GPU at a step's end), the guard before the stopper (it reads its verdicts back before a save),
     `LastStepLogs` last (the others read `log_every_n_steps` as set)."""
@@ -65,7 +65,7 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps,
                            cfg.trainer.grad_clip)
     return RunCallbacks(stopper, throughput, profile, [
-        profile, ReloadData(), StepSeed(cfg.seed), guard, stopper, *scoring,
+        profile, ReloadData(), RunRecord(record), StepSeed(cfg.seed), guard, stopper, *scoring,
         *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
         progress_bar(cfg.trainer.log_every_n_steps), LastStepLogs()])
 
@@ -112,6 +112,36 @@ class ReloadData(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.ckpt_path:
             trainer.fit_loop._combined_loader = None
+
+
+class RunRecord(Callback):
+    """Puts the run's record (`checkpoints.run_record`: settings, training files, resumes) into every
+    checkpoint, what a resume is compared with. On resume, the optimizer keeps this run's learning rates and
+    weight decay and the schedule its curve, over the checkpoint's that Lightning restores: where a resume
+    changed them (`resume_changes`), the change is what trains, as the record says."""
+
+    def __init__(self, record: dict) -> None:
+        self.record = record
+        self.fresh: list[list[tuple[float, float]]] = []
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RECORD] = self.record
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # configured, not restored
+        self.fresh = [[(g["initial_lr"], g["weight_decay"]) for g in opt.param_groups] for opt in trainer.optimizers]
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # restored
+        if not trainer.ckpt_path:
+            return
+        for optimizer, fresh in zip(trainer.optimizers, self.fresh, strict=True):
+            for group, (lr, decay) in zip(optimizer.param_groups, fresh, strict=True):
+                group["initial_lr"], group["weight_decay"] = lr, decay
+        for config in trainer.lr_scheduler_configs:  # LambdaLR, as `get_scheduler` makes them: lr = base × f(step)
+            s = config.scheduler
+            s.base_lrs = [g["initial_lr"] for g in s.optimizer.param_groups]
+            s._last_lr = [base * f(s.last_epoch) for base, f in zip(s.base_lrs, s.lr_lambdas, strict=True)]
+            for group, lr in zip(s.optimizer.param_groups, s._last_lr, strict=True):
+                group["lr"] = lr
 
 
 class StepSeed(Callback):
@@ -321,12 +351,30 @@ class NonFiniteGuard(Callback):
             return
         raise self._fault(step, what)
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """No checkpoint from weights that are not finite: an update can overflow (a huge trainer.lr) at a step
+        whose loss and gradients were finite. One wait for the GPU per save, which copies to the host anyway."""
+        params = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        finite = torch.stack([torch.isfinite(p).all() for _, p in params]).tolist()
+        if not all(finite):
+            bad = [n for (n, _), ok in zip(params, finite, strict=True) if not ok]
+            raise NonFiniteLoss(f"after step {trainer.global_step} the trainable weights are not finite ({len(bad)} "
+                                f"of {len(params)} tensors, e.g. {bad[0]}): the update overflowed, and no checkpoint "
+                                f"was written from them. {self._then()}")
+
     def _fault(self, step: int, what: str) -> NonFiniteLoss:
-        then = (f"Last good checkpoint: {self.last}. Lower trainer.lr or raise trainer.warmup_steps, then resume "
-                "with ckpt_path=last" if self.last.is_file() else "No checkpoint was saved yet, so nothing to resume: "
-                "lower trainer.lr or raise trainer.warmup_steps and start the run again")
-        return NonFiniteLoss(f"step {step}: {what}; stopped before it reached the weights. {then}; or set "
+        return NonFiniteLoss(f"step {step}: {what}; stopped before it reached the weights. {self._then()}; or set "
                              "trainer.on_nonfinite_loss=skip to drop such steps")
+
+    def _then(self) -> str:
+        """Where to continue from: the newest checkpoint with finite weights, if any."""
+        good = last_good(self.last.parent) if self.last.parent.is_dir() else None
+        if good is None:
+            return ("No checkpoint was saved yet, so nothing to resume: lower trainer.lr or raise "
+                    "trainer.warmup_steps and start the run again")
+        resume = "ckpt_path=last" if good == self.last else f"ckpt_path={good}"
+        return (f"Last good checkpoint: {good}. Lower trainer.lr or raise trainer.warmup_steps, then resume with "
+                f"{resume} resume_changes=[trainer.lr] (or trainer.warmup_steps)")
 
 
 def checkpoint_callbacks(cfg: CheckpointConfig, ckpt_dir: Path, has_val: bool) -> list[Callback]:

@@ -10,6 +10,7 @@ numbers that depend on the position in training, not on history, are `callbacks.
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import pickle
 from pathlib import Path
@@ -20,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import OmegaConf
 
+from finlora.config import TaskConfig, flat
 from finlora.errors import ConfigError
 from finlora.outputs import atomic_file
 
@@ -72,22 +74,76 @@ def resume_path(ckpt_path: str | None, ckpt_dir: Path) -> str | None:
     return None
 
 
-# What a checkpoint's trained parameters mean: resuming one under other values of these would load them
-# into other shapes, or silently into other roles (LoRA weights into a DoRA run).
-SHAPING = ("model", "quant", "adapter")
-FREE = ("adapter.impl", "adapter.dropout", "model.trust_remote_code", "model.hub_id")  # the same parameters either way
+RECORD = "finlora"  # a checkpoint's key for the settings and training files it was trained on, and its resumes
+
+# Keys a rerun may change without changing what is trained: where files go, how runs are logged, scored and
+# saved, how fast the step runs.
+FREE_SECTIONS = ("logger", "paths", "eval", "checkpoint", "sweep")
+FREE = ("ckpt_path", "output_dir", "run_name", "resume_changes", "trainer.num_workers", "trainer.log_every_n_steps",
+        "trainer.compile", "trainer.compile_regions", "trainer.capture", "adapter.impl", "model.trust_remote_code",
+        "model.hub_id")
+# What a checkpoint's trained parameters mean: resuming one under other values of these would load them into
+# other shapes, or silently into other roles (LoRA weights into a DoRA run); no resume_changes allows them.
+SHAPING = ("model.", "quant.", "adapter.method", "adapter.r", "adapter.target_modules")
 
 
-def setting_changes(ckpt_path: str, config: dict) -> list[str]:
-    """Keys of `SHAPING` whose values differ between the run that wrote the checkpoint (its run folder's
-    config.yaml, if there is one) and `config`, as `key: then → now`."""
-    saved_path = Path(ckpt_path).resolve().parent.parent / "config.yaml"
-    if not saved_path.is_file():
-        return []
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-    return [f"{section}.{key}: {then!r} → {config[section].get(key)!r}" for section in SHAPING
-            for key, then in (saved.get(section) or {}).items()
-            if config[section].get(key) != then and f"{section}.{key}" not in FREE]
+def fingerprints(task: TaskConfig, data_dir: str) -> dict[str, str]:
+    """Each training file's size and sha256 (its first 16 hex digits), by its name in the task."""
+    prints = {}
+    for src in task.train:
+        path, digest = Path(data_dir) / src.file, hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        prints[src.file] = f"{path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+    return prints
+
+
+def run_record(config: dict, data: dict[str, str], resumes: list[dict]) -> dict:
+    """What a checkpoint carries under `RECORD`: this run's settings (flat), training files and resumes."""
+    return {"config": flat(config), "data": data, "resumes": resumes}
+
+
+def resumes(ckpt_path: str, record: dict, allowed: list[str]) -> list[dict]:
+    """The checkpoint's resumes so far, plus this one if it changes settings or training files (`record`, as
+    `run_record` makes it), each change named in `allowed` (`resume_changes`): `{step, changes: {key: [then,
+    now]}}`. Any other change is refused before the model loads, naming every key and file that differs.
+    A checkpoint from before records were kept is compared with its run folder's config.yaml, if any."""
+    checkpoint = torch.load(ckpt_path, mmap=True, weights_only=True, map_location="cpu")
+    step, saved = checkpoint["global_step"], checkpoint.get(RECORD)
+    if saved is None:
+        config_file = Path(ckpt_path).resolve().parent.parent / "config.yaml"
+        config = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
+        saved = {"config": flat(config) if config else record["config"], "data": {}, "resumes": []}
+    then, now = saved["config"], record["config"]
+    changes = {k: [then.get(k), now.get(k)] for k in sorted(then.keys() | now.keys())
+               if then.get(k) != now.get(k) and k not in FREE and k.split(".")[0] not in FREE_SECTIONS}
+    changes |= {name: [saved["data"][name], p] for name, p in record["data"].items()
+                if saved["data"].get(name, p) != p}
+    said = [f"{k}: changed since the checkpoint ({a} → {b})" if k in record["data"] else f"{k}: {a!r} → {b!r}"
+            for k, (a, b) in changes.items()]
+    shaping = [k for k in changes if k.startswith(SHAPING)]
+    if shaping or set(changes) - set(allowed):
+        how = (f"{', '.join(shaping)} change what its tensors are, so it cannot continue under them" if shaping
+               else f"to continue it under these changes, recorded in metrics.json, add "
+                    f"resume_changes=[{','.join(changes)}]")
+        raise ConfigError(f"ckpt_path: {ckpt_path} (step {step}) was trained under other settings than this rerun, "
+                          f"which would continue it:\n  " + "\n  ".join(said) + "\nTo start a new run, leave "
+                          f"hydra.run.dir out (or name a new folder); {how}")
+    if not changes:
+        return saved["resumes"]
+    log.warning("continuing at step %d under changed settings: %s", step, "; ".join(said))
+    return [*saved["resumes"], {"step": step, "changes": changes}]
+
+
+def last_good(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a rerun should continue from after a non-finite step: the newest (last.ckpt first) that
+    is whole and whose trained tensors are all finite."""
+    for path in sorted(ckpt_dir.glob("*.ckpt"), key=lambda p: (p.name == LAST, p.stat().st_mtime), reverse=True):
+        if damage(path) is None and all(torch.isfinite(t).all() for t in torch.load(
+                path, mmap=True, weights_only=True, map_location="cpu")["state_dict"].values()):
+            return path
+    return None
 
 
 def damage(path: Path) -> str | None:

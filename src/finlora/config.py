@@ -156,6 +156,15 @@ def token_problems(node: Any, key: str = "") -> list[str]:
     return [f"{key}: looks like a token; set it in the environment ({', '.join(SECRET_ENV)})"] if leaked else []
 
 
+def flat(node: dict, key: str = "") -> dict[str, Any]:
+    """A nested config as {dotted key: value}; lists and empty sections are values."""
+    out: dict[str, Any] = {}
+    for name, value in node.items():
+        full = f"{key}.{name}" if key else name
+        out |= flat(value, full) if isinstance(value, dict) and value else {full: value}
+    return out
+
+
 def looks_like_path(name: str) -> bool:
     """A hub id is `org/name`; anything absolute, relative-dotted, home-based or present on disk is a path."""
     return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
@@ -493,6 +502,9 @@ class Config(RunConfig):
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 42  # weights init, dropout and the order of training batches
     ckpt_path: str | None = None  # a checkpoint file, or last; null: a rerun in a run folder resumes its last.ckpt
+    # what a resume may change from the checkpoint's run: config keys (trainer.lr) and training files as the task
+    # names them (train/fpb_train.jsonl), each recorded old → new with the step; anything else changed is refused
+    resume_changes: list[str] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -504,6 +516,9 @@ class Config(RunConfig):
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
+        names = flat(asdict(self)).keys() | {src.file for src in self.task.train}
+        unknown = [k for k in self.resume_changes if k not in names]
+        _check(problems, not unknown, "resume_changes", f"{unknown} name no config key or training file of this run")
         t = self.trainer
         _check(problems, not (t.capture and t.compile is Compile.cudagraphs), "trainer.capture",
                "trainer.compile=cudagraphs records CUDA graphs already: capture goes with trainer.compile=eager "

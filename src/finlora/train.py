@@ -31,11 +31,11 @@ from finlora.build import build_model, build_tokenizer, placement
 from finlora.callbacks import run_callbacks
 from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
-from finlora.checkpoints import AtomicCheckpointIO, keep_earlier_rows, resume_path, setting_changes
+from finlora.checkpoints import AtomicCheckpointIO, fingerprints, keep_earlier_rows, resume_path, resumes, run_record
 from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
 from finlora.data import TaskDataModule, load_task
 from finlora.devices import device_type
-from finlora.errors import ConfigError, Interrupted, NonFiniteLoss, OutOfMemory
+from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
 from finlora.loggers import build_loggers, finish, log_adapter, log_summary
@@ -59,9 +59,9 @@ def train(dict_cfg: DictConfig) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    if ckpt_path and (changes := setting_changes(ckpt_path, config)):
-        raise ConfigError(f"ckpt_path: {ckpt_path} was trained under other settings ({'; '.join(changes)}); set "
-                          "them back to resume, or start a new run in a new folder")
+    record = run_record(config, fingerprints(cfg.task, cfg.paths.data_dir), [])
+    if ckpt_path:  # refused if settings or training files changed, unless resume_changes allows each
+        record["resumes"] = resumes(ckpt_path, record, cfg.resume_changes)
     tokenizer = build_tokenizer(cfg)
     datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
                                 cfg.trainer.num_workers, pin_memory=where.device.type == "cuda")
@@ -81,7 +81,7 @@ def train(dict_cfg: DictConfig) -> dict:
     loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config)
     if ckpt_path:
         keep_earlier_rows(loggers, ckpt_path)
-    callbacks = run_callbacks(cfg, ckpt_dir, task_data.val, tokenizer, where.precision)
+    callbacks = run_callbacks(cfg, ckpt_dir, task_data.val, tokenizer, where.precision, record)
     try:
         t = cfg.trainer
         trainer = L.Trainer(
@@ -132,6 +132,7 @@ def train(dict_cfg: DictConfig) -> dict:
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
             if where.device.type == "cuda" else None,
             "objective": metrics.get(cfg.sweep.metric), "objective_metric": cfg.sweep.metric,  # what a sweeper gets
+            "resumes": record["resumes"],  # each resume that changed settings or training files: step, old → new
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
