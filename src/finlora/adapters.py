@@ -67,18 +67,36 @@ BASE_FILE = "base_model.json"  # in a saved adapter: `models.base_identity` of t
 
 def target_problems(config: PretrainedConfig, cfg: AdapterConfig) -> list[str]:
     """`adapter.target_modules` entries that name no module of the model, found from its config alone (the
-    model is built on the meta device: no weights), with the linear layers it has."""
-    if cfg.method is AdapterMethod.none or cfg.target_modules == ["all-linear"]:
+    model is built on the meta device: no weights), with the linear layers it has; and an `adapter.r` above
+    the smaller side of every adapted layer (an adapter larger than the layers it adapts: r=100000 ran out of
+    memory only once the model had loaded). An r above some adapted layers' smaller side is warned of: their
+    update is full-rank, at more parameters than the layer has."""
+    if cfg.method is AdapterMethod.none:
         return []
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    names = [name for name, _ in skeleton.named_modules()]
-    missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
-    if not missing:
+    linear = {n: m for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)}
+    if cfg.target_modules == ["all-linear"]:  # peft's all-linear leaves out the output layer
+        targeted = {n: m for n, m in linear.items() if m is not skeleton.get_output_embeddings()}
+    else:
+        names = [name for name, _ in skeleton.named_modules()]
+        missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing:
+            layers = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            return [f"adapter.target_modules: {missing} name no module of {config.architectures[0]}; its linear "
+                    f"layers: {layers} (or [all-linear])"]
+        targeted = {n: m for n, m in linear.items() if any(n == t or n.endswith("." + t) for t in cfg.target_modules)}
+    sides = {n.rsplit(".", 1)[-1]: min(m.in_features, m.out_features) for n, m in targeted.items()}
+    if not sides:
         return []
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in skeleton.named_modules() if isinstance(m, nn.Linear)})
-    return [f"adapter.target_modules: {missing} name no module of {config.architectures[0]}; its linear layers: "
-            f"{linear} (or [all-linear])"]
+    widest = max(sides, key=sides.__getitem__)
+    if cfg.r > sides[widest]:
+        return [f"adapter.r: {cfg.r} is more than every adapted layer's smaller side (at most {sides[widest]}, "
+                f"{widest}); use adapter.r <= {sides[widest]}"]
+    if narrow := sorted(n for n, side in sides.items() if side < cfg.r):
+        log.warning("adapter.r: %d is more than the smaller side of %s (%d): their update is full-rank, at more "
+                    "parameters than the layer has", cfg.r, narrow, min(sides.values()))
+    return []
 
 
 def check_saved_adapter(adapter_path: str, base: dict) -> None:

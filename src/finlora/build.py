@@ -47,11 +47,30 @@ def build_tokenizer(cfg: Config | EvalConfig) -> PreTrainedTokenizerBase:
     return load_tokenizer(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
 
 
+def check_base(cfg: Config, where: Placement) -> None:
+    """Refuse, from the base model's config alone (no weight read), a training run that would fail only once
+    the model had loaded: target modules it does not have, an adapter.r larger than its layers, a
+    data.max_length beyond its context (10,000,000 asked for 722 GB), a model too large for the GPUs. Cheap:
+    `train` runs it before the run folder gets anything of its own."""
+    config = model_config(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
+    problems = target_problems(config, cfg.adapter)
+    context = getattr(config, "max_position_embeddings", None)
+    if context and cfg.data.max_length > context:
+        problems.append(f"data.max_length: {cfg.data.max_length} is more than the model's context, {context} tokens "
+                        f"(max_position_embeddings in its config); use data.max_length <= {context}")
+    full = cfg.adapter.method is AdapterMethod.none
+    if where.device.type == "cuda" and (too_big := capacity_problem(
+            config, cfg.quant.bits, full, max(gpu_count(cfg.trainer.devices), 1),
+            torch.cuda.get_device_properties(where.device).total_memory, cfg.trainer.strategy == "fsdp")):
+        problems.append(too_big)
+    if problems:
+        raise ConfigError.listing(problems)
+
+
 def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
     """The base model (converted, quantized as asked) on `where.device`, with the training adapter of a
-    `Config` or the saved adapter of an `EvalConfig`. What can be checked from the model's config alone is
-    checked before any weight is read: the adapter's target modules, and that a saved adapter was trained
-    on this base.
+    `Config` (checked first by `check_base`, which `train` and `build` run) or the saved adapter of an
+    `EvalConfig`, which is checked to have been trained on this base before any weight is read.
 
     Full fine-tuning (`adapter=none`) keeps float32 weights whatever the precision, for the optimizer;
     otherwise the base weights are in the compute dtype of the precision.
@@ -62,16 +81,8 @@ def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
             check_saved_adapter(cfg.adapter_path, base_identity(source, cfg.model))
         model = load_model(source, cfg.model, cfg.quant, compute_dtype(where.precision), where.device)
         return load_adapter(model, cfg.adapter_path, cfg.adapter.impl, cfg.merge) if cfg.adapter_path else model
-    config = model_config(source, cfg.model)
-    problems = target_problems(config, cfg.adapter)
     full = cfg.adapter.method is AdapterMethod.none
     sharded = cfg.trainer.strategy == "fsdp"
-    if where.device.type == "cuda" and (too_big := capacity_problem(
-            config, cfg.quant.bits, full, max(gpu_count(cfg.trainer.devices), 1),
-            torch.cuda.get_device_properties(where.device).total_memory, sharded)):
-        problems.append(too_big)
-    if problems:
-        raise ConfigError.listing(problems)
     dtype = torch.float32 if full else compute_dtype(where.precision)
     model = load_model(source, cfg.model, cfg.quant, dtype, where.device, sharded)
     model = attach_adapter(model, cfg.adapter, cfg.trainer.gradient_checkpointing)
@@ -84,4 +95,6 @@ def build_model(cfg: Config | EvalConfig, where: Placement) -> nn.Module:
 
 def build(cfg: Config | EvalConfig, where: Placement) -> Built:
     """Tokenizer and model together, for callers with no data to check in between (`eval.py`, scripts)."""
+    if isinstance(cfg, Config):
+        check_base(cfg, where)
     return Built(build_tokenizer(cfg), build_model(cfg, where))

@@ -10,8 +10,10 @@ pins omegaconf < 2.4, which has no `Literal`; choices are Enums instead.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +32,9 @@ SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 TOKEN_PATTERNS = (re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),  # Hugging Face
                   re.compile(r"(?<![0-9A-Za-z])[0-9a-f]{40}(?![0-9A-Za-z])"))  # W&B API key
 COMMIT_KEYS = ("model.revision",)  # a 40-hex value there is a commit hash, not a W&B key
+# A run folder's name ends in run_name: one folder name, no separators or dots to climb out of outputs/runs/
+RUN_NAME = re.compile(r"[A-Za-z0-9_+=,:@-][A-Za-z0-9._+=,:@-]{0,127}")
+SEED_MAX = 2**32 - 1  # numpy's seeds, which Lightning's seed_everything sets too
 
 
 class AdapterMethod(Enum):
@@ -206,7 +211,7 @@ class AdapterConfig:
         problems: list[str] = []
         if self.method is not AdapterMethod.none:
             _check(problems, self.r > 0, "adapter.r", f"must be a positive integer, got {self.r}")
-            _check(problems, self.alpha > 0, "adapter.alpha", f"must be > 0, got {self.alpha}")
+            _check(problems, 0 < self.alpha < math.inf, "adapter.alpha", f"must be > 0 and finite, got {self.alpha}")
             _check(problems, 0 <= self.dropout < 1, "adapter.dropout", f"must be in [0, 1), got {self.dropout}")
             _check(problems, len(self.target_modules) > 0, "adapter.target_modules", "must name at least one module")
         scale = self.magnitude_lr_scale
@@ -307,6 +312,12 @@ class TrainerConfig:
         problems: list[str] = []
         _check(problems, self.accelerator in ("auto", "cpu", "gpu", "cuda", "mps"), "trainer.accelerator",
                f"must be auto, cpu, gpu, cuda or mps, got {self.accelerator!r}")
+        _check(problems, self.accelerator != "mps" or sys.platform == "darwin", "trainer.accelerator",
+               f"mps is Apple's GPU (macOS); this is {sys.platform}: use auto, cpu or gpu")
+        _check(problems, _devices_ok(self.devices), "trainer.devices",
+               f"must be auto, -1 (every GPU), a count > 0 or a list of device indices, got {self.devices!r}")
+        _check(problems, _strategy_ok(self.strategy), "trainer.strategy",
+               f"unknown strategy {self.strategy!r}; use auto, ddp, fsdp or another of Lightning's strategy names")
         _check(problems, self.precision in (None, "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true"),
                "trainer.precision",
                f"must be null, 32-true, bf16-mixed, 16-mixed or bf16-true, got {self.precision!r}")
@@ -315,12 +326,53 @@ class TrainerConfig:
         _check(problems, self.batch_size > 0, "trainer.batch_size", "must be > 0")
         _check(problems, self.grad_accum > 0, "trainer.grad_accum", "must be > 0")
         _check(problems, self.lr > 0, "trainer.lr", f"must be > 0, got {self.lr}")
+        _check(problems, 0 <= self.weight_decay < math.inf, "trainer.weight_decay",
+               f"must be >= 0 and finite, got {self.weight_decay}")
+        _check(problems, self.num_workers >= 0, "trainer.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(problems, self.warmup_steps >= 0, "trainer.warmup_steps", "must be >= 0")
         _check(problems, self.grad_clip >= 0, "trainer.grad_clip", "must be >= 0 (0 disables clipping)")
         _check(problems, self.val_every_n_steps is None or self.val_every_n_steps > 0,
                "trainer.val_every_n_steps", "must be null or > 0")
         _check(problems, self.log_every_n_steps > 0, "trainer.log_every_n_steps", "must be > 0")
         return problems
+
+    def schedule_warnings(self, train_rows: int) -> list[str]:
+        """Settings the run's length makes pointless (the run goes on): a warmup it never finishes, a
+        validation interval it never reaches. `train_rows`: training examples an epoch takes."""
+        batches = self.max_epochs * -(-train_rows // self.batch_size)
+        if self.max_steps > 0:
+            batches = min(batches, self.max_steps * self.grad_accum)
+        steps = batches // self.grad_accum
+        warnings = []
+        if self.warmup_steps > steps:
+            warnings.append(f"trainer.warmup_steps: {self.warmup_steps} is more than the run's {steps} optimizer "
+                            "steps; the learning rate never reaches trainer.lr")
+        if self.val_every_n_steps and self.val_every_n_steps > batches:
+            warnings.append(f"trainer.val_every_n_steps: {self.val_every_n_steps} is more than the run's {batches} "
+                            "batches; no validation runs (set it lower, or null: once per epoch)")
+        return warnings
+
+
+def _devices_ok(devices: Any) -> bool:
+    """What Lightning's `devices` takes: auto, -1, a count, a list of indices, or those written as a string."""
+    if isinstance(devices, str) and devices != "auto":
+        parts = [p.strip() for p in devices.strip().rstrip(",").split(",")]
+        if not all(p.lstrip("-").isdigit() for p in parts):
+            return False
+        devices = [int(p) for p in parts] if "," in devices else int(parts[0])
+    if isinstance(devices, list | tuple):
+        return bool(devices) and all(type(d) is int and d >= 0 for d in devices) and len(set(devices)) == len(devices)
+    return devices == "auto" or (type(devices) is int and (devices == -1 or devices > 0))
+
+
+def _strategy_ok(strategy: str) -> bool:
+    """finlora's own (auto, ddp, fsdp), else one of Lightning's registered names (imported only then: a refused
+    config must answer without loading torch)."""
+    if strategy in ("auto", "ddp", "fsdp"):
+        return True
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return strategy in StrategyRegistry
 
 
 @dataclass
@@ -482,6 +534,10 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         problems: list[str] = []
+        _check(problems, bool(RUN_NAME.fullmatch(self.run_name)), "run_name",
+               "must be 1 to 128 of the characters A-Z a-z 0-9 . _ - + = , : @ (one folder name, not starting with "
+               f"a dot), got {self.run_name[:60]!r}" + (f"… ({len(self.run_name)} characters)"
+                                                       if len(self.run_name) > 60 else ""))
         _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
                f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
         for section in (self.model, self.quant, self.task, self.logger):
@@ -510,6 +566,7 @@ class Config(RunConfig):
         problems = super().problems()
         _check(problems, not (self.quant.bits and self.adapter.method is AdapterMethod.none), "quant.bits",
                "full fine-tuning (adapter=none) cannot train quantized weights; use quant=none")
+        _check(problems, 0 <= self.seed <= SEED_MAX, "seed", f"must be in [0, {SEED_MAX}], got {self.seed}")
         _check(problems, bool(self.task.train), "task.train",
                f"task {self.task.name!r} has no training files (it is for evaluation only: use eval.py)")
         _check(problems, self.ckpt_path in (None, "last") or Path(self.ckpt_path).is_file(), "ckpt_path",

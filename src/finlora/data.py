@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -26,12 +27,14 @@ from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import pack, pack_static, pad_right, static_widths, with_stats
 from finlora.config import Batching, DataConfig, TaskConfig, TaskKind, TestSet, TrainPrompt
-from finlora.errors import DataError
+from finlora.errors import ConfigError, DataError
 from finlora.prompts import IGNORE_INDEX, Encoded, encode_example
 
 log = logging.getLogger(__name__)
 REQUIRED_KEYS = ("context", "target")
 SOURCE_KEY = "_source"  # each record's "file:line", for errors found after reading (an answer too long to fit)
+MAX_TRAIN_ROWS = 10_000_000  # training rows (repetitions included) a run prepares: 8 a step for over a million steps
+REPEATS_WARNED = 100  # a training row seen more often than this an epoch is warned of
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -40,7 +43,7 @@ def read_jsonl(path: Path) -> list[dict]:
     Each record also gets its `SOURCE_KEY`."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    records = []
+    records, non_finite = [], []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -51,9 +54,11 @@ def read_jsonl(path: Path) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: malformed JSON ({err.msg})") from None
+            except DataError as err:
+                raise DataError(f"{path}:{lineno}: {err}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
             missing = [k for k in REQUIRED_KEYS if k not in record]
@@ -61,12 +66,25 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: record has no {' or '.join(repr(k) for k in missing)}")
             if not isinstance(record["context"], str) or not record["context"].strip():
                 raise DataError(f"{path}:{lineno}: 'context' must be a non-empty string")
+            if isinstance(record["target"], float) and not math.isfinite(record["target"]):
+                non_finite.append(lineno)
             record["target"] = _target(record["target"], f"{path}:{lineno}")
             record[SOURCE_KEY] = f"{path}:{lineno}"
             records.append(record)
     if not records:
         raise DataError(f"{path}: no records (empty data set)")
+    if non_finite:
+        log.warning("%s: %d target%s NaN or infinite (line %s); the model learns to answer it as text", path,
+                    len(non_finite), " is" if len(non_finite) == 1 else "s are", ", ".join(map(str, non_finite[:5])))
     return records
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """A JSON object as a dict, refusing a key given twice (json keeps the last one without a word)."""
+    keys = [k for k, _ in pairs]
+    if repeated := sorted({k for k in keys if keys.count(k) > 1}):
+        raise DataError(f"duplicate key {', '.join(map(repr, repeated))} in one record")
+    return dict(pairs)
 
 
 def _target(value: object, where: str) -> str:
@@ -97,6 +115,7 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
     """
     root = Path(data_dir)
     sources = [(read_jsonl(root / src.file), src.repeat) for src in task.train]
+    check_size(task, [len(rows) for rows, _ in sources])
     rng = random.Random(data.seed)
     shuffled = []
     for rows, _ in sources:
@@ -108,6 +127,8 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
     held_out = {row["context"] for row in val}
     train = [row for rows, k, (_, repeat) in zip(shuffled, n_val, sources, strict=True)
              for row in rows[k:] if row["context"] not in held_out for _ in range(repeat)]
+    warn_repeats(task.name, [(rows[k:], repeat) for rows, k, (_, repeat) in zip(shuffled, n_val, sources, strict=True)],
+                 held_out)
     rng.shuffle(train)
     test = load_test_sets(task, data_dir)
     if task.train and not train:
@@ -116,6 +137,37 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
     warn_unknown_labels(task, distinct)
     check_overlap(distinct, test, data.allow_test_overlap)
     return TaskData(train, val, test)
+
+
+def check_size(task: TaskConfig, sizes: list[int]) -> None:
+    """Refuse, before any row is copied, training files whose rows × repeat exceed `MAX_TRAIN_ROWS` (repeat:
+    100000 hung in making and shuffling 362,800,000 rows), naming the largest repeat of each file that fits."""
+    total = sum(n * src.repeat for n, src in zip(sizes, task.train, strict=True))
+    if total <= MAX_TRAIN_ROWS:
+        return
+    problems = [f"task.train[{i}].repeat: {src.file}'s {n:,} rows × {src.repeat} make {total:,} training rows, "
+                f"more than the {MAX_TRAIN_ROWS:,} a run prepares; "
+                f"repeat ≤ {(MAX_TRAIN_ROWS - total + n * src.repeat) // n} fits"
+                for i, (n, src) in enumerate(zip(sizes, task.train, strict=True)) if src.repeat > 1]
+    raise ConfigError.listing(problems or [f"task.train: {total:,} training rows, more than the {MAX_TRAIN_ROWS:,} a "
+                                           "run prepares"])
+
+
+def warn_repeats(name: str, kept: list[tuple[list[dict], int]], held_out: set[str]) -> None:
+    """One warning line for training rows an epoch shows more than `REPEATS_WARNED` times (a file's copies
+    times its repeat, over every file): rows a model learns by heart."""
+    seen: Counter[str] = Counter()
+    first: dict[str, str] = {}
+    for rows, repeat in kept:
+        for row in rows:
+            if row["context"] not in held_out:
+                seen[row["context"]] += repeat
+                first.setdefault(row["context"], row[SOURCE_KEY])
+    if often := [c for c, n in seen.items() if n > REPEATS_WARNED]:
+        most = max(often, key=seen.__getitem__)
+        log.warning("task %s: %d training row%s more than %d times each (%d at most, %s); repeat or copies in the "
+                    "file", name, len(often), " occurs" if len(often) == 1 else "s occur", REPEATS_WARNED, seen[most],
+                    first[most])
 
 
 def load_test_sets(task: TaskConfig, data_dir: str | Path) -> list[tuple[TestSet, list[dict]]]:

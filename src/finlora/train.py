@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
-from finlora.build import build_model, build_tokenizer, placement
+from finlora.build import build_model, build_tokenizer, check_base, placement
 from finlora.callbacks import run_callbacks
 from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
@@ -53,8 +53,11 @@ def train(dict_cfg: DictConfig) -> dict:
     started = time.time()
     cfg = validate(dict_cfg)
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
+    for warning in cfg.trainer.schedule_warnings(len(task_data.train)):
+        log.warning(warning)
     step_plan = plan_step(cfg, device_type(cfg.trainer.accelerator), len(task_data.train))
     where = placement(cfg)
+    check_base(cfg, where)
     run_dir = Path(cfg.output_dir)
     ckpt_dir = run_dir / "checkpoints"
     ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)

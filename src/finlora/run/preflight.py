@@ -21,10 +21,17 @@ from finlora.run.lock import SWEEP_LOCK_FILE, hold
 SCHEMAS = {"train": Config, "eval": EvalConfig}
 
 
+def override_tokens(config: DictConfig) -> list[str]:
+    """Tokens in any value of the command line, Hydra's own overrides included (`+hydra.job.env_set.HF_TOKEN=…`
+    would be written into `.hydra/hydra.yaml` and `overrides.yaml`), each named by its key."""
+    overrides = [*config.hydra.overrides.hydra, *config.hydra.overrides.task]
+    return token_problems(dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o))
+
+
 class Preflight(Callback):
-    """A single run: its whole config is validated (every value check of `finlora.config`). A sweep: each
-    value on its command line is checked for tokens (its jobs' configs are validated as each job starts), and
-    a sweeper direction other than `sweep.direction` is refused."""
+    """A single run: its whole config is validated (every value check of `finlora.config`). A sweep: its jobs'
+    configs are validated as each job starts, and a sweeper direction other than `sweep.direction` is refused.
+    Both: every value on the command line, Hydra's included, is checked for tokens."""
 
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs: Any) -> None:
         schema = SCHEMAS.get(config_name or "")
@@ -36,14 +43,15 @@ class Preflight(Callback):
             del task["hydra"]
             task.output_dir = str(config.hydra.run.dir)  # Hydra sets its runtime folder only when the job starts
         try:
+            if tokens := override_tokens(config):
+                raise ConfigError.listing(tokens)
             validate(task, schema)
             hold(Path(config.hydra.run.dir))
         except FinloraError as err:
             fail(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        values = dict(o.lstrip("+~").split("=", 1) for o in config.hydra.overrides.task if "=" in o)
-        problems = token_problems(values)
+        problems = override_tokens(config)
         given = {o.split("=", 1)[1] for o in config.hydra.overrides.hydra if o.startswith("hydra.sweeper.direction=")}
         wanted = getattr(config.get("sweep", {}).get("direction"), "value", None)
         if wanted and given - {wanted}:
