@@ -14,7 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from finlora.config import Config, EvalConfig, token_problems, validate
-from finlora.errors import ConfigError, FinloraError
+from finlora.errors import ConfigError, FinloraError, as_fault
 from finlora.run.entry import fail
 from finlora.run.lock import SWEEP_LOCK_FILE, hold
 
@@ -47,8 +47,8 @@ class Preflight(Callback):
                 raise ConfigError.listing(tokens)
             validate(task, schema)
             hold(Path(config.hydra.run.dir))
-        except FinloraError as err:
-            fail(err)
+        except (FinloraError, OSError) as err:  # OSError: the folder cannot be made (read-only, full disk)
+            fail(as_fault(err))
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         problems = override_tokens(config)
@@ -61,5 +61,5 @@ class Preflight(Callback):
             fail(ConfigError.listing(problems))
         try:  # `report.py --rerun-failed` leaves the jobs of a live sweep to it
             hold(Path(config.hydra.sweep.dir), SWEEP_LOCK_FILE)
-        except FinloraError as err:
-            fail(err)
+        except (FinloraError, OSError) as err:
+            fail(as_fault(err))
