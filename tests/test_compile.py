@@ -264,7 +264,8 @@ def test_guard_clips_by_the_norm_it_logs_as_clip_grad_norm_would():
 
 def test_logging_only_where_lightning_writes_keeps_the_logs_and_the_summary(tiny_model_dir, tmp_path):
     """Values logged at batches whose logs Lightning does not write are never seen, so finlora logs only at
-    those it writes, and at the last, whose values the summary reads: the same rows and the same final loss."""
+    those it writes, and at the last (written too: `loggers.LastStepLogs`), whose values the summary reads: the
+    same rows and the same final loss."""
     runs = {}
     for every in (1, 2):
         out = tmp_path / f"every{every}"
@@ -274,9 +275,11 @@ def test_logging_only_where_lightning_writes_keeps_the_logs_and_the_summary(tiny
     (every_step, rows1), (every_other, rows2) = runs[1], runs[2]
     assert every_other["final_train_loss"] == every_step["final_train_loss"] is not None
     logged = [r for r in rows2 if r.get("train/loss")]
-    assert [r["step"] for r in logged] == ["1"]  # the second optimizer step, counted from 0
-    same = next(r for r in rows1 if r.get("train/loss") and r["step"] == "1")
-    assert all(logged[0][k] == same[k] for k in ("train/loss", "train/grad_norm", "train/padding_fraction"))
+    assert [r["step"] for r in logged] == ["1", "2"]  # the second optimizer step (counted from 0), and the last
+    for row in logged:
+        same = next(r for r in rows1 if r.get("train/loss") and r["step"] == row["step"])
+        assert all(row[k] == same[k] for k in ("train/loss", "train/grad_norm", "train/padding_fraction"))
+    assert float(logged[-1]["train/loss"]) == pytest.approx(every_other["final_train_loss"])
 
 
 def test_first_batches_of_each_shape_are_reported_as_compile_time():

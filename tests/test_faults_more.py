@@ -93,6 +93,7 @@ def test_a_folder_that_is_not_a_model_is_named(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # 23 s here, in transformers' look-up of the hub id
 def test_a_hub_id_missing_from_the_cache_while_offline_is_named(tmp_path):
     with pytest.raises(ConfigError, match="model.name_or_path: nobody/no-such-model is not in the local Hugging "
                                           "Face cache, and HF_HUB_OFFLINE=1 forbids downloading it"):

@@ -38,7 +38,8 @@ def trained(tiny_model_dir, tmp_path) -> tuple[list[str], Path]:
     (data / "train").mkdir(parents=True)
     (data / "test").mkdir()
     (data / "train" / "fpb_train.jsonl").write_text("".join(r + "\n" for r in rows))
-    (data / "test" / "fpb_test.jsonl").write_text(rows[0] + "\n")
+    test_row = {"context": "Instruction: sentiment?\nInput: held-out news\nAnswer: ", "target": "neutral"}
+    (data / "test" / "fpb_test.jsonl").write_text(json.dumps(test_row) + "\n")  # not a training row (row 7)
     common = [*TINY, f"model.name_or_path={model}", f"paths.data_dir={data}"]
     train(compose_cfg(common, tmp_path / "run"))
     return common, tmp_path / "run"
