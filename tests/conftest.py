@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,17 @@ def lively_weights(model: torch.nn.Module) -> torch.nn.Module:
             if p.dim() == 2:
                 p.normal_(0, 0.25 if "embed" in name else 0.15)
     return model
+
+
+@pytest.fixture(scope="session")
+def weightless(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model's config and tokenizer, no weights: what a check made before the model loads needs
+    (had loading begun, it would fail)."""
+    path = tmp_path_factory.mktemp("weightless")
+    for f in tiny_model_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, path)
+    return path
 
 
 @pytest.fixture(scope="module")

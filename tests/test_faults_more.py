@@ -19,7 +19,7 @@ import torch
 from conftest import ROOT, compose_cfg
 from safetensors.torch import save_file
 from test_faults import finish, kill_at_rename, start
-from test_hardening import TINY, weightless  # noqa: F401  (a fixture)
+from test_hardening import TINY
 
 from finlora.adapters import attach_adapter, load_adapter
 from finlora.config import AdapterConfig, AdapterMethod, DoraImpl, ModelConfig, QuantConfig, validate
@@ -49,7 +49,7 @@ TRAIN = [(f"news {i}", ("positive", "negative", "neutral")[i % 3]) for i in rang
 
 # Row 7: labels and leakage, checked before the model loads.
 
-def test_test_targets_outside_the_labels_are_refused_by_file_and_line(weightless, tmp_path):  # noqa: F811
+def test_test_targets_outside_the_labels_are_refused_by_file_and_line(weightless, tmp_path):
     data = _data(tmp_path / "data", TRAIN, [("a", "positive"), ("b", "bullish"), ("c", "Neutral ")])
     with pytest.raises(DataError) as err:
         train(_cfg(weightless, tmp_path / "run", f"paths.data_dir={data}"))
@@ -105,7 +105,7 @@ class Foreign:
 
 
 @pytest.mark.parametrize("kind", ["foreign", "payload"])
-def test_a_checkpoint_pickled_by_another_tool_is_named_without_weights_only_advice(weightless, tmp_path,  # noqa: F811
+def test_a_checkpoint_pickled_by_another_tool_is_named_without_weights_only_advice(weightless, tmp_path,
                                                                                    kind):
     ckpt = tmp_path / "other.ckpt"
     obj = Foreign() if kind == "foreign" else {"state_dict": {}, "x": Payload(tmp_path / "pwned")}
@@ -129,7 +129,7 @@ class Payload:
     ("[1, 2]", "a JSON list, not an object"),
     ('{"peft_type": "LORA", "r": 8}', "no target_modules"),
 ])
-def test_eval_on_a_malformed_adapter_config_names_the_file(weightless, tmp_path, text, problem):  # noqa: F811
+def test_eval_on_a_malformed_adapter_config_names_the_file(weightless, tmp_path, text, problem):
     adapter = tmp_path / "adapter"
     shutil.copytree(weightless, adapter)  # its tokenizer files, as a saved adapter has them
     (adapter / "config.json").unlink()
@@ -165,7 +165,7 @@ def test_a_full_disk_names_the_path_and_size_and_keeps_the_previous_file(tmp_pat
     assert '"x": "yyyyyyyyyy"' in out and ".tmp" not in out  # the previous file whole, no temporary left
 
 
-def test_a_read_only_output_folder_is_one_line_before_loading(weightless, tmp_path):  # noqa: F811
+def test_a_read_only_output_folder_is_one_line_before_loading(weightless, tmp_path):
     out_dir = tmp_path / "ro"
     out_dir.mkdir()
     cmd = " ".join([sys.executable, "train.py", f"model.name_or_path={weightless}", *TINY,

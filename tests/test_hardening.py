@@ -31,16 +31,6 @@ def _cli(script: str, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProce
                           timeout=300)
 
 
-@pytest.fixture(scope="module")
-def weightless(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model's config and tokenizer, no weights."""
-    path = tmp_path_factory.mktemp("weightless")
-    for f in tiny_model_dir.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, path)
-    return path
-
-
 def _data(root: Path, train_rows: list[str]) -> Path:
     (root / "train").mkdir(parents=True)
     (root / "test").mkdir()

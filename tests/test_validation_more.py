@@ -36,16 +36,6 @@ def _written(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() or p.parent.name == "runs")
 
 
-@pytest.fixture(scope="module")
-def weightless(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model's config and tokenizer, no weights."""
-    path = tmp_path_factory.mktemp("weightless")
-    for f in tiny_model_dir.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, path)
-    return path
-
-
 @pytest.mark.parametrize("sweep", [[], ["-m", "adapter.r=4,8"]])
 def test_token_in_a_hydra_override_is_refused_and_never_written(weightless, sweep, tmp_path):
     """Row 6: `+hydra.job.env_set.HF_TOKEN=hf_…` was written twice into `.hydra/hydra.yaml`."""
