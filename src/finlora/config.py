@@ -336,13 +336,18 @@ class TrainerConfig:
         _check(problems, self.log_every_n_steps > 0, "trainer.log_every_n_steps", "must be > 0")
         return problems
 
+    def optimizer_steps(self, train_rows: int) -> int:
+        """The optimizer steps a run over `train_rows` examples an epoch takes: `max_steps`, or its epochs."""
+        by_epochs = -(-train_rows // (self.batch_size * self.grad_accum)) * self.max_epochs
+        return min(by_epochs, self.max_steps) if self.max_steps > 0 else by_epochs
+
     def schedule_warnings(self, train_rows: int) -> list[str]:
         """Settings the run's length makes pointless (the run goes on): a warmup it never finishes, a
         validation interval it never reaches. `train_rows`: training examples an epoch takes."""
         batches = self.max_epochs * -(-train_rows // self.batch_size)
         if self.max_steps > 0:
             batches = min(batches, self.max_steps * self.grad_accum)
-        steps = batches // self.grad_accum
+        steps = self.optimizer_steps(train_rows)
         warnings = []
         if self.warmup_steps > steps:
             warnings.append(f"trainer.warmup_steps: {self.warmup_steps} is more than the run's {steps} optimizer "

@@ -10,7 +10,6 @@ cannot be recorded says so in one line and runs eager; the run's summary names t
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 from finlora.config import Batching, Compile, Config
@@ -26,14 +25,6 @@ REGIONS_MIN_STEPS = 3000
 class StepPlan:
     path: str  # eager | capture | capture+regions | compiled (an explicit trainer.compile without capture)
     reason: str
-
-
-def planned_steps(cfg: Config, train_rows: int) -> int:
-    """The optimizer steps the run will take: `trainer.max_steps`, or its epochs of `train_rows` examples."""
-    t = cfg.trainer
-    per_epoch = math.ceil(train_rows / (t.batch_size * t.grad_accum))
-    by_epochs = per_epoch * t.max_epochs
-    return min(by_epochs, t.max_steps) if t.max_steps > 0 else by_epochs
 
 
 def _unrecordable(cfg: Config, device_type: str) -> str | None:
@@ -66,7 +57,7 @@ def plan_step(cfg: Config, device_type: str, train_rows: int) -> StepPlan:
         log.warning("%s: bitsandbytes' LLM.int8 matmul waits for the GPU twice a layer (slower compiled than eager, "
                     "and no CUDA graph can hold it; quant.int8_compute=weight_only records); running eager", asked)
         t.capture, t.compile = False, Compile.eager
-    steps = planned_steps(cfg, train_rows)
+    steps = t.optimizer_steps(train_rows)
     if t.capture is None:
         t.capture = why_not is None
         if why_not and device_type == "cuda":
