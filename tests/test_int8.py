@@ -171,7 +171,7 @@ def test_int8_dequantization_kernel_equals_torchs_float32_form_bit_for_bit(shape
     g = torch.Generator().manual_seed(0)
     cb = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).cuda()
     scb = (torch.rand(shape[0], generator=g) * 3 + 1e-3).cuda()
-    want = (cb.float() * (scb / 127.0)[:, None]).to(dtype)
+    want = (cb.float() * (scb * (1 / 127))[:, None]).to(dtype)
     assert torch.equal(dequantize_int8(cb, scb, dtype), want)
     dequantize_int8(cb, scb, dtype)  # compiled before the recording
     graph = torch.cuda.CUDAGraph()

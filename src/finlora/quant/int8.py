@@ -47,9 +47,10 @@ def _dequantize_int8_op(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
         out = torch.empty(cb.shape, dtype=dtype, device=cb.device)
         rows, cols = cb.shape
         grid = (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(cols, _BLOCK_COLS))
-        _dequantize_int8_kernel[grid](cb, scb, out, rows, cols, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_COLS=_BLOCK_COLS)
+        _dequantize_int8_kernel[grid](cb, scb, out, rows, cols, INV_127=_INV_127, BLOCK_ROWS=_BLOCK_ROWS,
+                                      BLOCK_COLS=_BLOCK_COLS)
         return out
-    return (cb.float() * (scb.float() / 127.0)[:, None]).to(dtype)
+    return (cb.float() * (scb.float() * _INV_127)[:, None]).to(dtype)
 
 
 @_dequantize_int8_op.register_fake
@@ -58,19 +59,20 @@ def _(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 _BLOCK_ROWS, _BLOCK_COLS = 8, 512
+_INV_127 = 1.0 / 127.0  # multiplied, in float32, alike in torch and Triton (torch divides by a number so on a GPU)
 
 if triton is not None:
 
     @triton.jit
-    def _dequantize_int8_kernel(cb_ptr, scb_ptr, out_ptr, n_rows, n_cols, BLOCK_ROWS: tl.constexpr,
-                                BLOCK_COLS: tl.constexpr):
-        """out = CB · (SCB / 127), in float32 with IEEE division as torch's, rounded once to out's dtype."""
+    def _dequantize_int8_kernel(cb_ptr, scb_ptr, out_ptr, n_rows, n_cols, INV_127: tl.constexpr,
+                                BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """out = CB · (SCB · (1/127)), in float32 as the torch form, rounded once to out's dtype."""
         rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
         cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
         row_mask = rows < n_rows
         mask = row_mask[:, None] & (cols[None, :] < n_cols)
         scb = tl.load(scb_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        scale = tl.div_rn(scb, tl.full([BLOCK_ROWS], 127.0, tl.float32))
+        scale = scb * INV_127
         offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
         q = tl.load(cb_ptr + offs, mask=mask, other=0).to(tl.float32)
         tl.store(out_ptr + offs, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
