@@ -327,6 +327,15 @@ class TaskConfig:
     train: list[DataSource] = field(default_factory=list)  # [] for an evaluation-only task
     test: list[TestSet] = field(default_factory=list)
 
+    @property
+    def reads_data_dir(self) -> bool:
+        """Whether a file of the task is relative to paths.data_dir (a task of datasets sources needs none)."""
+        return any(r.file is not None and not Path(r.file).is_absolute() for r in [*self.train, *self.test])
+
+    def prompt(self, rows: list[Rows], style: TrainPrompt = TrainPrompt.plain) -> str:
+        """What the summary says the prompt of `rows` is: the chat template if any is chat, else `style`."""
+        return "chat_template" if any(r.format is RecordFormat.chat for r in rows) else style.value
+
     def problems(self) -> list[str]:
         problems: list[str] = []
         for i, src in enumerate(self.train):
@@ -616,7 +625,7 @@ class RunConfig:
                "must be 1 to 128 of the characters A-Z a-z 0-9 . _ - + = , : @ (one folder name, not starting with "
                f"a dot), got {self.run_name[:60]!r}" + (f"… ({len(self.run_name)} characters)"
                                                        if len(self.run_name) > 60 else ""))
-        _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
+        _check(problems, not self.task.reads_data_dir or Path(self.paths.data_dir).is_dir(), "paths.data_dir",
                f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
         for section in (self.model, self.quant, self.task, self.logger):
             problems += section.problems()
@@ -651,7 +660,11 @@ class Config(RunConfig):
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
-        names = flat(asdict(self)).keys() | {src.file for src in self.task.train}
+        chat = [f"task.train[{i}]" for i, src in enumerate(self.task.train) if src.format is RecordFormat.chat]
+        _check(problems, not chat or self.data.train_prompt is TrainPrompt.plain, "data.train_prompt",
+               f"{self.data.train_prompt.value} wraps a FinLoRA context, and {', '.join(chat)} has format chat, whose "
+               "prompt is the tokenizer's chat template: use data.train_prompt=plain")
+        names = flat(asdict(self)).keys() | {src.origin for src in self.task.train}
         unknown = [k for k in self.resume_changes if k not in names]
         _check(problems, not unknown, "resume_changes", f"{unknown} name no config key or training file of this run")
         t = self.trainer

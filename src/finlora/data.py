@@ -12,6 +12,7 @@ tensors a batch becomes.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import logging
@@ -124,7 +125,9 @@ def load_source(src: DatasetSource, key: str) -> Any:
                                 f"DatasetDict), so it has no split {src.split!r}; leave {key}.split unset")
             return saved
         if path.is_file():
-            return datasets.load_dataset(DATA_SUFFIXES[path.suffix.lower()], data_files=str(path), split=src.split)
+            builder = DATA_SUFFIXES[path.suffix.lower()]
+            return datasets.load_dataset(builder, data_files=str(path), split=src.split,
+                                         **({"features": csv_as_text(path)} if builder == "csv" else {}))
         return datasets.load_dataset(str(path) if path.is_dir() else src.path, src.name, split=src.split,
                                      revision=src.revision)
     except DataError:
@@ -134,6 +137,15 @@ def load_source(src: DatasetSource, key: str) -> Any:
         where = "" if src.local else ("; a hub data set needs the network the first time (then it is cached): "
                                       "download it once online, or give a local file or save_to_disk folder")
         raise DataError(f"{key}.path: cannot load {src.path!r} (split {src.split!r}): {first}{where}") from None
+
+
+def csv_as_text(path: Path) -> Any:
+    """Every column of a CSV file as text, as written (pandas would read an answer 007 as 7, 1.50 as 1.5)."""
+    import datasets
+
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        header = next(csv.reader(f), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
 
 
 def checked_records(rows: Iterable[tuple[int, dict]], spec: Rows, key: str, origin: str,
