@@ -133,8 +133,13 @@ def test_unknown_column_is_refused_naming_key_source_and_columns_before_loading(
     assert not (tmp_path / "run").exists()
 
 
-def test_hub_id_offline_is_one_line_naming_the_key_before_loading(weightless, tmp_path):
-    """HF_HUB_OFFLINE=1 (conftest): a hub data set not in the cache cannot load; said in one line naming the key."""
+def test_hub_id_offline_is_one_line_naming_the_key_before_loading(weightless, tmp_path, monkeypatch):
+    """Offline, a hub data set not in the cache cannot load: one line naming the key. HF_HUB_OFFLINE=1 (conftest) is
+    read when huggingface_hub and datasets are imported, before the fixture sets it, so it is set as they read it."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     cfg = compose_cfg([f"model.name_or_path={weightless}", *TINY, "task=custom",
                        "task.train.0.source.path=finlora-tests/no-such-data"], tmp_path / "run")
     with pytest.raises(DataError) as err:
@@ -162,7 +167,7 @@ def test_finlora_checks_apply_to_sources_by_split_and_row(tokenizer, tmp_path):
         load_task(task("test"), DataConfig(val_size=0), tmp_path)
     with pytest.raises(DataError, match=r"no split 'dev'; its splits: train, test"):
         load_task(task("dev"), DataConfig(val_size=0), tmp_path)
-    data = load_task(task("train"), DataConfig(val_size=0), tmp_path)  # the same rows as test
+    data = load_task(task("train"), DataConfig(val_size=0, allow_test_overlap=True), tmp_path)
     assert data.test[0][1][0]["_source"] == f"{folder} (split train) row 0"
     overlap = TaskConfig(name="n", train=task("train").train, test=[TestSet(
         name="n", file=str(tmp_path / "t.jsonl"), labels=list(LABELS))])
