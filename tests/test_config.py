@@ -20,7 +20,8 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "con
 EVAL_ONLY_TASKS = {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml") if not OmegaConf.load(p).get("train")}
 # Templates for the user's own data (conf/task/custom.yaml, chat.yaml): the data's path is given on the command line.
 PATH_GIVEN_TASKS = {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")
-                    if "???" in [s.get("source", {}).get("path") for s in OmegaConf.load(p).get("train", [])]}
+                    if any("source" in s and OmegaConf.is_missing(s.source, "path")
+                           for s in OmegaConf.load(p).get("train", []))}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
