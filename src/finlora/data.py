@@ -5,9 +5,8 @@ or from anything `datasets` loads (local data files, `save_to_disk` folders, hub
 row); a task entry's `columns` maps its rows onto records, and `format: chat` takes {role, content} messages
 whose prompt the tokenizer's chat template renders (`finlora.prompts`). Every source is read and checked
 completely before any model is loaded, so a malformed row fails in seconds, named, rather than after a
-minute of model loading. The loaders decide
-which examples share a batch and in what order (and resume mid-epoch); `finlora.batching` decides the
-tensors a batch becomes.
+minute of model loading. The loaders decide which examples share a batch and in what order (and resume
+mid-epoch); `finlora.batching` decides the tensors a batch becomes.
 """
 
 from __future__ import annotations
