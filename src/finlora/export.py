@@ -137,7 +137,7 @@ def push(folder: Path, repo_id: str, private: bool) -> str:
 def gguf_tokenizer_pre(config: PretrainedConfig, tokenizer: Tokenizer) -> str:
     """The `tokenizer.ggml.pre` of a model finlora can write as GGUF; refuses, before the base loads, an
     architecture or tokenizer it cannot."""
-    arch = (config.architectures or ["?"])[0]
+    arch = (config.architectures or [config.model_type])[0]
     if arch not in GGUF_ARCHITECTURES:
         raise ConfigError(f"format=gguf: the base is a {arch}; finlora writes GGUF for {', '.join(GGUF_ARCHITECTURES)} "
                           "only: export format=merged, then convert that folder with llama.cpp's convert_hf_to_gguf.py")
