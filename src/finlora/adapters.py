@@ -147,6 +147,10 @@ class SavedAdapter:
     def method(self) -> str:
         return "dora" if self.peft.get("use_dora") else "lora"
 
+    @property
+    def run_name(self) -> str:
+        return self.run.get("run_name") or self.path.resolve().parent.name
+
 
 def read_saved_adapter(adapter_path: str) -> SavedAdapter:
     """A finlora adapter folder's record, refusing (naming the file and key) a folder that is not one."""

@@ -118,7 +118,7 @@ def write_export_card(folder: Path, saved: SavedAdapter, fmt: str, gguf_file: st
 
     hub = saved.base.get("hub_id") or saved.base["name_or_path"]
     task = (saved.run.get("task") or {}).get("name")
-    name = saved.run.get("run_name") or saved.path.resolve().parent.name
+    name = saved.run_name
     results = [EvalResult(task_type="text-generation", dataset_type=f"finlora/{m[1]}", dataset_name=f"FinLoRA {m[1]} "
                           "(test)", metric_type=m[2], metric_value=float(v))
                for k, v in sorted(saved.summary.items()) if (m := SCORES.fullmatch(k)) and isinstance(v, int | float)]

@@ -75,8 +75,8 @@ def export(dict_cfg: DictConfig) -> dict:
             tokenizer.save_pretrained(tmp)
             files = sorted(p.name for p in tmp.iterdir())
         else:
-            name = f"{_run_name(saved)}-{GGUF_TYPES[cfg.gguf_type][0].name}.gguf"
-            write_gguf(model, tokenizer, pre, tmp / name, cfg.gguf_type, _run_name(saved))
+            name = f"{saved.run_name}-{GGUF_TYPES[cfg.gguf_type][0].name}.gguf"
+            write_gguf(model, tokenizer, pre, tmp / name, cfg.gguf_type, saved.run_name)
             files = [name]
         write_export_card(tmp, saved, cfg.format.value, files[0] if cfg.format is ExportFormat.gguf else None)
     summary = {"format": cfg.format.value, "out_dir": str(target), "files": files, "dtype": str(dtype),
@@ -88,10 +88,6 @@ def export(dict_cfg: DictConfig) -> dict:
     print(f"exported {saved.path} ({saved.method}) merged into {saved.base['name_or_path']} as {cfg.format.value}: "
           f"{target}" + (f"; pushed to {summary['pushed_to']}" if summary["pushed_to"] else ""))
     return summary
-
-
-def _run_name(saved: SavedAdapter) -> str:
-    return saved.run.get("run_name") or saved.path.resolve().parent.name
 
 
 def merged_model(saved: SavedAdapter, source: str, model_cfg: ModelConfig, dtype: torch.dtype) -> PreTrainedModel:
