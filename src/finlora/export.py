@@ -209,9 +209,9 @@ def write_gguf(model: PreTrainedModel, tokenizer: Tokenizer, pre: str, path: Pat
         if gguf_name is None:
             raise ConfigError(f"format=gguf: no GGUF name for the tensor {hf_name}")
         data = tensor.detach().float()
-        if hf_name.endswith("q_proj.weight"):
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = permute_rotary(data, c.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = permute_rotary(data, c.num_key_value_heads)
         array = data.numpy()
         tensor_type = gguf.GGMLQuantizationType.F32 if array.ndim <= 1 or gguf_name.endswith("_norm.weight") else qtype
