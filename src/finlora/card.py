@@ -127,16 +127,18 @@ def write_export_card(folder: Path, saved: SavedAdapter, fmt: str, gguf_file: st
                          library_name="transformers" if fmt == "merged" else "gguf", eval_results=results or None,
                          tags=[t for t in ("finlora", "finance", task, saved.method, fmt) if t])
     method = METHOD_NAMES[saved.method]
-    bits = f"{saved.quant_bits}-bit base (bitsandbytes); merged here into the unquantized weights, so its " \
+    article = "an" if saved.quant_bits == 8 else "a"
+    bits = f"{article} {saved.quant_bits}-bit base (bitsandbytes); merged here into the unquantized weights, so its " \
         "answers can differ slightly from those of the quantized base with the adapter" if saved.quant_bits else \
-        "unquantized base"
+        "an unquantized base"
     load = ("""```python
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")
 tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")
 ```""" if fmt == "merged" else f"""```bash
-llama-cli -m {gguf_file} -p "Instruction: What is the sentiment of this news? ...\nAnswer: " -n 4
+llama-cli -m {gguf_file} -p "<a FinLoRA prompt>" -n 8         # llama.cpp
+printf 'FROM ./{gguf_file}\n' > Modelfile && ollama create {name} -f Modelfile   # Ollama
 ```
 
 With transformers (dequantized to float on load):
@@ -151,11 +153,13 @@ tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>", gguf_file="{g
     sections = re.split(r"(?m)^(?=## )", adapter_card.read_text(encoding="utf-8")) if adapter_card.is_file() else []
     kept = "".join(p for p in sections if p.startswith(("## Data", "## Settings", "## Results")))
     kind = "Merged model" if fmt == "merged" else f"GGUF (`{gguf_file}`)"
+    embedded = (f" The base weights are finlora's embedded GGUF (Q4_1) copy of `{hub}`, dequantized: close to the "
+                "hub's weights, not equal to them." if saved.base["name_or_path"].startswith("embedded:") else "")
     body = f"""
 # {name}
 
 {kind}: the {method} adapter of finlora's run `{name}` folded into `{hub}`{f" (FinLoRA task `{task}`)" if task else ""}.
-The adapter was trained on an {bits}. Prompts are FinLoRA's raw `context` strings, without a chat template.
+The adapter was trained on {bits}.{embedded} Prompts are FinLoRA's raw `context` strings, without a chat template.
 
 ## Load
 

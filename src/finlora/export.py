@@ -95,7 +95,7 @@ def merged_model(saved: SavedAdapter, source: str, model_cfg: ModelConfig, dtype
     float32 (peft's merge, LoRA's or DoRA's), then the model is cast to `dtype`. On the CPU: merging is cheap, and
     a base in 16 bits takes 2 bytes a parameter of memory."""
     if saved.quant_bits:
-        log.info("the adapter was trained on a %d-bit base; it is merged into the unquantized base weights",
+        log.info("the base was %d-bit when the adapter was trained; it is merged into the unquantized base weights",
                  saved.quant_bits)
     base = load_model(source, model_cfg, QuantConfig(), dtype, torch.device("cpu"))
     peft_model = load_adapter(base, str(saved.path), DoraImpl.peft, merge=False)
