@@ -121,12 +121,12 @@ def test_merged_folder_loads_alone_and_answers_as_base_plus_adapter(dora, expect
 
 
 @pytest.mark.slow  # about 45 s each: transformers and gguf-py parse the 49,152-token vocabulary several times
-@pytest.mark.parametrize("kind", ["f16", "q8_0"])
+@pytest.mark.parametrize("kind", ["f16", "bf16", "q8_0"])
 def test_gguf_read_back_by_transformers_and_gguf_reader(dora, expected, tmp_path, kind):
     """format=gguf: gguf-py's reader (what llama.cpp-compatible tools read with) finds llama's keys, the SmolLM2
     tokenizer's, matrices in the asked type and vectors in F32; transformers' GGUF loader rebuilds the model and a
     tokenizer that encodes as the original. F16 answers each row as the base with the adapter through peft does;
-    Q8_0's logits stay close and give the same first token on every row."""
+    BF16's and Q8_0's logits stay close and give the same first token on every row."""
     expected_answers, expected_logits = expected
     out = tmp_path / kind
     summary = run_export(dora, out, "format=gguf", f"gguf_type={kind}")
