@@ -126,6 +126,56 @@ def check_saved_adapter(adapter_path: str, base: dict) -> None:
                           f"for, {_describe(base)}; set model.name_or_path (and model.revision) to its base")
 
 
+@dataclass
+class SavedAdapter:
+    """What a training run recorded about its adapter: peft's `adapter_config.json`, the base it was trained on
+    (`BASE_FILE`), and from the run folder above it, where there is one, the run's config (`config.yaml`: its
+    quantization, task and settings) and summary (`metrics.json`: losses and test metrics)."""
+
+    path: Path
+    peft: dict
+    base: dict
+    run: dict
+    summary: dict
+
+    @property
+    def quant_bits(self) -> int | None:
+        """The bits of the base the adapter was trained on (None: not quantized, or no run config)."""
+        return (self.run.get("quant") or {}).get("bits")
+
+    @property
+    def method(self) -> str:
+        return "dora" if self.peft.get("use_dora") else "lora"
+
+    @property
+    def run_name(self) -> str:
+        return self.run.get("run_name") or self.path.resolve().parent.name
+
+
+def read_saved_adapter(adapter_path: str) -> SavedAdapter:
+    """A finlora adapter folder's record, refusing (naming the file and key) a folder that is not one."""
+    import yaml
+
+    folder = Path(adapter_path)
+    if problem := config_problem(folder / "adapter_config.json"):
+        raise ConfigError(f"adapter_path: {folder / 'adapter_config.json'}: {problem}; it should be the "
+                          "adapter_config.json that training wrote")
+    try:
+        base = json.loads((folder / BASE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"adapter_path: {folder / BASE_FILE} cannot be read ({err}); it names the base the adapter "
+                          "was trained on, and training writes it next to the adapter") from None
+    missing = [k for k in ("name_or_path", "shapes") if not isinstance(base, dict) or k not in base]
+    if missing:
+        raise ConfigError(f"adapter_path: {folder / BASE_FILE} has no {', '.join(missing)}; it should be the file "
+                          "that training wrote")
+    run_dir = folder.resolve().parent
+    run = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    summary = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").is_file() else {}
+    peft = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    return SavedAdapter(folder, peft, base, run or {}, summary)
+
+
 def config_problem(path: Path) -> str | None:
     """What makes a saved `adapter_config.json` unusable, or None: missing, not JSON, not a LoRA config."""
     try:

@@ -1,17 +1,24 @@
 """A saved adapter that stands on its own: `adapter_config.json` names its base portably (`models.portable_name`),
 and `README.md` is a model card (task, data, settings, test metrics, how to load and merge) in place of peft's
-empty template."""
+empty template. An exported model (`finlora.export`) gets a Hub model card too, with the adapter's test metrics as
+`model-index` results."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finlora.config import AdapterMethod, Config
 from finlora.outputs import write_json, write_text
 
+if TYPE_CHECKING:
+    from finlora.adapters import SavedAdapter
+
 PEFT_CONFIG = "adapter_config.json"
 METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA"}
+SCORES = re.compile(r"test/([^/]+)/(accuracy|f1|rouge_l_f1)")  # the test metrics a card reports as model-index results
 
 
 def set_base_name(folder: Path, name: str) -> None:
@@ -105,6 +112,66 @@ The run's whole config is `config.yaml` in its run folder (the folder above this
 {load}
 """
     write_text(folder / "README.md", text)
+
+
+def write_export_card(folder: Path, saved: SavedAdapter, fmt: str, gguf_file: str | None) -> None:
+    """`README.md` of an exported model (`fmt`: merged or gguf), written with huggingface_hub's `ModelCard`: the
+    metadata the Hub reads (base model, library, tags, and the adapter's test metrics as `model-index` results),
+    how to load it, then the adapter card's own sections (data, settings, results), which training wrote."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    hub = saved.base.get("hub_id") or saved.base["name_or_path"]
+    task = (saved.run.get("task") or {}).get("name")
+    name = saved.run_name
+    results = [EvalResult(task_type="text-generation", dataset_type=f"finlora/{m[1]}", dataset_name=f"FinLoRA {m[1]} "
+                          "(test)", metric_type=m[2], metric_value=float(v))
+               for k, v in sorted(saved.summary.items()) if (m := SCORES.fullmatch(k)) and isinstance(v, int | float)]
+    portable = not hub.startswith(("/", ".", "~", "embedded:"))  # a Hub id; a local path means nothing there
+    data = ModelCardData(model_name=name, base_model=hub if portable else None, pipeline_tag="text-generation",
+                         library_name="transformers" if fmt == "merged" else "gguf", eval_results=results or None,
+                         tags=[t for t in ("finlora", "finance", task, saved.method, fmt) if t])
+    method = METHOD_NAMES[saved.method]
+    article = "an" if saved.quant_bits == 8 else "a"
+    bits = f"{article} {saved.quant_bits}-bit base (bitsandbytes); merged here into the unquantized weights, so its " \
+        "answers can differ slightly from those of the quantized base with the adapter" if saved.quant_bits else \
+        "an unquantized base"
+    load = ("""```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("<this folder or repo>")
+tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>")
+```""" if fmt == "merged" else f"""```bash
+llama-cli -m {gguf_file} -p "<a FinLoRA prompt>" -n 8         # llama.cpp
+printf 'FROM ./{gguf_file}\n' > Modelfile && ollama create {name} -f Modelfile   # Ollama
+```
+
+With transformers (dequantized to float on load):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("<this folder or repo>", gguf_file="{gguf_file}")
+tokenizer = AutoTokenizer.from_pretrained("<this folder or repo>", gguf_file="{gguf_file}")
+```""")
+    adapter_card = saved.path / "README.md"
+    sections = re.split(r"(?m)^(?=## )", adapter_card.read_text(encoding="utf-8")) if adapter_card.is_file() else []
+    kept = "".join(p for p in sections if p.startswith(("## Data", "## Settings", "## Results")))
+    kind = "Merged model" if fmt == "merged" else f"GGUF (`{gguf_file}`)"
+    embedded = (f" The base weights are finlora's embedded GGUF (Q4_1) copy of `{hub}`, dequantized: close to the "
+                "hub's weights, not equal to them." if saved.base["name_or_path"].startswith("embedded:") else "")
+    body = f"""
+# {name}
+
+{kind}: the {method} adapter of finlora's run `{name}` folded into `{hub}`{f" (FinLoRA task `{task}`)" if task else ""}.
+The adapter was trained on {bits}.{embedded} Prompts are FinLoRA's raw `context` strings, without a chat template.
+
+## Load
+
+{load}
+
+{kept}"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+    write_text(folder / "README.md", str(card).rstrip() + "\n")
 
 
 def _fmt(value: float | int | None) -> str:

@@ -1,6 +1,6 @@
 """Typed schema of finlora's Hydra config, and the source of every default.
 
-The dataclasses below are registered with Hydra's ConfigStore as the schema of `train.yaml` and
+The dataclasses below are registered with Hydra's ConfigStore as the schema of `train.yaml`, `export.yaml` and
 `eval.yaml`, so every config group is typed: a wrong type or an unknown key fails while Hydra composes
 the config (`--cfg job` included), naming the key, and the YAML files under `conf/` hold only what differs
 from the defaults written here. Value ranges are checked in each section's `problems()`, collected by
@@ -732,13 +732,79 @@ class EvalConfig(RunConfig):
         return problems + token_problems(asdict(self))
 
 
-# The schemas of conf/train.yaml and conf/eval.yaml (each lists its schema first in its defaults).
+class ExportFormat(Enum):
+    """What `export.py` writes (`finlora.export`)."""
+
+    merged = "merged"  # a transformers model folder: the adapter folded into the base weights
+    gguf = "gguf"  # one GGUF file for llama.cpp and its kin (Ollama, LM Studio), Llama-architecture bases
+
+
+class HalfDtype(Enum):
+    """The 16-bit dtype a merged model's weights are stored in."""
+
+    bf16 = "bf16"
+    f16 = "f16"
+
+
+class GgufType(Enum):
+    """The GGUF file's type for its matrices (norms and other vectors stay float32, as llama.cpp writes them)."""
+
+    f16 = "f16"
+    bf16 = "bf16"
+    q8_0 = "q8_0"  # llama.cpp's 8-bit blocks: 32 weights and one f16 scale each, about half of f16's size
+
+
+@dataclass
+class ExportConfig:
+    """`export.py`: a saved adapter merged into the base it was trained on (loaded unquantized), written as a
+    transformers folder or a GGUF file, with a model card; optionally uploaded to the Hugging Face Hub."""
+
+    adapter_path: str = "???"  # the `adapter/` folder of a training run
+    format: ExportFormat = ExportFormat.merged
+    dtype: HalfDtype = HalfDtype.bf16  # format=merged: the weights' dtype
+    gguf_type: GgufType = GgufType.f16  # format=gguf: f16, bf16 or q8_0
+    out_dir: str | None = None  # null: <run folder>/<format> (merged/ or gguf/), beside the adapter
+    overwrite: bool = False  # replace an existing out_dir (refused otherwise)
+    push_to_hub: str | None = None  # a Hub repo id (org/name): upload the folder there once written (needs network)
+    private: bool = True  # push_to_hub: a repo created by the upload is private
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    run_name: str = "export"
+    output_dir: str = "???"
+
+    @property
+    def target(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else Path(self.adapter_path).resolve().parent / self.format.value
+
+    def problems(self) -> list[str]:
+        problems: list[str] = []
+        adapter = Path(self.adapter_path)
+        for name in ("adapter_config.json", "base_model.json"):
+            if not (adapter / name).is_file():
+                problems.append(f"adapter_path: {adapter / name} does not exist; give the adapter/ folder of a "
+                                f"finlora training run (it holds adapter_config.json and base_model.json)")
+                break
+        _check(problems, self.overwrite or not self.target.exists(), "out_dir",
+               f"{self.target} exists; set overwrite=true to replace it, or out_dir=… to write elsewhere")
+        if self.push_to_hub is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.push_to_hub)
+                _check(problems, "/" in self.push_to_hub, "push_to_hub",
+                       f"must be a repo id org/name (or user/name), got {self.push_to_hub!r}")
+            except HFValidationError as err:
+                problems.append(f"push_to_hub: {str(err).splitlines()[0]}")
+        return problems + token_problems(asdict(self))
+
+
+# The schemas of conf/train.yaml, conf/eval.yaml and conf/export.yaml (each lists its schema first in its defaults).
 # `trainer.extra` and `callbacks` take keys of the user's choosing without a `+`.
 _train_schema = OmegaConf.structured(Config)
 OmegaConf.set_struct(_train_schema.trainer.extra, False)
 OmegaConf.set_struct(_train_schema.callbacks, False)
 ConfigStore.instance().store(name="train_schema", node=_train_schema)
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
 def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[assignment]
