@@ -32,6 +32,7 @@ from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, Four
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
 from finlora.loggers import LastStepLogs, ends_fit, logs_now
+from finlora.metric_names import GRAD_NORM, PADDING_FRACTION, TOKENS_PER_S, VAL_SKIPPED, val_score
 from finlora.metrics import score
 from finlora.update import RecordedAdamW, measure_gradients
 
@@ -60,8 +61,7 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     throughput = ThroughputLogger(warm_up)
     profile = StepProfile(throughput)
     scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
-               if cfg.eval.during_training.size and val_rows and cfg.task.test and cfg.trainer.strategy != "fsdp"
-               else [])
+               if cfg.scores_in_training and val_rows else [])
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps,
                            cfg.trainer.grad_clip)
     return RunCallbacks(stopper, throughput, profile, [
@@ -96,8 +96,8 @@ class TaskScore(Callback):
                            share_prefix=self.settings.share_prefix)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
-            if name != "n":
-                pl_module.log(f"val/{self.task}/{name}", value, batch_size=len(self.rows))
+            if name not in VAL_SKIPPED:
+                pl_module.log(val_score(self.task, name), value, batch_size=len(self.rows))
 
 
 class ReloadData(Callback):
@@ -293,7 +293,7 @@ class NonFiniteGuard(Callback):
         loss = self.loss if self.loss is not None else torch.zeros((), device=pl_module.device)
         norm, bad = measure_gradients(params, loss, self.clip)
         if logs_now(trainer):
-            pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)
+            pl_module.log(GRAD_NORM, norm, on_step=True, batch_size=1)
         step = trainer.global_step + 1
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad.float()
@@ -328,7 +328,7 @@ class NonFiniteGuard(Callback):
             if isinstance(optimizer, RecordedAdamW) and optimizer.measured is not None:
                 loss, norm, bad = optimizer.measured
                 if logs_now(trainer):  # a copy: the next replay overwrites the update's outputs before Lightning reads
-                    pl_module.log("train/grad_norm", norm.clone(), on_step=True, batch_size=1)
+                    pl_module.log(GRAD_NORM, norm.clone(), on_step=True, batch_size=1)
                 self._record(bad, step, loss, norm)
         if step % trainer.log_every_n_steps == 0 or step % self.every_n_steps == 0 or step == trainer.max_steps:
             self.check()
@@ -437,7 +437,7 @@ class ThroughputLogger(L.Callback):
         self.shapes[shape] = self.shapes.get(shape, 0) + 1
         logs = logs_now(trainer)
         if logs:
-            pl_module.log("train/padding_fraction", 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
+            pl_module.log(PADDING_FRACTION, 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
         if self._last is not None and warming:
             self.compile_s += now - self._last
         elif self._last is not None:
@@ -446,7 +446,7 @@ class ThroughputLogger(L.Callback):
             self._window.append((stats.tokens, now - self._last))
             if logs:
                 rate = sum(t for t, _ in self._window) / sum(s for _, s in self._window)
-                pl_module.log("train/tokens_per_s", rate, on_step=True, batch_size=1)
+                pl_module.log(TOKENS_PER_S, rate, on_step=True, batch_size=1)
         self._last = now
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

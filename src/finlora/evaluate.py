@@ -53,6 +53,7 @@ from finlora.devices import Placement, linear_params, weight_bytes
 from finlora.dora import prepare_compile
 from finlora.errors import ConfigError
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
+from finlora.metric_names import test_score
 from finlora.metrics import extract_answer, score
 from finlora.models import compute_dtype, model_config, resolve_source
 from finlora.outputs import write_json, write_jsonl
@@ -569,7 +570,7 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                             four_bit=settings.four_bit, share_prefix=settings.share_prefix)
     for (test_set, records, rows), generations in zip(chosen, answers, strict=True):  # each set written when done
         metrics, predictions = score_set(test_set, records, rows, generations, conditions, out_dir)
-        flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
+        flat |= {test_score(test_set.name, k): v for k, v in metrics.items()}
         log_predictions(loggers, f"test/{test_set.name}/predictions", predictions)
     for lg in loggers:
         lg.log_metrics(flat)

@@ -39,6 +39,7 @@ from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
 from finlora.loggers import build_loggers, finish, log_adapter, log_summary
+from finlora.metric_names import TRAIN_LOSS, VAL_LOSS
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
@@ -121,7 +122,7 @@ def train(dict_cfg: DictConfig) -> dict:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
-            "final_train_loss": metrics.get("train/loss"), "final_val_loss": metrics.get("val/loss"),
+            "final_train_loss": metrics.get(TRAIN_LOSS), "final_val_loss": metrics.get(VAL_LOSS),
             "trainable_params": trainable, "total_params": total,
             "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
             "truncated_train_examples": datamodule.train_set.num_truncated,
