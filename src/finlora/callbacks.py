@@ -3,7 +3,7 @@
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
 non-finite steps and clipping gradients (`NonFiniteGuard`), which checkpoints are kept
 (`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
-`progress_bar`).
+`StepProgressBar`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import STATS_KEY, BatchStats
@@ -67,7 +68,7 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     return RunCallbacks(stopper, throughput, profile, [
         profile, ReloadData(), RunRecord(record), StepSeed(cfg.seed), guard, stopper, *scoring,
         *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
-        progress_bar(cfg.trainer.log_every_n_steps), LastStepLogs()])
+        StepProgressBar(), LastStepLogs()])
 
 
 class TaskScore(Callback):
@@ -538,7 +539,36 @@ class StepProfile(L.Callback):
                 "sync_sites": [f"{site} ×{n}" for site, n in top]}
 
 
-def progress_bar(refresh_every: int) -> TQDMProgressBar:
-    """A bar that reads its metrics every `refresh_every` batches: reading the loss copies it from the GPU,
-    which waits for the step; Lightning's default (rich) bar does that after every batch."""
-    return TQDMProgressBar(refresh_rate=refresh_every)
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimizer steps (`trainer.max_steps`, or all its epochs' steps), not over an
+    epoch's batches, so its time left is the run's; moved at every step (tqdm redraws at most ten times a
+    second). The loss beside it is read only at the steps whose logs are written (`logs_now`): reading it
+    copies it from the GPU, which waits for the step."""
+
+    def __init__(self) -> None:
+        super().__init__(refresh_rate=1)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bar = self.train_progress_bar = self.init_train_tqdm()
+        bar.reset(total=convert_inf(trainer.estimated_stepping_batches))
+        bar.initial = bar.n = trainer.global_step  # a resumed run: its rate and time left count this run's steps
+        bar.unit = "step"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"epoch {trainer.current_epoch}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if logs_now(trainer):
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        if trainer.global_step > bar.n:
+            bar.update(trainer.global_step - bar.n)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # one bar for the whole run: closed at its end
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the CSV logger's folder name, csv: nothing to read
+        return metrics

@@ -201,15 +201,17 @@ def ends_fit(trainer: Any, steps: int) -> bool:
 
 
 class LastStepLogs(Callback):
-    """Has Lightning write the last step's values (those `logs_now` logs it for): it writes a step's logs only
-    every `log_every_n_steps` steps, so a run ending between two lost its last values, and one shorter than
-    that with no validation (`trainer.max_steps=1`) wrote no csv/metrics.csv at all. Lightning reads the
-    setting right after this hook; it is put back before anything else reads it (validation, the fit's end)."""
+    """Has Lightning write the last step's values (those `logs_now` logs it for, and the learning rate, which
+    Lightning's LearningRateMonitor logs as a logging step starts): it writes a step's logs only every
+    `log_every_n_steps` steps, so a run ending between two lost its last values, and one shorter than that with
+    no validation (`trainer.max_steps=1`) wrote no csv/metrics.csv at all. Set from the last step's start (its
+    first micro-batch; at the end of an epoch, its last), put back before anything else reads it (validation,
+    the fit's end)."""
 
     def __init__(self) -> None:
         self._every: int | None = None
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         connector = trainer._logger_connector
         if (self._every is None and trainer.log_every_n_steps and not connector.should_update_logs
                 and ends_fit(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped + 1)):

@@ -86,6 +86,7 @@ def train(dict_cfg: DictConfig) -> dict:
     if ckpt_path:
         keep_earlier_rows(loggers, ckpt_path)
     callbacks = run_callbacks(cfg, ckpt_dir, task_data.val, tokenizer, where.precision, record)
+    extra = build_callbacks(cfg.callbacks)
     try:
         t = cfg.trainer
         trainer = L.Trainer(
@@ -95,7 +96,7 @@ def train(dict_cfg: DictConfig) -> dict:
             val_check_interval=t.val_every_n_steps,
             check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
             logger=loggers, default_root_dir=run_dir, plugins=[AtomicCheckpointIO()],
-            callbacks=[*callbacks.all, LearningRateMonitor(logging_interval="step"), *build_callbacks(cfg.callbacks)],
+            callbacks=[*callbacks.all, *lr_monitor(extra), *extra],
             **trainer_kwargs(t.extra))
         module = FinetuneModule(model, t, cfg.adapter.magnitude_lr_scale)
         try:
@@ -208,6 +209,13 @@ def compile_report(t: TrainerConfig, loss: Callable) -> dict:
     if t.compile is Compile.cudagraphs:
         report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
     return report
+
+
+def lr_monitor(callbacks: list) -> list[LearningRateMonitor]:
+    """The learning rate logged at every logging step, unless the `callbacks` group brings a LearningRateMonitor
+    of its own (`callbacks=lr_monitor`): two would log it twice a step."""
+    return [] if any(isinstance(c, LearningRateMonitor) for c in callbacks) else [
+        LearningRateMonitor(logging_interval="step")]
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:
