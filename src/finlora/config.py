@@ -56,15 +56,6 @@ class Scheduler(Enum):
     constant = "constant"
 
 
-class LoggerKind(Enum):
-    """Where metrics go besides the CSV log that every run keeps."""
-
-    wandb = "wandb"
-    csv = "csv"
-    tensorboard = "tensorboard"
-    none = "none"
-
-
 class Batching(Enum):
     """How training examples become batches (`finlora.batching` says what each costs)."""
 
@@ -401,7 +392,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.wandb
+    """Where metrics go besides the CSV log that every run keeps: each tracker its own switch, so that the
+    logger group's options combine (`logger=[wandb,tensorboard]` sets both)."""
+
+    wandb: bool = False  # Weights & Biases (`logger=wandb`, train.py's default); the keys below are its settings
+    tensorboard: bool = False  # TensorBoard event files in <run dir>/tensorboard (`logger=tensorboard`)
     project: str = "finlora"
     entity: str | None = None
     mode: str | None = None  # online | offline | disabled; null: WANDB_MODE, else online with a key, else offline

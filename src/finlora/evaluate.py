@@ -598,13 +598,23 @@ def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
 
 
 def print_metrics(metrics: dict[str, float]) -> None:
+    """The test metrics, a row per test set, with accuracy's 95% interval (as in `<set>_metrics.json`)."""
     table = Table(title="test metrics")
     table.add_column("test set")
     names = sorted({k.split("/")[2] for k in metrics})
     for name in names:
         table.add_column(name, justify="right")
+        if name == "accuracy":
+            table.add_column("accuracy 95% interval", justify="right")
     for test_set in sorted({k.split("/")[1] for k in metrics}):
-        table.add_row(test_set, *[_fmt(metrics.get(f"test/{test_set}/{n}")) for n in names])
+        cells = []
+        for n in names:
+            cells.append(_fmt(value := metrics.get(test_score(test_set, n))))
+            if n == "accuracy":
+                rows = metrics.get(test_score(test_set, "n"))
+                cells.append("-" if value is None or not rows else
+                             "[{:.4f}, {:.4f}]".format(*wilson_interval(value, int(rows))))
+        table.add_row(test_set, *cells)
     Console().print(table)
 
 
