@@ -1,8 +1,9 @@
 """Issue 36, items 4, 6 and 7 (a run's terminal and logs): every logged step, the last included, reaches the CSV
-log, W&B and TensorBoard at once (`logger=[wandb,tensorboard]`), the learning rate once a step; the names a run logs
-are the names the config check accepts (`finlora.metric_names`), a misspelt monitor is refused by its closest
-names; one progress bar over `max_steps`; Lightning's lines once and no advertising; `--help` lists the groups and
-the keys; a missing embedded-model package is one line naming the pip command."""
+log, W&B and TensorBoard at once (`logger=[wandb,tensorboard]`), the learning rate once a step; the names a run
+logs are the names the config check accepts (`Config.logged_metrics`, from `finlora.metric_names`), a misspelt
+monitor is refused by its closest names; one progress bar over `max_steps`; Lightning's lines once and no
+advertising; `--help` lists the groups and the keys; a missing embedded-model package is one line naming the pip
+command."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import pytest
 from conftest import ROOT, compose_cfg
 from wandb_file import records
 
-from finlora import metric_names
 from finlora.config import validate
 from finlora.embedded import EMBEDDED_GGUF, install_command
 from finlora.errors import ConfigError
@@ -81,7 +81,7 @@ def test_wandb_and_tensorboard_at_once_hold_what_the_config_check_names(tiny_mod
                for r in records(run_file) if r.HasField("history")]
     assert [h["trainer/global_step"] for h in history if "train/loss" in h] == ["1", "2"]
     assert sum("lr-AdamW" in h for h in history) == 2 and any("val/fpb/accuracy" in h for h in history)
-    assert set(steps) - {"epoch", "step"} == set(metric_names.logged(validate(cfg)))
+    assert set(steps) - {"epoch", "step"} == set(validate(cfg).logged_metrics())
 
 
 def test_a_misspelt_monitor_or_objective_is_refused_with_the_closest_names(tmp_path):

@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finlora import metric_names as names
 from finlora.errors import ConfigError
 
 T = TypeVar("T")
@@ -596,17 +598,39 @@ class Config(RunConfig):
 
         return trainer_extra_problems(self.trainer.extra) + callback_problems(self.callbacks)
 
+    def logged_metrics(self) -> list[str]:
+        """Every metric this run logs (`finlora.metric_names`): the training step's, the learning rates, the
+        validation loss with a validation split, the task's scores with in-training scoring, and each test set's
+        with a test stage."""
+        groups = 2 if self.adapter.magnitude_lr_scale != 1 else 1  # `module.param_groups`
+        logged = [*names.TRAIN, *names.learning_rates(groups)]
+        if self.data.val_size > 0:
+            logged.append(names.VAL_LOSS)
+        if self.scores_in_training:  # scored as the first test set is (`callbacks.TaskScore`)
+            logged += [names.val_score(self.task.name, n) for n in names.SCORE_NAMES[self.task.test[0].kind.value]
+                       if n not in names.VAL_SKIPPED]
+        if self.tests_after_training:
+            logged += [names.test_score(t.name, n) for t in self.task.test for n in names.SCORE_NAMES[t.kind.value]]
+        return logged
+
     def metric_problems(self) -> list[str]:
         """Each metric named by `sweep.objective`, a callback's `monitor` or (when it keeps best checkpoints)
-        `checkpoint.monitor` that this run will not log (`finlora.metric_names`), with the closest it will."""
-        from finlora import metric_names
-
+        `checkpoint.monitor` that this run will not log, with the closest names it will."""
         monitors = [(f"callbacks.{n}.monitor", c["monitor"]) for n, c in self.callbacks.items()
                     if isinstance(c, dict) and isinstance(c.get("monitor"), str)]
         metrics = [*([("sweep.objective", self.sweep.objective)] if self.sweep.objective else []), *monitors]
-        problems = [p for key, metric in metrics for p in metric_names.problems(key, metric, self)]
         if self.checkpoint.keep_best and self.data.val_size > 0:
-            problems += metric_names.problems("checkpoint.monitor", self.checkpoint.monitor, self, validation=True)
+            metrics.append(("checkpoint.monitor", self.checkpoint.monitor))
+        logged = self.logged_metrics()
+        problems = []
+        for key, metric in metrics:
+            offered = [n for n in logged if n.startswith("val/")] if key == "checkpoint.monitor" else logged
+            if metric in offered:
+                continue
+            close = get_close_matches(metric, offered, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else f"it logs {', '.join(offered)}"
+            problems.append(f"{key}: {metric!r} is not a validation metric; {hint}" if metric in logged
+                            else f"{key}: this run does not log {metric!r}; {hint}")
         return problems
 
 

@@ -16,13 +16,9 @@ from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
 from finlora.config import TaskKind
+from finlora.metric_names import SCORE_NAMES
 
 UNPARSABLE = "unparsable"
-# What `score` returns for each kind of task, in this order (`finlora.metric_names` logs them by these names).
-SCORE_NAMES = {TaskKind.label: ("accuracy", "f1", "f1_parsed", "unparsable_rate", "n"),
-               TaskKind.numeric: ("accuracy", "unparsable_rate", "n"),
-               TaskKind.tags: ("accuracy", "n", "n_entities"),
-               TaskKind.text: ("rouge_l_f1", "n")}
 
 
 def parse_label(generated: str, labels: Sequence[str]) -> str | None:
@@ -202,7 +198,7 @@ def score(
     else:
         overlaps = [rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)]
         scores = {"rouge_l_f1": sum(overlaps) / len(overlaps), "n": float(len(overlaps))}
-    return {name: scores[name] for name in SCORE_NAMES[kind]}
+    return {name: scores[name] for name in SCORE_NAMES[kind.value]}
 
 
 def extract_answer(kind: TaskKind, generated: str, labels: Sequence[str] | None = None) -> str:
