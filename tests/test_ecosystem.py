@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from wandb_file import records
 
 from finlora.adapters import check_saved_adapter
-from finlora.config import LoggerConfig, LoggerKind, ModelConfig, validate
+from finlora.config import LoggerConfig, ModelConfig, validate
 from finlora.errors import ConfigError
 from finlora.loggers import WANDB_ID_FILE, build_loggers, finish
 from finlora.models import base_identity, portable_name
@@ -194,7 +194,7 @@ def test_wandb_run_has_group_tags_lr_grad_norm_and_the_adapter_artifact(tiny_mod
 def test_a_restarted_run_resumes_its_wandb_run(tmp_path):
     ids = []
     for _ in range(2):
-        loggers = build_loggers(LoggerConfig(kind=LoggerKind.wandb, mode="offline"), tmp_path, "r", {"a": 1})
+        loggers = build_loggers(LoggerConfig(wandb=True, mode="offline"), tmp_path, "r", {"a": 1})
         loggers[1].log_metrics({"x": 1.0}, step=0)
         finish(loggers)
     # W&B's service may still be writing a run's file when wandb.finish returns (a resumed run's, 1 time in 6 here);

@@ -515,7 +515,8 @@ def test_monitor_needs_a_score_that_is_logged(tmp_path):
     from finlora.config import validate
     from finlora.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="checkpoint.monitor: must be val/loss or a task score val/fpb/<metric>"):
+    with pytest.raises(ConfigError,
+                       match="checkpoint.monitor: this run does not log 'val/fpb/accuracy'; it logs val/loss"):
         validate(compose_cfg(["task=fpb", "checkpoint.monitor=val/fpb/accuracy", "eval.during_training.size=0"],
                              tmp_path))
 

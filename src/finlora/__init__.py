@@ -14,3 +14,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
 # expected.
 logging.getLogger("bitsandbytes.autograd._functions").addFilter(
     lambda record: "inputs will be cast" not in record.getMessage())
+# Lightning, in every run: advertising for its cloud services (litlogger, litmodels).
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+    lambda record: not record.getMessage().startswith("💡 Tip"))

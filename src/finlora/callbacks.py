@@ -3,7 +3,7 @@
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
 non-finite steps and clipping gradients (`NonFiniteGuard`), which checkpoints are kept
 (`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
-`progress_bar`).
+`StepProgressBar`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
 from transformers import PreTrainedTokenizerBase
 
 from finlora.batching import STATS_KEY, BatchStats
@@ -32,6 +33,7 @@ from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, Four
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
 from finlora.loggers import LastStepLogs, ends_fit, logs_now
+from finlora.metric_names import GRAD_NORM, PADDING_FRACTION, TOKENS_PER_S, VAL_SKIPPED, val_score
 from finlora.metrics import score
 from finlora.update import RecordedAdamW, measure_gradients
 
@@ -60,14 +62,13 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
     throughput = ThroughputLogger(warm_up)
     profile = StepProfile(throughput)
     scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
-               if cfg.eval.during_training.size and val_rows and cfg.task.test and cfg.trainer.strategy != "fsdp"
-               else [])
+               if cfg.scores_in_training and val_rows else [])
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps,
                            cfg.trainer.grad_clip)
     return RunCallbacks(stopper, throughput, profile, [
         profile, ReloadData(), RunRecord(record), StepSeed(cfg.seed), guard, stopper, *scoring,
         *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
-        progress_bar(cfg.trainer.log_every_n_steps), LastStepLogs()])
+        StepProgressBar(), LastStepLogs()])
 
 
 class TaskScore(Callback):
@@ -96,8 +97,8 @@ class TaskScore(Callback):
                            share_prefix=self.settings.share_prefix)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
-            if name != "n":
-                pl_module.log(f"val/{self.task}/{name}", value, batch_size=len(self.rows))
+            if name not in VAL_SKIPPED:
+                pl_module.log(val_score(self.task, name), value, batch_size=len(self.rows))
 
 
 class ReloadData(Callback):
@@ -293,7 +294,7 @@ class NonFiniteGuard(Callback):
         loss = self.loss if self.loss is not None else torch.zeros((), device=pl_module.device)
         norm, bad = measure_gradients(params, loss, self.clip)
         if logs_now(trainer):
-            pl_module.log("train/grad_norm", norm, on_step=True, batch_size=1)
+            pl_module.log(GRAD_NORM, norm, on_step=True, batch_size=1)
         step = trainer.global_step + 1
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad.float()
@@ -328,7 +329,7 @@ class NonFiniteGuard(Callback):
             if isinstance(optimizer, RecordedAdamW) and optimizer.measured is not None:
                 loss, norm, bad = optimizer.measured
                 if logs_now(trainer):  # a copy: the next replay overwrites the update's outputs before Lightning reads
-                    pl_module.log("train/grad_norm", norm.clone(), on_step=True, batch_size=1)
+                    pl_module.log(GRAD_NORM, norm.clone(), on_step=True, batch_size=1)
                 self._record(bad, step, loss, norm)
         if step % trainer.log_every_n_steps == 0 or step % self.every_n_steps == 0 or step == trainer.max_steps:
             self.check()
@@ -437,7 +438,7 @@ class ThroughputLogger(L.Callback):
         self.shapes[shape] = self.shapes.get(shape, 0) + 1
         logs = logs_now(trainer)
         if logs:
-            pl_module.log("train/padding_fraction", 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
+            pl_module.log(PADDING_FRACTION, 1 - stats.tokens / stats.slots, on_step=True, batch_size=1)
         if self._last is not None and warming:
             self.compile_s += now - self._last
         elif self._last is not None:
@@ -446,7 +447,7 @@ class ThroughputLogger(L.Callback):
             self._window.append((stats.tokens, now - self._last))
             if logs:
                 rate = sum(t for t, _ in self._window) / sum(s for _, s in self._window)
-                pl_module.log("train/tokens_per_s", rate, on_step=True, batch_size=1)
+                pl_module.log(TOKENS_PER_S, rate, on_step=True, batch_size=1)
         self._last = now
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -538,7 +539,36 @@ class StepProfile(L.Callback):
                 "sync_sites": [f"{site} ×{n}" for site, n in top]}
 
 
-def progress_bar(refresh_every: int) -> TQDMProgressBar:
-    """A bar that reads its metrics every `refresh_every` batches: reading the loss copies it from the GPU,
-    which waits for the step; Lightning's default (rich) bar does that after every batch."""
-    return TQDMProgressBar(refresh_rate=refresh_every)
+class StepProgressBar(TQDMProgressBar):
+    """One bar over the run's optimizer steps (`trainer.max_steps`, or all its epochs' steps), not over an
+    epoch's batches, so its time left is the run's; moved at every step (tqdm redraws at most ten times a
+    second). The loss beside it is read only at the steps whose logs are written (`logs_now`): reading it
+    copies it from the GPU, which waits for the step."""
+
+    def __init__(self) -> None:
+        super().__init__(refresh_rate=1)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        bar = self.train_progress_bar = self.init_train_tqdm()
+        bar.reset(total=convert_inf(trainer.estimated_stepping_batches))
+        bar.initial = bar.n = trainer.global_step  # a resumed run: its rate and time left count this run's steps
+        bar.unit = "step"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *_: Any) -> None:
+        self.train_progress_bar.set_description(f"epoch {trainer.current_epoch}")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        bar = self.train_progress_bar
+        if logs_now(trainer):
+            bar.set_postfix(self.get_metrics(trainer, pl_module), refresh=False)
+        if trainer.global_step > bar.n:
+            bar.update(trainer.global_step - bar.n)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        pass  # one bar for the whole run: closed at its end
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the CSV logger's folder name, csv: nothing to read
+        return metrics

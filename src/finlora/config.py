@@ -15,6 +15,7 @@ import os
 import re
 import sys
 from dataclasses import asdict, dataclass, field
+from difflib import get_close_matches
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finlora import metric_names as names
 from finlora.errors import ConfigError
 
 T = TypeVar("T")
@@ -54,15 +56,6 @@ class Scheduler(Enum):
     cosine = "cosine"
     linear = "linear"
     constant = "constant"
-
-
-class LoggerKind(Enum):
-    """Where metrics go besides the CSV log that every run keeps."""
-
-    wandb = "wandb"
-    csv = "csv"
-    tensorboard = "tensorboard"
-    none = "none"
 
 
 class Batching(Enum):
@@ -483,7 +476,11 @@ class CheckpointConfig:
 
 @dataclass
 class LoggerConfig:
-    kind: LoggerKind = LoggerKind.wandb
+    """Where metrics go besides the CSV log that every run keeps: each tracker its own switch, so that the
+    logger group's options combine (`logger=[wandb,tensorboard]` sets both)."""
+
+    wandb: bool = False  # Weights & Biases (`logger=wandb`, train.py's default); the keys below are its settings
+    tensorboard: bool = False  # TensorBoard event files in <run dir>/tensorboard (`logger=tensorboard`)
     project: str = "finlora"
     entity: str | None = None
     mode: str | None = None  # online | offline | disabled; null: WANDB_MODE, else online with a key, else offline
@@ -585,26 +582,12 @@ class SweepConfig:
     """What a hyperparameter search (`hydra/sweeper=optuna`) optimizes: `train.py` returns this metric's value
     at the end of the run, and a sweep job that did not log it fails, saying why."""
 
-    objective: str | None = None  # any metric the run logs: val/<task>/<metric>, test/<set>/<metric>, …; null: val/loss
+    objective: str | None = None  # a metric the run logs (`finlora.metric_names`): val/fpb/accuracy, …; null: val/loss
     direction: Direction = Direction.minimize
 
     @property
     def metric(self) -> str:
         return self.objective or "val/loss"  # unchecked by default: a run without validation has no val/loss
-
-
-def metric_problems(key: str, metric: str, cfg: Config) -> list[str]:
-    """Why `metric` (the value of `key`) is not one this run logs, if it is not: train/* (loss, grad_norm, lr,
-    throughput) always; val/loss with a validation split; val/<task>/<metric> with in-training scoring;
-    test/<set>/<metric> with the test stage."""
-    val, tests = cfg.data.val_size > 0, [t.name for t in cfg.task.test] if cfg.eval.enabled else []
-    scored = val and cfg.eval.during_training.size > 0 and bool(cfg.task.test)
-    logged = (metric.startswith("train/") or (val and metric == "val/loss")
-              or (scored and metric.startswith(f"val/{cfg.task.name}/")) or any(metric.startswith(f"test/{t}/")
-                                                                                for t in tests))
-    offered = ["train/<metric>", *(["val/loss"] if val else []), *([f"val/{cfg.task.name}/<metric>"] if scored else []),
-               *(f"test/{t}/<metric>" for t in tests)]
-    return [] if logged else [f"{key}: this run does not log {metric!r}; it logs {', '.join(offered)}"]
 
 
 @dataclass
@@ -682,23 +665,59 @@ class Config(RunConfig):
                "CUDA graphs replay the backward into the same memory each micro-batch, so gradients cannot "
                "accumulate: use trainer.grad_accum=1 with a larger trainer.batch_size "
                f"(got trainer.grad_accum={t.grad_accum})")
-        scored = self.eval.during_training.size > 0 and bool(self.task.test)
-        _check(problems, self.checkpoint.monitor == "val/loss" or (scored and self.checkpoint.monitor.startswith(
-            f"val/{self.task.name}/")), "checkpoint.monitor",
-               f"must be val/loss or a task score val/{self.task.name}/<metric> (needs eval.during_training.size > 0), "
-               f"got {self.checkpoint.monitor!r}")
-        return problems + self.extension_problems() + token_problems(asdict(self))
+        return problems + self.extension_problems() + self.metric_problems() + token_problems(asdict(self))
+
+    @property
+    def scores_in_training(self) -> bool:
+        """Whether each validation also generates on held-out rows and logs the task's scores (`TaskScore`)."""
+        return (self.data.val_size > 0 and self.eval.during_training.size > 0 and bool(self.task.test)
+                and self.trainer.strategy != "fsdp")
+
+    @property
+    def tests_after_training(self) -> bool:
+        """Whether the run ends by scoring the task's test sets (not under FSDP: generation runs on one GPU)."""
+        return self.eval.enabled and bool(self.task.test) and self.trainer.strategy != "fsdp"
 
     def extension_problems(self) -> list[str]:
-        """`trainer.extra`, `callbacks` (their targets and arguments) and the metrics that `sweep.objective` and
-        any callback's `monitor` name."""
+        """`trainer.extra` and `callbacks`: their targets and arguments."""
         from finlora.extensions import callback_problems, trainer_extra_problems
 
+        return trainer_extra_problems(self.trainer.extra) + callback_problems(self.callbacks)
+
+    def logged_metrics(self) -> list[str]:
+        """Every metric this run logs (`finlora.metric_names`): the training step's, the learning rates, the
+        validation loss with a validation split, the task's scores with in-training scoring, and each test set's
+        with a test stage."""
+        groups = 2 if self.adapter.magnitude_lr_scale != 1 else 1  # `module.param_groups`
+        logged = [*names.TRAIN, *names.learning_rates(groups)]
+        if self.data.val_size > 0:
+            logged.append(names.VAL_LOSS)
+        if self.scores_in_training:  # scored as the first test set is (`callbacks.TaskScore`)
+            logged += [names.val_score(self.task.name, n) for n in names.SCORE_NAMES[self.task.test[0].kind.value]
+                       if n not in names.VAL_SKIPPED]
+        if self.tests_after_training:
+            logged += [names.test_score(t.name, n) for t in self.task.test for n in names.SCORE_NAMES[t.kind.value]]
+        return logged
+
+    def metric_problems(self) -> list[str]:
+        """Each metric named by `sweep.objective`, a callback's `monitor` or (when it keeps best checkpoints)
+        `checkpoint.monitor` that this run will not log, with the closest names it will."""
         monitors = [(f"callbacks.{n}.monitor", c["monitor"]) for n, c in self.callbacks.items()
                     if isinstance(c, dict) and isinstance(c.get("monitor"), str)]
         metrics = [*([("sweep.objective", self.sweep.objective)] if self.sweep.objective else []), *monitors]
-        return (trainer_extra_problems(self.trainer.extra) + callback_problems(self.callbacks)
-                + [p for key, metric in metrics for p in metric_problems(key, metric, self)])
+        if self.checkpoint.keep_best and self.data.val_size > 0:
+            metrics.append(("checkpoint.monitor", self.checkpoint.monitor))
+        logged = self.logged_metrics()
+        problems = []
+        for key, metric in metrics:
+            offered = [n for n in logged if n.startswith("val/")] if key == "checkpoint.monitor" else logged
+            if metric in offered:
+                continue
+            close = get_close_matches(metric, offered, n=3, cutoff=0.5)
+            hint = f"closest: {', '.join(close)}" if close else f"it logs {', '.join(offered)}"
+            problems.append(f"{key}: {metric!r} is not a validation metric; {hint}" if metric in logged
+                            else f"{key}: this run does not log {metric!r}; {hint}")
+        return problems
 
 
 @dataclass

@@ -53,6 +53,7 @@ from finlora.devices import Placement, linear_params, weight_bytes
 from finlora.dora import prepare_compile
 from finlora.errors import ConfigError
 from finlora.loggers import build_loggers, finish, log_predictions, log_summary
+from finlora.metric_names import test_score
 from finlora.metrics import extract_answer, score
 from finlora.models import compute_dtype, model_config, resolve_source
 from finlora.outputs import write_json, write_jsonl
@@ -569,7 +570,7 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                             four_bit=settings.four_bit, share_prefix=settings.share_prefix)
     for (test_set, records, rows), generations in zip(chosen, answers, strict=True):  # each set written when done
         metrics, predictions = score_set(test_set, records, rows, generations, conditions, out_dir)
-        flat |= {f"test/{test_set.name}/{k}": v for k, v in metrics.items()}
+        flat |= {test_score(test_set.name, k): v for k, v in metrics.items()}
         log_predictions(loggers, f"test/{test_set.name}/predictions", predictions)
     for lg in loggers:
         lg.log_metrics(flat)
@@ -600,13 +601,23 @@ def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
 
 
 def print_metrics(metrics: dict[str, float]) -> None:
+    """The test metrics, a row per test set, with accuracy's 95% interval (as in `<set>_metrics.json`)."""
     table = Table(title="test metrics")
     table.add_column("test set")
     names = sorted({k.split("/")[2] for k in metrics})
     for name in names:
         table.add_column(name, justify="right")
+        if name == "accuracy":
+            table.add_column("accuracy 95% interval", justify="right")
     for test_set in sorted({k.split("/")[1] for k in metrics}):
-        table.add_row(test_set, *[_fmt(metrics.get(f"test/{test_set}/{n}")) for n in names])
+        cells = []
+        for n in names:
+            cells.append(_fmt(value := metrics.get(test_score(test_set, n))))
+            if n == "accuracy":
+                rows = metrics.get(test_score(test_set, "n"))
+                cells.append("-" if value is None or not rows else
+                             "[{:.4f}, {:.4f}]".format(*wilson_interval(value, int(rows))))
+        table.add_row(test_set, *cells)
     Console().print(table)
 
 

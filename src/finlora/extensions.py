@@ -22,7 +22,7 @@ OWNED = {
     "check_val_every_n_epoch": "trainer.val_every_n_steps", "log_every_n_steps": "trainer.log_every_n_steps",
     "gradient_clip_val": "trainer.grad_clip (the module clips by norm itself: fused AdamW refuses Lightning's)",
     "gradient_clip_algorithm": "trainer.grad_clip (clipping is by norm)",
-    "logger": "the logger group (logger=wandb|csv|tensorboard|none)",
+    "logger": "the logger group (logger=wandb|tensorboard|[wandb,tensorboard]|csv)",
     "callbacks": "the callbacks group (callbacks=…, or callbacks.<name>._target_=…)",
     "default_root_dir": "output_dir", "enable_checkpointing": "the checkpoint.* keys",
     "plugins": "finlora's atomic checkpoint writer (not replaceable)",

@@ -1,6 +1,6 @@
 """Experiment loggers: W&B (offline unless told otherwise, and never the reason a run stops; one W&B run per
-run folder, resumed when the run is), TensorBoard, and always a local CSV. Each gets the run's config as its
-hyperparameters, and the end-of-run figures."""
+run folder, resumed when the run is), TensorBoard, either or both, and always a local CSV. Each gets the run's
+config as its hyperparameters, and the end-of-run figures."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from finlora.config import LoggerConfig, LoggerKind
+from finlora.config import LoggerConfig
 from finlora.outputs import write_text
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
     """The CSV logger comes first: Lightning writes its checkpoints under the first logger's folder,
     and the local metrics file is what the run summary and sweep reports read."""
     loggers: list[Logger] = [CSVLogger(run_dir, name="", version="csv")]
-    if cfg.kind is LoggerKind.wandb:
+    if cfg.wandb:
         mode = wandb_mode(cfg)
         if mode == "online" and (problem := wandb_unreachable()):
             log.warning("W&B could not start (%s); continuing with W&B offline, metrics in csv/metrics.csv", problem)
@@ -40,7 +40,7 @@ def build_loggers(cfg: LoggerConfig, run_dir: Path, run_name: str, config: dict)
         loggers.append(ResilientWandbLogger(name=run_name, save_dir=str(run_dir), project=cfg.project,
                                             entity=cfg.entity, group=cfg.group, tags=list(cfg.tags), config=config,
                                             offline=mode == "offline", id=wandb_run_id(run_dir), resume="allow"))
-    elif cfg.kind is LoggerKind.tensorboard:
+    if cfg.tensorboard:
         loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
     for lg in loggers:
         if not isinstance(lg, WandbLogger):  # W&B has the config from its start
@@ -201,15 +201,17 @@ def ends_fit(trainer: Any, steps: int) -> bool:
 
 
 class LastStepLogs(Callback):
-    """Has Lightning write the last step's values (those `logs_now` logs it for): it writes a step's logs only
-    every `log_every_n_steps` steps, so a run ending between two lost its last values, and one shorter than
-    that with no validation (`trainer.max_steps=1`) wrote no csv/metrics.csv at all. Lightning reads the
-    setting right after this hook; it is put back before anything else reads it (validation, the fit's end)."""
+    """Has Lightning write the last step's values (those `logs_now` logs it for, and the learning rate, which
+    Lightning's LearningRateMonitor logs as a logging step starts): it writes a step's logs only every
+    `log_every_n_steps` steps, so a run ending between two lost its last values, and one shorter than that with
+    no validation (`trainer.max_steps=1`) wrote no csv/metrics.csv at all. Set from the last step's start (its
+    first micro-batch; at the end of an epoch, its last), put back before anything else reads it (validation,
+    the fit's end)."""
 
     def __init__(self) -> None:
         self._every: int | None = None
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         connector = trainer._logger_connector
         if (self._every is None and trainer.log_every_n_steps and not connector.should_update_logs
                 and ends_fit(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped + 1)):

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 
 from finlora.config import TaskKind
+from finlora.metric_names import SCORE_NAMES
 
 UNPARSABLE = "unparsable"
 
@@ -182,21 +183,22 @@ def score(
 ) -> dict[str, float]:
     """Score raw generations against references; ``labels`` is required for label tasks.
 
-    Keys: label -> accuracy, f1, f1_parsed, unparsable_rate, n; numeric -> accuracy, unparsable_rate, n;
-    tags -> accuracy, n, n_entities; text -> rouge_l_f1 (not FinLoRA's BERTScore), n.
+    Keys: `SCORE_NAMES[kind]` (text tasks: rouge_l_f1, not FinLoRA's BERTScore).
     """
     _check(predictions, references)
     kind = TaskKind(kind)
     if kind is TaskKind.label:
         if not labels:
             raise ValueError("label tasks need their labels")
-        return _score_label(predictions, references, labels)
-    if kind is TaskKind.numeric:
-        return _score_numeric(predictions, references)
-    if kind is TaskKind.tags:
-        return _score_tags(predictions, references)
-    overlaps = [rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)]
-    return {"rouge_l_f1": sum(overlaps) / len(overlaps), "n": float(len(overlaps))}
+        scores = _score_label(predictions, references, labels)
+    elif kind is TaskKind.numeric:
+        scores = _score_numeric(predictions, references)
+    elif kind is TaskKind.tags:
+        scores = _score_tags(predictions, references)
+    else:
+        overlaps = [rouge_l_f1(p, r) for p, r in zip(predictions, references, strict=True)]
+        scores = {"rouge_l_f1": sum(overlaps) / len(overlaps), "n": float(len(overlaps))}
+    return {name: scores[name] for name in SCORE_NAMES[kind.value]}
 
 
 def extract_answer(kind: TaskKind, generated: str, labels: Sequence[str] | None = None) -> str:

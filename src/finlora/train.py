@@ -39,6 +39,7 @@ from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
 from finlora.loggers import build_loggers, finish, log_adapter, log_summary
+from finlora.metric_names import TRAIN_LOSS, VAL_LOSS
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
@@ -85,6 +86,7 @@ def train(dict_cfg: DictConfig) -> dict:
     if ckpt_path:
         keep_earlier_rows(loggers, ckpt_path)
     callbacks = run_callbacks(cfg, ckpt_dir, task_data.val, tokenizer, where.precision, record)
+    extra = build_callbacks(cfg.callbacks)
     try:
         t = cfg.trainer
         trainer = L.Trainer(
@@ -94,7 +96,7 @@ def train(dict_cfg: DictConfig) -> dict:
             val_check_interval=t.val_every_n_steps,
             check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
             logger=loggers, default_root_dir=run_dir, plugins=[AtomicCheckpointIO()],
-            callbacks=[*callbacks.all, LearningRateMonitor(logging_interval="step"), *build_callbacks(cfg.callbacks)],
+            callbacks=[*callbacks.all, *lr_monitor(extra), *extra],
             **trainer_kwargs(t.extra))
         module = FinetuneModule(model, t, cfg.adapter.magnitude_lr_scale)
         try:
@@ -121,7 +123,7 @@ def train(dict_cfg: DictConfig) -> dict:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
-            "final_train_loss": metrics.get("train/loss"), "final_val_loss": metrics.get("val/loss"),
+            "final_train_loss": metrics.get(TRAIN_LOSS), "final_val_loss": metrics.get(VAL_LOSS),
             "trainable_params": trainable, "total_params": total,
             "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
             "truncated_train_examples": datamodule.train_set.num_truncated,
@@ -208,6 +210,13 @@ def compile_report(t: TrainerConfig, loss: Callable) -> dict:
     if t.compile is Compile.cudagraphs:
         report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
     return report
+
+
+def lr_monitor(callbacks: list) -> list[LearningRateMonitor]:
+    """The learning rate logged at every logging step, unless the `callbacks` group brings a LearningRateMonitor
+    of its own (`callbacks=lr_monitor`): two would log it twice a step."""
+    return [] if any(isinstance(c, LearningRateMonitor) for c in callbacks) else [
+        LearningRateMonitor(logging_interval="step")]
 
 
 def check_finite(model: torch.nn.Module, step: int) -> None:

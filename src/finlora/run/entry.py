@@ -60,6 +60,7 @@ def fail(err: FinloraError) -> NoReturn:
 def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
     """`work(cfg)`'s summary; {} for a failed job of a multirun."""
     hydra = HydraConfig.get()
+    lightning_lines_once()
     if hydra.mode is not RunMode.MULTIRUN:
         try:
             tag_run(cfg, hydra)
@@ -101,6 +102,18 @@ def run(work: Callable[[DictConfig], dict | None], cfg: DictConfig) -> dict:
     finally:
         job.close()
         lock.release()
+
+
+def lightning_lines_once() -> None:
+    """Lightning's `lightning` logger prints each line on the terminal through a handler of its own, then passes it
+    on to Hydra's (the terminal again, and the run's log file): every INFO line twice. Where Hydra's handlers are
+    set, Lightning's own goes."""
+    import lightning  # noqa: F401  (its handler is added on import: it must be there to be removed)
+
+    own = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for handler in [h for h in own.handlers if type(h) is logging.StreamHandler]:
+            own.removeHandler(handler)
 
 
 def _grid(hydra: DictConfig) -> bool:

@@ -14,6 +14,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from finlora.config import Config, EvalConfig, ExportConfig, token_problems, validate
+from finlora.embedded import check as check_embedded
 from finlora.errors import ConfigError, FinloraError, as_fault
 from finlora.run.entry import fail
 from finlora.run.lock import SWEEP_LOCK_FILE, hold
@@ -29,7 +30,8 @@ def override_tokens(config: DictConfig) -> list[str]:
 
 
 class Preflight(Callback):
-    """A single run: its whole config is validated (every value check of `finlora.config`). A sweep: its jobs'
+    """A single run: its whole config is validated (every value check of `finlora.config`), and an embedded model's
+    package must be there unless the model was converted already (`finlora.embedded`). A sweep: its jobs'
     configs are validated as each job starts, and a sweeper direction other than `sweep.direction` is refused.
     Both: every value on the command line, Hydra's included, is checked for tokens."""
 
@@ -45,7 +47,8 @@ class Preflight(Callback):
         try:
             if tokens := override_tokens(config):
                 raise ConfigError.listing(tokens)
-            validate(task, schema)
+            checked = validate(task, schema)
+            check_embedded(checked.model.embedded, checked.paths.cache_dir)
             hold(Path(config.hydra.run.dir))
         except (FinloraError, OSError) as err:  # OSError: the folder cannot be made (read-only, full disk)
             fail(as_fault(err))
