@@ -1,0 +1,130 @@
+"""A run's best checkpoint exported as `adapter_best/` and scored by the test stage, beside the last weights; a few
+generated answers at every validation, as a W&B table and a JSONL file. One real tiny run through `train()`, its
+files read back with plain peft and a real W&B offline run file."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import compose_cfg, lively_weights
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from wandb_file import records
+
+from finlora.config import validate
+from finlora.data import load_task
+from finlora.errors import ConfigError
+from finlora.evaluate import generate
+from finlora.prompts import build_prompt
+from finlora.train import train
+
+RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=6", "trainer.batch_size=4",
+       "trainer.lr=3e-3", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1", "data.val_size=8",
+       "data.max_length=64", "logger=wandb", "eval.limit=4", "eval.during_training.size=6",
+       "eval.during_training.samples=3",
+       # the worst validation loss is "best": a checkpoint that is not the last one, whatever the curve does
+       "checkpoint.monitor=val/loss", "checkpoint.mode=max"]
+
+
+@pytest.fixture(scope="module")
+def lively_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with weights whose greedy answers differ from prompt to prompt."""
+    path = tmp_path_factory.mktemp("lively")
+    lively_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(lively_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("best")
+    cfg = compose_cfg([f"model.name_or_path={lively_dir}", *RUN], out)
+    return out, train(cfg), cfg
+
+
+def _task(dict_cfg):
+    cfg = validate(dict_cfg)
+    return load_task(cfg.task, cfg.data, cfg.paths.data_dir)
+
+
+def _state(path) -> dict[str, torch.Tensor]:
+    return {k.removeprefix("model."): v for k, v in
+            torch.load(path, weights_only=True, map_location="cpu")["state_dict"].items()}
+
+
+def _saved(folder) -> dict[str, torch.Tensor]:
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def _same(saved: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> bool:
+    """peft's saved names lack the adapter's name (`.default`)."""
+    named = {k.replace(".default", ""): v for k, v in state.items()}
+    return saved.keys() == named.keys() and all(torch.equal(saved[k], named[k]) for k in saved)
+
+
+def test_best_checkpoint_is_exported_tested_and_recorded_beside_the_last(run, lively_dir):
+    out, summary, _ = run
+    with (out / "csv" / "metrics.csv").open() as f:
+        val = [float(r["val/loss"]) for r in csv.DictReader(f) if r["val/loss"]]
+    [best_ckpt] = (out / "checkpoints").glob("best-*.ckpt")
+    record = json.loads((out / "adapter_best" / "best_checkpoint.json").read_text())
+    assert record["value"] == pytest.approx(max(val)) and record["monitor"] == "val/loss"
+    assert record["step"] == torch.load(best_ckpt, weights_only=True, map_location="cpu")["global_step"]
+    assert summary["best_step"] == record["step"] and summary["steps"] == 6
+    assert summary["best_adapter_dir"] == str(out / "adapter_best") and summary["adapter_dir"] == str(out / "adapter")
+    assert summary["tested"] == str(out / "adapter_best")
+    assert json.loads((out / "metrics.json").read_text())["tested"] == summary["tested"]
+
+    # The two folders hold the weights of their checkpoints: the best one's and the last one's, which differ.
+    best, last = _saved(out / "adapter_best"), _saved(out / "adapter")
+    assert _same(best, _state(best_ckpt)) and _same(last, _state(out / "checkpoints" / "last.ckpt"))
+    if record["step"] != summary["steps"]:
+        assert not all(torch.equal(best[k], last[k]) for k in best)
+
+    # adapter_best/ loads in plain peft, and gives the answers the test stage scored (it scored the best weights).
+    tokenizer = AutoTokenizer.from_pretrained(out / "adapter_best")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(lively_dir), out / "adapter_best")
+    predictions = [json.loads(line) for line in (out / "eval" / "fpb_predictions.jsonl").open()]
+    [(_, test)] = _task(run[2]).test
+    rows = [test[p["index"]] for p in predictions]
+    answers = generate(model, tokenizer, rows, validate(run[2]).task.test[0].max_new_tokens, 4)
+    assert answers == [p["generated"] for p in predictions] and len(set(answers)) > 1
+
+    # Each card says what it holds: the last weights point to the tested best, whose card has the test metrics.
+    assert "the test stage scored the best checkpoint, `adapter_best/`" in (out / "adapter" / "README.md").read_text()
+    card = (out / "adapter_best" / "README.md").read_text()
+    assert "| test/fpb/accuracy |" in card and f"kept at step {record['step']}" in card
+
+
+def test_samples_at_each_validation_in_a_file_and_a_wandb_table(run):
+    out, _, cfg = run
+    files = sorted((out / "samples").glob("*.jsonl"))
+    assert [f.name for f in files] == ["val_step000002.jsonl", "val_step000004.jsonl", "val_step000006.jsonl"]
+    val = _task(cfg).val
+    samples = [[json.loads(line) for line in f.open()] for f in files]
+    assert all(len(rows) == 3 for rows in samples)
+    for rows in samples:  # the scored sample's first rows, in file order, prompted as evaluation prompts them
+        assert [r["index"] for r in rows] == sorted(r["index"] for r in rows)
+        assert all(r["prompt"] == build_prompt(val[r["index"]]) and r["target"] == str(val[r["index"]]["target"])
+                   for r in rows)
+    assert {r["step"] for r in samples[-1]} == {6}
+
+    [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
+               for r in records(run_file) if r.HasField("history")]
+    logged = [h for h in history if "val/samples/path" in h]
+    # (Lightning logs a validation at the step before it counts: the files are named by optimizer steps done)
+    assert [h["trainer/global_step"] for h in logged] == [1, 3, 5] and all(h["val/samples/nrows"] == 3 for h in logged)
+    table = json.loads((run_file.parent / "files" / logged[-1]["val/samples/path"]).read_text())
+    assert table["columns"] == ["step", "index", "prompt", "target", "generated", "predicted"]
+    assert [row[2] for row in table["data"]] == [r["prompt"] for r in samples[-1]]
+    assert [row[4] for row in table["data"]] == [r["generated"] for r in samples[-1]]
+
+
+def test_samples_count_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="eval.during_training.samples: must be >= 0"):
+        validate(compose_cfg(["eval.during_training.samples=-1"], tmp_path))
