@@ -1,15 +1,19 @@
-"""A run's best checkpoint exported as `adapter_best/` and scored by the test stage, beside the last weights; a few
-generated answers at every validation, as a W&B table and a JSONL file. One real tiny run through `train()`, its
-files read back with plain peft and a real W&B offline run file."""
+"""What a run shows of itself (issue 36): its best checkpoint exported as `adapter_best/` and scored by the test stage,
+beside the last weights; a few generated answers at every validation, as a W&B table and a JSONL file; and sweep
+plots that fit the sweep (a grid's cells, a search's trials), with short labels and whole-step ticks, or one line
+saying why there are none. One real tiny run through `train()`, its files read back with plain peft and a real W&B
+offline run file, and laid out as the jobs of a grid and of an Optuna search for the real report."""
 
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
-from conftest import compose_cfg, lively_weights
+from conftest import ROOT, compose_cfg, lively_weights
+from omegaconf import OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -20,6 +24,8 @@ from finlora.data import load_task
 from finlora.errors import ConfigError
 from finlora.evaluate import generate
 from finlora.prompts import build_prompt
+from finlora.run import report
+from finlora.run.report import load_sweep, readable, write_report
 from finlora.train import train
 
 RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=6", "trainer.batch_size=4",
@@ -128,3 +134,99 @@ def test_samples_at_each_validation_in_a_file_and_a_wandb_table(run):
 def test_samples_count_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="eval.during_training.samples: must be >= 0"):
         validate(compose_cfg(["eval.during_training.samples=-1"], tmp_path))
+
+
+LR = "0.00012345678901234567"  # as Optuna's sampler writes a learning rate into a trial's overrides
+
+
+def _sweep(root, run_dir, jobs: list[list[str]], sweeper: str) -> report.Sweep:
+    """`run_dir`'s files as the jobs of a sweep run by `sweeper`, each with its overrides, as Hydra lays them out."""
+    root.mkdir()
+    for num, overrides in enumerate(jobs):
+        job = root / f"{num}_{','.join(overrides)}"
+        shutil.copytree(run_dir, job, ignore=shutil.ignore_patterns("adapter*", "checkpoints", "wandb", "samples"))
+        (job / ".hydra").mkdir()
+        OmegaConf.save(OmegaConf.create(overrides), job / ".hydra" / "overrides.yaml")
+        (job / "job.json").write_text(json.dumps({"status": "ok", "overrides": overrides}))
+    OmegaConf.save(OmegaConf.create({"hydra": {
+        "runtime": {"cwd": str(ROOT)}, "job": {"name": "train", "config": {"override_dirname": {"exclude_keys": []}}},
+        "overrides": {"task": []}, "sweeper": {"_target_": sweeper}}}), root / "multirun.yaml")
+    return load_sweep(root)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """Each figure's titles, axis labels, tick labels and legend texts, read as it is saved."""
+    figures: dict[str, dict] = {}
+    save = report._save
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        figures[path.name] = {
+            "titles": [ax.get_title() for ax in fig.axes] + ([fig._suptitle.get_text()] if fig._suptitle else []),
+            "xlabels": [ax.get_xlabel() for ax in fig.axes],
+            "xticks": [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()],
+            "legend": [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]}
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def test_a_grid_of_single_runs_claims_no_interval_and_ticks_whole_steps(run, tmp_path, drawn):
+    run_dir = run[0]
+    sweep = _sweep(tmp_path / "grid", run_dir, [[f"trainer.lr={LR}"], ["trainer.lr=0.001"]],
+                   "hydra._internal.core_plugins.basic_sweeper.BasicSweeper")
+    text = write_report(sweep).read_text()
+    assert "![metric per cell](metric_by_cell.png)" in text and "No plots" not in text
+    cells = drawn["metric_by_cell.png"]
+    assert cells["titles"][:2] == ["final_val_loss", "test/fpb/accuracy"]
+    assert not any("interval" in t for t in cells["titles"])  # one run a cell: no "(mean, 95% interval)"
+    assert cells["xticks"][:2] == ["trainer.lr=0.000123", "trainer.lr=0.001"]
+    curves = drawn["loss_curves.png"]
+    with (run_dir / "csv" / "metrics.csv").open() as f:
+        logged = list(csv.DictReader(f))
+    steps = [sorted({r["step"] for r in logged if r[key]}, key=int) for key in ("train/loss", "val/loss")]
+    assert curves["xticks"] == steps[0] + steps[1]  # the optimizer steps logged, whole numbers
+    assert "trainer.lr=0.000123" in curves["legend"] and f"| {readable(LR, 4)} |" in text
+
+
+def test_a_search_plots_objective_per_trial_and_against_each_parameter(run, tmp_path, drawn):
+    run_dir = run[0]
+    sweep = _sweep(tmp_path / "study", run_dir, [[f"trainer.lr={LR}", "adapter.r=2"],
+                                                 ["trainer.lr=0.0091", "adapter.r=4"],
+                                                 ["trainer.lr=0.0004", "adapter.r=2"]],
+                   "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    assert sweep.search
+    text = write_report(sweep).read_text()
+    assert "(objective_per_trial.png)" in text and "(objective_vs_params.png)" in text
+    assert "metric_by_cell.png" not in text and not (sweep.dir / "metric_by_cell.png").exists()
+    trials = drawn["objective_per_trial.png"]
+    assert trials["xlabels"] == ["trial"] and trials["xticks"] == ["0", "1", "2"]
+    assert trials["titles"] == ["val/loss per trial"] and trials["legend"] == ["trial", "best so far (min)"]
+    params = drawn["objective_vs_params.png"]
+    assert params["xlabels"] == ["adapter.r", "trainer.lr"]
+    assert params["titles"][-1] == "val/loss against each searched parameter (3 trials)"
+    assert all(len(t) <= 8 for t in params["xticks"]), params["xticks"]  # no 17-digit learning rates
+    for png in ("objective_per_trial.png", "objective_vs_params.png", "loss_curves.png"):
+        assert (sweep.dir / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_report_without_plots_says_why(run, tmp_path):
+    run_dir = run[0]
+    sweep_dir = tmp_path / "failed"
+    sweep = _sweep(sweep_dir, run_dir, [["adapter.r=2"], ["adapter.r=4"]],
+                   "hydra._internal.core_plugins.basic_sweeper.BasicSweeper")
+    for job in sweep.jobs:  # both jobs failed before training: a record, no config, metrics or logs
+        for name in ("config.yaml", "metrics.json", "csv"):
+            shutil.rmtree(job.dir / name) if (job.dir / name).is_dir() else (job.dir / name).unlink()
+        (job.dir / "job.json").write_text(json.dumps({"status": "failed", "error": "DataError: no data"}))
+    text = write_report(load_sweep(sweep_dir)).read_text()
+    assert ("No plots: no job finished, so there is no metric per setting to plot; no job's csv/metrics.csv holds "
+            "a train/loss or val/loss value.") in text
+    assert not list(sweep_dir.glob("*.png"))
+
+
+def test_readable_numbers():
+    assert [readable(v) for v in (LR, "0.001", "8", "lora", "1e-5", "-")] == ["0.000123", "0.001", "8", "lora",
+                                                                              "1e-05", "-"]
