@@ -32,6 +32,7 @@ from finlora.callbacks import run_callbacks
 from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
 from finlora.checkpoints import (
+    LAST,
     AtomicCheckpointIO,
     fingerprints,
     keep_earlier_rows,
@@ -119,8 +120,8 @@ def train(dict_cfg: DictConfig) -> dict:
         base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
         best: dict = {}
         if trainer.is_global_zero:
-            save_adapter(model, tokenizer, adapter_dir, base, full_finetune, ckpt_dir, gathered)
-            best = export_best(callbacks.best, model, tokenizer, adapter_dir, base, full_finetune, ckpt_dir, t.strategy)
+            save_adapter(model, tokenizer, adapter_dir, base, full_finetune, ckpt_dir / LAST, gathered)
+            best = export_best(callbacks.best, model, tokenizer, adapter_dir, base, full_finetune, t.strategy)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
             "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step, **best,
@@ -178,12 +179,13 @@ def train(dict_cfg: DictConfig) -> dict:
         finish(loggers)
 
 
-def save_adapter(model: torch.nn.Module, tokenizer, folder: Path, base: dict, full_finetune: bool, ckpt_dir: Path,
+def save_adapter(model: torch.nn.Module, tokenizer, folder: Path, base: dict, full_finetune: bool, source: Path,
                  state: dict | None = None, record: dict | None = None) -> None:
     """The model's trained weights in peft format (the whole model for full fine-tuning), its tokenizer and its base's
-    identity (`BASE_FILE`), written atomically into `folder`; `record` (the best checkpoint's) as `BEST_FILE`."""
+    identity (`BASE_FILE`), written atomically into `folder`; `record` (the best checkpoint's) as `BEST_FILE`.
+    `source`: the checkpoint that holds the same weights, named if a signal stops the write."""
     with stop_on_signal(f"while writing {folder}; it was not written (its partial copy is removed), and "
-                        f"{ckpt_dir} holds the trained steps: rerun in the same folder to write it"), \
+                        f"{source} holds the trained steps: rerun in the same folder to write it"), \
             atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, state_dict=state)
         tokenizer.save_pretrained(tmp)
@@ -198,7 +200,7 @@ BEST_FILE = "best_checkpoint.json"  # in adapter_best/: the step and monitored v
 
 
 def export_best(kept: ModelCheckpoint | None, model: torch.nn.Module, tokenizer, adapter_dir: Path, base: dict,
-                full_finetune: bool, ckpt_dir: Path, strategy: str) -> dict:
+                full_finetune: bool, strategy: str) -> dict:
     """The best checkpoint by `checkpoint.monitor` (Lightning's best-*.ckpt), written beside the last weights as
     `<adapter_dir>_best/`, and loaded into `model`, which the test stage then scores; the summary's entries for it
     (none when no checkpoint was kept: `checkpoint.keep_best=0`, or no validation ran). Under FSDP the model is
@@ -213,7 +215,7 @@ def export_best(kept: ModelCheckpoint | None, model: torch.nn.Module, tokenizer,
     step = load_trained(model, kept.best_model_path)
     record = {"step": step, "monitor": kept.monitor, "mode": kept.mode, "value": float(kept.best_model_score),
               "checkpoint": kept.best_model_path}
-    save_adapter(model, tokenizer, folder, base, full_finetune, ckpt_dir, record=record)
+    save_adapter(model, tokenizer, folder, base, full_finetune, Path(kept.best_model_path), record=record)
     log.info("best checkpoint (%s=%.4f at step %d) written as %s; the test stage scores it", kept.monitor,
              record["value"], step, folder)
     return {"best_adapter_dir": str(folder), "best_step": step, "best_monitor": kept.monitor,
