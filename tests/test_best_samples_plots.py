@@ -208,6 +208,7 @@ def test_a_search_plots_objective_per_trial_and_against_each_parameter(run, tmp_
     assert params["xlabels"] == ["adapter.r", "trainer.lr"]
     assert params["titles"][-1] == "val/loss against each searched parameter (3 trials)"
     assert all(len(t) <= 8 for t in params["xticks"]), params["xticks"]  # no 17-digit learning rates
+    assert params["xticks"][:2] == ["2", "4"]  # the rank's whole values, not 2.5
     for png in ("objective_per_trial.png", "objective_vs_params.png", "loss_curves.png"):
         assert (sweep.dir / png).read_bytes()[:4] == b"\x89PNG"
 

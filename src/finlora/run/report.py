@@ -496,6 +496,8 @@ def _plot_params(sweep: Sweep) -> tuple[str | None, str]:
             ax.scatter(numbers, values)
             if min(numbers) > 0 and max(numbers) >= 100 * min(numbers):
                 ax.set_xscale("log")
+            if all(n.is_integer() for n in numbers):  # a rank, a step count: whole ticks
+                _whole_ticks(ax, [int(n) for n in numbers])
             ax.xaxis.set_major_formatter(_short_ticks())
         else:
             levels = sorted(set(raw))
