@@ -1,8 +1,8 @@
 """Every Lightning callback of a training run, and `run_callbacks`, which puts them together.
 
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
-non-finite steps and clipping gradients (`NonFiniteGuard`), which checkpoints are kept
-(`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
+non-finite steps and clipping gradients (`NonFiniteGuard`), task scores and sample answers at validation
+(`TaskScore`), which checkpoints are kept (`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
 `progress_bar`).
 """
 

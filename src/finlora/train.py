@@ -1,4 +1,5 @@
-"""`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter, metrics and summary.
+"""`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter (the last weights, and the best
+checkpoint's as `adapter_best/`), metrics and summary, and the test stage.
 
 Everything that can be checked cheaply (config values, device and precision, data files and their
 encoded lengths, the checkpoint to resume, the adapter's target modules) is checked before the model is
