@@ -2,8 +2,8 @@
 
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
 non-finite steps and clipping gradients (`NonFiniteGuard`), task scores and sample answers at validation
-(`TaskScore`), which checkpoints are kept (`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
-`progress_bar`).
+(`TaskScore`), which checkpoints are kept (`checkpoint_callbacks`), throughput, host-boundness and progress
+(`ThroughputLogger`, `StepProfile`, `progress_bar`).
 """
 
 from __future__ import annotations
