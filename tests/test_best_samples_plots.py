@@ -28,9 +28,9 @@ from finlora.run import report
 from finlora.run.report import load_sweep, readable, write_report
 from finlora.train import train
 
-RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=6", "trainer.batch_size=4",
+RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=4", "trainer.batch_size=4",
        "trainer.lr=3e-3", "trainer.val_every_n_steps=2", "trainer.log_every_n_steps=1", "data.val_size=8",
-       "data.max_length=64", "logger=wandb", "eval.limit=4", "eval.during_training.size=6",
+       "data.max_length=64", "logger=wandb", "eval.limit=4", "eval.during_training.size=4",
        "eval.during_training.samples=3",
        # the worst validation loss is "best": a checkpoint that is not the last one, whatever the curve does
        "checkpoint.monitor=val/loss", "checkpoint.mode=max"]
@@ -80,7 +80,7 @@ def test_best_checkpoint_is_exported_tested_and_recorded_beside_the_last(run, li
     record = json.loads((out / "adapter_best" / "best_checkpoint.json").read_text())
     assert record["value"] == pytest.approx(max(val)) and record["monitor"] == "val/loss"
     assert record["step"] == torch.load(best_ckpt, weights_only=True, map_location="cpu")["global_step"]
-    assert summary["best_step"] == record["step"] and summary["steps"] == 6
+    assert summary["best_step"] == record["step"] and summary["steps"] == 4
     assert summary["best_adapter_dir"] == str(out / "adapter_best") and summary["adapter_dir"] == str(out / "adapter")
     assert summary["tested"] == str(out / "adapter_best")
     assert json.loads((out / "metrics.json").read_text())["tested"] == summary["tested"]
@@ -88,8 +88,8 @@ def test_best_checkpoint_is_exported_tested_and_recorded_beside_the_last(run, li
     # The two folders hold the weights of their checkpoints: the best one's and the last one's, which differ.
     best, last = _saved(out / "adapter_best"), _saved(out / "adapter")
     assert _same(best, _state(best_ckpt)) and _same(last, _state(out / "checkpoints" / "last.ckpt"))
-    if record["step"] != summary["steps"]:
-        assert not all(torch.equal(best[k], last[k]) for k in best)
+    assert record["step"] == 2 < summary["steps"]  # training lowers the loss: the worst is the first validation
+    assert not all(torch.equal(best[k], last[k]) for k in best)
 
     # adapter_best/ loads in plain peft, and gives the answers the test stage scored (it scored the best weights).
     tokenizer = AutoTokenizer.from_pretrained(out / "adapter_best")
@@ -109,7 +109,7 @@ def test_best_checkpoint_is_exported_tested_and_recorded_beside_the_last(run, li
 def test_samples_at_each_validation_in_a_file_and_a_wandb_table(run):
     out, _, cfg = run
     files = sorted((out / "samples").glob("*.jsonl"))
-    assert [f.name for f in files] == ["val_step000002.jsonl", "val_step000004.jsonl", "val_step000006.jsonl"]
+    assert [f.name for f in files] == ["val_step000002.jsonl", "val_step000004.jsonl"]
     val = _task(cfg).val
     samples = [[json.loads(line) for line in f.open()] for f in files]
     assert all(len(rows) == 3 for rows in samples)
@@ -117,14 +117,14 @@ def test_samples_at_each_validation_in_a_file_and_a_wandb_table(run):
         assert [r["index"] for r in rows] == sorted(r["index"] for r in rows)
         assert all(r["prompt"] == build_prompt(val[r["index"]]) and r["target"] == str(val[r["index"]]["target"])
                    for r in rows)
-    assert {r["step"] for r in samples[-1]} == {6}
+    assert {r["step"] for r in samples[-1]} == {4}
 
     [run_file] = (out / "wandb").glob("offline-run-*/run-*.wandb")
     history = [{(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in r.history.item}
                for r in records(run_file) if r.HasField("history")]
     logged = [h for h in history if "val/samples/path" in h]
     # (Lightning logs a validation at the step before it counts: the files are named by optimizer steps done)
-    assert [h["trainer/global_step"] for h in logged] == [1, 3, 5] and all(h["val/samples/nrows"] == 3 for h in logged)
+    assert [h["trainer/global_step"] for h in logged] == [1, 3] and all(h["val/samples/nrows"] == 3 for h in logged)
     table = json.loads((run_file.parent / "files" / logged[-1]["val/samples/path"]).read_text())
     assert table["columns"] == ["step", "index", "prompt", "target", "generated", "predicted"]
     assert [row[2] for row in table["data"]] == [r["prompt"] for r in samples[-1]]
