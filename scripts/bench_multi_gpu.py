@@ -48,6 +48,7 @@ def train(name: str, model: Path, args: argparse.Namespace, *extra: str, **tags:
         env = os.environ | {"FINLORA_PROFILE_DIR": str(Path(args.profile) / name.replace(" ", "_").replace(",", ""))}
     cmd = [sys.executable, str(script), f"model.name_or_path={model}", f"paths.data_dir={args.data}",
            f"hydra.run.dir={out}", "task=sentiment", "logger=csv", "eval.enabled=false", "eval.during_training.size=0",
+           "eval.during_training.samples=0",
            "data.val_size=16", "checkpoint.every_n_steps=100000", "checkpoint.keep_best=0",
            "trainer.log_every_n_steps=5", f"trainer.max_steps={args.steps}", *extra]
     started = time.perf_counter()

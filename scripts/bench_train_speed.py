@@ -77,6 +77,7 @@ def overrides(model: Path, out: Path, args: argparse.Namespace, *extra: str) -> 
     """A short training run that measures only steps: no evaluation, small validation, CSV log."""
     return [f"model.name_or_path={model}", f"paths.data_dir={args.data}", f"paths.compile_cache={args.cache}",
             f"output_dir={out}", "logger=csv", "eval.enabled=false", "eval.during_training.size=0",
+            "eval.during_training.samples=0",
             "data.val_size=16", "checkpoint.every_n_steps=100000", "checkpoint.keep_best=0",
             "trainer=cpu" if args.smoke else "trainer=gpu", *extra]
 

@@ -150,7 +150,10 @@ def test_tensorboard_csv_and_a_portable_adapter_with_its_card(tiny_model_dir, tm
     card = (adapter / "README.md").read_text()
     assert "base_model: finlora-tests/tiny-llama" in card and "library_name: peft" in card
     assert "train/fpb_train.jsonl" in card and "r=8" in card and "merge_and_unload" in card
-    assert f"| test/fpb/accuracy | {summary['test/fpb/accuracy']:.4f} |" in card
+    # the test metrics are on the card of the weights the test stage scored: the best checkpoint's (issue 36)
+    assert summary["tested"] == str(run / "adapter_best") and "| test/fpb/accuracy |" not in card
+    best_card = (run / "adapter_best" / "README.md").read_text()
+    assert f"| test/fpb/accuracy | {summary['test/fpb/accuracy']:.4f} |" in best_card
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters())
     check_saved_adapter(str(adapter), base_identity(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))))
@@ -185,8 +188,8 @@ def test_wandb_run_has_group_tags_lr_grad_norm_and_the_adapter_artifact(tiny_mod
     history = {item.key or "/".join(item.nested_key) for r in recs if r.HasField("history") for item in r.history.item}
     assert {"train/loss", "train/grad_norm", "lr-AdamW", "val/loss"} <= history
     assert any(k.startswith("DeviceStatsMonitor") for k in history)  # the callback chosen on the command line
-    artifacts = [r.artifact for r in recs if r.HasField("artifact")]
-    assert len(artifacts) == 1 and artifacts[0].type == "model" and artifacts[0].name.startswith("adapter-")
+    artifacts = [r.artifact for r in recs if r.HasField("artifact") and r.artifact.type == "model"]
+    assert [a.name.split("-")[:2] for a in artifacts] == [["adapter", "lora"], ["adapter", "best"]]  # last, best
     paths = {e.path for e in artifacts[0].manifest.contents}
     assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "base_model.json"} <= paths
 

@@ -1,9 +1,9 @@
 """Every Lightning callback of a training run, and `run_callbacks`, which puts them together.
 
 Resuming exactly (`ReloadData`, `StepSeed`), saving and stopping on a signal (`SaveAndStop`), refusing
-non-finite steps and clipping gradients (`NonFiniteGuard`), which checkpoints are kept
-(`checkpoint_callbacks`), throughput, host-boundness and progress (`ThroughputLogger`, `StepProfile`,
-`StepProgressBar`).
+non-finite steps and clipping gradients (`NonFiniteGuard`), task scores and sample answers at validation
+(`TaskScore`), which checkpoints are kept (`checkpoint_callbacks`), throughput, host-boundness and progress
+(`ThroughputLogger`, `StepProfile`, `StepProgressBar`).
 """
 
 from __future__ import annotations
@@ -32,21 +32,26 @@ from finlora.checkpoints import LAST, RECORD, last_good
 from finlora.config import CheckpointConfig, Compile, Config, EvalSettings, FourBitEval, NonFinitePolicy
 from finlora.errors import Interrupted, NonFiniteLoss
 from finlora.evaluate import generate, pick_rows
-from finlora.loggers import LastStepLogs, ends_fit, logs_now
-from finlora.metric_names import GRAD_NORM, PADDING_FRACTION, TOKENS_PER_S, VAL_SKIPPED, val_score
-from finlora.metrics import score
+from finlora.loggers import LastStepLogs, ends_fit, log_predictions, logs_now
+from finlora.metric_names import GRAD_NORM, PADDING_FRACTION, TOKENS_PER_S, VAL_SAMPLES, VAL_SKIPPED, val_score
+from finlora.metrics import extract_answer, score
+from finlora.outputs import write_jsonl
+from finlora.prompts import build_prompt
 from finlora.update import RecordedAdamW, measure_gradients
 
 log = logging.getLogger(__name__)
+SAMPLES_DIR = "samples"  # in the run folder: a few generated answers at each validation (`TaskScore.show`)
 
 
 @dataclass
 class RunCallbacks:
-    """The callbacks of a run, in order; `train` reads the stopper, throughput and profile back after `fit`."""
+    """The callbacks of a run, in order; `train` reads the stopper, throughput, profile and the best checkpoint
+    (`best`: None when none is kept) back after `fit`."""
 
     stopper: SaveAndStop
     throughput: ThroughputLogger
     profile: StepProfile
+    best: ModelCheckpoint | None
     all: list[Callback]
 
 
@@ -61,13 +66,16 @@ def run_callbacks(cfg: Config, ckpt_dir: Path, val_rows: list[dict], tokenizer: 
                   int(cfg.trainer.capture))
     throughput = ThroughputLogger(warm_up)
     profile = StepProfile(throughput)
+    during = cfg.eval.during_training
     scoring = ([TaskScore(cfg, val_rows, tokenizer, precision)]
-               if cfg.scores_in_training and val_rows else [])
+               if (during.size or during.samples) and val_rows and cfg.task.test and cfg.trainer.strategy != "fsdp"
+               else [])
     guard = NonFiniteGuard(cfg.trainer.on_nonfinite_loss, ckpt_dir / LAST, cfg.checkpoint.every_n_steps,
                            cfg.trainer.grad_clip)
-    return RunCallbacks(stopper, throughput, profile, [
-        profile, ReloadData(), RunRecord(record), StepSeed(cfg.seed), guard, stopper, *scoring,
-        *checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows)), throughput,
+    kept = checkpoint_callbacks(cfg.checkpoint, ckpt_dir, bool(val_rows))
+    best = next((c for c in kept if c.monitor == cfg.checkpoint.monitor), None)
+    return RunCallbacks(stopper, throughput, profile, best, [
+        profile, ReloadData(), RunRecord(record), StepSeed(cfg.seed), guard, stopper, *scoring, *kept, throughput,
         StepProgressBar(), LastStepLogs()])
 
 
@@ -75,12 +83,21 @@ class TaskScore(Callback):
     """At every validation, greedy answers on a fixed sample of the held-out rows (`eval.during_training.size`,
     stratified by label), scored as the task's first test set is scored (its kind and labels), and logged
     as `val/<task>/<metric>`: what `checkpoint.monitor` can keep the best adapter by, and a sweep can
-    optimize. The loss says how likely the right answer is; this says how often it is the one generated."""
+    optimize. The loss says how likely the right answer is; this says how often it is the one generated.
+
+    The first `eval.during_training.samples` of those rows (in file order; with no scored sample, the first
+    held-out rows, generated for this alone) are shown as text: prompt (evaluation's, `prompts.build_prompt`),
+    target and answer, as a W&B table `val/samples` and in `samples/val_step<N>.jsonl` in the run folder."""
 
     def __init__(self, cfg: Config, val_rows: list[dict], tokenizer: PreTrainedTokenizerBase, precision: str) -> None:
         self.test_set, self.task = cfg.task.test[0], cfg.task.name
-        sample = EvalSettings(limit=cfg.eval.during_training.size, seed=cfg.seed)
-        self.rows = [val_rows[i] for i in pick_rows(val_rows, self.test_set, sample)]
+        during = cfg.eval.during_training
+        sample = EvalSettings(limit=during.size, seed=cfg.seed)
+        self.indices = (pick_rows(val_rows, self.test_set, sample) if during.size
+                        else list(range(min(during.samples, len(val_rows)))))
+        self.rows = [val_rows[i] for i in self.indices]
+        self.scores, self.samples = bool(during.size), during.samples
+        self.samples_dir = Path(cfg.output_dir) / SAMPLES_DIR
         self.tokenizer, self.precision, self.settings = tokenizer, precision, cfg.eval
         # A dense copy of a 4-bit base would be made, and its decode step compiled anew, at every validation (a
         # cost not measured against the kernels' time on such a sample): `auto` keeps bitsandbytes' kernels here.
@@ -95,10 +112,22 @@ class TaskScore(Callback):
                            static_cache=self.settings.static_cache, decode_compile=self.settings.decode_compile,
                            int8_cpu=self.settings.int8_cpu, four_bit=self.four_bit,
                            share_prefix=self.settings.share_prefix)
-        metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
-        for name, value in metrics.items():
-            if name not in VAL_SKIPPED:
-                pl_module.log(val_score(self.task, name), value, batch_size=len(self.rows))
+        if self.scores:
+            metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
+            for name, value in metrics.items():
+                if name not in VAL_SKIPPED:
+                    pl_module.log(val_score(self.task, name), value, batch_size=len(self.rows))
+        if self.samples and trainer.is_global_zero:
+            self.show(trainer, answers[:self.samples])
+
+    def show(self, trainer: L.Trainer, answers: list[str]) -> None:
+        """The first rows' prompts, targets and answers, as a W&B table and a JSONL file named by the step."""
+        labels = self.test_set.labels or None
+        rows = [{"step": trainer.global_step, "index": i, "prompt": build_prompt(r), "target": str(r["target"]),
+                 "generated": g, "predicted": extract_answer(self.test_set.kind, g, labels)}
+                for i, r, g in zip(self.indices, self.rows, answers, strict=False)]
+        write_jsonl(self.samples_dir / f"val_step{trainer.global_step:06d}.jsonl", rows)
+        log_predictions(trainer.loggers, VAL_SAMPLES, rows)
 
 
 class ReloadData(Callback):

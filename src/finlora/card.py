@@ -45,8 +45,14 @@ def write_card(folder: Path, cfg: Config, base: dict, summary: dict) -> None:
     results = ["| metric | value |", "|---|---|",
                *(f"| {k} | {_fmt(summary.get(k))} |" for k in ("final_train_loss", "final_val_loss", "steps")),
                *(f"| {k} | {_fmt(v)} |" for k, v in sorted(tests.items()))]
-    if cfg.eval.enabled and not tests:
+    if summary.get("scored_elsewhere"):
+        results.append(f"\nThese are the last weights; the test stage scored the best checkpoint, "
+                       f"`{Path(summary['scored_elsewhere']).name}/` beside this folder, whose card has its metrics.")
+    elif cfg.eval.enabled and not tests:
         results.append("\nTest metrics are added here when the run's test stage ends.")
+    if summary.get("best_card"):
+        results.insert(0, f"The best checkpoint by `{summary['best_monitor']}` ({_fmt(summary['best_value'])}), "
+                          f"kept at step {summary['best_step']}; `best_checkpoint.json` records it.\n")
     embedded = (f"\nTrained on the embedded GGUF (Q4_1) copy of `{hub}`, dequantized to float32: close to the hub's "
                 "weights, not equal to them; `base_model.json` holds a hash of the weights it was trained on.\n"
                 if cfg.model.embedded else "")

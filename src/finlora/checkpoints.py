@@ -177,3 +177,18 @@ def keep_earlier_rows(loggers: list[Logger], ckpt_path: str) -> None:
             with path.open(newline="") as f:
                 rows = [row for row in csv.DictReader(f) if int(row["step"]) < step]
             lg.experiment.metrics[:0] = rows
+
+
+def load_trained(model: torch.nn.Module, ckpt_path: str | Path) -> int:
+    """Put a checkpoint's trained tensors (the adapter's, as `FinetuneModule.on_save_checkpoint` keeps them) into
+    `model` in place, and return the checkpoint's optimizer step. Copied under the parameters' own version counters,
+    so anything cached from them (finlora DoRA's norms) is refreshed."""
+    checkpoint = torch.load(ckpt_path, mmap=True, weights_only=True, map_location="cpu")
+    params = dict(model.named_parameters())
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()}
+    if unknown := sorted(state.keys() - params.keys()):
+        raise ConfigError(f"{ckpt_path} holds tensors this model lacks (e.g. {unknown[0]}): not this run's checkpoint")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
+    return int(checkpoint["global_step"])

@@ -559,6 +559,9 @@ class EvalSettings:
 @dataclass
 class DuringTraining:
     size: int = 200  # held-out rows generated on and scored at every validation (0: validation loss only)
+    # of those rows (or of the held-out rows, when size is 0), the first N shown as text at every validation: prompt,
+    # target and answer, as a W&B table and in samples/val_step<N>.jsonl; 0: none
+    samples: int = 4
 
 
 @dataclass
@@ -569,6 +572,7 @@ class TrainEvalSettings(EvalSettings):
     def problems(self) -> list[str]:
         problems = super().problems()
         _check(problems, self.during_training.size >= 0, "eval.during_training.size", "must be >= 0")
+        _check(problems, self.during_training.samples >= 0, "eval.during_training.samples", "must be >= 0 (0: none)")
         return problems
 
 

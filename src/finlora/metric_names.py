@@ -15,6 +15,7 @@ VAL_LOSS = "val/loss"
 # Lightning's LearningRateMonitor names the learning rate after the schedule (`module.configure_optimizers` names
 # it so): the same name whichever AdamW class runs; `/pg1`, `/pg2` follow when there are several groups
 LEARNING_RATE = "lr-AdamW"
+VAL_SAMPLES = "val/samples"  # a W&B table of a few generated answers at each validation, not a metric
 VAL_SKIPPED = ("n",)  # a validation sample's size is fixed: not logged
 # What `metrics.score` returns for each kind of task (`config.TaskKind`'s values), in this order.
 SCORE_NAMES = {"label": ("accuracy", "f1", "f1_parsed", "unparsable_rate", "n"),

@@ -1,4 +1,5 @@
-"""`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter, metrics and summary.
+"""`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter (the last weights, and the best
+checkpoint's as `adapter_best/`), metrics and summary, and the test stage.
 
 Everything that can be checked cheaply (config values, device and precision, data files and their
 encoded lengths, the checkpoint to resume, the adapter's target modules) is checked before the model is
@@ -20,7 +21,7 @@ from types import FrameType
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -31,7 +32,16 @@ from finlora.build import build_model, build_tokenizer, check_base, placement
 from finlora.callbacks import run_callbacks
 from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
-from finlora.checkpoints import AtomicCheckpointIO, fingerprints, keep_earlier_rows, resume_path, resumes, run_record
+from finlora.checkpoints import (
+    LAST,
+    AtomicCheckpointIO,
+    fingerprints,
+    keep_earlier_rows,
+    load_trained,
+    resume_path,
+    resumes,
+    run_record,
+)
 from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
 from finlora.data import TaskDataModule, load_task
 from finlora.devices import device_type
@@ -111,18 +121,13 @@ def train(dict_cfg: DictConfig) -> dict:
         adapter_dir = run_dir / ("model" if full_finetune else "adapter")
         gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
         base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
+        best: dict = {}
         if trainer.is_global_zero:
-            with stop_on_signal(f"while writing {adapter_dir}; it was not written (its partial copy is removed), and "
-                                f"{ckpt_dir / 'last.ckpt'} holds the trained steps: rerun in the same folder to write "
-                                "it"), atomic_dir(adapter_dir) as tmp:
-                model.save_pretrained(tmp, state_dict=gathered)
-                tokenizer.save_pretrained(tmp)
-                write_json(tmp / BASE_FILE, base)
-                if not full_finetune:
-                    set_base_name(tmp, base["hub_id"])
+            save_adapter(model, tokenizer, adapter_dir, base, full_finetune, ckpt_dir / LAST, gathered)
+            best = export_best(callbacks.best, model, tokenizer, adapter_dir, base, full_finetune, t.strategy)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         summary = {
-            "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step,
+            "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step, **best,
             "final_train_loss": metrics.get(TRAIN_LOSS), "final_val_loss": metrics.get(VAL_LOSS),
             "trainable_params": trainable, "total_params": total,
             "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
@@ -142,7 +147,7 @@ def train(dict_cfg: DictConfig) -> dict:
         }
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
-            write_card(adapter_dir, cfg, base, summary)
+            write_cards(adapter_dir, cfg, base, summary)
             test_metrics = {}
             if cfg.eval.enabled and task_data.test and t.strategy == "fsdp":
                 log.warning("no test stage under FSDP (the model is sharded over the GPUs, generation runs on one): "
@@ -157,14 +162,18 @@ def train(dict_cfg: DictConfig) -> dict:
                 except torch.OutOfMemoryError as err:
                     raise oom_advice(cfg, "eval") from err
                 objective = test_metrics.get(cfg.sweep.metric, summary["objective"])
-                summary.update(test_metrics, objective=objective, wall_time_s=round(time.time() - started, 1))
+                summary.update(test_metrics, objective=objective, wall_time_s=round(time.time() - started, 1),
+                               tested=summary.get("best_adapter_dir", str(adapter_dir)))
                 write_json(run_dir / "metrics.json", summary)
-                write_card(adapter_dir, cfg, base, summary)
+                write_cards(adapter_dir, cfg, base, summary)
             if summary["objective"] is None and cfg.sweep.objective:
                 log.warning("sweep.objective=%s was not logged by this run (a search's job would fail)",
                             cfg.sweep.objective)
             if not full_finetune:  # W&B copies an artifact's files: an adapter, not a whole model
                 log_adapter(loggers, adapter_dir, f"adapter-{cfg.run_name}", base | {"summary": summary})
+                if "best_adapter_dir" in summary:
+                    log_adapter(loggers, Path(summary["best_adapter_dir"]), f"adapter-best-{cfg.run_name}",
+                                base | {"summary": summary})
             log_summary(loggers, summary)
             print_summary(summary, breakdown)
             if test_metrics:
@@ -172,6 +181,61 @@ def train(dict_cfg: DictConfig) -> dict:
         return summary
     finally:
         finish(loggers)
+
+
+def save_adapter(model: torch.nn.Module, tokenizer, folder: Path, base: dict, full_finetune: bool, source: Path,
+                 state: dict | None = None, record: dict | None = None) -> None:
+    """The model's trained weights in peft format (the whole model for full fine-tuning), its tokenizer and its base's
+    identity (`BASE_FILE`), written atomically into `folder`; `record` (the best checkpoint's) as `BEST_FILE`.
+    `source`: the checkpoint that holds the same weights, named if a signal stops the write."""
+    with stop_on_signal(f"while writing {folder}; it was not written (its partial copy is removed), and "
+                        f"{source} holds the trained steps: rerun in the same folder to write it"), \
+            atomic_dir(folder) as tmp:
+        model.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / BASE_FILE, base)
+        if record is not None:
+            write_json(tmp / BEST_FILE, record)
+        if not full_finetune:
+            set_base_name(tmp, base["hub_id"])
+
+
+BEST_FILE = "best_checkpoint.json"  # in adapter_best/: the step and monitored value it was kept for
+
+
+def export_best(kept: ModelCheckpoint | None, model: torch.nn.Module, tokenizer, adapter_dir: Path, base: dict,
+                full_finetune: bool, strategy: str) -> dict:
+    """The best checkpoint by `checkpoint.monitor` (Lightning's best-*.ckpt), written beside the last weights as
+    `<adapter_dir>_best/`, and loaded into `model`, which the test stage then scores; the summary's entries for it
+    (none when no checkpoint was kept: `checkpoint.keep_best=0`, or no validation ran). Under FSDP the model is
+    sharded, so the best checkpoint stays a checkpoint (said once)."""
+    if kept is None or not kept.best_model_path or not Path(kept.best_model_path).is_file():
+        return {}
+    if strategy == "fsdp":
+        log.warning("FSDP: the best checkpoint %s is not exported as an adapter (the model is sharded)",
+                    kept.best_model_path)
+        return {}
+    folder = adapter_dir.with_name(f"{adapter_dir.name}_best")
+    step = load_trained(model, kept.best_model_path)
+    record = {"step": step, "monitor": kept.monitor, "mode": kept.mode, "value": float(kept.best_model_score),
+              "checkpoint": kept.best_model_path}
+    save_adapter(model, tokenizer, folder, base, full_finetune, Path(kept.best_model_path), record=record)
+    log.info("best checkpoint (%s=%.4f at step %d) written as %s; the test stage scores it", kept.monitor,
+             record["value"], step, folder)
+    return {"best_adapter_dir": str(folder), "best_step": step, "best_monitor": kept.monitor,
+            "best_value": record["value"]}
+
+
+def write_cards(adapter_dir: Path, cfg: Config, base: dict, summary: dict) -> None:
+    """The model cards of the last adapter and of the best one, if any: each with its own step, and the test
+    metrics on the card of the one the test stage scored."""
+    best = summary.get("best_adapter_dir")
+    if best is None:
+        write_card(adapter_dir, cfg, base, summary)
+        return
+    untested = {k: v for k, v in summary.items() if not k.startswith("test/")}
+    write_card(adapter_dir, cfg, base, untested | {"scored_elsewhere": best})
+    write_card(Path(best), cfg, base, summary | {"steps": summary["best_step"], "best_card": True})
 
 
 @contextmanager
@@ -266,7 +330,10 @@ def print_summary(summary: dict, breakdown: list) -> None:
              f"({_fmt(summary['padding_fraction'], '.1%')} of the tokens, {summary['batching']} batches)"),
             ("training step", f"{summary['step_path']}: {summary['step_path_reason']}"),
             *_step_rows(summary),
-            ("adapter", summary["adapter_dir"])]
+            ("adapter (last weights)", summary["adapter_dir"]),
+            *([("best adapter", f"{summary['best_adapter_dir']} (step {summary['best_step']}, {summary['best_monitor']}"
+                f" {summary['best_value']:.4f})")] if "best_adapter_dir" in summary else []),
+            *([("test stage scored", summary["tested"])] if "tested" in summary else [])]
     for k, v in rows:
         table.add_row(k, v)
     console.print(table)

@@ -106,7 +106,9 @@ class Sweep:
     dir: Path
     jobs: list[Job]
     script: Path  # train.py or eval.py, the command that ran the sweep
+    search: bool = False  # a search (hydra/sweeper=optuna): each job is a trial, not a cell of a grid
     swept: list[str] = field(init=False)
+    no_plots: str | None = field(init=False, default=None)  # why `write_report` drew no plot, if it drew none
     unexplained: dict[str, list[Any]] = field(init=False)  # keys that differ but were not swept -> values
 
     def __post_init__(self) -> None:
@@ -180,7 +182,8 @@ def load_sweep(sweep_dir: Path) -> Sweep:
                 jobs.append(Job(sweep_dir / f"{num}_{job_suffix(raw, exclude, swept)}", _by_key(parser, raw), raw,
                                 {"status": pending}, {}))
         jobs.sort(key=lambda j: _job_order(j.dir))
-    return Sweep(sweep_dir, jobs, script)
+    search = bool(hydra) and str(hydra.sweeper.get("_target_", "")).endswith("OptunaSweeper")
+    return Sweep(sweep_dir, jobs, script, search)
 
 
 def _by_key(parser: OverridesParser, raw: list[str]) -> dict[str, str]:
@@ -280,7 +283,7 @@ class Cell:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.values.items()) or "all jobs"
+        return ", ".join(f"{k}={readable(v)}" for k, v in self.values.items()) or "all jobs"
 
 
 def group_cells(jobs: list[Job], keys: list[str]) -> list[Cell]:
@@ -310,7 +313,8 @@ def rows(sweep: Sweep) -> tuple[list[str], list[list[str]]]:
     header = ["job", *sweep.swept, "status", "device", *metrics, "wall s"]
     body = []
     for job in sweep.jobs:
-        cells = [job.dir.name.split("_", 1)[0], *(job.overrides.get(k, "-") for k in sweep.swept), job.status,
+        cells = [job.dir.name.split("_", 1)[0], *(readable(job.overrides.get(k, "-"), 4) for k in sweep.swept),
+                 job.status,
                  job.device, *(_fmt(job.metrics.get(k)) for k in metrics), _fmt(job.wall_s)]
         body.append(cells)
     return header, body
@@ -333,6 +337,8 @@ def print_table(sweep: Sweep) -> None:
             cells.add_row(*row)
         console.print(cells)
     console.print(sweep.consistency())
+    if sweep.no_plots:
+        console.print(sweep.no_plots)
     for job in sweep.failed:
         console.print(f"[red]{job.dir.name}[/red]: {job.status}: {_one_line(job.record.get('error'))}")
     console.print(f"report: {sweep.dir / 'report.md'}")
@@ -348,9 +354,14 @@ def write_report(sweep: Sweep) -> Path:
     if aggregated := cell_rows(sweep):
         lines += ["## Per cell: mean ± standard deviation over seeds [95% Student-t interval of the mean]", "",
                   *markdown_table(*aggregated), ""]
-    for name, title in (_plot_cells(sweep), _plot_curves(sweep)):
+    plots = [_plot_trials(sweep), _plot_params(sweep)] if sweep.search else [_plot_cells(sweep)]
+    plots.append(_plot_curves(sweep))
+    for name, title in plots:
         if name:
             lines += [f"![{title}]({name})", ""]
+    sweep.no_plots = None if any(name for name, _ in plots) else "No plots: " + "; ".join(why for _, why in plots) + "."
+    if sweep.no_plots:
+        lines += [sweep.no_plots, ""]
     if sweep.failed:
         rerun = f"python scripts/report.py {shlex.quote(str(sweep.dir))} --rerun-failed"
         lines += ["## Jobs that did not finish", "", f"Rerun them all: `{rerun}`; or one:", ""]
@@ -373,9 +384,13 @@ def _plot_cells(sweep: Sweep) -> tuple[str | None, str]:
     point per cell."""
     cells = [c for c in sweep.cells if any(j.config for j in c.jobs)]
     metrics = [k for k in sweep.metric_keys if k != "steps" and k != "final_train_loss"]
-    if not cells or not metrics:
-        return None, ""
+    if not cells:
+        return None, "no job finished, so there is no metric per setting to plot"
+    if not metrics:
+        return None, ("the jobs logged no validation loss or test score to compare settings by (give them a "
+                      "validation split that is reached, data.val_size and trainer.val_every_n_steps, or eval.enabled)")
     plt = _pyplot()
+    seeds = any(len(c.jobs) > 1 for c in cells)
     by_r = "adapter.r" in sweep.swept
     others = [k for k in sweep.swept if k.split(".")[0] not in ("adapter", "quant") and k != SEED_KEY]
     cols = min(3, len(metrics))
@@ -391,7 +406,7 @@ def _plot_cells(sweep: Sweep) -> tuple[str | None, str]:
             config = next(j.config for j in cell.jobs if j.config)
             bits = config.get("quant.bits")
             label = " ".join([str(config.get("adapter.method")), f"{bits}-bit" if bits else "unquantized",
-                              *(f"{k}={cell.values[k]}" for k in others)]) if by_r else cell.label
+                              *(f"{k}={readable(cell.values[k])}" for k in others)]) if by_r else cell.label
             series.setdefault(label, []).append((config.get("adapter.r") if by_r else i, stats))
         for label, points in sorted(series.items()):
             points.sort(key=lambda p: p[0])
@@ -403,7 +418,7 @@ def _plot_cells(sweep: Sweep) -> tuple[str | None, str]:
             ax.set_xlabel("adapter.r")
         else:
             ax.set_xticks(range(len(cells)), [c.label for c in cells], rotation=30, ha="right", fontsize=7)
-        ax.set_title(f"{metric} (mean, 95% interval)", fontsize=9)
+        ax.set_title(f"{metric} (mean, 95% interval over seeds)" if seeds else metric, fontsize=9)
         if by_r:
             ax.legend(fontsize=7)
     name = "metric_vs_r.png" if by_r else "metric_by_cell.png"
@@ -415,7 +430,7 @@ def _plot_curves(sweep: Sweep) -> tuple[str | None, str]:
     seeds of a setting share it)."""
     curves = [(j, key, *j.curve(key)) for j in sweep.jobs for key in ("train/loss", "val/loss")]
     if not any(steps for _, _, steps, _ in curves):
-        return None, ""
+        return None, "no job's csv/metrics.csv holds a train/loss or val/loss value"
     plt = _pyplot()
     cells = group_cells(sweep.jobs, [k for k in sweep.swept if k != SEED_KEY])
     colour = {id(j): f"C{i % 10}" for i, c in enumerate(cells) for j in c.jobs}
@@ -423,13 +438,107 @@ def _plot_curves(sweep: Sweep) -> tuple[str | None, str]:
     for ax, key in zip(axes[0], ("train/loss", "val/loss"), strict=True):
         for job, k, steps, values in curves:
             if k == key and steps:
-                label = " ".join(f"{s}={job.overrides.get(s)}" for s in sweep.swept) or job.dir.name
+                label = " ".join(f"{s}={readable(job.overrides.get(s, '-'))}" for s in sweep.swept) or job.dir.name
                 ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label,
                         color=colour[id(job)])
-        ax.set_xlabel("step")
+        ax.set_xlabel("optimizer step")
+        _whole_ticks(ax, [s for _, k, steps, _ in curves if k == key for s in steps])
         ax.set_title(key)
         ax.legend(fontsize=7)
     return _save(fig, sweep.dir / "loss_curves.png"), "loss curves"
+
+
+def _trials(sweep: Sweep) -> list[tuple[int, Job, float]]:
+    """(trial number, job, objective) of each finished trial of a search, in trial order."""
+    return [(_job_order(j.dir)[0], j, float(j.metrics["objective"])) for j in sweep.jobs
+            if j.status == "ok" and isinstance(j.metrics.get("objective"), int | float)]
+
+
+def _objective_name(trials: list[tuple[int, Job, float]]) -> str:
+    return str(trials[0][1].metrics.get("objective_metric") or "objective")
+
+
+def _plot_trials(sweep: Sweep) -> tuple[str | None, str]:
+    """A search's objective per trial, in the order the trials ran, with the best so far as a step line (in
+    `sweep.direction`, which the jobs' configs record)."""
+    trials = _trials(sweep)
+    if not trials:
+        return None, "no trial finished with its objective (metrics.json's `objective`)"
+    plt = _pyplot()
+    maximize = trials[0][1].config.get("sweep.direction") == "maximize"
+    numbers, values = [t[0] for t in trials], [t[2] for t in trials]
+    best = [max(values[:i + 1]) if maximize else min(values[:i + 1]) for i in range(len(values))]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    ax.plot(numbers, values, "o", label="trial")
+    ax.step(numbers, best, where="post", color="C1", label=f"best so far ({'max' if maximize else 'min'})")
+    ax.set_xlabel("trial")
+    _whole_ticks(ax, numbers)
+    ax.set_ylabel(_objective_name(trials))
+    ax.set_title(f"{_objective_name(trials)} per trial", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, sweep.dir / "objective_per_trial.png"), "objective per trial"
+
+
+def _plot_params(sweep: Sweep) -> tuple[str | None, str]:
+    """A search's objective against each searched parameter, one panel each: numbers on a numeric axis (a
+    logarithmic one where the values span two decades or more), choices as categories, values written short."""
+    trials = _trials(sweep)
+    params = [k for k in sweep.swept if k != SEED_KEY]
+    if not trials or not params:
+        return None, ("no trial finished with its objective" if not trials else "no parameter was searched")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.6), squeeze=False, sharey=True)
+    for ax, key in zip(axes[0], params, strict=True):
+        raw = [j.overrides.get(key, "-") for _, j, _ in trials]
+        values = [t[2] for t in trials]
+        numbers = [_number(v) for v in raw]
+        if all(n is not None for n in numbers):
+            ax.scatter(numbers, values)
+            if min(numbers) > 0 and max(numbers) >= 100 * min(numbers):
+                ax.set_xscale("log")
+            if all(n.is_integer() for n in numbers):  # a rank, a step count: whole ticks
+                _whole_ticks(ax, [int(n) for n in numbers])
+            ax.xaxis.set_major_formatter(_short_ticks())
+        else:
+            levels = sorted(set(raw))
+            ax.scatter([levels.index(v) for v in raw], values)
+            ax.set_xticks(range(len(levels)), [readable(v) for v in levels], rotation=30, ha="right", fontsize=7)
+        ax.set_xlabel(key)
+    axes[0][0].set_ylabel(_objective_name(trials))
+    fig.suptitle(f"{_objective_name(trials)} against each searched parameter ({len(trials)} trials)", fontsize=9)
+    return _save(fig, sweep.dir / "objective_vs_params.png"), "objective against each parameter"
+
+
+def readable(value: str, digits: int = 3) -> str:
+    """A value as typed on the command line, numbers written short: Optuna's 0.0012345678901234567 as 0.00123."""
+    number = _number(value)
+    if number is None or re.fullmatch(r"[+-]?\d+", value.strip()):
+        return value
+    return f"{number:.{digits}g}"
+
+
+def _number(value: str) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _whole_ticks(ax: Any, values: list[int]) -> None:
+    """Ticks at whole numbers only (steps, trials): each value where there are few, else whole numbers matplotlib
+    spaces (its integer locator alone falls back to fractions over a range of one value)."""
+    from matplotlib.ticker import MaxNLocator
+
+    if len(set(values)) <= 10:
+        ax.set_xticks(sorted(set(values)))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _short_ticks() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda x, _: f"{x:.3g}")
 
 
 def _pyplot() -> Any:
