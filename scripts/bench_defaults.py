@@ -175,8 +175,9 @@ def markdown(rows: list[dict], device: str) -> list[str]:
     for r in rows:
         if "max_rel_loss_diff" in r:
             continue
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed: {r['error'][:200]} | | | | | | |")
+        if "error" in r or "invalid" in r:
+            why = f"failed: {r['error'][:200]}" if "error" in r else f"not valid: {r['invalid']}"
+            lines.append(f"| {r['name']} | {why} | | | | | | |")
             continue
         ratio = (f"{r['tokens_per_s'] / before['tokens_per_s']:.1f}" if before and r.get("tokens_per_s")
                  and r["name"].startswith("mission") else "")
@@ -184,7 +185,7 @@ def markdown(rows: list[dict], device: str) -> list[str]:
                      f"{ratio} | {bench._num(r.get('step_ms'))} | {bench._num(r.get('host_syncs_per_step'))} | "
                      f"{bench._num(r.get('gpu_peak_gib') or r.get('peak_gib'), '.2f')} | {r.get('process_s', '')} |")
     llama = {r["name"].split(", ", 1)[0][len("llama-8b x4 "):] + ", " + _form(r["name"]): r for r in rows
-             if r["name"].startswith("llama-8b x4") and r.get("step_ms")}
+             if r["name"].startswith("llama-8b x4") and r.get("step_ms") and "invalid" not in r}
     for bits in (8, 4):
         for form in ("planned", "short"):
             lora, dora = llama.get(f"{bits}bit lora, {form}"), llama.get(f"{bits}bit dora, {form}")
