@@ -106,3 +106,12 @@ def test_bootstrap_resamples_seeds_as_well_as_rows():
 
 def test_commonest_label_rate():
     assert commonest_label_rate(["positive", "Neutral", "neutral "]) == ("neutral", pytest.approx(2 / 3))
+
+
+def test_no_spread_over_seeds_is_no_test():
+    """Two seeds that moved by the same amount (scores are multiples of 1/rows) give sd 0: no t test, not p = 0."""
+    d = paired({1: 0.706, 2: 0.722}, {1: 0.684, 2: 0.700})  # 0.022 both times, up to float rounding
+    assert d.sd == 0 and d.p is None
+    flat = paired({1: 0.5, 2: 0.7}, {1: 0.4, 2: 0.6})
+    assert flat.p is None and flat.low == flat.high == flat.mean
+    assert tost(flat, 0.02) is None and verdict(flat, None) == "inconclusive (no spread over seeds)"

@@ -23,7 +23,8 @@ from finlora.run.report import t_cdf, t_quantile
 class Paired:
     """a − b over the seeds both cells have: per-seed differences, their mean, standard deviation and standard
     error, the 95% t interval of the mean (n − 1 degrees of freedom) and the two-sided p-value of mean = 0.
-    `unpaired`: seeds only one side has (left out). No spread, interval or p-value with fewer than 2 pairs."""
+    `unpaired`: seeds only one side has (left out). No spread, interval or p-value with fewer than 2 pairs;
+    no p-value (and a zero-width interval) when every pair differs by the same amount."""
 
     seeds: tuple[int, ...]
     diffs: tuple[float, ...]
@@ -49,15 +50,17 @@ def paired(a: Mapping[int, float], b: Mapping[int, float], level: float = 0.95) 
     unpaired = tuple(sorted(a.keys() ^ b.keys()))
     if not seeds:
         raise ValueError(f"no seed in common (a: {sorted(a)}, b: {sorted(b)})")
-    diffs = tuple(a[s] - b[s] for s in seeds)
+    diffs = tuple(round(a[s] - b[s], 12) for s in seeds)  # equal moves stay equal through float rounding
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return Paired(seeds, diffs, mean, unpaired=unpaired)
     sd = statistics.stdev(diffs)
     se = sd / math.sqrt(len(diffs))
     df = len(diffs) - 1
+    if se == 0:  # every seed moved by the same amount (few seeds, discrete scores): no t test is possible
+        return Paired(seeds, diffs, mean, sd, se, mean, mean, None, unpaired)
     half = t_quantile(0.5 + level / 2, df) * se
-    p = 1.0 if se == 0 and mean == 0 else 0.0 if se == 0 else 2 * (1 - t_cdf(abs(mean) / se, df))
+    p = 2 * (1 - t_cdf(abs(mean) / se, df))
     return Paired(seeds, diffs, mean, sd, se, mean - half, mean + half, p, unpaired)
 
 
@@ -83,13 +86,10 @@ class Equivalence:
 
 
 def tost(d: Paired, margin: float, alpha: float = 0.05) -> Equivalence | None:
-    """TOST on a paired difference (None with fewer than 2 pairs: no test is possible)."""
-    if d.se is None:
+    """TOST on a paired difference (None where `paired` has no p-value: no test is possible)."""
+    if not d.se:  # fewer than 2 pairs, or no spread between them
         return None
     df = d.n - 1
-    if d.se == 0:
-        inside = abs(d.mean) < margin
-        return Equivalence(margin, 0.0 if inside else 1.0, 0.0 if inside else 1.0, d.mean, d.mean, alpha)
     p_lower = 1 - t_cdf((d.mean + margin) / d.se, df)  # H0: difference ≤ −margin
     p_upper = t_cdf((d.mean - margin) / d.se, df)  # H0: difference ≥ +margin
     half = t_quantile(1 - alpha, df) * d.se
@@ -101,6 +101,8 @@ def verdict(d: Paired, eq: Equivalence | None, p_adjusted: float | None = None, 
     both, or `inconclusive`; `one pair` when no test is possible."""
     if d.se is None:
         return "one pair"
+    if d.p is None:
+        return "inconclusive (no spread over seeds)"
     p = d.p if p_adjusted is None else p_adjusted
     differs = p < alpha
     if eq is not None and eq.equivalent:
