@@ -93,7 +93,7 @@ class TaskScore(Callback):
                            self.settings.batch_size, self.precision, f"val {self.task}",
                            static_cache=self.settings.static_cache, decode_compile=self.settings.decode_compile,
                            int8_cpu=self.settings.int8_cpu, four_bit=self.four_bit,
-                           share_prefix=self.settings.share_prefix)
+                           share_prefix=self.settings.share_prefix, prompt=self.settings.prompt)
         metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
         for name, value in metrics.items():
             if name != "n":

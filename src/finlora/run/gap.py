@@ -17,6 +17,7 @@ import statistics
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -98,6 +99,7 @@ class Run:
 
     seed: int
     metrics: dict
+    config: DictConfig
     right: dict[str, list[bool]] = field(default_factory=dict)
 
 
@@ -112,7 +114,7 @@ def read_runs(folder: Path, data_dir: Path) -> dict[Setting, dict[int, Run]]:
         setting, seed = setting_of(cfg), int(cfg.seed)
         if seed in cells.get(setting, {}):
             raise ValueError(f"{job}: a second job of cell '{setting.label}' with seed {seed}")
-        run = Run(seed, json.loads(metrics_file.read_text()))
+        run = Run(seed, json.loads(metrics_file.read_text()), cfg)
         if (job / PREDICTIONS).is_file():
             add_predictions(run, json.loads((job / PREDICTIONS).read_text()), cfg, data_dir)
         cells.setdefault(setting, {})[seed] = run
@@ -256,57 +258,57 @@ def row_evidence(a: dict[int, Run], b: dict[int, Run], metric: str) -> str:
             f"{a_only}:{b_only} rows, p = {pooled.p:.3g}")
 
 
-def base_rates(cells: dict[Setting, dict[int, Run]], folder: Path, data_dir: Path, sets: list[str]
-               ) -> dict[str, tuple[str, float, int]]:
-    """Per test set: the commonest label of the rows the study scored, its share, and the number of rows; the
-    rows are drawn again exactly as `finlora.evaluate.pick_rows` drew them (every job scored the same rows)."""
-    from finlora.config import EvalSettings, TestSet
+def base_rate(cfg: DictConfig, name: str, data_dir: Path) -> tuple[str, float, int]:
+    """The commonest label of the rows a job scored of test set `name`, its share (what always answering that
+    label scores) and the number of rows; the rows drawn again exactly as `finlora.evaluate.pick_rows` drew
+    them (`tfns_published`: the TFNS rows, on FinLoRA's published labels)."""
+    test = next(t for t in cfg.task.test if t.name == ("tfns" if name == "tfns_published" else name))
+    return _base_rate(str(data_dir), str(test.file), tuple(test.labels), name, cfg.eval.limit, str(cfg.eval.sample),
+                      int(cfg.eval.seed))
+
+
+@lru_cache
+def _base_rate(data_dir: str, file: str, labels: tuple[str, ...], name: str, limit: int | None, sample: str,
+               seed: int) -> tuple[str, float, int]:
+    from finlora.config import EvalSample, EvalSettings, TestSet
     from finlora.evaluate import pick_rows
 
-    cfg = OmegaConf.load(next(folder.glob("*/seed*/config.yaml")))
-    settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(EvalSettings),
-                                                   {k: cfg.eval[k] for k in ("limit", "sample", "seed")}))
-    out = {}
-    for t in cfg.task.test:
-        test_set = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TestSet), t))
-        names = [t.name] + (["tfns_published"] if t.name == "tfns" and "tfns_published" in sets else [])
-        for name in names:
-            records = read_jsonl(data_dir / (TFNS_PUBLISHED if name == "tfns_published" else test_set.file))
-            rows = pick_rows(records, test_set, settings)
-            label, rate = commonest_label_rate([records[i]["target"] for i in rows])
-            out[name] = (label, rate, len(rows))
-    return out
+    test_set = TestSet(name="tfns" if name == "tfns_published" else name, file=file, labels=list(labels))
+    rows = pick_rows(read_jsonl(Path(data_dir) / file), test_set, EvalSettings(limit=limit, sample=EvalSample(sample),
+                                                                                 seed=seed))
+    records = read_jsonl(Path(data_dir) / (TFNS_PUBLISHED if name == "tfns_published" else file))
+    label, rate = commonest_label_rate([records[i]["target"] for i in rows])
+    return label, rate, len(rows)
 
 
 def pct(x: float | None, signed: bool = False) -> str:
     return "-" if x is None else f"{100 * x:+.1f}" if signed else f"{100 * x:.1f}"
 
 
-def cell_tables(cells: dict[Setting, dict[int, Run]], rates: dict, sets: list[str]) -> Iterator[str]:
+def cell_tables(cells: dict[Setting, dict[int, Run]], data_dir: Path, sets: list[str]) -> Iterator[str]:
     """Per test set: each cell's accuracy (mean ± sd over seeds [95% t interval]), weighted F1, F1 over the
-    parsed answers and unparsable share, against the commonest-label rate."""
+    parsed answers and unparsable share, beside the commonest-label rate of the rows it scored."""
     for name in [*sets, MEAN]:
         metric = "mean" if name == MEAN else f"test/{name}"
-        if name == MEAN:
-            yield f"### {MEAN} ({', '.join(TEST_SETS)})"
-        else:
-            label, rate, n = rates[name]
-            yield (f"### {name}: {n} rows; always answering the commonest label ({label}) scores {pct(rate)}%")
+        yield f"### {name}" + (f" ({', '.join(TEST_SETS)})" if name == MEAN else "")
         body = []
         for s in sorted(cells):
             acc = values(cells[s], f"{metric}/accuracy")
             if not acc:
                 continue
             stats = seed_stats(list(acc.values()))
-            over = "" if name == MEAN else (" ✓" if stats.low is not None and stats.low > rates[name][1] else
-                                             " ✗" if stats.mean <= rates[name][1] else "")
+            floor = "" if name == MEAN else "{1} ({0}, {2} rows)"
+            if floor:
+                label, rate, n = base_rate(next(iter(cells[s].values())).config, name, data_dir)
+                floor = f"{pct(rate)} ({label}, {n} rows)"
+                mark = " ✓" if stats.low is not None and stats.low > rate else " ✗" if stats.mean <= rate else ""
             means = [statistics.fmean(v.values()) if (v := values(cells[s], f"{metric}/{m}")) else None
                      for m in ("f1", "f1_parsed", "unparsable_rate")]
-            body.append([s.label, ",".join(map(str, sorted(acc))), stats.text(scale=100, digits=1) + over,
-                         *(pct(m) for m in means)])
+            body.append([s.label, ",".join(map(str, sorted(acc))), stats.text(scale=100, digits=1)
+                         + (mark if floor else ""), *([floor] if floor else []), *(pct(m) for m in means)])
         yield ""
-        yield from markdown_table(["cell", "seeds", "accuracy %", "weighted F1 %", "F1 parsed %", "unparsable %"],
-                                  body)
+        yield from markdown_table(["cell", "seeds", "accuracy %", *(["commonest label %"] if name != MEAN else []),
+                                   "weighted F1 %", "F1 parsed %", "unparsable %"], body)
         yield ""
 
 
@@ -333,7 +335,6 @@ def report_sections(folder: Path, data_dir: Path) -> list[str]:
     sets = [*TEST_SETS] + (["tfns_published"] if any("tfns_published" in r.right for c in cells.values()
                                                      for r in c.values()) else [])
     lines = analyse(cells, sets)
-    rates = base_rates(cells, folder, data_dir, sets)
     primary = [x for x in lines if x.comparison.primary and x.metric == "mean/accuracy"]
     out = ["## Pre-registered analysis", "",
            f"Fixed before the runs of issue 37 (for the earlier runs below it is applied after the fact). Every "
@@ -354,8 +355,10 @@ def report_sections(folder: Path, data_dir: Path) -> list[str]:
                    f"**{x.verdict}**." if eq else "(one seed: no test)."), ""]
     out += ["## Cells, per test set", "",
             "Accuracy: mean ± standard deviation over seeds [95% t interval of the mean]; ✓: the interval lies "
-            "above the commonest-label rate, ✗: the mean does not clear it. F1 and unparsable: means over seeds.",
-            "", *cell_tables(cells, rates, sets),
+            "above the commonest-label rate (always answering the commonest label of the rows scored), ✗: the mean "
+            "does not clear it. F1 (weighted, unparsable answers a class of their own), F1 over the parsed answers "
+            "and the unparsable share: means over seeds.",
+            "", *cell_tables(cells, data_dir, sets),
             "## DoRA − LoRA under the same settings (equivalence margin ±2 points)", "",
             *comparison_table(lines, lambda x: x.comparison.equivalence), "",
             "## Other comparisons (secondary: Holm-corrected; read as exploratory)", "",
