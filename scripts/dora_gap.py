@@ -51,7 +51,7 @@ from omegaconf import OmegaConf, open_dict
 from finlora.config import Config
 from finlora.errors import ConfigError
 from finlora.outputs import write_json, write_text
-from finlora.run.gap import PREDICTIONS, keep_predictions, report_sections
+from finlora.run.gap import PREDICTIONS, keep_predictions, preregistration, report_sections
 from finlora.run.report import Sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,6 +214,7 @@ def write_report(docs: Path, data_dir: Path, unfinished: list[str]) -> Path:
              "setting cited) in `conf/experiment/finlora_sentiment_*.yaml`.", "", *setup_lines(out), ""]
     if unfinished:
         lines += [f"Not finished (run the same command again): {', '.join(unfinished)}.", ""]
+    lines += preregistration()
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
     lines += [*report_sections(out, data_dir),

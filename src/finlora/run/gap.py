@@ -220,12 +220,17 @@ class Line:
     rows: str = "not available"
 
     @property
+    def primary(self) -> bool:
+        """The one pre-registered test: the primary comparison on the mean of the four sets."""
+        return self.comparison.primary and self.metric == "mean/accuracy"
+
+    @property
     def equivalence(self):
         return tost(self.diff, MARGIN, ALPHA) if self.comparison.equivalence else None
 
     @property
     def verdict(self) -> str:
-        return verdict(self.diff, self.equivalence, None if self.comparison.primary else self.p_holm, ALPHA)
+        return verdict(self.diff, self.equivalence, None if self.primary else self.p_holm, ALPHA)
 
 
 def analyse(cells: dict[Setting, dict[int, Run]], sets: list[str]) -> list[Line]:
@@ -236,7 +241,7 @@ def analyse(cells: dict[Setting, dict[int, Run]], sets: list[str]) -> list[Line]
             a, b = values(cells[c.a], metric), values(cells[c.b], metric)
             if a.keys() & b.keys():
                 lines.append(Line(c, metric, paired(a, b), rows=row_evidence(cells[c.a], cells[c.b], metric)))
-    secondary = [x for x in lines if not x.comparison.primary and x.diff.p is not None]
+    secondary = [x for x in lines if not x.primary and x.diff.p is not None]
     for x, p in zip(secondary, holm([x.diff.p for x in secondary]), strict=True):
         x.p_holm = p
     return lines
@@ -326,33 +331,37 @@ def comparison_table(lines: list[Line], keep: Callable[[Line], bool]) -> list[st
                            f"TOST ±{100 * MARGIN:g}: 90% interval", "verdict", "rows (from kept predictions)"], body)
 
 
+def preregistration() -> list[str]:
+    """What the analysis tests and how, stated in the report before any result."""
+    return ["## Pre-registered analysis", "",
+            f"Fixed before the runs of issue 37 (for the earlier runs below it is applied after the fact). Every "
+            f"difference is paired by seed (a seed fixes the data order and the initialisation in every cell), "
+            f"with a 95% Student-t interval over the seeds. **Primary:** DoRA − LoRA at the baseline setting, on "
+            f"the mean accuracy of the four test sets: equivalent if two one-sided t tests reject a difference of "
+            f"±{100 * MARGIN:g} points at level {ALPHA} (the 90% interval inside ±{100 * MARGIN:g}). **Secondary** "
+            f"(every other line, each test set and the mean): p-values Holm-corrected as one family; a verdict "
+            f"'differs' needs Holm p < {ALPHA}, 'equivalent' (DoRA − LoRA lines only) the TOST; anything else is "
+            f"'inconclusive'. Row-level evidence (McNemar's exact test on the discordant rows, a bootstrap over "
+            f"seeds and rows) is computed from kept predictions, where jobs kept them.", ""]
+
+
 def report_sections(folder: Path, data_dir: Path) -> list[str]:
-    """The analysis part of docs/dora_gap.md: the pre-registration, the primary result, the cells, the
-    comparisons."""
+    """The results part of docs/dora_gap.md: the primary result, the cells, the comparisons."""
     cells = read_runs(folder, data_dir)
     if not cells:
         return ["No job has finished yet."]
     sets = [*TEST_SETS] + (["tfns_published"] if any("tfns_published" in r.right for c in cells.values()
                                                      for r in c.values()) else [])
     lines = analyse(cells, sets)
-    primary = [x for x in lines if x.comparison.primary and x.metric == "mean/accuracy"]
-    out = ["## Pre-registered analysis", "",
-           f"Fixed before the runs of issue 37 (for the earlier runs below it is applied after the fact). Every "
-           f"difference is paired by seed (a seed fixes the data order and the initialisation in every cell), "
-           f"with a 95% Student-t interval over the seeds. **Primary:** DoRA − LoRA at the baseline setting, on "
-           f"the mean accuracy of the four test sets: equivalent if two one-sided t tests reject a difference of "
-           f"±{100 * MARGIN:g} points at level {ALPHA} (the 90% interval inside ±{100 * MARGIN:g}). **Secondary** "
-           f"(every other line, each test set and the mean): p-values Holm-corrected as one family; a verdict "
-           f"'differs' needs Holm p < {ALPHA}, 'equivalent' (DoRA − LoRA lines only) the TOST; anything else is "
-           f"'inconclusive'. Row-level evidence (McNemar's exact test on the discordant rows, a bootstrap over "
-           f"seeds and rows) is computed from kept predictions, where jobs kept them.", ""]
+    primary = [x for x in lines if x.primary]
+    out = ["## Results", ""]
     if primary:
         x = primary[0]
         eq = x.equivalence
         out += [f"**Primary result:** {x.comparison.what}, {MEAN}: {pct(x.diff.mean, True)} points "
                 + (f"[{pct(x.diff.low, True)}, {pct(x.diff.high, True)}] (95%, {x.diff.n} seeds); 90% interval "
                    f"[{pct(eq.low, True)}, {pct(eq.high, True)}] against ±{100 * MARGIN:g}, TOST p = {eq.p:.3g}: "
-                   f"**{x.verdict}**." if eq else "(one seed: no test)."), ""]
+                   f"**{x.verdict}**." if eq else f"({x.diff.n} seeds): **{x.verdict}**."), ""]
     out += ["## Cells, per test set", "",
             "Accuracy: mean ± standard deviation over seeds [95% t interval of the mean]; ✓: the interval lies "
             "above the commonest-label rate (always answering the commonest label of the rows scored), ✗: the mean "
