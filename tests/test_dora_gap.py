@@ -145,8 +145,8 @@ def test_training_and_evaluation_prompts_are_as_configured(tiny_model_dir, tmp_p
         trained.extend(tokenizer.decode(e.input_ids) for e in batch)
         return real_pack(batch, **kwargs)
 
-    def encode_prompt(tok, record):  # the prompt generate builds (on the CPU its shared prefix goes in first)
-        ids = real_encode_prompt(tok, record)
+    def encode_prompt(tok, record, style):  # the prompt generate builds (on the CPU its shared prefix goes in first)
+        ids = real_encode_prompt(tok, record, style)
         generated.append(tokenizer.decode(ids))
         return ids
 

@@ -73,9 +73,11 @@ class Setting:
 
     def change(self, name: str) -> str:
         """This setting's value of field `name`, in words."""
-        return {"prompt": "[INST] training prompt", "alpha": f"alpha {self.alpha:g}",
+        inst = {"prompt": self.prompt, "eval_prompt": self.eval_prompt}.get(name) == "finlora_inst"
+        return {"prompt": f"{'[INST]' if inst else 'raw'} training prompt", "alpha": f"alpha {self.alpha:g}",
                 "dropout": f"dropout {self.dropout:g}", "mlr": f"magnitude lr ×{self.mlr:g}",
-                "eval_prompt": "[INST] scoring", "length": self.length, "nwgi_trained": "NWGI trained"}[name]
+                "eval_prompt": f"{'[INST]' if inst else 'raw'} scoring", "length": self.length,
+                "nwgi_trained": "NWGI trained" if self.nwgi_trained else "NWGI not trained"}[name]
 
     def differences(self, other: Setting) -> list[str]:
         return [f for f in ("method", "prompt", "alpha", "dropout", "mlr", "eval_prompt", "length", "nwgi_trained")
@@ -184,11 +186,14 @@ def comparisons(settings: list[Setting]) -> list[Comparison]:
         if s.method == "dora" and s.mlr == 1 and (lora := replace(s, method="lora")) in have:
             primary = s == baseline_of("dora", main_length)
             out.append(Comparison(f"DoRA − LoRA: {s.label.split(', ', 1)[1]}", s, lora, primary, True))
-    for s in sorted(have):
-        for base in {baseline_of(s.method, s.length)} & have:
-            if len(s.differences(base)) == 1:
-                out.append(Comparison(f"{s.label.split(',')[0]}: {s.change(s.differences(base)[0])} − baseline "
-                                      f"({s.length})", s, base))
+    for s in sorted(have):  # one change against the baseline, or against the cell it was added to
+        bases = {baseline_of(s.method, s.length), replace(s, eval_prompt="plain"), replace(s, length=main_length),
+                 replace(s, nwgi_trained=False)}
+        for base in sorted(bases & have):
+            if len(changed := s.differences(base)) == 1:
+                against = "baseline" if base == baseline_of(s.method, s.length) else base.change(changed[0])
+                out.append(Comparison(f"{s.label.split(',')[0]}: {s.change(changed[0])} − {against} "
+                                      f"({s.label.split(', ', 1)[1]})", s, base))
     for what, a, b in NAMED:
         for length in sorted({s.length for s in have}):
             if replace(a, length=length) in have and replace(b, length=length) in have:
