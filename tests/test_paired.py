@@ -6,15 +6,7 @@ import math
 
 import pytest
 
-from finlora.run.paired import (
-    bootstrap_rows_and_seeds,
-    commonest_label_rate,
-    holm,
-    mcnemar,
-    paired,
-    tost,
-    verdict,
-)
+from finlora.run.paired import bootstrap_rows_and_seeds, commonest_label_rate, holm, mcnemar, paired, tost, verdict
 from finlora.run.report import t_cdf
 
 # Student's sleep data (Cushny & Peebles, 1905; R's `sleep`): extra hours of sleep under drug 2 and drug 1, the
