@@ -4,7 +4,9 @@
 Sections (`--only` picks some):
   mission   the mission's command (`adapter=dora adapter.r=8 quant=8bit`, embedded shapes, task=sentiment, batch 8)
             with no other flags, against the same with `trainer.capture=false quant.int8_compute=llm_int8` (the
-            eager LLM.int8 step users got before); also LoRA, and quant=none / 4bit with no flags.
+            eager LLM.int8 step users got before); also LoRA, and quant=none / 4bit with no flags. Each is measured
+            over --steps on the path the plan picks for its whole run (one epoch: compiled regions), and the
+            mission once more as a run of --steps (recorded only).
   llama     Llama-3.1-8B shapes, 4 layers, batch 8, no flags: 8-bit against 4-bit, DoRA against LoRA; then DoRA at
             both with the decoder layers compiled (`trainer.compile=inductor trainer.compile_regions=true`).
   numerics  50 steps from one init: the 8-bit base computed weight-only against a bf16 model holding the same
@@ -32,9 +34,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_speed as bench  # noqa: E402  (the runner every training benchmark shares)
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.core.global_hydra import GlobalHydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import open_dict  # noqa: E402
 
-from finlora.config import ModelConfig  # noqa: E402
+from finlora.config import ModelConfig, validate  # noqa: E402
+from finlora.data import load_task  # noqa: E402
 from finlora.models import load_tokenizer, save_random_llama  # noqa: E402
+from finlora.plan import plan_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Fast by default"
@@ -46,24 +54,53 @@ def steps(args: argparse.Namespace, eager: bool) -> str:
     return f"trainer.max_steps={args.eager_steps if eager else args.steps}"
 
 
+def as_planned(model: Path, args: argparse.Namespace, *extra: str) -> tuple[list[str], str]:
+    """The step settings `finlora.plan` picks for the whole run that `extra` names (no max_steps: one epoch), as
+    explicit overrides, so that a run measured over fewer steps takes the path the user's run takes; and a label."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=bench.overrides(model, Path(args.work), args, *extra),
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the run's name reads the chosen groups from it
+    with open_dict(cfg):
+        del cfg["hydra"]
+    cfg = validate(cfg)
+    rows = len(load_task(cfg.task, cfg.data, cfg.paths.data_dir).train)
+    plan = plan_step(cfg, "cpu" if args.smoke else "cuda", rows)
+    t = cfg.trainer
+    settings = [f"trainer.capture={t.capture}", f"trainer.compile={t.compile.value}",
+                f"trainer.compile_regions={t.compile_regions}", f"data.batching={cfg.data.batching.value}"]
+    return settings, f"{plan.path}, as planned for its {t.optimizer_steps(rows):,} steps"
+
+
 def mission(model: Path, args: argparse.Namespace) -> list[dict]:
+    """The mission's command and its neighbours with no flags, each measured over `--steps` on the path planned for
+    its whole epoch of task=sentiment; then the same command on the path of a run too short to compile for."""
+    def no_flags(name: str, *extra: str) -> dict:
+        settings, label = as_planned(model, args, *MISSION, *extra)
+        return bench.run(f"{name}, no flags ({label})", model, args, *MISSION, *extra, *settings, steps(args, False))
+
     rows = [bench.run("mission, eager LLM.int8 (before)", model, args, *MISSION, *BEFORE, steps(args, True)),
-            bench.run("mission, no flags", model, args, *MISSION, steps(args, False)),
-            bench.run("mission lora, no flags", model, args, *MISSION, "adapter=lora", steps(args, False))]
-    rows += [bench.run(f"quant={q} dora, no flags", model, args, *MISSION, f"quant={q}", steps(args, False))
-             for q in ("none", "4bit")]
-    return rows
+            no_flags("mission"), no_flags("mission lora", "adapter=lora"),
+            *(no_flags(f"quant={q} dora", f"quant={q}") for q in ("none", "4bit"))]
+    return rows + [bench.run(f"mission, no flags, a {args.steps}-step run", model, args, *MISSION, steps(args, False))]
 
 
 def llama(args: argparse.Namespace) -> list[dict]:
+    """Llama-3.1-8B shapes, 4 layers, batch 8 of task=sentiment: 8-bit against 4-bit and DoRA against LoRA, on the
+    path planned for the whole epoch (compiled regions); then DoRA at both as runs of --steps (recorded only)."""
     model = save_random_llama(Path(args.work) / "llama4", bench.LLAMA_8B, 2 if args.smoke else 4, args.tok,
                               bench._init_device())
-    common = ["task=sentiment", "trainer.batch_size=8", steps(args, False)]
-    rows = [bench.run(f"llama-8b x4 {bits}bit {adapter}, no flags", model, args, *common, f"adapter={adapter}",
-                      f"quant={bits}bit") for bits in (8, 4) for adapter in ("lora", "dora")]
-    return rows + [bench.run(f"llama-8b x4 {bits}bit dora, capture+regions", model, args, *common, "adapter=dora",
-                             f"quant={bits}bit", "trainer.compile=inductor", "trainer.compile_regions=true")
-                   for bits in (8, 4)]
+    common = ["task=sentiment", "trainer.batch_size=8"]
+    rows = []
+    for bits in (8, 4):
+        for adapter in ("lora", "dora"):
+            extra = [*common, f"adapter={adapter}", f"quant={bits}bit"]
+            settings, label = as_planned(model, args, *extra)
+            rows.append(bench.run(f"llama-8b x4 {bits}bit {adapter}, no flags ({label})", model, args, *extra,
+                                  *settings, steps(args, False)))
+    return rows + [bench.run(f"llama-8b x4 {bits}bit dora, no flags, a {args.steps}-step run", model, args, *common,
+                             "adapter=dora", f"quant={bits}bit", steps(args, False)) for bits in (8, 4)]
 
 
 def numerics(model: Path, args: argparse.Namespace) -> list[dict]:
@@ -122,6 +159,13 @@ def memory(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+FORMS = {"planned": "no flags (the path planned for the epoch)", "short": "no flags, a short run (recorded only)"}
+
+
+def _form(name: str) -> str:
+    return "short" if "-step run" in name else "planned"
+
+
 def markdown(rows: list[dict], device: str) -> list[str]:
     lines = [SECTION, "", f"`scripts/bench_defaults.py` on {device}: each row one run of finlora's `train()` (or a "
              "fresh `python train.py`), read from its own summary; tokens/s after the first batch of each shape.", "",
@@ -139,17 +183,20 @@ def markdown(rows: list[dict], device: str) -> list[str]:
         lines.append(f"| {r['name']} | {r.get('step_path', '')} | {bench._num(r.get('tokens_per_s'), ',.0f')} | "
                      f"{ratio} | {bench._num(r.get('step_ms'))} | {bench._num(r.get('host_syncs_per_step'))} | "
                      f"{bench._num(r.get('gpu_peak_gib') or r.get('peak_gib'), '.2f')} | {r.get('process_s', '')} |")
-    by = {r["name"]: r for r in rows if "error" not in r}
+    llama = {r["name"].split(", ", 1)[0][len("llama-8b x4 "):] + ", " + _form(r["name"]): r for r in rows
+             if r["name"].startswith("llama-8b x4") and r.get("step_ms")}
     for bits in (8, 4):
-        lora, dora = by.get(f"llama-8b x4 {bits}bit lora, no flags"), by.get(f"llama-8b x4 {bits}bit dora, no flags")
-        if lora and dora:
-            lines += ["", f"Llama-3.1-8B shapes at {bits}-bit, no flags: DoRA/LoRA step "
-                      f"{dora['step_ms'] / lora['step_ms']:.3f}."]
-    for adapter, form in (("lora", "no flags"), ("dora", "no flags"), ("dora", "capture+regions")):
-        eight, four = by.get(f"llama-8b x4 8bit {adapter}, {form}"), by.get(f"llama-8b x4 4bit {adapter}, {form}")
-        if eight and four:
-            lines += ["", f"Llama-3.1-8B shapes, {adapter}, {form}: 8-bit step / 4-bit step "
-                      f"{eight['step_ms'] / four['step_ms']:.3f}."]
+        for form in ("planned", "short"):
+            lora, dora = llama.get(f"{bits}bit lora, {form}"), llama.get(f"{bits}bit dora, {form}")
+            if lora and dora:
+                lines += ["", f"Llama-3.1-8B shapes at {bits}-bit, {FORMS[form]}: DoRA/LoRA step "
+                          f"{dora['step_ms'] / lora['step_ms']:.3f}."]
+    for adapter in ("lora", "dora"):
+        for form in ("planned", "short"):
+            eight, four = llama.get(f"8bit {adapter}, {form}"), llama.get(f"4bit {adapter}, {form}")
+            if eight and four:
+                lines += ["", f"Llama-3.1-8B shapes, {adapter}, {FORMS[form]}: 8-bit step / 4-bit step "
+                          f"{eight['step_ms'] / four['step_ms']:.3f}."]
     for r in rows:
         if "max_rel_loss_diff" in r:
             lines += ["", f"Numerics: {r['steps']} steps of DoRA from one init, weight-only 8-bit against a bf16 "

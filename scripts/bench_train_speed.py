@@ -89,6 +89,7 @@ def run(name: str, model: Path, args: argparse.Namespace, *extra: str) -> dict[s
     HydraConfig.instance().set_config(cfg)  # run_name reads the chosen groups from it, as under train.py
     with open_dict(cfg):
         del cfg["hydra"]
+    torch.compiler.reset()  # each run compiles afresh, as in its own process (Dynamo's recompile limit is per process)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
     started = time.perf_counter()

@@ -42,7 +42,8 @@ def _examples(batch: dict) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
 
 
 def _datamodule(tokenizer, batching: Batching, batch_size: int = 8) -> TaskDataModule:
-    task = TaskConfig(name="mix", train=[DataSource("train/fpb_train.jsonl"), DataSource("train/fiqa_train.jsonl", 2)])
+    task = TaskConfig(name="mix", train=[DataSource(file="train/fpb_train.jsonl"),
+                                         DataSource(file="train/fiqa_train.jsonl", repeat=2)])
     cfg = DataConfig(max_length=128, val_size=16, batching=batching)
     data = load_task(task, cfg, DATA_DIR)
     data.train = data.train[:300]

@@ -18,11 +18,18 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "con
           if g.is_dir() and g.name not in ("paths", "hydra")}
 # A task is its YAML file: one without training files is for evaluation only (issue 14, row 1: this was a list).
 EVAL_ONLY_TASKS = {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml") if not OmegaConf.load(p).get("train")}
+# Templates for the user's own data (conf/task/custom.yaml, chat.yaml): the data's path is given on the command line.
+PATH_GIVEN_TASKS = {p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")
+                    if any("source" in s and OmegaConf.is_missing(s.source, "path")
+                           for s in OmegaConf.load(p).get("train", []))}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
 def test_every_option_composes_and_validates(group, option, tmp_path):
     overrides = [f"{group}={option}"] + (["quant=none"] if option == "none" and group == "adapter" else [])
+    if group == "task" and option in PATH_GIVEN_TASKS:
+        (tmp_path / "rows.jsonl").write_text("")
+        overrides.append(f"task.train.0.source.path={tmp_path / 'rows.jsonl'}")
     if group == "task" and option in EVAL_ONLY_TASKS:
         with pytest.raises(ConfigError, match="has no training files"):
             validate(compose_cfg(overrides, tmp_path))
@@ -30,11 +37,12 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
         assert validate(compose_cfg(overrides, tmp_path)).output_dir == str(tmp_path)
     if group in ("model", "quant", "task", "logger"):
         cfg = validate(compose_cfg(overrides, tmp_path, config="eval"), EvalConfig)
-        assert cfg.task.test and all((DATA_DIR / t.file).is_file() for t in cfg.task.test)
+        assert cfg.task.test and all(t.source or (DATA_DIR / t.file).is_file() for t in cfg.task.test)
 
 
 def test_eval_only_tasks_are_known_from_their_files():
     assert {"nwgi", "finer", "fnxl", "xbrl_tags", "xbrl_value", "xbrl_formula"} == EVAL_ONLY_TASKS
+    assert {"custom", "chat"} == PATH_GIVEN_TASKS
 
 
 @pytest.mark.parametrize("value", ["0123456789abcdef0123456789abcdef01234567", "hf_" + "a1B2" * 9])
@@ -60,7 +68,7 @@ def test_no_known_harmless_library_message_on_the_command_line():
 
 def test_every_test_file_is_a_task(tmp_path):
     """Each FinLoRA test file in the data folder is some task's test set."""
-    files = {t.file for opt in GROUPS["task"]
+    files = {t.file for opt in set(GROUPS["task"]) - PATH_GIVEN_TASKS
              for t in validate(compose_cfg([f"task={opt}"], tmp_path, config="eval"), EvalConfig).task.test}
     assert {f"test/{p.name}" for p in (DATA_DIR / "test").glob("*.jsonl")} == files
 

@@ -73,8 +73,8 @@ def test_number_target_is_read_as_its_json_form(tmp_path):
 
 def test_sentiment_mixture_weights_and_disjoint_validation():
     task = TaskConfig(name="sentiment", train=[
-        DataSource("train/fpb_train.jsonl", 6), DataSource("train/fiqa_train.jsonl", 21),
-        DataSource("train/tfns_train.jsonl", 2)], test=[TestSet("fpb", "test/fpb_test.jsonl")])
+        DataSource(file="train/fpb_train.jsonl", repeat=6), DataSource(file="train/fiqa_train.jsonl", repeat=21),
+        DataSource(file="train/tfns_train.jsonl", repeat=2)], test=[TestSet(name="fpb", file="test/fpb_test.jsonl")])
     data = load_task(task, DataConfig(val_size=200, seed=42), DATA_DIR)
     files = [read_jsonl(DATA_DIR / "train" / f"{name}_train.jsonl") for name in ("fpb", "fiqa", "tfns")]
     assert len(data.val) == 200

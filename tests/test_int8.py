@@ -159,3 +159,23 @@ def test_weight_only_int8_loads_through_the_real_loader(tiny_model_dir) -> None:
         ours = model(ids).logits
         want = _dequantized_copy(model)(ids).logits
     assert rel(ours, want) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton dequantization kernel needs CUDA")
+@pytest.mark.parametrize("shape", [(37, 1000), (576, 1536)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_int8_dequantization_kernel_equals_torchs_float32_form_bit_for_bit(shape: tuple[int, int],
+                                                                          dtype: torch.dtype) -> None:
+    """On a GPU one Triton kernel dequantizes (rows and columns past its blocks included), eagerly and recorded in a
+    CUDA graph, to exactly the float32 form rounded once that the CPU computes."""
+    g = torch.Generator().manual_seed(0)
+    cb = torch.randint(-127, 128, shape, generator=g, dtype=torch.int8).cuda()
+    scb = (torch.rand(shape[0], generator=g) * 3 + 1e-3).cuda()
+    want = (cb.float() * (scb * (1 / 127))[:, None]).to(dtype)
+    assert torch.equal(dequantize_int8(cb, scb, dtype), want)
+    dequantize_int8(cb, scb, dtype)  # compiled before the recording
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        recorded = dequantize_int8(cb, scb, dtype)
+    graph.replay()
+    assert torch.equal(recorded, want)

@@ -28,7 +28,12 @@ def write_card(folder: Path, cfg: Config, base: dict, summary: dict) -> None:
     full = cfg.adapter.method is AdapterMethod.none
     a, t, hub = cfg.adapter, cfg.trainer, base["hub_id"]
     kind = "full fine-tune" if full else f"{METHOD_NAMES[a.method.value]} adapter"
-    train_files = ", ".join(f"`{s.file}`" + (f" ×{s.repeat}" if s.repeat > 1 else "") for s in cfg.task.train)
+    train_files = ", ".join(f"`{s.origin}`" + (f" ×{s.repeat}" if s.repeat > 1 else "") for s in cfg.task.train)
+    prompt_note = ("Prompts are the tokenizer's chat template over each row's messages, the assistant's turn "
+                   "opened: prompt the model the same way (`apply_chat_template(…, add_generation_prompt=True)`)."
+                   if cfg.task.prompt(cfg.task.train) == "chat_template" else
+                   "Prompts are FinLoRA's raw `context` strings, without a chat template: give the model the same form "
+                   "of prompt, and it answers with the label or value.")
     tests = {k: v for k, v in summary.items() if k.startswith("test/") and isinstance(v, int | float)}
     results = ["| metric | value |", "|---|---|",
                *(f"| {k} | {_fmt(summary.get(k))} |" for k in ("final_train_loss", "final_val_loss", "steps")),
@@ -80,9 +85,8 @@ A {kind} for `{hub}` on FinLoRA's `{cfg.task.name}` task, trained with finlora.
 {embedded}
 ## Data
 
-Training files (FinLoRA's, under its data folder): {train_files}; {cfg.data.val_size} examples held out for
-validation (seed {cfg.data.seed}). Prompts are FinLoRA's raw `context` strings, without a chat template: give the
-model the same form of prompt, and it answers with the label or value.
+Training data: {train_files}; {cfg.data.val_size} examples held out for validation (seed {cfg.data.seed}).
+{prompt_note}
 
 ## Settings
 

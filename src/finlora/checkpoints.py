@@ -88,14 +88,21 @@ SHAPING = ("model.", "quant.", "adapter.method", "adapter.r", "adapter.target_mo
 
 
 def fingerprints(task: TaskConfig, data_dir: str) -> dict[str, str]:
-    """Each training file's size and sha256 (its first 16 hex digits), by its name in the task."""
+    """The size and sha256 (its first 16 hex digits) of each training file, or of a saved datasets folder's files
+    together, by its name in the task (`origin`); a hub data set by its revision (its files are the hub's)."""
     prints = {}
     for src in task.train:
-        path, digest = Path(data_dir) / src.file, hashlib.sha256()
-        with path.open("rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-        prints[src.file] = f"{path.stat().st_size} bytes, sha256 {digest.hexdigest()[:16]}"
+        if src.source is not None and not src.source.local:
+            prints[src.origin] = f"hub data set, revision {src.source.revision or 'latest'}"
+            continue
+        path = Path(data_dir) / src.file if src.file is not None else Path(src.source.path).expanduser()
+        files, digest = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path], hashlib.sha256()
+        for file in files:
+            with file.open("rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+        size = sum(f.stat().st_size for f in files)
+        prints[src.origin] = f"{size} bytes, sha256 {digest.hexdigest()[:16]}"
     return prints
 
 

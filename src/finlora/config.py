@@ -226,24 +226,96 @@ class AdapterConfig:
         return self.alpha / (self.r**0.5 if self.rslora else self.r)
 
 
+class RecordFormat(Enum):
+    """What a row of a task's data holds (`finlora.data`, `finlora.prompts`)."""
+
+    finlora = "finlora"  # a prompt (`columns.context`, maybe behind an instruction) and its answer (`columns.target`)
+    chat = "chat"  # {role, content} messages ending with the assistant's answer, in the tokenizer's chat template
+
+
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # datasets' loader of each
+
+
 @dataclass
-class DataSource:
-    file: str = "???"  # relative to paths.data_dir
+class Columns:
+    """Which column (or JSON key) of a row holds each part of a record."""
+
+    context: str = "context"  # the prompt, as the model sees it (FinLoRA's "Instruction: …\nInput: …\nAnswer: ")
+    target: str = "target"  # the answer
+    # set: the prompt is FinLoRA's "Instruction: {instruction}\nInput: {context}\nAnswer: " (prompts.INSTRUCTION_PROMPT)
+    instruction: str | None = None
+    messages: str = "messages"  # format: chat
+
+
+@dataclass
+class DatasetSource:
+    """Rows that `datasets` loads: a local data file, a folder written by `save_to_disk`, or a hub data set."""
+
+    # a .json/.jsonl/.csv/.parquet file or a save_to_disk folder (absolute, or from the working directory), or a hub id
+    path: str = "???"
+    split: str = "train"  # with datasets' slicing for files and hub sets (train[:90%]); a saved DatasetDict: a split
+    name: str | None = None  # a hub data set's configuration
+    revision: str | None = None  # a hub data set's branch, tag or commit
+
+    @property
+    def local(self) -> bool:
+        """A file or folder on this machine (a hub id otherwise): present, path-like, or with a data file's suffix."""
+        return looks_like_path(self.path) or Path(self.path).suffix.lower() in DATA_SUFFIXES
+
+    def problems(self, key: str) -> list[str]:
+        problems: list[str] = []
+        path = Path(self.path).expanduser()
+        if self.local:
+            _check(problems, path.exists(), f"{key}.path", f"no such file or folder: {self.path!r}")
+            _check(problems, not path.is_file() or path.suffix.lower() in DATA_SUFFIXES, f"{key}.path",
+                   f"{self.path!r}: a data file must end in one of {', '.join(DATA_SUFFIXES)}")
+        return problems
+
+
+@dataclass(kw_only=True)
+class Rows:
+    """Where a task's rows come from and what they hold: a JSONL file that finlora reads (`file`, its errors by
+    line), or anything `datasets` loads (`source`, its errors by split and row); `columns` maps them onto a record."""
+
+    file: str | None = None  # a JSONL file, relative to paths.data_dir (or absolute)
+    source: DatasetSource | None = None  # or rows that `datasets` loads
+    columns: Columns = field(default_factory=Columns)
+    format: RecordFormat = RecordFormat.finlora
+
+    @property
+    def origin(self) -> str:
+        """How errors, the model card and `resume_changes` name these rows: the file, or the source and its split."""
+        return self.file if self.file is not None else f"{self.source.path}[{self.source.split}]"
+
+    def rows_problems(self, key: str) -> list[str]:
+        problems: list[str] = []
+        _check(problems, (self.file is None) != (self.source is None), key,
+               "give a file (FinLoRA JSONL, relative to paths.data_dir) or a source (a datasets source), "
+               + ("not both" if self.file is not None else "got neither"))
+        if self.source is not None:
+            problems += self.source.problems(f"{key}.source")
+        c = self.columns
+        names = [c.messages] if self.format is RecordFormat.chat else [c.context, c.target, c.instruction]
+        _check(problems, all(n is None or n.strip() for n in names), f"{key}.columns", "a column name is empty")
+        return problems
+
+
+@dataclass
+class DataSource(Rows):
     repeat: int = 1  # up-weights a file of a mixture
 
 
 @dataclass
-class TestSet:
-    """One evaluation set: its file, how its answers are scored, and how long an answer may be."""
+class TestSet(Rows):
+    """One evaluation set: its rows, how its answers are scored, and how long an answer may be."""
 
     name: str = "???"
-    file: str = "???"
     kind: TaskKind = TaskKind.label
     labels: list[str] = field(default_factory=list)
     max_new_tokens: int = 8
 
     def problems(self, key: str) -> list[str]:
-        problems: list[str] = []
+        problems = self.rows_problems(key)
         _check(problems, self.kind is not TaskKind.label or len(self.labels) >= 2, f"{key}.labels",
                "a label task needs at least two labels")
         _check(problems, self.max_new_tokens > 0, f"{key}.max_new_tokens", "must be > 0")
@@ -256,9 +328,19 @@ class TaskConfig:
     train: list[DataSource] = field(default_factory=list)  # [] for an evaluation-only task
     test: list[TestSet] = field(default_factory=list)
 
+    @property
+    def reads_data_dir(self) -> bool:
+        """Whether a file of the task is relative to paths.data_dir (a task of datasets sources needs none)."""
+        return any(r.file is not None and not Path(r.file).is_absolute() for r in [*self.train, *self.test])
+
+    def prompt(self, rows: list[Rows], style: TrainPrompt = TrainPrompt.plain) -> str:
+        """What the summary says the prompt of `rows` is: the chat template if any is chat, else `style`."""
+        return "chat_template" if any(r.format is RecordFormat.chat for r in rows) else style.value
+
     def problems(self) -> list[str]:
         problems: list[str] = []
         for i, src in enumerate(self.train):
+            problems += src.rows_problems(f"task.train[{i}]")
             _check(problems, src.repeat >= 1, f"task.train[{i}].repeat", f"must be >= 1, got {src.repeat}")
         names = [t.name for t in self.test]
         _check(problems, len(names) == len(set(names)), "task.test", f"test set names repeat: {names}")
@@ -545,7 +627,7 @@ class RunConfig:
                "must be 1 to 128 of the characters A-Z a-z 0-9 . _ - + = , : @ (one folder name, not starting with "
                f"a dot), got {self.run_name[:60]!r}" + (f"… ({len(self.run_name)} characters)"
                                                        if len(self.run_name) > 60 else ""))
-        _check(problems, Path(self.paths.data_dir).is_dir(), "paths.data_dir",
+        _check(problems, not self.task.reads_data_dir or Path(self.paths.data_dir).is_dir(), "paths.data_dir",
                f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
         for section in (self.model, self.quant, self.task, self.logger):
             problems += section.problems()
@@ -580,7 +662,11 @@ class Config(RunConfig):
                f"checkpoint {self.ckpt_path!r} does not exist (or use last)")
         for section in (self.adapter, self.data, self.trainer, self.eval, self.checkpoint):
             problems += section.problems()
-        names = flat(asdict(self)).keys() | {src.file for src in self.task.train}
+        chat = [f"task.train[{i}]" for i, src in enumerate(self.task.train) if src.format is RecordFormat.chat]
+        _check(problems, not chat or self.data.train_prompt is TrainPrompt.plain, "data.train_prompt",
+               f"{self.data.train_prompt.value} wraps a FinLoRA context, and {', '.join(chat)} has format chat, whose "
+               "prompt is the tokenizer's chat template: use data.train_prompt=plain")
+        names = flat(asdict(self)).keys() | {src.origin for src in self.task.train}
         unknown = [k for k in self.resume_changes if k not in names]
         _check(problems, not unknown, "resume_changes", f"{unknown} name no config key or training file of this run")
         t = self.trainer

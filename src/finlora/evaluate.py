@@ -35,7 +35,7 @@ from transformers import CompileConfig, PreTrainedTokenizerBase, StaticCache
 
 from finlora.attention import grouped_decoding
 from finlora.batching import pad_left
-from finlora.build import build, placement
+from finlora.build import build_model, build_tokenizer, placement
 from finlora.capture import recorded_backend
 from finlora.config import (
     DecodeCompile,
@@ -57,7 +57,7 @@ from finlora.loggers import build_loggers, finish, log_predictions, log_summary
 from finlora.metrics import extract_answer, score
 from finlora.models import compute_dtype, model_config, resolve_source
 from finlora.outputs import write_json, write_jsonl
-from finlora.prompts import encode_prompt
+from finlora.prompts import build_prompt, encode_prompt
 from finlora.quant.int8 import WeightOnlyLinear8bit
 
 log = logging.getLogger(__name__)
@@ -588,7 +588,10 @@ def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
         raise ConfigError(problem)
     test_sets = load_test_sets(cfg.task, cfg.paths.data_dir)
     out_dir = Path(cfg.output_dir)
-    tokenizer, model = build(cfg, where)
+    tokenizer = build_tokenizer(cfg)
+    for _, records in test_sets:  # a chat set's prompt needs a chat template: known before the model loads
+        build_prompt(records[0], tokenizer=tokenizer)
+    model = build_model(cfg, where)
     loggers = build_loggers(cfg.logger, out_dir, cfg.run_name, OmegaConf.to_container(OmegaConf.structured(cfg)))
     try:
         metrics = evaluate_sets(model, tokenizer, test_sets, cfg.eval, where.precision, cfg.quant.bits,

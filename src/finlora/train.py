@@ -131,7 +131,8 @@ def train(dict_cfg: DictConfig) -> dict:
             "step_path": step_plan.path, "step_path_reason": step_plan.reason,
             "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer, module.train_loss),
             **callbacks.profile.summary(),
-            "train_prompt": cfg.data.train_prompt.value, "eval_prompt": cfg.eval.prompt.value,
+            "train_prompt": cfg.task.prompt(cfg.task.train, cfg.data.train_prompt),
+            "eval_prompt": cfg.task.prompt(cfg.task.test, cfg.eval.prompt),  # the raw context unless eval.prompt
             "device": str(where.device), "precision": where.precision,
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
             if where.device.type == "cuda" else None,

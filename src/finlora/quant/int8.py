@@ -4,7 +4,8 @@ bitsandbytes stores an 8-bit layer as int8 rows CB with one scale a row, W0 = CB
 matmul quantizes the activations too, picks outlier columns from the whole batch and waits for the GPU twice a
 layer, so a step cannot be recorded as a CUDA graph and a row's result depends on the rest of the batch. Here
 the same stored CB and SCB are dequantized to the compute dtype for one ordinary product, forward and backward
-(the backward dequantizes again instead of keeping the copy), so nothing waits for the host and the layer records,
+(the backward dequantizes again instead of keeping the copy; on a GPU the dequantization is one Triton kernel that
+reads the int8 rows once), so nothing waits for the host and the layer records,
 compiles and batches like a 16-bit one; memory and the saved adapter are unchanged. The layer's class becomes
 `WeightOnlyLinear8bit`, a subclass of bitsandbytes' `Linear8bitLt`, so peft wraps and saves it as before.
 """
@@ -19,6 +20,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheels of torch ship without Triton
+    triton = None
+
 
 def int8_rows(base: nn.Module) -> tuple[Tensor, Tensor]:
     """CB (out × in, int8) and SCB (out, float) of a bitsandbytes 8-bit layer; SCB moves to the layer's state
@@ -28,8 +35,47 @@ def int8_rows(base: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
-    """W0 = CB · SCB / 127 in `dtype`: CB's integers are exact in any float dtype, so one rounding, at the scale."""
-    return cb.to(dtype) * (scb / 127.0).to(dtype)[:, None]
+    """W0 = CB · SCB / 127 in `dtype`, computed in float32 and rounded once (`finlora::dequantize_int8`)."""
+    return _dequantize_int8_op(cb, scb, dtype)
+
+
+@torch.library.custom_op("finlora::dequantize_int8", mutates_args=())
+def _dequantize_int8_op(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
+    """One operator in eager, recorded and compiled steps alike: on a GPU one kernel reads CB and writes W0 (torch's
+    form would read and write W0 twice more), elsewhere the same arithmetic in torch."""
+    if triton is not None and cb.is_cuda:
+        out = torch.empty(cb.shape, dtype=dtype, device=cb.device)
+        rows, cols = cb.shape
+        grid = (triton.cdiv(rows, _BLOCK_ROWS), triton.cdiv(cols, _BLOCK_COLS))
+        _dequantize_int8_kernel[grid](cb, scb, out, rows, cols, INV_127=_INV_127, BLOCK_ROWS=_BLOCK_ROWS,
+                                      BLOCK_COLS=_BLOCK_COLS)
+        return out
+    return (cb.float() * (scb.float() * _INV_127)[:, None]).to(dtype)
+
+
+@_dequantize_int8_op.register_fake
+def _(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
+    return cb.new_empty(cb.shape, dtype=dtype)
+
+
+_BLOCK_ROWS, _BLOCK_COLS = 8, 512
+_INV_127 = 1.0 / 127.0  # multiplied, in float32, alike in torch and Triton (torch divides by a number so on a GPU)
+
+if triton is not None:
+
+    @triton.jit
+    def _dequantize_int8_kernel(cb_ptr, scb_ptr, out_ptr, n_rows, n_cols, INV_127: tl.constexpr,
+                                BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+        """out = CB · (SCB · (1/127)), in float32 as the torch form, rounded once to out's dtype."""
+        rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        row_mask = rows < n_rows
+        mask = row_mask[:, None] & (cols[None, :] < n_cols)
+        scb = tl.load(scb_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
+        scale = scb * INV_127
+        offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        q = tl.load(cb_ptr + offs, mask=mask, other=0).to(tl.float32)
+        tl.store(out_ptr + offs, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _working_dtype(x: Tensor) -> torch.dtype:
