@@ -1,32 +1,34 @@
-"""Issue 16's study: which of FinLoRA's DoRA-run differences, if any, makes DoRA fall behind LoRA?
+"""The DoRA-gap study (issues 16 and 37): why did FinLoRA's DoRA fall behind its LoRA on TFNS and NWGI?
 
-FinLoRA's DoRA runs differed from its LoRA runs in more than the adapter: lora_alpha 32 (not 16), dropout
-0.1 (not 0.05), a training prompt wrapped in [INST] … [/INST] while evaluation used the raw one, and, as its
-docs suggest, a learning rate the magnitude vectors share with the low-rank matrices. Each cell here changes
-one of them from `experiment=dora_gap` (conf/experiment/dora_gap.yaml), for LoRA and for DoRA, and runs
-3 seeds; then docs/dora_gap.md gives, per cell and test set, the mean, standard deviation and 95% Student-t
-interval over the seeds, the differences that decide the question with their intervals, and a chart; each
-job's config.yaml and metrics.json are copied under docs/dora_gap/.
+FinLoRA's published sentiment adapters differ in more than the adapter (conf/experiment/finlora_sentiment_*
+cite every setting): its LoRA came from lora/lora/train_lora.py (raw prompt, alpha 32, dropout 0.1), its DoRA
+from the axolotl path (lora/finetune.py: "[INST] … [/INST]" training prompt, alpha 16, dropout 0.05), and both
+were scored on the raw prompt. On the embedded 135M model, one epoch of the sentiment mixture, full test sets,
+5 seeds a cell (the same seeds in every cell, so differences are paired), the cells (`CELLS`) are:
+  - prompt × alpha × dropout, 2 × 2 × 2, for LoRA and DoRA: holds both published recipes' adapter settings;
+  - [INST] training scored on [INST] (`eval.prompt=finlora_inst`), both adapters: a prompt mismatch told
+    from the wrap itself;
+  - DoRA's magnitude learning rate × 3, 10, 30 (× 1 is the grid's baseline);
+  - NWGI trained (`task=sentiment_nwgi`), both adapters: runs only where train/nwgi_train.jsonl exists;
+  - both published recipes' settings again at FinLoRA's 4 epochs.
+TFNS is scored on the fixed labels; the kept predictions rescore it on FinLoRA's published labels too.
+The report (docs/dora_gap.md, `finlora.run.gap`) states the pre-registered primary comparison (DoRA − LoRA at
+the baseline, TOST within ±2 points) and every secondary one, Holm-corrected, paired by seed.
 
-    python scripts/dora_gap.py                      # every cell, then the report (about 15 min on 2 H100s)
+    python scripts/dora_gap.py --plan               # jobs, blocked cells and GPU time, from measured times
+    python scripts/dora_gap.py                      # every cell, then the report
     python scripts/dora_gap.py --time-limit 480     # stop (checkpointed) after 8 min, report what finished
     python scripts/dora_gap.py --dry-run            # the sweeps it would run
-    python scripts/dora_gap.py --report-only        # rewrite the report from outputs/dora_gap
-    python scripts/dora_gap.py --cells lora-baseline dora-baseline dora-mlr10   # some cells only
-    python scripts/dora_gap.py trainer.max_steps=600                           # overrides for every job
+    python scripts/dora_gap.py --report-only        # rewrite the report from the run files in docs/dora_gap
+    python scripts/dora_gap.py --cells lora-raw-a16-d0.05 dora-raw-a16-d0.05 --seeds 1   # a pilot, to time a job
+    python scripts/dora_gap.py trainer.max_steps=600                                     # overrides for every job
 
-Each cell is one sweep of the project's own `train.py -m … seed=1,2,3` in outputs/dora_gap/<cell>/; up to
-`--parallel` sweeps share the GPU at once (the 135M model leaves an H100 mostly idle, its steps are bound by
-the host). Cells run in the order of CELLS, the ones that decide the question first; seeds run in order
-within each cell, so a cut-off study has the first seeds of every cell. Run the same command again after a
-cut: a finished cell is left alone, and a cell cut short reruns only its jobs that did not finish, each
-resuming from its last checkpoint (as `scripts/report.py --rerun-failed` does). Write your reading of the
-results into docs/dora_gap/NOTES.md and rerun with --report-only: the report includes it.
-
-Time, measured (docs/dora_gap.md): with 11 sweeps on 2 H100s (`--gpus`, default all visible), a job trained its
-300 steps in 42–62 s and scored its 1,735 test rows (500 of FPB, TFNS, NWGI, all 235 of FiQA) in about 210 s:
-processes sharing a GPU run their kernels in turn, and eager decoding is many small kernels. So one round of
-seeds takes about 4.5 minutes there, and the whole study (3 rounds) about 15 (one GPU: not measured).
+Each cell is one sweep of the project's own `train.py -m … seed=1,2,3,4,5` in outputs/dora_gap/<cell>/; up to
+`--parallel` sweeps share the GPUs (the 135M model leaves an H100 mostly idle). Resumable across GPU leases: run
+the same command again; a finished job is left alone, a job cut short resumes from its last checkpoint (one cut
+while being scored keeps the training record of the attempt that trained, `finlora.train`). Each finished job's
+config.yaml, metrics.json and predictions (one character a row) are copied under docs/dora_gap/<cell>/seed<k>/,
+where the report reads them; docs/dora_gap/NOTES.md, your reading, is included in it.
 """
 
 from __future__ import annotations
@@ -39,48 +41,62 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
+from finlora.config import Config
 from finlora.errors import ConfigError
 from finlora.outputs import write_json, write_text
-from finlora.run.report import Stats, Sweep, difference_stats, load_sweep, markdown_table, seed_stats
+from finlora.run.gap import PREDICTIONS, keep_predictions, preregistration, report_sections
+from finlora.run.report import Sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_SETS = ("fpb", "fiqa", "tfns", "nwgi")
-FINLORA_ALL = ["adapter.alpha=32", "adapter.dropout=0.1", "data.train_prompt=finlora_inst"]
-FACTORS = {  # one of FinLoRA's DoRA-run differences at a time: name -> (what it is, overrides)
-    "baseline": ("baseline (alpha 16, dropout 0.05, raw prompt)", []),
-    "inst": ("[INST] training prompt", ["data.train_prompt=finlora_inst"]),
-    "alpha32": ("alpha 32", ["adapter.alpha=32"]),
-    "dropout0.1": ("dropout 0.1", ["adapter.dropout=0.1"]),
-    "mlr10": ("magnitude lr ×10", ["adapter.magnitude_lr_scale=10"]),
-    "finlora": ("all three of FinLoRA's DoRA settings", FINLORA_ALL),
-}
-ADAPTERS = {"lora": "LoRA", "dora": "DoRA"}
+SEEDS = [1, 2, 3, 4, 5]
 STOP_GRACE_S = 60  # after SIGTERM: time to finish the optimizer step and write last.ckpt before SIGKILL
+NWGI_TRAIN = "train/nwgi_train.jsonl"  # conf/task/sentiment_nwgi.yaml's fourth file: not in the shared data
 
 
 @dataclass(frozen=True)
 class Cell:
-    adapter: str
-    factor: str
-
-    @property
-    def name(self) -> str:
-        return f"{self.adapter}-{self.factor}"
+    name: str
+    settings: tuple[str, ...]  # overrides on top of experiment=dora_gap
 
     @property
     def overrides(self) -> list[str]:
-        return ["experiment=dora_gap", f"adapter={self.adapter}", *FACTORS[self.factor][1]]
+        return ["experiment=dora_gap", *self.settings]
 
 
-# The study, the cells that decide the question first; the last two (FinLoRA's settings together) only on request.
-CELLS = [Cell(a, f) for f in ("baseline", "inst", "alpha32", "dropout0.1") for a in ADAPTERS] + [Cell("dora", "mlr10")]
-EXTRA_CELLS = [Cell(a, "finlora") for a in ADAPTERS]
+def grid_cell(adapter: str, prompt: str = "plain", alpha: int = 16, dropout: float = 0.05, *extra: str,
+              suffix: str = "") -> Cell:
+    """A cell of the prompt × alpha × dropout grid (the baseline: raw prompt, alpha 16, dropout 0.05)."""
+    name = f"{adapter}-{'inst' if prompt == 'finlora_inst' else 'raw'}-a{alpha}-d{dropout:g}{suffix}"
+    return Cell(name, (f"adapter={adapter}", f"data.train_prompt={prompt}", f"adapter.alpha={alpha}",
+                       f"adapter.dropout={dropout}", *extra))
+
+
+ADAPTERS = ("lora", "dora")
+# The study's cells, those that decide the question first (so a cut-off study has them): the grid, which holds
+# the baseline and both published FinLoRA recipes' adapter settings (LoRA: raw, 32, 0.1; DoRA: [INST], 16, 0.05).
+CELLS = (
+    [grid_cell(a, p, al, d) for p in ("plain", "finlora_inst") for al in (16, 32) for d in (0.05, 0.1)
+     for a in ADAPTERS]
+    + [grid_cell(a, "finlora_inst", 16, 0.05, "eval.prompt=finlora_inst", suffix="-scored-inst") for a in ADAPTERS]
+    + [grid_cell("dora", "plain", 16, 0.05, f"adapter.magnitude_lr_scale={k}", suffix=f"-mlr{k}") for k in (3, 10, 30)]
+    + [grid_cell("lora", "plain", 32, 0.1, "trainer.max_epochs=4", suffix="-4ep"),
+       grid_cell("dora", "finlora_inst", 16, 0.05, "trainer.max_epochs=4", suffix="-4ep")]
+    + [grid_cell(a, "plain", 16, 0.05, "task=sentiment_nwgi", suffix="-nwgi") for a in ADAPTERS]
+)
+
+
+def blocked(cell: Cell, data_dir: Path) -> str | None:
+    """Why a cell cannot run here (a training file it needs is missing), or None."""
+    if "task=sentiment_nwgi" in cell.settings and not (data_dir / NWGI_TRAIN).is_file():
+        return f"needs {data_dir / NWGI_TRAIN} (NWGI's training split; conf/task/sentiment_nwgi.yaml says where)"
+    return None
 
 
 def commands(cell: Cell, sweep_dir: Path, seeds: list[int], extra: list[str]) -> list[list[str]]:
@@ -91,14 +107,12 @@ def commands(cell: Cell, sweep_dir: Path, seeds: list[int], extra: list[str]) ->
              f"seed={','.join(map(str, seeds))}", *extra]]
 
 
-def prepare(cells: list[Cell], extra: list[str]) -> None:
-    """Validate every cell's config now (all bad values at once, not one failed job at a time) and convert the
-    embedded model once, before the sweeps start and would each convert it."""
+def validated(cells: list[Cell], extra: list[str]) -> Iterator[tuple[Cell, Config]]:
+    """Each cell's job config, composed from conf/ and validated as `train.py` would (seed aside)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     from finlora.config import validate
-    from finlora.models import resolve_source
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         for cell in cells:
@@ -107,10 +121,19 @@ def prepare(cells: list[Cell], extra: list[str]) -> None:
             with open_dict(cfg):
                 del cfg["hydra"]
             try:
-                run = validate(cfg)
+                yield cell, validate(cfg)
             except ConfigError as err:
                 raise ConfigError(f"cell {cell.name}: {err}") from None
-    resolve_source(run.model, run.paths.cache_dir)
+
+
+def prepare(cells: list[Cell], extra: list[str]) -> None:
+    """Validate every cell's config now (all bad values at once, not one failed job at a time) and convert the
+    embedded model once, before the sweeps start and would each convert it."""
+    from finlora.models import resolve_source
+
+    configs = [run for _, run in validated(cells, extra)]
+    if configs:
+        resolve_source(configs[-1].model, configs[-1].paths.cache_dir)
 
 
 def run_cells(cells: list[Cell], runs: Path, seeds: list[int], extra: list[str], parallel: int,
@@ -161,194 +184,183 @@ def load(runs: Path, cells: list[Cell]) -> dict[Cell, Sweep]:
     return {c: load_sweep(runs / c.name) for c in cells if (runs / c.name).is_dir()}
 
 
-def values(sweep: Sweep, metric: str) -> list[float]:
-    """The metric of each finished job of a cell; `mean/<metric>` is the mean over the four test sets."""
-    done = [j for j in sweep.jobs if j.status == "ok"]
-    if metric.startswith("mean/"):
-        name = metric.split("/", 1)[1]
-        return [statistics.fmean(j.metrics[f"test/{t}/{name}"] for t in TEST_SETS) for j in done
-                if all(f"test/{t}/{name}" in j.metrics for t in TEST_SETS)]
-    return [j.metrics[metric] for j in done if isinstance(j.metrics.get(metric), int | float)]
-
-
-def _pct(stats: Stats | None, signed: bool = False) -> str:
-    """A cell's percentage; a difference (`signed`) is marked `*` when its interval excludes 0."""
-    if stats is None:
-        return "-"
-    text = stats.text(scale=100, digits=1)
-    mark = " *" if signed and stats.low is not None and (stats.low > 0 or stats.high < 0) else ""
-    return ("+" if signed and stats.mean >= 0 else "") + text + mark
-
-
-def comparisons(results: dict[Cell, Sweep]) -> list[tuple[str, Cell, Cell]]:
-    """(what, a, b): a − b for DoRA against LoRA at each setting, and each setting against the baseline."""
-    have = {c.name: c for c in results}
-    out = []
-    for factor, (label, _) in FACTORS.items():
-        dora, lora = have.get(f"dora-{factor}"), have.get(f"lora-{factor}")
-        if dora and (lora or have.get("lora-baseline")):
-            out.append((f"DoRA − LoRA, {label}" if lora else f"DoRA {label} − LoRA baseline", dora,
-                        lora or have["lora-baseline"]))
-    if (dora := have.get("dora-finlora")) and (lora := have.get("lora-baseline")):
-        out.append(("FinLoRA's own comparison: DoRA with its DoRA-run settings − LoRA baseline", dora, lora))
-    for adapter, name in ADAPTERS.items():
-        base = have.get(f"{adapter}-baseline")
-        for factor, (label, _) in list(FACTORS.items())[1:]:
-            if base and (cell := have.get(f"{adapter}-{factor}")):
-                out.append((f"{name}: {label} − baseline", cell, base))
-    return out
-
-
-def write_report(runs: Path, results: dict[Cell, Sweep], docs: Path) -> Path:
-    """docs/dora_gap.md, docs/dora_gap.png and each job's config.yaml and metrics.json under docs/dora_gap/."""
-    out = docs / "dora_gap"
+def keep_run_files(runs: Path, results: dict[Cell, Sweep], out: Path) -> None:
+    """Each finished job's config.yaml, metrics.json and predictions (`finlora.run.gap.keep_predictions`) under
+    `out`/<cell>/seed<k>/, where the report reads them; the run's environment.json beside them."""
     for cell, sweep in results.items():
         for job in sweep.jobs:
-            if job.status == "ok":
-                for name in ("config.yaml", "metrics.json"):
-                    target = out / cell.name / f"seed{job.overrides.get('seed', '-')}" / name
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(job.dir / name, target)
+            if job.status != "ok":
+                continue
+            target = out / cell.name / f"seed{job.overrides.get('seed', '-')}"
+            target.mkdir(parents=True, exist_ok=True)
+            for name in ("config.yaml", "metrics.json"):
+                shutil.copyfile(job.dir / name, target / name)
+            cfg = OmegaConf.load(job.dir / "config.yaml")
+            labels = {str(t.name): list(t.labels) for t in cfg.task.test}
+            if all((job.dir / "eval" / f"{n}_predictions.jsonl").is_file() for n in labels):
+                keep_predictions(job.dir / "eval", labels, target / PREDICTIONS)
     if (runs / "environment.json").is_file():
         shutil.copyfile(runs / "environment.json", out / "environment.json")
-    metrics = [f"test/{t}/accuracy" for t in TEST_SETS] + ["mean/accuracy"]
-    columns = [*TEST_SETS, "mean of the four"]
 
-    def table(metric_names: list[str]) -> list[str]:
-        body = [[f"{ADAPTERS[c.adapter]}, {FACTORS[c.factor][0]}", str(len(values(s, metric_names[0]))),
-                 *(_pct(seed_stats(v) if (v := values(s, m)) else None) for m in metric_names)]
-                for c, s in results.items()]
-        return markdown_table(["cell", "seeds", *columns], body)
 
-    diffs = [[what, *(_pct(difference_stats(va, vb) if (va := values(results[a], m)) and (vb := values(
-        results[b], m)) else None, signed=True) for m in metrics)] for what, a, b in comparisons(results)]
-    unparsable = [[f"{ADAPTERS[c.adapter]}, {FACTORS[c.factor][0]}", *(
-        f"{100 * statistics.fmean(v):.1f}" if (v := values(s, f"test/{t}/unparsable_rate")) else "-"
-        for t in TEST_SETS)] for c, s in results.items()]
-    chart = plot(results, docs / "dora_gap.png")
-    jobs = sum(len(s.jobs) for s in results.values())
-    unfinished = sorted(f"{c.name}/{j.dir.name} ({j.status})" for c, s in results.items() for j in s.failed)
+def write_report(docs: Path, data_dir: Path, unfinished: list[str]) -> Path:
+    """docs/dora_gap.md from the run files under docs/dora_gap/ (`finlora.run.gap`), with NOTES.md, the
+    setting the runs shared and the jobs not finished."""
+    out = docs / "dora_gap"
     notes = out / "NOTES.md"
-    lines = ["# FinLoRA's DoRA gap, explained: one FinLoRA difference at a time", "",
-             "Produced by `python scripts/dora_gap.py` (issue 16); the study's design and time estimate are in "
-             "that script's docstring, the shared settings in `conf/experiment/dora_gap.yaml`.", "",
-             *setup_lines(results, runs), "",
-             f"{jobs} jobs, {jobs - len(unfinished)} finished"
-             + (f"; not finished: {', '.join(unfinished)}" if unfinished else "") + ".", ""]
+    lines = ["# FinLoRA's DoRA gap on a 135M proxy: paired seeds, FinLoRA's real recipes, intervals", "",
+             "Produced by `python scripts/dora_gap.py` (issues 16 and 37); the design and the commands are in that "
+             "script's docstring, the shared settings in `conf/experiment/dora_gap.yaml`, FinLoRA's recipes (each "
+             "setting cited) in `conf/experiment/finlora_sentiment_*.yaml`.", "", *setup_lines(out), ""]
+    if unfinished:
+        lines += [f"Not finished (run the same command again): {', '.join(unfinished)}.", ""]
+    lines += preregistration()
     if notes.is_file():
         lines += [notes.read_text().strip(), ""]
-    lines += ["## Accuracy (%): mean ± standard deviation over seeds [95% Student-t interval of the mean]", "",
-              *table(metrics), "", "## Weighted F1 (%), the same way", "",
-              *table([f"test/{t}/f1" for t in TEST_SETS] + ["mean/f1"]), "",
-              "## Differences in accuracy (points): a − b, mean ± standard error [95% interval]", "",
-              "Welch's interval with min(n_a, n_b) − 1 degrees of freedom (conservative); `*`: the interval excludes 0."
-              " Seeds are not paired.", "", *markdown_table(["a − b", *columns], diffs), ""]
-    if chart:
-        lines += [f"![accuracy per cell]({chart.name})", ""]
-    lines += ["## Unparsable answers (%, no label found in the generation; mean over seeds)", "",
-              *markdown_table(["cell", *TEST_SETS], unparsable), "",
-              "Each job's `config.yaml` and `metrics.json`: `docs/dora_gap/<cell>/seed<k>/`.", ""]
+    lines += [*report_sections(out, data_dir),
+              "Each job's `config.yaml`, `metrics.json` and (since issue 37) `predictions.json`: "
+              "`docs/dora_gap/<cell>/seed<k>/`.", ""]
     path = docs / "dora_gap.md"
     write_text(path, "\n".join(lines))
     return path
 
 
-def setup_lines(results: dict[Cell, Sweep], runs: Path) -> list[str]:
-    """What the runs shared, read from their own config.yaml, and where they ran."""
-    job = next((j for s in results.values() for j in s.jobs if j.status == "ok"), None)
-    if job is None:
-        return ["No job has finished yet."]
-    cfg = OmegaConf.load(job.dir / "config.yaml")
-    t, a, e = cfg.trainer, cfg.adapter, cfg.eval
-    env = json.loads((runs / "environment.json").read_text()) if (runs / "environment.json").is_file() else {}
-    walls = [j.wall_s for s in results.values() for j in s.jobs if j.wall_s is not None]
-    gpu = job.record.get("gpu_name") or env.get("device", "?")
+def setup_lines(out: Path) -> list[str]:
+    """Where the runs ran, from environment.json."""
+    env = json.loads((out / "environment.json").read_text()) if (out / "environment.json").is_file() else {}
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items())
-    return [f"- Model `{cfg.model.name_or_path}`, {f'{cfg.quant.bits}-bit' if cfg.quant.bits else 'unquantized'}, "
-            f"task `{cfg.task.name}` "
-            f"(tested on {', '.join(TEST_SETS)}; TFNS on the fixed labels, NWGI never trained on), "
-            f"{job.metrics.get('precision', '?')}.",
-            f"- Each job: {t.max_steps} steps of {t.batch_size} examples, AdamW lr {t.lr:g}, {t.warmup_steps} warm-up "
-            f"steps, {t.scheduler} schedule; baseline adapter r={a.r}, alpha {a.alpha:g}, dropout {a.dropout:g} on "
-            f"{', '.join(a.target_modules)}; evaluation on {e.limit or 'all'} rows per test set "
-            f"({e.sample}, seed {e.seed}: the same rows in every job), greedy, batch {e.batch_size}, raw prompts.",
-            f"- Ran on {gpu}; {versions or 'versions not recorded'}; "
-            + (f"{statistics.fmean(walls):.0f} s per job on average (training and test), "
-               f"{env.get('parallel', '?')} sweeps at once on {env.get('gpus', 1)} GPU(s)." if walls else "")]
+    return [f"- Ran on {env.get('device', '?')}; {versions or 'versions not recorded'}; {env.get('parallel', '?')} "
+            f"sweeps at once on {env.get('gpus', '?')} GPU(s). Each job's own settings: its config.yaml."]
 
 
-def plot(results: dict[Cell, Sweep], path: Path) -> Path | None:
-    """Accuracy per factor, LoRA and DoRA side by side, one panel per test set; bars: the 95% intervals."""
-    if not any(j.status == "ok" for s in results.values() for j in s.jobs):
+@dataclass(frozen=True)
+class Rates:
+    """Times measured by finished jobs: seconds per optimizer step, seconds per scored row (the rest of a job's
+    wall time: start-up, model load and scoring), and how many jobs shared one GPU."""
+
+    step_s: float
+    row_s: float
+    jobs_per_gpu: float
+    jobs: int
+    where: str
+
+
+def measured_rates(folder: Path) -> Rates | None:
+    """`Rates` from the metrics.json files under `folder` (a study's run files or its sweeps) of jobs that
+    trained in that attempt (step times recorded) and scored their test sets; None if there are none."""
+    steps, rows = [], []
+    for f in folder.rglob("metrics.json"):
+        m = json.loads(f.read_text())
+        n = sum(v for k, v in m.items() if k.startswith("test/") and k.endswith("/n"))
+        if m.get("step_ms") and m.get("wall_time_s") and n and not m.get("training_from_earlier_attempt"):
+            train_s = m["steps"] * m["step_ms"] / 1000
+            steps.append(m["step_ms"] / 1000)
+            rows.append((m["wall_time_s"] - train_s) / n)
+    if not steps:
         return None
-    import matplotlib
+    env_file = next(folder.rglob("environment.json"), None)
+    env = json.loads(env_file.read_text()) if env_file else {}
+    return Rates(statistics.median(steps), statistics.median(rows), env.get("parallel", 1) / env.get("gpus", 1),
+                 len(steps), f"{env.get('device', '?')}, {env.get('parallel', 1)} jobs on {env.get('gpus', 1)} GPU(s)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    factors = [f for f in FACTORS if any(c.factor == f for c in results)]
-    fig, axes = plt.subplots(1, len(TEST_SETS), figsize=(4 * len(TEST_SETS), 3.8), sharey=False, squeeze=False)
-    for ax, test in zip(axes[0], TEST_SETS, strict=True):
-        for k, (adapter, name) in enumerate(ADAPTERS.items()):
-            xs, means, errs = [], [], [[], []]
-            for i, factor in enumerate(factors):
-                sweep = results.get(Cell(adapter, factor))
-                if sweep is None or not (v := values(sweep, f"test/{test}/accuracy")):
-                    continue
-                s = seed_stats(v)
-                xs.append(i + (k - 0.5) * 0.25)
-                means.append(100 * s.mean)
-                errs[0].append(100 * (s.mean - s.low) if s.low is not None else 0)
-                errs[1].append(100 * (s.high - s.mean) if s.high is not None else 0)
-            ax.errorbar(xs, means, yerr=errs, fmt="o", capsize=3, label=name)
-        ax.set_xticks(range(len(factors)), [FACTORS[f][0].split(" (")[0] for f in factors], rotation=35, ha="right",
-                      fontsize=7)
-        ax.set_title(f"{test} accuracy (%)", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle("LoRA vs DoRA, one FinLoRA difference at a time (mean over seeds, 95% interval)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+def plan(cells: list[Cell], seeds: list[int], runs: Path, extra: list[str], data_dir: Path, rates: Rates | None,
+         gpus: int) -> list[str]:
+    """The jobs still to run (a finished one is skipped), the cells that cannot run here, each job's optimizer
+    steps and scored rows, and the GPU time at the measured `rates`."""
+    from finlora.data import load_task, read_jsonl
+
+    out, todo, steps, rows, seconds = [], 0, 0, 0, 0.0
+    sizes: dict[tuple[str, str], tuple[int, int]] = {}
+    runnable = []
+    for cell in cells:
+        if reason := blocked(cell, data_dir):
+            out.append(f"  {cell.name}: blocked, {reason}")
+        else:
+            runnable.append(cell)
+    for cell, cfg in validated(runnable, [*extra, f"paths.data_dir={data_dir}"]):
+        done = {int(j.overrides["seed"]) for j in load_sweep(runs / cell.name).jobs if j.status == "ok"} \
+            if (runs / cell.name / "multirun.yaml").is_file() else set()
+        left = [s for s in seeds if s not in done]
+        key = (cfg.task.name, str(cfg.eval.limit))
+        if key not in sizes:
+            train_rows = len(load_task(cfg.task, cfg.data, data_dir).train)
+            scored = sum(min(len(read_jsonl(data_dir / t.file)), cfg.eval.limit or 10**9) for t in cfg.task.test)
+            sizes[key] = (train_rows, scored)
+        job_steps, job_rows = cfg.trainer.optimizer_steps(sizes[key][0]), sizes[key][1]
+        todo, steps, rows = todo + len(left), steps + len(left) * job_steps, rows + len(left) * job_rows
+        if rates:
+            seconds += len(left) * (job_steps * rates.step_s + job_rows * rates.row_s) / rates.jobs_per_gpu
+        out.append(f"  {cell.name}: {len(left)} of {len(seeds)} seeds to run, {job_steps:,} steps and "
+                   f"{job_rows:,} scored rows a job")
+    out.insert(0, f"{todo} jobs to run ({len(cells)} cells × {len(seeds)} seeds, less those finished or blocked); "
+                  f"{steps:,} optimizer steps and {rows:,} scored rows in all.")
+    if rates:
+        out += [f"GPU time at the measured rates: {seconds / 3600:.1f} GPU-hours, about {seconds / 3600 / gpus:.1f} h "
+                f"on {gpus} GPU(s) (training {1000 * rates.step_s:.0f} ms a step, {rates.row_s:.3f} s a scored row "
+                f"including start-up, {rates.jobs_per_gpu:g} jobs sharing a GPU: the median of {rates.jobs} jobs, "
+                f"{rates.where}).",
+                "Those jobs ran 300 steps and 1,735 rows on the eager path with growing-cache decoding; the default "
+                "fast path is not measured per job: time a pilot (--cells lora-raw-a16-d0.05 --seeds 1) and plan "
+                "again with --measured outputs/dora_gap."]
+    else:
+        out.append("GPU time: to be measured (no finished job with step times under --measured): run a pilot "
+                   "(--cells lora-raw-a16-d0.05 --seeds 1), then plan again with --measured outputs/dora_gap.")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    names = {c.name: c for c in CELLS + EXTRA_CELLS}
-    parser.add_argument("--cells", nargs="+", choices=list(names), default=[c.name for c in CELLS],
-                        help="cells to run, in this order (default: the study's nine)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    names = {c.name: c for c in CELLS}
+    parser.add_argument("--cells", nargs="+", choices=list(names), default=list(names),
+                        help="cells to run, in this order (default: all)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--parallel", type=int, default=9, help="sweeps running at once")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs the cells take in turn (default: all visible)")
     parser.add_argument("--runs", type=Path, default=ROOT / "outputs" / "dora_gap")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs")
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(
+        "FINLORA_DATA_DIR", ROOT.parent / "shared" / "data" / "finlora")))
+    parser.add_argument("--measured", type=Path, default=ROOT / "docs" / "dora_gap",
+                        help="--plan: the finished jobs whose times the estimate uses")
     parser.add_argument("--time-limit", type=float, default=None,
                         help="seconds after which running sweeps are stopped (checkpointed) and the report written")
+    parser.add_argument("--plan", action="store_true", help="print the jobs and the GPU time they need, and stop")
     parser.add_argument("--dry-run", action="store_true", help="print the sweeps' commands and stop")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from --runs")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite the report from the run files")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every job, e.g. trainer.max_steps=600")
     args = parser.parse_args(argv)
     cells = [names[n] for n in args.cells]
+    runnable = [c for c in cells if not blocked(c, args.data_dir)]
+    if args.plan:
+        print("\n".join(plan(cells, args.seeds, args.runs, args.overrides, args.data_dir,
+                             measured_rates(args.measured), args.gpus or 1)))
+        return 0
     if args.dry_run:
-        for cell in cells:
+        for cell in runnable:
             for cmd in commands(cell, args.runs / cell.name, args.seeds, args.overrides):
                 print(" ".join(cmd))
         return 0
+    unfinished: list[str] = []
     if not args.report_only:
+        for cell in set(cells) - set(runnable):
+            print(f"{cell.name}: not run, {blocked(cell, args.data_dir)}", file=sys.stderr)
         try:
-            prepare(cells, args.overrides)
+            prepare(runnable, args.overrides)
         except ConfigError as err:
             print(f"dora_gap: {err}", file=sys.stderr)
             return 2
         gpus = args.gpus or _visible_gpus()
-        run_cells(cells, args.runs, args.seeds, args.overrides, args.parallel, args.time_limit, gpus)
-    results = load(args.runs, cells)
-    path = write_report(args.runs, results, args.docs)
-    failed = [f"{c.name}/{j.dir.name}" for c, s in results.items() for j in s.failed]
+        run_cells(runnable, args.runs, args.seeds, args.overrides, args.parallel, args.time_limit, gpus)
+        results = load(args.runs, runnable)
+        keep_run_files(args.runs, results, args.docs / "dora_gap")
+        unfinished = [f"{c.name}/{j.dir.name} ({j.status})" for c, s in results.items() for j in s.failed]
+        unfinished += [c.name for c in runnable if c not in results]
+    path = write_report(args.docs, args.data_dir, unfinished)
     print(path.read_text())
-    print(f"wrote {path}" + (f"; {len(failed)} jobs did not finish (run the same command again): {failed}"
-                             if failed else ""))
-    return 1 if failed or len(results) < len(cells) else 0
+    print(f"wrote {path}" + (f"; {len(unfinished)} jobs or cells did not finish (run the same command again)"
+                             if unfinished else ""))
+    return 1 if unfinished else 0
 
 
 def _visible_gpus() -> int:

@@ -111,7 +111,7 @@ class TaskScore(Callback):
                            self.settings.batch_size, self.precision, f"val {self.task}",
                            static_cache=self.settings.static_cache, decode_compile=self.settings.decode_compile,
                            int8_cpu=self.settings.int8_cpu, four_bit=self.four_bit,
-                           share_prefix=self.settings.share_prefix)
+                           share_prefix=self.settings.share_prefix, prompt=self.settings.prompt)
         if self.scores:
             metrics = score(self.test_set.kind, answers, [str(r["target"]) for r in self.rows], self.test_set.labels)
             for name, value in metrics.items():
@@ -123,7 +123,8 @@ class TaskScore(Callback):
     def show(self, trainer: L.Trainer, answers: list[str]) -> None:
         """The first rows' prompts, targets and answers, as a W&B table and a JSONL file named by the step."""
         labels = self.test_set.labels or None
-        rows = [{"step": trainer.global_step, "index": i, "prompt": build_prompt(r), "target": str(r["target"]),
+        rows = [{"step": trainer.global_step, "index": i, "target": str(r["target"]),
+                 "prompt": build_prompt(r, self.settings.prompt, self.tokenizer),
                  "generated": g, "predicted": extract_answer(self.test_set.kind, g, labels)}
                 for i, r, g in zip(self.indices, self.rows, answers, strict=False)]
         write_jsonl(self.samples_dir / f"val_step{trainer.global_step:06d}.jsonl", rows)

@@ -105,7 +105,8 @@ class FourBitType(Enum):
 
 
 class TrainPrompt(Enum):
-    """The prompt training sees (`finlora.prompts`); evaluation always uses the raw `context`."""
+    """A prompt style (`finlora.prompts`): what training sees (`data.train_prompt`) and what the test sets are
+    scored on (`eval.prompt`); both default to the raw `context`, FinLoRA's evaluation prompt."""
 
     plain = "plain"  # the raw context: training and evaluation see the same prompt
     finlora_inst = "finlora_inst"  # FinLoRA's training format, "[INST] {context} [/INST]": an ablation
@@ -547,6 +548,7 @@ class EvalSettings:
     limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
     sample: EvalSample = EvalSample.stratified
     seed: int = 42  # the sample's seed: the same seed, the same rows
+    prompt: TrainPrompt = TrainPrompt.plain  # finlora_inst: score on the [INST] wrap (FinLoRA scored raw prompts)
 
     def problems(self) -> list[str]:
         problems: list[str] = []

@@ -392,14 +392,15 @@ class EncodedDataset(Dataset):
 class TaskDataModule(L.LightningDataModule):
     """Training batches as `data.batching` says (validation keeps its order); each carries its `BatchStats`.
     `pin_memory` (for a GPU): batches copy to the device without the host waiting for the GPU.
-    The validation loss uses the training prompt (`data.train_prompt`); every generated score the raw one."""
+    The validation loss uses the training prompt (`data.train_prompt`); every generated score `eval.prompt`."""
 
     def __init__(self, data: TaskData, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,
                  batch_size: int, shuffle_seed: int, num_workers: int = 0, pin_memory: bool = False) -> None:
         super().__init__()
         if cfg.train_prompt is not TrainPrompt.plain:
             log.warning("data.train_prompt=%s: training (and val/loss) on FinLoRA's [INST] … [/INST] prompt; every "
-                        "generated score (in-training and test) uses the raw prompt", cfg.train_prompt.value)
+                        "generated score (in-training and test) uses eval.prompt (raw unless set)",
+                        cfg.train_prompt.value)
         self.train_set = EncodedDataset(data.train, tokenizer, cfg.max_length, cfg.train_prompt)
         self.val_set = EncodedDataset(data.val, tokenizer, cfg.max_length, cfg.train_prompt)
         self.pad_id = tokenizer.pad_token_id

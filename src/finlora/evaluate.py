@@ -46,6 +46,7 @@ from finlora.config import (
     Int8Cpu,
     TaskKind,
     TestSet,
+    TrainPrompt,
     validate,
 )
 from finlora.data import load_test_sets, proportional
@@ -89,8 +90,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: list
 def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: list[tuple[str, list[dict], int]],
                   batch_size: int | str = "auto", precision: str = "32-true", *, static_cache: bool = True,
                   decode_compile: DecodeCompile = DecodeCompile.recorded, int8_cpu: Int8Cpu = Int8Cpu.bf16,
-                  four_bit: FourBitEval = FourBitEval.auto,
-                  share_prefix: bool = True) -> Iterator[list[str]]:
+                  four_bit: FourBitEval = FourBitEval.auto, share_prefix: bool = True,
+                  prompt: TrainPrompt = TrainPrompt.plain) -> Iterator[list[str]]:
     """Greedy answers for each set (a progress label, its records, its `max_new_tokens`), yielded set by set,
     each in its records' order, under the same autocast as training used.
 
@@ -109,7 +110,7 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
     CPU (unless LLM.int8 computes, whose answers would move), a set's shared prompt prefix (FinLoRA's
     instruction: 25 of FPB's 61 tokens on average) goes through the model once: its KV cache is copied into
     every batch, whose rows hold the rest of their prompts left-padded behind it (`shared_prefix`)."""
-    encoded = [[encode_prompt(tokenizer, r) for r in records] for _, records, _ in sets]
+    encoded = [[encode_prompt(tokenizer, r, prompt) for r in records] for _, records, _ in sets]
     if not any(encoded):
         yield from ([] for _ in sets)
         return
@@ -558,6 +559,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
         conditions["int8_compute"] = "weight_only" if weight_only else "llm_int8"
     if quant_bits == 8 and on_cpu:  # (an fp32 model's answers do not change with a shared prefix)
         conditions |= {"int8_cpu": settings.int8_cpu.value, "share_prefix": settings.share_prefix}
+    if settings.prompt is not TrainPrompt.plain:  # not FinLoRA's evaluation prompt
+        conditions["prompt"] = settings.prompt.value
     if four_bit:  # bitsandbytes' fused kernels and the dense weights round differently (README "Evaluation")
         conditions["four_bit"] = four_bit.value
     if settings.static_cache and compiles_decoding(next(p.device for p in model.parameters())):
@@ -567,7 +570,8 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
                                                for t, records, rows in chosen],
                             settings.batch_size, precision, static_cache=settings.static_cache,
                             decode_compile=settings.decode_compile, int8_cpu=settings.int8_cpu,
-                            four_bit=settings.four_bit, share_prefix=settings.share_prefix)
+                            four_bit=settings.four_bit, share_prefix=settings.share_prefix,
+                            prompt=settings.prompt)
     for (test_set, records, rows), generations in zip(chosen, answers, strict=True):  # each set written when done
         metrics, predictions = score_set(test_set, records, rows, generations, conditions, out_dir)
         flat |= {test_score(test_set.name, k): v for k, v in metrics.items()}

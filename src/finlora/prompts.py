@@ -5,7 +5,8 @@ template; training uses the same string, so the evaluation prompt of an example 
 prompt minus the answer (tests/test_data.py proves it token for token). One ablation departs from this on
 purpose: `data.train_prompt=finlora_inst` trains on FinLoRA's own training format, the context wrapped as
 "[INST] {context} [/INST]" (axolotl's user-defined `format` in FinLoRA's lora/finetune scripts, the answer
-tokenized on its own and appended), while evaluation keeps the raw context, as FinLoRA's did.
+tokenized on its own and appended), while evaluation keeps the raw context, as FinLoRA's did; and
+`eval.prompt=finlora_inst` scores on that wrap, to tell a prompt mismatch from the wrap itself.
 
 A chat record (`format: chat` in the task) holds its prompt as {role, content} messages: its prompt is the
 tokenizer's chat template applied to them with the assistant's turn opened, for training and evaluation alike,

@@ -8,6 +8,7 @@ loaded.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -138,13 +139,15 @@ def train(dict_cfg: DictConfig) -> dict:
             "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer, module.train_loss),
             **callbacks.profile.summary(),
             "train_prompt": cfg.task.prompt(cfg.task.train, cfg.data.train_prompt),
-            "eval_prompt": cfg.task.prompt(cfg.task.test),  # evaluation: the raw context, or the chat template
+            "eval_prompt": cfg.task.prompt(cfg.task.test, cfg.eval.prompt),  # the raw context unless eval.prompt
             "device": str(where.device), "precision": where.precision,
             "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
             if where.device.type == "cuda" else None,
             "objective": metrics.get(cfg.sweep.metric), "objective_metric": cfg.sweep.metric,  # what a sweeper gets
             "resumes": record["resumes"],  # each resume that changed settings or training files: step, old → new
         }
+        if ckpt_path and "train/loss" not in metrics:  # resumed after its last step: this attempt trained nothing
+            summary = keep_earlier_training(summary, run_dir / "metrics.json")
         if trainer.is_global_zero:
             write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
             write_cards(adapter_dir, cfg, base, summary)
@@ -255,6 +258,21 @@ def stop_on_signal(what: str) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def keep_earlier_training(summary: dict, earlier_file: Path) -> dict:
+    """A run resumed after its last optimizer step (one cut while its test sets were scored) trains nothing, so
+    its losses, throughput and step profile would be empty: they are taken from the attempt that trained, whose
+    metrics.json was written before its test stage. What this attempt measured is kept; test metrics are not
+    carried (this attempt scores anew). `training_from_earlier_attempt` says so."""
+    if not earlier_file.is_file():
+        return summary
+    earlier = json.loads(earlier_file.read_text())
+    if earlier.get("steps") != summary["steps"]:
+        return summary
+    kept = {k: v for k, v in earlier.items() if not k.startswith("test/") and summary.get(k) in (None, 0, [], {})
+            and v not in (None, 0, [], {})}
+    return summary | kept | {"training_from_earlier_attempt": True}
 
 
 def compile_report(t: TrainerConfig, loss: Callable) -> dict:

@@ -257,6 +257,11 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
+def t_cdf(t: float, df: int) -> float:
+    """P(T ≤ t) for Student's t with integer df (the closed form below): one-sided p-values of a t test."""
+    return 0.5 + math.copysign(_t_central(abs(t), df) / 2, t)
+
+
 def _t_central(t: float, df: int) -> float:
     """P(|T| < t) for Student's t with df degrees of freedom."""
     theta = math.atan(t / math.sqrt(df))
