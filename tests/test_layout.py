@@ -97,6 +97,9 @@ def _same(baseline: Any, values: dict, where: str) -> list[str]:
     same = []
     before = OmegaConf.to_container(baseline, resolve=False)
     for key, value in _leaves(values).items():
+        parent = key.rpartition(".")[0]
+        if parent and OmegaConf.select(baseline, parent) is None:
+            continue  # under a field whose default is None (a task entry's `source`): set, so never a repeat
         updated = copy.deepcopy(baseline)
         OmegaConf.update(updated, key, value, merge=True)
         if OmegaConf.to_container(updated, resolve=False) == before:
