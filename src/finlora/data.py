@@ -41,9 +41,31 @@ def read_jsonl(path: Path) -> list[dict]:
     """Every record of a FinLoRA JSONL file (UTF-8, a byte-order mark allowed), each checked for a string
     `context` and a non-empty `target`; a number as target is read as its shortest JSON form (1.50 → "1.5").
     Each record also gets its `SOURCE_KEY`."""
+    records, non_finite = [], []
+    for lineno, record in json_lines(path):
+        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if missing:
+            raise DataError(f"{path}:{lineno}: record has no {' or '.join(repr(k) for k in missing)}")
+        if not isinstance(record["context"], str) or not record["context"].strip():
+            raise DataError(f"{path}:{lineno}: 'context' must be a non-empty string")
+        if isinstance(record["target"], float) and not math.isfinite(record["target"]):
+            non_finite.append(lineno)
+        record["target"] = _target(record["target"], f"{path}:{lineno}")
+        record[SOURCE_KEY] = f"{path}:{lineno}"
+        records.append(record)
+    if not records:
+        raise DataError(f"{path}: no records (empty data set)")
+    if non_finite:
+        log.warning("%s: %d target%s NaN or infinite (line %s); the model learns to answer it as text", path,
+                    len(non_finite), " is" if len(non_finite) == 1 else "s are", ", ".join(map(str, non_finite[:5])))
+    return records
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """Each non-blank line of a JSONL file (UTF-8, a byte-order mark allowed) as (line number, JSON object); a line
+    that is not one is a `DataError` naming `file:line`."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    records, non_finite = [], []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -61,22 +83,7 @@ def read_jsonl(path: Path) -> list[dict]:
                 raise DataError(f"{path}:{lineno}: {err}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            missing = [k for k in REQUIRED_KEYS if k not in record]
-            if missing:
-                raise DataError(f"{path}:{lineno}: record has no {' or '.join(repr(k) for k in missing)}")
-            if not isinstance(record["context"], str) or not record["context"].strip():
-                raise DataError(f"{path}:{lineno}: 'context' must be a non-empty string")
-            if isinstance(record["target"], float) and not math.isfinite(record["target"]):
-                non_finite.append(lineno)
-            record["target"] = _target(record["target"], f"{path}:{lineno}")
-            record[SOURCE_KEY] = f"{path}:{lineno}"
-            records.append(record)
-    if not records:
-        raise DataError(f"{path}: no records (empty data set)")
-    if non_finite:
-        log.warning("%s: %d target%s NaN or infinite (line %s); the model learns to answer it as text", path,
-                    len(non_finite), " is" if len(non_finite) == 1 else "s are", ", ".join(map(str, non_finite[:5])))
-    return records
+            yield lineno, record
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:

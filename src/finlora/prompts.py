@@ -28,6 +28,7 @@ class Encoded:
 
 
 FINLORA_INST = "[INST] {} [/INST]"  # FinLoRA's training format around the context
+FINLORA_CONTEXT = "Instruction: {}\nInput: {}\nAnswer: "  # FinLoRA's context, from an instruction and an input
 
 
 def build_prompt(record: dict, style: TrainPrompt = TrainPrompt.plain) -> str:

@@ -115,7 +115,7 @@ def train(dict_cfg: DictConfig) -> dict:
                                 "it"), atomic_dir(adapter_dir) as tmp:
                 model.save_pretrained(tmp, state_dict=gathered)
                 tokenizer.save_pretrained(tmp)
-                write_json(tmp / BASE_FILE, base)
+                write_json(tmp / BASE_FILE, base | {"quant": config["quant"]})  # eval.py and predict.py load it so
                 if not full_finetune:
                     set_base_name(tmp, base["hub_id"])
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}

@@ -113,7 +113,10 @@ def name_job(cfg: DictConfig, hydra: DictConfig) -> None:
 
 def tag_run(cfg: DictConfig, hydra: DictConfig) -> None:
     """W&B tags = the config's plus adapter, quant and task; for a single run with no logger.group, the group is
-    the experiment preset, else the task, so that runs of one study sit together."""
+    the experiment preset, else the task, so that runs of one study sit together. A command without a logger
+    (predict.py) has none to tag."""
+    if "logger" not in cfg:
+        return
     choices = hydra.runtime.choices
     with open_dict(cfg):
         if cfg.logger.get("group") is None:

@@ -13,12 +13,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from finlora.config import Config, EvalConfig, token_problems, validate
+from finlora.config import Config, EvalConfig, PredictConfig, token_problems, validate
 from finlora.errors import ConfigError, FinloraError, as_fault
 from finlora.run.entry import fail
 from finlora.run.lock import SWEEP_LOCK_FILE, hold
 
-SCHEMAS = {"train": Config, "eval": EvalConfig}
+SCHEMAS = {"train": Config, "eval": EvalConfig, "predict": PredictConfig}
 
 
 def override_tokens(config: DictConfig) -> list[str]:
