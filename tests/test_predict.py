@@ -42,10 +42,11 @@ def tiny_run(model_dir: Path, data: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapter_8bit(tiny_model_dir, small_data, tmp_path_factory) -> Path:
-    """A real adapter, trained two steps on the tiny model's 8-bit base."""
+def adapter_8bit(lively_dir, small_data, tmp_path_factory) -> Path:
+    """A real adapter, trained two steps on the lively tiny model's 8-bit base (different prompts, different
+    answers)."""
     run_dir = tmp_path_factory.mktemp("run")
-    tiny_run(tiny_model_dir, small_data, run_dir)
+    tiny_run(lively_dir, small_data, run_dir)
     return run_dir / "adapter"
 
 
@@ -54,11 +55,11 @@ def test_training_records_the_quantization_with_the_adapter(adapter_8bit):
     assert record["quant"] == {"bits": 8, "quant_type": "nf4", "double_quant": True, "int8_compute": "auto"}
 
 
-def test_predict_answers_as_eval_generates_on_the_recorded_8bit_base(tiny_model_dir, small_data, adapter_8bit,
+def test_predict_answers_as_eval_generates_on_the_recorded_8bit_base(lively_dir, small_data, adapter_8bit,
                                                                      tmp_path, capsys):
     """The same rows through eval.py and predict.py (no quant= given to either): the same answers, both on the
     8-bit base the adapter was trained on, each saying so and where its results are."""
-    common = [f"model.name_or_path={tiny_model_dir}", f"adapter_path={adapter_8bit}", f"paths.data_dir={small_data}"]
+    common = [f"model.name_or_path={lively_dir}", f"adapter_path={adapter_8bit}", f"paths.data_dir={small_data}"]
     evaluate(compose_cfg([*common, "task=fpb", f"eval.limit={ROWS}", "eval.sample=first"], tmp_path / "eval",
                          config="eval"))
     said_eval = capsys.readouterr().out
@@ -76,24 +77,25 @@ def test_predict_answers_as_eval_generates_on_the_recorded_8bit_base(tiny_model_
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers" / "a.jsonl"
     result = predict(compose_cfg([*common, f"input={tmp_path / 'rows.jsonl'}", f"output={out}",
-                                  "max_new_tokens=8"], tmp_path / "predict", config="predict"))
+                                  "max_new_tokens=4"], tmp_path / "predict", config="predict"))  # FPB's
     said = capsys.readouterr().out
     assert result == {"answered": ROWS + 1, "output": str(out)}
     assert "base quantization: 8-bit, as the adapter was trained" in said and f"({ROWS + 1} rows): {out}" in said
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     generated = [json.loads(line)["generated"] for line in (tmp_path / "eval" / "eval" / "fpb_predictions.jsonl")
                  .read_text().splitlines()]
+    assert len(set(generated)) > 1  # a comparison with teeth
     assert [line["answer"] for line in lines] == [*generated, generated[0]]
     assert lines[1] == {"index": 1, "id": "r1", "instruction": instruction, "context": text, "answer": generated[1]}
     assert lines[-1] == {"index": ROWS, "prompt": tests[0]["context"], "answer": generated[0]}
     assert not list((tmp_path / "predict").glob("predictions.jsonl"))  # output= took its place
 
 
-def test_an_explicit_quant_wins_and_is_warned_of(tiny_model_dir, small_data, adapter_8bit, tmp_path, caplog):
+def test_an_explicit_quant_wins_and_is_warned_of(lively_dir, small_data, adapter_8bit, tmp_path, caplog):
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"prompt": "Profits rose."}) + "\n")
     with caplog.at_level(logging.WARNING, "finlora.build"):
-        predict(compose_cfg([f"model.name_or_path={tiny_model_dir}", f"adapter_path={adapter_8bit}",
+        predict(compose_cfg([f"model.name_or_path={lively_dir}", f"adapter_path={adapter_8bit}",
                              f"input={rows}", "quant=none", "max_new_tokens=2"], tmp_path, config="predict"))
     [warned] = [r.getMessage() for r in caplog.records]
     assert warned.startswith("quant: the adapter was trained on 8-bit (") and "not on none" in warned
@@ -122,13 +124,13 @@ def test_input_or_interactive_is_required(tmp_path):
 
 
 @pytest.mark.slow  # a process of its own: about 15 s of imports and start-up here
-def test_interactive_answers_each_piped_line_and_a_bad_file_exits_2(tiny_model_dir, small_data, adapter_8bit,
+def test_interactive_answers_each_piped_line_and_a_bad_file_exits_2(lively_dir, small_data, adapter_8bit,
                                                                       tmp_path):
     """`predict.py interactive=true` answers each line of stdin (a prompt as typed, or a JSON row), one answer
     a line, until EOF; the answers are those of the file mode. A bad input file: one line, exit status 2."""
     prompts = ["Profits rose sharply.", json.dumps({"prompt": "Sales fell."})]
     env = os.environ | {"FINLORA_DATA_DIR": str(small_data)}
-    common = [f"model.name_or_path={tiny_model_dir}", f"adapter_path={adapter_8bit}", "max_new_tokens=6"]
+    common = [f"model.name_or_path={lively_dir}", f"adapter_path={adapter_8bit}", "max_new_tokens=6"]
     proc = subprocess.run([sys.executable, str(ROOT / "predict.py"), *common, "interactive=true",
                            f"hydra.run.dir={tmp_path / 'chat'}"], input="\n".join(prompts) + "\n",
                           capture_output=True, text=True, timeout=300, env=env)
