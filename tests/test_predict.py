@@ -5,6 +5,7 @@ printed for prompts piped to stdin; bad rows refused by file:line before the mod
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import os
@@ -170,3 +171,19 @@ def test_interactive_answers_each_piped_line_and_a_bad_file_exits_2(lively_dir, 
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"finlora: {tmp_path / 'bad.jsonl'}:2: expected a JSON object, got list"
     assert not (tmp_path / "bad").exists()
+
+
+def test_quickstart_figures_come_from_the_runs_own_files(adapter_8bit):
+    """scripts/quickstart_figures.py (the README's quickstart figures): read back from a real run's files."""
+    spec = importlib.util.spec_from_file_location("quickstart_figures", ROOT / "scripts" / "quickstart_figures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = script.figures(adapter_8bit.parent)
+    summary = json.loads((adapter_8bit.parent / "metrics.json").read_text())
+    assert (run["train_loss"], run["val_loss"]) == (summary["final_train_loss"], summary["final_val_loss"])
+    assert [v["step"] for v in run["validations"]] == [0, 1] and run["validations"][-1]["val/loss"] == pytest.approx(
+        summary["final_val_loss"])
+    assert all("accuracy" in v for v in run["validations"])  # the in-training scores
+    page = script.render([run, run], [61.0, None], "python train.py experiment=quickstart")
+    assert "| 1 | 1.0 min | 2 |" in page and f"{summary['final_val_loss']:.4f}" in page
+    assert "Repeated runs agree exactly on: train_loss, val_loss, validations, tests; differ on: nothing." in page
