@@ -36,12 +36,12 @@ def small_data(tmp_path_factory) -> Path:
     return folder
 
 
-def tiny_run(model_dir: Path, data: Path, out: Path) -> dict:
-    """The quickstart in small: DoRA (dropout 0.05) on an 8-bit base, validated twice with in-training scores."""
+def tiny_run(model_dir: Path, data: Path, out: Path, *extra: str) -> dict:
+    """Two steps of DoRA (dropout 0.05) on an 8-bit base, as the quickstart trains."""
     return train(compose_cfg([f"model.name_or_path={model_dir}", f"paths.data_dir={data}", "quant=8bit",
                               "adapter=dora", "task=fpb", "trainer=cpu", "trainer.max_steps=2",
-                              "trainer.val_every_n_steps=1", "trainer.log_every_n_steps=1", "trainer.batch_size=4",
-                              "data.val_size=8", "data.max_length=64", "logger=csv", "eval.enabled=false"], out))
+                              "trainer.log_every_n_steps=1", "trainer.batch_size=4", "data.val_size=8",
+                              "data.max_length=64", "logger=csv", "eval.enabled=false", *extra], out))
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +53,15 @@ def adapter_8bit(lively_dir, small_data, tmp_path_factory) -> Path:
     return run_dir / "adapter"
 
 
-@pytest.mark.slow  # a second run: about 15 s here
-def test_two_identical_runs_give_the_same_validation_loss(lively_dir, small_data, adapter_8bit, tmp_path):
+@pytest.mark.slow  # two runs with validations: about 30 s here
+def test_two_identical_runs_give_the_same_validation_loss_and_figures(lively_dir, small_data, tmp_path):
     """Issue 36: two quickstart runs gave the same train losses (to 1e-5) but val losses 0.7374 and 0.7141. Under one
-    seed, every logged value of a second identical run (train and val losses, in-training scores) is the first's,
-    bit for bit (docs/evaluation.md, "Reproducible validation loss")."""
-    second = tiny_run(lively_dir, small_data, tmp_path)
-    first = adapter_8bit.parent
-    assert second["final_val_loss"] == json.loads((first / "metrics.json").read_text())["final_val_loss"] is not None
+    seed, every logged value of a second identical run (train and val losses, in-training scores, a validation after
+    each step) is the first's, bit for bit (docs/evaluation.md, "Reproducible validation loss"); and
+    scripts/quickstart_figures.py reads those figures back from the runs' own files and says they agree."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    summaries = [tiny_run(lively_dir, small_data, run, "trainer.val_every_n_steps=1") for run in runs]
+    assert summaries[0]["final_val_loss"] == summaries[1]["final_val_loss"] is not None
 
     def logged(run: Path) -> list[list[str]]:
         with (run / "csv" / "metrics.csv").open() as f:
@@ -68,8 +69,20 @@ def test_two_identical_runs_give_the_same_validation_loss(lively_dir, small_data
         keys = ["step", "train/loss", "val/loss", "val/fpb/accuracy", "val/fpb/f1"]
         return [[r[k] for k in keys] for r in rows if r["train/loss"] or r["val/loss"]]
 
-    assert logged(tmp_path) == logged(first)
-    assert sum(1 for row in logged(first) if row[2]) == 2  # both validations are compared
+    assert logged(runs[0]) == logged(runs[1])
+    assert sum(1 for row in logged(runs[0]) if row[2]) == 2  # both validations are compared
+
+    spec = importlib.util.spec_from_file_location("quickstart_figures", ROOT / "scripts" / "quickstart_figures.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    figures = [script.figures(run) for run in runs]
+    assert (figures[0]["train_loss"], figures[0]["val_loss"]) == (summaries[0]["final_train_loss"],
+                                                                  summaries[0]["final_val_loss"])
+    assert [v["step"] for v in figures[0]["validations"]] == [0, 1]
+    assert all("accuracy" in v for v in figures[0]["validations"])  # the in-training scores
+    page = script.render(figures, [61.0, None], "python train.py experiment=quickstart")
+    assert "| 1 | 1.0 min | 2 |" in page and f"{summaries[0]['final_val_loss']:.4f}" in page
+    assert "Repeated runs agree exactly on: train_loss, val_loss, validations, tests; differ on: nothing." in page
 
 
 def test_training_records_the_quantization_with_the_adapter(adapter_8bit):
@@ -172,18 +185,3 @@ def test_interactive_answers_each_piped_line_and_a_bad_file_exits_2(lively_dir, 
     assert proc.stderr.strip() == f"finlora: {tmp_path / 'bad.jsonl'}:2: expected a JSON object, got list"
     assert not (tmp_path / "bad").exists()
 
-
-def test_quickstart_figures_come_from_the_runs_own_files(adapter_8bit):
-    """scripts/quickstart_figures.py (the README's quickstart figures): read back from a real run's files."""
-    spec = importlib.util.spec_from_file_location("quickstart_figures", ROOT / "scripts" / "quickstart_figures.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    run = script.figures(adapter_8bit.parent)
-    summary = json.loads((adapter_8bit.parent / "metrics.json").read_text())
-    assert (run["train_loss"], run["val_loss"]) == (summary["final_train_loss"], summary["final_val_loss"])
-    assert [v["step"] for v in run["validations"]] == [0, 1] and run["validations"][-1]["val/loss"] == pytest.approx(
-        summary["final_val_loss"])
-    assert all("accuracy" in v for v in run["validations"])  # the in-training scores
-    page = script.render([run, run], [61.0, None], "python train.py experiment=quickstart")
-    assert "| 1 | 1.0 min | 2 |" in page and f"{summary['final_val_loss']:.4f}" in page
-    assert "Repeated runs agree exactly on: train_loss, val_loss, validations, tests; differ on: nothing." in page
