@@ -100,6 +100,18 @@ def lively_weights(model: torch.nn.Module) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="session")
+def lively_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny Llama with the `lively` weights, saved, so that it loads quantized like any checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = lively_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    path = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def weightless(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny model's config and tokenizer, no weights: what a check made before the model loads needs
     (had loading begun, it would fail)."""

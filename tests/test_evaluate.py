@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import DATA_DIR, compose_cfg, lively_weights
+from conftest import DATA_DIR, compose_cfg
 from peft.tuners.lora.variants import DoraLinearVariant
 
 from finlora.adapters import attach_adapter
@@ -554,18 +554,6 @@ def test_bf16_scoring_falls_back_to_dequant_on_a_cpu_without_native_bf16(monkeyp
         assert any("no native bf16 matmuls" in r.getMessage() for r in caplog.records)
     finally:
         cpu_int8_mode.cache_clear()
-
-
-@pytest.fixture(scope="module")
-def lively_dir(tiny_model_dir, tmp_path_factory):
-    """The tiny Llama with the `lively` weights, saved, so that it loads quantized like any checkpoint."""
-    from transformers import AutoModelForCausalLM
-
-    model = lively_weights(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
-    path = tmp_path_factory.mktemp("lively")
-    model.save_pretrained(path)
-    load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))).save_pretrained(path)
-    return path
 
 
 def _4bit_with_adapter(model_dir, method: AdapterMethod, cpu_kernel: bool = False):

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, compose_cfg
 from omegaconf import OmegaConf
 
-from finlora.config import Config, EvalConfig, ExportConfig
+from finlora.config import Config, EvalConfig, ExportConfig, PredictConfig
 
 PACKAGE = ROOT / "src" / "finlora"
 
@@ -124,7 +124,8 @@ def test_group_files_hold_only_what_differs_from_the_schema(group, path):
     assert _repeats(baseline, path) == []
 
 
-@pytest.mark.parametrize("name,schema", [("train", Config), ("eval", EvalConfig), ("export", ExportConfig)])
+@pytest.mark.parametrize("name,schema", [("train", Config), ("eval", EvalConfig), ("export", ExportConfig),
+                                         ("predict", PredictConfig)])
 def test_primary_files_hold_only_what_differs_from_the_schema(name, schema):
     assert _repeats(OmegaConf.structured(schema), ROOT / "conf" / f"{name}.yaml") == []
 

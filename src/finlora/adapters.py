@@ -65,6 +65,30 @@ def freeze_quantized(model: PreTrainedModel) -> None:
 BASE_FILE = "base_model.json"  # in a saved adapter: `models.base_identity` of the base it was trained on
 
 
+QUANT_KEYS = ("bits", "quant_type", "double_quant")  # what makes two quantized bases differ (not how they compute)
+
+
+def recorded_quant(adapter_path: str) -> tuple[dict | None, Path | None]:
+    """The quantization of the base a saved adapter was trained on, and the file that says so: `quant` in its
+    `BASE_FILE` (written by training since it records it), else the `quant` of the run's `config.yaml` beside the
+    adapter folder; (None, None) for an adapter without either (plain peft)."""
+    folder = Path(adapter_path)
+    try:
+        record = json.loads((folder / BASE_FILE).read_text()).get("quant")
+        if isinstance(record, dict):
+            return record, folder / BASE_FILE
+    except (OSError, ValueError):
+        pass
+    run_config = folder.parent / "config.yaml"
+    try:
+        from omegaconf import OmegaConf
+
+        record = OmegaConf.to_container(OmegaConf.load(run_config)).get("quant")
+    except Exception:  # no run folder around the adapter, or not a finlora config
+        return None, None
+    return (record, run_config) if isinstance(record, dict) and "bits" in record else (None, None)
+
+
 def target_problems(config: PretrainedConfig, cfg: AdapterConfig) -> list[str]:
     """`adapter.target_modules` entries that name no module of the model, found from its config alone (the
     model is built on the meta device: no weights), with the linear layers it has; and an `adapter.r` above

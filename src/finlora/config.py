@@ -538,22 +538,32 @@ class DecodeCompile(Enum):
 
 
 @dataclass
-class EvalSettings:
+class DecodeSettings:
+    """How answers are generated (`evaluate.generate_sets`): the same keys in eval.py, train.py and predict.py."""
+
     batch_size: Any = "auto"  # rows generated together: an int, or auto (CUDA: the most that fit in free memory)
     static_cache: bool = True  # CUDA: a static KV cache and a compiled decode step (false: a growing cache, eager)
     decode_compile: DecodeCompile = DecodeCompile.recorded  # how that step is compiled (`DecodeCompile`)
     int8_cpu: Int8Cpu = Int8Cpu.bf16  # an 8-bit base on the CPU (`Int8Cpu`)
     four_bit: FourBitEval = FourBitEval.auto  # a 4-bit base (`FourBitEval`): recorded in every <set>_metrics.json
     share_prefix: bool = True  # CPU: the prompts' common prefix computed once per test set (not under LLM.int8)
-    limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
-    sample: EvalSample = EvalSample.stratified
-    seed: int = 42  # the sample's seed: the same seed, the same rows
-    prompt: TrainPrompt = TrainPrompt.plain  # finlora_inst: score on the [INST] wrap (FinLoRA scored raw prompts)
+    prompt: TrainPrompt = TrainPrompt.plain  # finlora_inst: generate from the [INST] wrap (FinLoRA scored raw prompts)
 
     def problems(self) -> list[str]:
         problems: list[str] = []
         _check(problems, self.batch_size == "auto" or (type(self.batch_size) is int and self.batch_size > 0),
                "eval.batch_size", f"must be auto or an integer > 0, got {self.batch_size!r}")
+        return problems
+
+
+@dataclass
+class EvalSettings(DecodeSettings):
+    limit: int | None = None  # score N rows of each test set (quick checks), drawn as `sample` says
+    sample: EvalSample = EvalSample.stratified
+    seed: int = 42  # the sample's seed: the same seed, the same rows
+
+    def problems(self) -> list[str]:
+        problems = super().problems()
         _check(problems, self.limit is None or self.limit > 0, "eval.limit", "must be null or > 0")
         return problems
 
@@ -596,6 +606,14 @@ class SweepConfig:
         return self.objective or "val/loss"  # unchecked by default: a run without validation has no val/loss
 
 
+def run_name_problems(name: str) -> list[str]:
+    problems: list[str] = []
+    _check(problems, bool(RUN_NAME.fullmatch(name)), "run_name",
+           "must be 1 to 128 of the characters A-Z a-z 0-9 . _ - + = , : @ (one folder name, not starting with "
+           f"a dot), got {name[:60]!r}" + (f"… ({len(name)} characters)" if len(name) > 60 else ""))
+    return problems
+
+
 @dataclass
 class RunConfig:
     """What a training run and an evaluation share: the base model, the task, where things are, the logger."""
@@ -610,10 +628,7 @@ class RunConfig:
 
     def problems(self) -> list[str]:
         problems: list[str] = []
-        _check(problems, bool(RUN_NAME.fullmatch(self.run_name)), "run_name",
-               "must be 1 to 128 of the characters A-Z a-z 0-9 . _ - + = , : @ (one folder name, not starting with "
-               f"a dot), got {self.run_name[:60]!r}" + (f"… ({len(self.run_name)} characters)"
-                                                       if len(self.run_name) > 60 else ""))
+        problems += run_name_problems(self.run_name)
         _check(problems, not self.task.reads_data_dir or Path(self.paths.data_dir).is_dir(), "paths.data_dir",
                f"data folder {self.paths.data_dir!r} does not exist (set FINLORA_DATA_DIR or paths.data_dir)")
         for section in (self.model, self.quant, self.task, self.logger):
@@ -747,12 +762,7 @@ class EvalConfig(RunConfig):
     def problems(self) -> list[str]:
         problems = super().problems()
         _check(problems, bool(self.task.test), "task.test", f"task {self.task.name!r} has no test sets")
-        if self.adapter_path is not None:
-            _check(problems, (Path(self.adapter_path) / "adapter_config.json").is_file(), "adapter_path",
-                   f"{self.adapter_path!r} is not a saved adapter (no adapter_config.json)")
-        _check(problems, not self.merge or self.adapter_path is not None, "merge", "merging needs an adapter_path")
-        _check(problems, not (self.merge and self.quant.bits), "merge",
-               "merging into quantized weights loses precision; use quant=none to merge")
+        problems += saved_adapter_problems(self.adapter_path, self.merge, self.quant.bits)
         problems += self.eval.problems()
         return problems + token_problems(asdict(self))
 
@@ -822,7 +832,54 @@ class ExportConfig:
         return problems + token_problems(asdict(self))
 
 
-# The schemas of conf/train.yaml, conf/eval.yaml and conf/export.yaml (each lists its schema first in its defaults).
+def saved_adapter_problems(adapter_path: str | None, merge: bool, bits: int | None) -> list[str]:
+    """`adapter_path` and `merge` of eval.py and predict.py."""
+    problems: list[str] = []
+    if adapter_path is not None:
+        _check(problems, (Path(adapter_path) / "adapter_config.json").is_file(), "adapter_path",
+               f"{adapter_path!r} is not a saved adapter (no adapter_config.json)")
+    _check(problems, not merge or adapter_path is not None, "merge", "merging needs an adapter_path")
+    _check(problems, not (merge and bits), "merge", "merging into quantized weights loses precision; use quant=none "
+           "to merge")
+    return problems
+
+
+@dataclass
+class PredictConfig:
+    """`predict.py`: answers from a base model, optionally with a saved adapter (or merged), for the prompts of a
+    JSONL file or typed one a line (`interactive`), generated with evaluation's prompt and decoding."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)  # unless given: the quantization the adapter trained on
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    adapter: SavedAdapterConfig = field(default_factory=SavedAdapterConfig)
+    adapter_path: str | None = None
+    merge: bool = False
+    input: str | None = None  # JSONL: {"context": …} (FinLoRA's, an "instruction" optional) or {"prompt": …} a line
+    output: str | None = None  # the answers' JSONL; null: <run folder>/predictions.jsonl
+    interactive: bool = False  # a prompt a line on stdin, each answer printed, until end of input
+    max_new_tokens: int = 32  # answer tokens at most (a row also stops at EOS)
+    eval: DecodeSettings = field(default_factory=DecodeSettings)  # decoding, with eval.py's keys
+    accelerator: str = "auto"
+    precision: str | None = None  # null: bf16-mixed on a GPU, else 32-true
+    run_name: str = "predict"
+    output_dir: str = "???"
+
+    def problems(self) -> list[str]:
+        problems = self.model.problems() + self.quant.problems()
+        problems += run_name_problems(self.run_name)
+        _check(problems, (self.input is not None) != self.interactive, "input",
+               "give input=<file.jsonl> or interactive=true (one of the two)")
+        _check(problems, self.input is None or Path(self.input).is_file(), "input",
+               f"{self.input!r} is not a file")
+        _check(problems, self.max_new_tokens > 0, "max_new_tokens", f"must be > 0, got {self.max_new_tokens}")
+        problems += saved_adapter_problems(self.adapter_path, self.merge, self.quant.bits)
+        problems += self.eval.problems()
+        return problems + token_problems(asdict(self))
+
+
+# The schemas of conf/train.yaml, eval.yaml, export.yaml and predict.yaml (each lists its schema first in its
+# defaults).
 # `trainer.extra` and `callbacks` take keys of the user's choosing without a `+`.
 _train_schema = OmegaConf.structured(Config)
 OmegaConf.set_struct(_train_schema.trainer.extra, False)
@@ -830,6 +887,7 @@ OmegaConf.set_struct(_train_schema.callbacks, False)
 ConfigStore.instance().store(name="train_schema", node=_train_schema)
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 
 
 def validate(cfg: DictConfig, schema: type[T] = Config) -> T:  # type: ignore[assignment]

@@ -63,9 +63,15 @@ def read_rows(rows: Rows, data_dir: str | Path, key: str) -> list[dict]:
 def read_jsonl(path: Path, rows: Rows | None = None, key: str = "task") -> list[dict]:
     """Every record of a JSONL file (UTF-8, a byte-order mark allowed), each made by `to_record` as `rows`
     says (FinLoRA's context/target by default) and named by its file and line."""
+    parsed = list(json_lines(path))
+    return checked_records(parsed, rows or Rows(), key, str(path), lambda n: f"{path}:{n}", "line")
+
+
+def json_lines(path: Path) -> Iterator[tuple[int, dict]]:
+    """Each non-blank line of a JSONL file (UTF-8, a byte-order mark allowed) as (line number, JSON object); a line
+    that is not one is a `DataError` naming `file:line`."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    parsed = []
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -83,8 +89,7 @@ def read_jsonl(path: Path, rows: Rows | None = None, key: str = "task") -> list[
                 raise DataError(f"{path}:{lineno}: {err}") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            parsed.append((lineno, record))
-    return checked_records(parsed, rows or Rows(), key, str(path), lambda n: f"{path}:{n}", "line")
+            yield lineno, record
 
 
 def read_source(rows: Rows, key: str) -> list[dict]:

@@ -35,10 +35,11 @@ from transformers import CompileConfig, PreTrainedTokenizerBase, StaticCache
 
 from finlora.attention import grouped_decoding
 from finlora.batching import pad_left
-from finlora.build import build_model, build_tokenizer, placement
+from finlora.build import build_model, build_tokenizer, placement, quant_as_trained
 from finlora.capture import recorded_backend
 from finlora.config import (
     DecodeCompile,
+    DecodeSettings,
     EvalConfig,
     EvalSample,
     EvalSettings,
@@ -189,6 +190,14 @@ def generate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sets: li
             yield answers
     finally:
         model.train(was_training)
+
+
+def decoding(settings: DecodeSettings, precision: str) -> dict:
+    """`generate_sets`' arguments after its sets, as `settings` and the precision say: how `evaluate_sets` and
+    `predict.py` generate."""
+    return {"batch_size": settings.batch_size, "precision": precision, "static_cache": settings.static_cache,
+            "decode_compile": settings.decode_compile, "int8_cpu": settings.int8_cpu, "four_bit": settings.four_bit,
+            "share_prefix": settings.share_prefix, "prompt": settings.prompt}
 
 
 def shared_prefix(prompts: list[list[int]]) -> int:
@@ -567,11 +576,7 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
         conditions["decode_compile"] = settings.decode_compile.value  # Inductor's fused kernels round otherwise
     chosen = [(test_set, records, pick_rows(records, test_set, settings)) for test_set, records in test_sets]
     answers = generate_sets(model, tokenizer, [(f"eval {t.name}", [records[i] for i in rows], t.max_new_tokens)
-                                               for t, records, rows in chosen],
-                            settings.batch_size, precision, static_cache=settings.static_cache,
-                            decode_compile=settings.decode_compile, int8_cpu=settings.int8_cpu,
-                            four_bit=settings.four_bit, share_prefix=settings.share_prefix,
-                            prompt=settings.prompt)
+                                               for t, records, rows in chosen], **decoding(settings, precision))
     for (test_set, records, rows), generations in zip(chosen, answers, strict=True):  # each set written when done
         metrics, predictions = score_set(test_set, records, rows, generations, conditions, out_dir)
         flat |= {test_score(test_set.name, k): v for k, v in metrics.items()}
@@ -582,8 +587,11 @@ def evaluate_sets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, test_set
 
 
 def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
-    """`eval.py`: load the base model (and adapter, merged or not), evaluate, write `<output_dir>/eval/`."""
+    """`eval.py`: load the base model (and adapter, merged or not; quantized as the adapter was trained unless
+    `quant` is given), evaluate, write `<output_dir>/eval/` and say where."""
+    quantization = quant_as_trained(dict_cfg)
     cfg = validate(dict_cfg, EvalConfig)
+    log.info("%s", quantization)
     where = placement(cfg)
     if problem := four_bit_problem(cfg, where):
         raise ConfigError(problem)
@@ -599,6 +607,7 @@ def evaluate(dict_cfg: DictConfig) -> dict[str, float]:
                                 out_dir / "eval", loggers)
         log_summary(loggers, metrics)
         print_metrics(metrics)
+        Console().print(f"{quantization}\nanswers and metrics: {out_dir / 'eval'}", highlight=False, soft_wrap=True)
         return metrics
     finally:
         finish(loggers)

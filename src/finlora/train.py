@@ -121,7 +121,8 @@ def train(dict_cfg: DictConfig) -> dict:
         full_finetune = cfg.adapter.method is AdapterMethod.none
         adapter_dir = run_dir / ("model" if full_finetune else "adapter")
         gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
-        base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
+        # the base and its quantization, beside the adapter: eval.py, predict.py and export.py load it so
+        base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model) | {"quant": config["quant"]}
         best: dict = {}
         if trainer.is_global_zero:
             save_adapter(model, tokenizer, adapter_dir, base, full_finetune, ckpt_dir / LAST, gathered)

@@ -1,4 +1,5 @@
-"""The body of `train.py`, `eval.py` and `export.py`: run the work, and turn what it raised into an exit status.
+"""The body of `train.py`, `eval.py`, `export.py` and `predict.py`: run the work, and turn what it raised into an
+exit status.
 
 The entry imports nothing heavy: torch and the rest load inside the task function, so `--help`,
 `--cfg job` and a refused config answer at once. A single run exits with the status of a finlora error
@@ -33,7 +34,7 @@ from finlora.run.lock import LOCK_FILE, RunLock
 
 log = logging.getLogger(__name__)
 # What Hydra writes into a run folder before the run starts, and the run's lock (`finlora.run.lock`).
-HYDRA_FILES = {".hydra", "train.log", "eval.log", "export.log", LOCK_FILE}
+HYDRA_FILES = {".hydra", "train.log", "eval.log", "export.log", "predict.log", LOCK_FILE}
 
 
 def cli(main: Callable[[], object]) -> None:

@@ -114,7 +114,7 @@ def name_job(cfg: DictConfig, hydra: DictConfig) -> None:
 def tag_run(cfg: DictConfig, hydra: DictConfig) -> None:
     """W&B tags = the config's plus adapter, quant and task; for a single run with no logger.group, the group is
     the experiment preset, else the task, so that runs of one study sit together. A command without a logger
-    (`export.py`) has none to tag."""
+    (`export.py`, `predict.py`) has none to tag."""
     if "logger" not in cfg:
         return
     choices = hydra.runtime.choices

@@ -13,13 +13,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
-from finlora.config import Config, EvalConfig, ExportConfig, token_problems, validate
+from finlora.config import Config, EvalConfig, ExportConfig, PredictConfig, token_problems, validate
 from finlora.embedded import check as check_embedded
 from finlora.errors import ConfigError, FinloraError, as_fault
 from finlora.run.entry import fail
 from finlora.run.lock import SWEEP_LOCK_FILE, hold
 
-SCHEMAS = {"train": Config, "eval": EvalConfig, "export": ExportConfig}
+SCHEMAS = {"train": Config, "eval": EvalConfig, "export": ExportConfig, "predict": PredictConfig}
 
 
 def override_tokens(config: DictConfig) -> list[str]:
