@@ -123,8 +123,8 @@ class TaskScore(Callback):
     def show(self, trainer: L.Trainer, answers: list[str]) -> None:
         """The first rows' prompts, targets and answers, as a W&B table and a JSONL file named by the step."""
         labels = self.test_set.labels or None
-        rows = [{"step": trainer.global_step, "index": i, "target": str(r["target"]),
-                 "prompt": build_prompt(r, self.settings.prompt, self.tokenizer),
+        rows = [{"step": trainer.global_step, "index": i,
+                 "prompt": build_prompt(r, self.settings.prompt, self.tokenizer), "target": str(r["target"]),
                  "generated": g, "predicted": extract_answer(self.test_set.kind, g, labels)}
                 for i, r, g in zip(self.indices, self.rows, answers, strict=False)]
         write_jsonl(self.samples_dir / f"val_step{trainer.global_step:06d}.jsonl", rows)
