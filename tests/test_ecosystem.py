@@ -230,6 +230,7 @@ def test_a_sweep_of_20_overrides_runs_in_a_short_folder(tiny_model_dir, tmp_path
     assert all(r["status"] == "ok" and len(r["overrides"]) == 20 for r in records_)
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_optuna_study_of_three_trials_optimizes_the_objective(tiny_model_dir, tmp_path):
     sweep = tmp_path / "study"
     proc = _multirun(sweep, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=1",

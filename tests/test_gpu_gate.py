@@ -18,6 +18,7 @@ gpu_gate = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_gate)
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_the_gate_on_the_cpu_runs_an_eager_cell_through_train_and_eval_and_records_it(tiny_model_dir, tmp_path):
     out = tmp_path / "gate.json"
     cmd = [sys.executable, str(ROOT / "scripts" / "gpu_gate.py"), "--allow-cpu", "--skip-tests",

@@ -59,6 +59,7 @@ def test_unknown_target_module_is_refused_before_loading_naming_the_layers(weigh
     assert "'down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'" in proc.stderr
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_adapter_on_another_base_is_refused_naming_both(tiny_model_dir, tmp_path):
     """Row 6: a size-mismatch traceback, or silently wrong scores when the shapes agree."""
     train(compose_cfg([f"model.name_or_path={tiny_model_dir}", *TINY], tmp_path / "run"))
@@ -108,6 +109,7 @@ def test_damaged_checkpoint_given_by_path_is_named_before_loading(weightless, tm
     assert f"ckpt_path: {bad} cannot be read" in proc.stderr
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_killed_sweep_reruns_every_unfinished_job_and_keeps_its_records(tiny_model_dir, tmp_path):
     """Rows 10 and 11: after kill -9 during job 1 of 3, `--rerun-failed` ran job 1 alone (job 2 never ran),
     reported "2 jobs: 2 finished" with exit 0, and overwrote the sweep's multirun.yaml with one job's settings."""

@@ -26,6 +26,7 @@ LLAMA_70B = LlamaConfig(**SHAPES["llama-3.1-70b"], num_hidden_layers=80, tie_wor
 GIB = 2**30
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_ddp_on_two_cpu_processes_trains_and_writes_once(tiny_model_dir, tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train.py"), f"model.name_or_path={tiny_model_dir}", "quant=none",
@@ -46,6 +47,7 @@ def test_ddp_on_two_cpu_processes_trains_and_writes_once(tiny_model_dir, tmp_pat
 
 @pytest.mark.parametrize("accelerator", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="needs two GPUs"))])
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_a_signal_to_rank_zero_alone_stops_both_ranks_at_one_step(tiny_model_dir, tmp_path, accelerator):
     """Rank one hears of rank zero's SIGTERM through the ranks' vote (`StopVote`, read a step late; on GPUs
     from pinned memory behind an event): both save the same step and end with the signal's status, where rank

@@ -48,6 +48,7 @@ def ray_sweep(tiny_model_dir, tmp_path_factory) -> tuple[Path, subprocess.Comple
     return sweep_dir, proc
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_ray_sweep_puts_each_job_on_its_own_gpu_at_once(ray_sweep):
     sweep_dir, _ = ray_sweep
     jobs = _jobs(sweep_dir)
@@ -97,6 +98,7 @@ def test_sweep_ends_with_a_table_and_a_report(ray_sweep, tmp_path):
     assert "**Warning**: the jobs also differ in keys that were not swept: `paths.cache_dir`" in text
 
 
+@pytest.mark.slow  # 20-40 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_failed_job_does_not_stop_the_sweep_and_reruns_alone(tiny_model_dir, tmp_path):
     """Basic launcher: the first job's model folder is missing; the sweep still runs the next job, exits 1 after
     the table, and the printed command reruns just the failed job in its folder once the model is there."""
