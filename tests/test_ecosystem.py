@@ -250,6 +250,7 @@ def test_optuna_study_of_three_trials_optimizes_the_objective(tiny_model_dir, tm
     assert all(d.name.split("_", 1)[1].startswith(("r=", "alpha=", "lr=")) for d in jobs)
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_a_trial_without_its_objective_fails_and_says_why(tiny_model_dir, tmp_path):
     """max_steps ends the run inside its first epoch and no validation runs: val/loss is never logged."""
     sweep = tmp_path / "study"

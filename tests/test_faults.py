@@ -393,6 +393,7 @@ def test_sigterm_while_scoring_ends_in_one_line_and_keeps_the_adapter(tiny_model
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_second_ctrl_c_aborts_at_once_with_one_line(tiny_model_dir, tmp_path):
     """Issue 14, row 12: a second Ctrl-C went through Lightning's graceful shutdown and exited 1."""
     proc = start(tiny_model_dir, tmp_path, "trainer.max_steps=400", "trainer.val_every_n_steps=200",

@@ -39,6 +39,7 @@ def _data(root: Path, train_rows: list[str]) -> Path:
     return root
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_answer_too_long_for_max_length_is_refused_by_line_before_loading(weightless, tmp_path):
     """Row 4: a ValueError traceback after the model had loaded."""
     ok = [json.dumps({"context": f"Instruction: x{i}\nAnswer: ", "target": "positive"}) for i in range(20)]
@@ -100,6 +101,7 @@ def test_damaged_last_checkpoint_resumes_from_the_newest_whole_one(tiny_model_di
         resume_path(None, ckpts)
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_damaged_checkpoint_given_by_path_is_named_before_loading(weightless, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 not a whole checkpoint")

@@ -93,6 +93,7 @@ def test_report_names_a_cut_short_job_record_and_goes_on(failed_sweep, tmp_path)
     assert "| no record |" in (sweep_dir / "report.md").read_text()
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_rerun_failed_under_a_path_holding_a_quote(failed_sweep):
     """Row 15: the rerun's `hydra.sweep.dir='…'` broke on the path's own `'` (Hydra's parse error, exit 2)."""
     [job] = failed_sweep.glob("0_*")

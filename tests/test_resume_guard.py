@@ -51,6 +51,7 @@ def _weightless(common: list[str]) -> None:
         f.unlink()
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_rerun_under_changed_settings_is_refused_naming_every_key(trained):
     """Row 1: it resumed with exit 0 under the old schedule's lr, while config.yaml said the new task and lr."""
     common, run = trained

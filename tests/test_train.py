@@ -68,7 +68,7 @@ def _frozen_state(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", [pytest.param("lora", marks=pytest.mark.slow), "dora"])  # LoRA's: 20-26 s each
 def test_quantized_training_changes_only_the_adapter(tiny_model_dir, method, bits, tmp_path):
     tokenizer, model = _build(tiny_model_dir, method, bits)
     batches = _batches(tokenizer)

@@ -68,6 +68,7 @@ def test_sizes_the_model_cannot_take_are_refused_before_it_loads(weightless, ove
     assert _written(tmp_path) == []
 
 
+@pytest.mark.slow  # 10-12 s on the 2-core CPU; keeps the fast suite near 10 minutes
 def test_a_repeat_that_makes_too_many_rows_is_refused_saying_what_fits(weightless, tmp_path):
     """Row 9: `repeat: 100000` hung in data preparation (362,800,000 rows made and shuffled)."""
     proc = _train(*TINY, f"model.name_or_path={weightless}", "task.train.0.repeat=100000", cwd=tmp_path, timeout=60)
