@@ -164,8 +164,9 @@ class SavedAdapter:
 
     @property
     def quant_bits(self) -> int | None:
-        """The bits of the base the adapter was trained on (None: not quantized, or no run config)."""
-        return (self.run.get("quant") or {}).get("bits")
+        """The bits of the base the adapter was trained on (None: not quantized, or not recorded), by the one rule
+        eval.py and predict.py use (`recorded_quant`: the adapter's own record first, then the run's config)."""
+        return (recorded_quant(str(self.path))[0] or {}).get("bits")
 
     @property
     def method(self) -> str:
