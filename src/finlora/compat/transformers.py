@@ -1,0 +1,16 @@
+"""transformers internals: the attention implementation a loaded model's config names. Checked on transformers 5.17,
+5.24 and 5.25."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def attn_implementation(config: Any) -> str | None:
+    """The attention a model runs (`config._attn_implementation`); None for a config without one."""
+    return getattr(config, "_attn_implementation", None)
+
+
+def set_attn_implementation(config: Any, name: str | None) -> None:
+    """Route a loaded model's attention to the implementation registered under `name`, without reloading it."""
+    config._attn_implementation = name
