@@ -15,7 +15,8 @@ Sections (`--only` picks some):
   startup   `python train.py` with no flags, 400 steps of the embedded shapes, in a fresh process: its whole wall
             time (start-up, loading, recording included; no test stage).
   memory    all 32 layers of Llama-3.1-8B's shapes, r=8 on q/k/v, gradient checkpointing, 1 x 2,048 tokens (20 packed
-            sentiment examples): peak memory at 4-bit and 8-bit; then tokens/s of both at 8 examples, no other flags.
+            sentiment examples): peak memory at 4-bit and 8-bit, each a fresh `python train.py`; with `memory-speed`
+            in --only too, tokens/s of both at 8 examples, no other flags.
 
     python scripts/bench_defaults.py --data .gpu/data --tokenizer .gpu/model       # GPU
     python scripts/bench_defaults.py --smoke --only mission numerics                # CPU, tiny shapes: checks it
@@ -146,16 +147,20 @@ def startup(model: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def memory(args: argparse.Namespace) -> list[dict]:
+    """Each row `python train.py` in a fresh process, its peak read from its own summary (`gpu_peak_gib`): in one
+    process a run's peak would include what earlier runs' CUDA graphs and compiled code still hold."""
     layers = 2 if args.smoke else 32
     model = save_random_llama(Path(args.work) / f"llama{layers}", bench.LLAMA_8B, layers, args.tok,
                               bench._init_device())
     rows = []
     for bits in (4, 8):
         q = ["task=sentiment", "adapter=lora", f"quant={bits}bit", "trainer.gradient_checkpointing=true"]
-        rows.append(bench.run(f"memory {layers} layers {bits}bit, 1 x 2048 tokens", model, args, *q,
+        rows.append(bench.job(f"memory {layers} layers {bits}bit, 1 x 2048 tokens", model, args, args.cache, *q,
                               "trainer.batch_size=20", "data.max_length=2048", "trainer.max_steps=6"))
-        rows.append(bench.run(f"memory {layers} layers {bits}bit, 8 examples, no flags", model, args, *q,
-                              "trainer.batch_size=8", steps(args, False)))
+    for bits in (4, 8) if "memory-speed" in args.only else ():
+        q = ["task=sentiment", "adapter=lora", f"quant={bits}bit", "trainer.gradient_checkpointing=true"]
+        rows.append(bench.job(f"memory {layers} layers {bits}bit, 8 examples, no flags", model, args, args.cache,
+                              *q, "trainer.batch_size=8", steps(args, False)))
     return rows
 
 
@@ -172,6 +177,7 @@ def markdown(rows: list[dict], device: str) -> list[str]:
              "| run | path | useful tokens/s | × before | step ms | host syncs/step | peak GiB | process s |",
              "|---|---|---|---|---|---|---|---|"]
     before = next((r for r in rows if r["name"].startswith("mission, eager") and "error" not in r), None)
+    notes: dict[str, list[str]] = {}  # when, if not in the run the header names: the rows measured then
     for r in rows:
         if "max_rel_loss_diff" in r:
             continue
@@ -179,6 +185,8 @@ def markdown(rows: list[dict], device: str) -> list[str]:
             why = f"failed: {r['error'][:200]}" if "error" in r else f"not valid: {r['invalid']}"
             lines.append(f"| {r['name']} | {why} | | | | | | |")
             continue
+        if r.get("measured"):
+            notes.setdefault(r["measured"], []).append(r["name"])
         ratio = (f"{r['tokens_per_s'] / before['tokens_per_s']:.1f}" if before and r.get("tokens_per_s")
                  and r["name"].startswith("mission") else "")
         lines.append(f"| {r['name']} | {r.get('step_path', '')} | {bench._num(r.get('tokens_per_s'), ',.0f')} | "
@@ -198,6 +206,8 @@ def markdown(rows: list[dict], device: str) -> list[str]:
             if eight and four:
                 lines += ["", f"Llama-3.1-8B shapes, {adapter}, {FORMS[form]}: 8-bit step / 4-bit step "
                           f"{eight['step_ms'] / four['step_ms']:.3f}."]
+    for when, names in notes.items():
+        lines += ["", f"Measured {when} (ratios are taken within one run): {'; '.join(names)}."]
     for r in rows:
         if "max_rel_loss_diff" in r:
             lines += ["", f"Numerics: {r['steps']} steps of DoRA from one init, weight-only 8-bit against a bf16 "
