@@ -4,12 +4,14 @@ whose place in the epoch goes into the checkpoint (`ResumableLoader`).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import Sampler
+
+from finlora.compat.torch import SkippingDataLoader
 
 
 class LengthGroupedSampler(Sampler[int]):
@@ -41,7 +43,17 @@ class LengthGroupedSampler(Sampler[int]):
         return (i for batch in shuffled for i in batch)
 
 
-class ResumableLoader(DataLoader):
+@dataclass
+class EpochPosition:
+    """Where a loader is in its epoch: the shuffle generator's state when the epoch began (None without a
+    generator), the batches handed out since, and a state loaded for the next epoch to start from."""
+
+    epoch_start: torch.Tensor | None = None
+    yielded: int = 0
+    pending: dict[str, Any] | None = None
+
+
+class ResumableLoader(SkippingDataLoader):
     """A DataLoader whose place in the epoch goes into the checkpoint.
 
     Lightning saves and restores the state of a training loader that has `state_dict`/`load_state_dict`;
@@ -50,44 +62,36 @@ class ResumableLoader(DataLoader):
     the epoch began and the number of batches handed out since: on resume the epoch's order is drawn again
     from that state and the batches already trained on are skipped as indices, never loaded or collated.
     Samplers that seed themselves from `set_epoch` (Lightning sets the epoch before each) need nothing more.
-    torchdata's StatefulDataLoader does the same and more (worker states), but for in-memory datasets
-    this is all that is needed, and it keeps a dependency and its torch-version coupling out.
+    An uninterrupted epoch is the plain DataLoader's, batch for batch, with the same draws from the generator.
+    torchdata's StatefulDataLoader (0.11) was not taken: it draws its shuffle order before the DataLoader's
+    base seed, so its epochs differ from the plain DataLoader's, and its resumed order from its own.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._epoch_start: torch.Tensor | None = None
-        self._yielded = 0
-        self._skip = 0
-        self._pending: dict[str, Any] | None = None
+        self.position = EpochPosition()
 
     def state_dict(self) -> dict[str, Any]:
-        if self._yielded >= len(self):  # the epoch is over: the next one draws from the generator as it is now
-            return {"generator": self._generator_state(), "batches": 0}
-        return {"generator": self._epoch_start, "batches": self._yielded}
+        if self.position.yielded >= len(self):  # the epoch is over: the next one draws from the generator as it is
+            return {"generator": self.generator_state(), "batches": 0}
+        return {"generator": self.position.epoch_start, "batches": self.position.yielded}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending = state
+        self.position.pending = state
 
     def __iter__(self) -> Iterator[Any]:
-        state, self._pending = self._pending, None
+        state, self.position.pending = self.position.pending, None
         if state is not None and state["generator"] is not None and self.generator is not None:
             self.generator.set_state(state["generator"])
-        self._epoch_start = self._generator_state()
-        self._skip = self._yielded = state["batches"] if state else 0
-        iterator = super().__iter__()  # takes `_index_sampler`, with the skip, right now
-        self._skip = 0
-        return self._counted(iterator)
-
-    @property
-    def _index_sampler(self) -> Any:
-        sampler = super()._index_sampler
-        return itertools.islice(sampler, self._skip, None) if self._skip else sampler
+        self.position.epoch_start = self.generator_state()
+        self.position.yielded = state["batches"] if state else 0
+        return self._counted(self.iter_skipping(self.position.yielded))
 
     def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
         for batch in iterator:
-            self._yielded += 1
+            self.position.yielded += 1
             yield batch
 
-    def _generator_state(self) -> torch.Tensor | None:
+    def generator_state(self) -> torch.Tensor | None:
+        """The shuffle generator's state now; None for a loader without one (in order, or a seeded sampler)."""
         return self.generator.get_state() if self.generator is not None else None
