@@ -63,8 +63,8 @@ def load_task(task: TaskConfig, data: DataConfig, data_dir: str | Path) -> TaskD
 
 
 def check_size(task: TaskConfig, sizes: list[int]) -> None:
-    """Refuse, before any row is copied, training files whose rows × repeat exceed `MAX_TRAIN_ROWS` (repeat:
-    100000 hung in making and shuffling 362,800,000 rows), naming the largest repeat of each file that fits."""
+    """Refuse, before any row is copied, training files whose rows × repeat exceed `MAX_TRAIN_ROWS` (a run would
+    hang making and shuffling them), naming the largest repeat of each file that fits."""
     total = sum(n * src.repeat for n, src in zip(sizes, task.train, strict=True))
     if total <= MAX_TRAIN_ROWS:
         return
