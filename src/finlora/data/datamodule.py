@@ -78,7 +78,8 @@ class TaskDataModule(L.LightningDataModule):
         distinct = {id(e): e for e in self.train_set.items + self.val_set.items}.values()
         return self.batch_size * max((sum(t != IGNORE_INDEX for t in e.labels) for e in distinct), default=1)
 
-    def _loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
+    def loader(self, dataset: EncodedDataset, shuffle: bool) -> DataLoader:
+        """`dataset`'s batches as `data.batching` says, shuffled (training) or in order (validation)."""
         static = self.batching is Batching.static
         inner = (partial(pack_static, pad_id=self.pad_id, widths=self.static_widths) if static
                  else partial(pack, pad_id=self.pad_id, row_length=self.row_length) if self.batching is Batching.packed
@@ -93,7 +94,7 @@ class TaskDataModule(L.LightningDataModule):
                                generator=torch.Generator().manual_seed(self.seed) if shuffle and not grouped else None)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        return self.loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_set, shuffle=False) if len(self.val_set) else []
+        return self.loader(self.val_set, shuffle=False) if len(self.val_set) else []

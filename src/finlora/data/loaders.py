@@ -85,13 +85,14 @@ class ResumableLoader(SkippingDataLoader):
             self.generator.set_state(state["generator"])
         self.position.epoch_start = self.generator_state()
         self.position.yielded = state["batches"] if state else 0
-        return self._counted(self.iter_skipping(self.position.yielded))
-
-    def _counted(self, iterator: Iterator[Any]) -> Iterator[Any]:
-        for batch in iterator:
-            self.position.yielded += 1
-            yield batch
+        return _counted(self.iter_skipping(self.position.yielded), self.position)
 
     def generator_state(self) -> torch.Tensor | None:
         """The shuffle generator's state now; None for a loader without one (in order, or a seeded sampler)."""
         return self.generator.get_state() if self.generator is not None else None
+
+
+def _counted(iterator: Iterator[Any], position: EpochPosition) -> Iterator[Any]:
+    for batch in iterator:
+        position.yielded += 1
+        yield batch
