@@ -64,7 +64,8 @@ class ResumableLoader(SkippingDataLoader):
     Samplers that seed themselves from `set_epoch` (Lightning sets the epoch before each) need nothing more.
     An uninterrupted epoch is the plain DataLoader's, batch for batch, with the same draws from the generator.
     torchdata's StatefulDataLoader (0.11) was not taken: it draws its shuffle order before the DataLoader's
-    base seed, so its epochs differ from the plain DataLoader's, and its resumed order from its own.
+    base seed, so its epochs differ from the plain DataLoader's, and after a resume it leaves the generator
+    elsewhere than an uninterrupted run does, so the epochs that follow differ too.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
