@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-import finlora.data
+import finlora.data.datamodule
 import finlora.evaluate
 from finlora.adapters import attach_adapter
 from finlora.batching import pad_right
@@ -150,8 +150,8 @@ def test_training_and_evaluation_prompts_are_as_configured(tiny_model_dir, tmp_p
         generated.append(tokenizer.decode(ids))
         return ids
 
-    real_pack, real_encode_prompt = finlora.data.pack, finlora.evaluate.encode_prompt
-    monkeypatch.setattr(finlora.data, "pack", pack)  # records what the real function is given, then runs it
+    real_pack, real_encode_prompt = finlora.data.datamodule.pack, finlora.evaluate.encode_prompt
+    monkeypatch.setattr(finlora.data.datamodule, "pack", pack)  # records what the real function is given, then runs it
     monkeypatch.setattr(finlora.evaluate, "encode_prompt", encode_prompt)
     cfg = compose_cfg([f"model.name_or_path={tiny_model_dir}", "quant=none", "adapter=lora", "task=fpb",
                        "trainer=cpu", "trainer.max_steps=2", "trainer.batch_size=4", "trainer.val_every_n_steps=2",

