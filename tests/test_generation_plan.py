@@ -105,3 +105,21 @@ def test_auto_rows_are_a_power_of_two_that_fits(free):
     rows = rows_that_fit(CONFIG, 2, 256, free)
     assert 1 <= rows <= AUTO_CAP and rows & (rows - 1) == 0
     assert rows == 1 or rows_that_fit(CONFIG, 2, 256, free // 2) <= rows
+
+
+def test_plan_generation_measures_the_model_and_the_machine(lively, monkeypatch):
+    """`evaluate.plan_generation` on the CPU: an fp32 model is generated with as it is; with transformers compiling
+    the decode step (here stood in for), the CUDA plan: a static cache, even batches, the decode compile config."""
+    import finlora.evaluate
+    from finlora.evaluate import generate_sets, plan_generation
+
+    tokenizer, model = lively
+    encoded = [[[1, 2, 3]] * 20, [[4, 5]] * 5]
+    same, plan = plan_generation(model, tokenizer, encoded, [4, 6], DecodeSettings(), "32-true")
+    assert same is model and (plan.rows, plan.static, plan.shares_prefix, plan.cache_len) == (20, False, True, 256)
+    assert (plan.pad_token_id, plan.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    monkeypatch.setattr(finlora.evaluate, "compiles_decoding", lambda device: True)
+    _, static = plan_generation(model, tokenizer, encoded, [4, 6], DecodeSettings(), "32-true")
+    assert (static.static, static.rows, static.shares_prefix) == (True, 24, False)
+    assert static.compile_config is DECODE_COMPILE[DecodeCompile.recorded]
+    assert list(generate_sets(model, tokenizer, [("none", [], 4), ("none either", [], 2)])) == [[], []]

@@ -163,7 +163,7 @@ def plan_generation(model: nn.Module, tokenizer: PreTrainedTokenizerBase, encode
         model = int8_as_bf16(model)
     if generating and modes.four_bit is FourBitEval.dense:
         model = dense_4bit(model)
-    sized = generating and settings.batch_size == "auto" and device.type == "cuda"  # what `auto_rows` reads
+    sized = settings.batch_size == "auto" and device.type == "cuda"  # what `auto_rows` reads
     facts = ModelFacts(device=device, compiles_decoding=compiles_decoding(device), int8_layers=int8_layers(model),
                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                        free_bytes=free_memory(device) if sized else None,
