@@ -37,3 +37,8 @@ def test_score(test_set: str, name: str) -> str:
 def learning_rates(groups: int) -> list[str]:
     """The learning rate of each of AdamW's `groups` parameter groups, as Lightning names them."""
     return [LEARNING_RATE] if groups == 1 else [f"{LEARNING_RATE}/pg{i}" for i in range(1, groups + 1)]
+
+
+def test_predictions(test_set: str) -> str:
+    """A test set's generated answers, logged as a table (`evaluate.evaluate_sets`), not a metric."""
+    return f"test/{test_set}/predictions"

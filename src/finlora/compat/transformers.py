@@ -14,3 +14,15 @@ def attn_implementation(config: Any) -> str | None:
 def set_attn_implementation(config: Any, name: str | None) -> None:
     """Route a loaded model's attention to the implementation registered under `name`, without reloading it."""
     config._attn_implementation = name
+
+
+def compile_on_every_device(compile_config: Any) -> None:
+    """Make transformers compile the decode step under `compile_config` on any device, not on CUDA alone
+    (`CompileConfig._compile_all_devices`): how a CPU test runs the CUDA decode path."""
+    compile_config._compile_all_devices = True
+
+
+def compiles_decode_step(model: Any, model_kwargs: dict, generation_config: Any) -> bool:
+    """Whether `generate` would compile `model`'s decode step for these inputs (`_valid_auto_compile_criteria`:
+    a static cache, a compile config, and no quantizer that forbids it)."""
+    return model._valid_auto_compile_criteria(model_kwargs, generation_config)
