@@ -215,3 +215,19 @@ def test_reference_formula_is_finloras_layer_and_peft_dora() -> None:
         w2 = w0.pow(2).sum(1)
         gram_norm = reference.gram_row_norm(w2[None], (a @ w0.T)[None], (a @ a.T)[None], b[None], s)[0]
         torch.testing.assert_close(gram_norm, reference.row_norm(w0, a, b, s), rtol=1e-5, atol=1e-6)
+
+
+def test_no_private_third_party_name_outside_compat() -> None:
+    """finlora's DoRA and the modules around it (adapters, quantization, models, export) reach no private name
+    (`x._name`, `import _name`) themselves: those go through `finlora.compat`."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "src" / "finlora"
+    files = [*sorted((root / "dora").glob("*.py")), *sorted((root / "quant").glob("*.py")),
+             *(root / name for name in ("adapters.py", "models.py", "export.py"))]
+    private = re.compile(r"\b\w+\._[A-Za-z]\w*|\bimport _\w+|\bfrom \w[\w.]* import .*\b_[A-Za-z]")
+    found = [f"{path.relative_to(root)}:{n}: {line.strip()}" for path in files
+             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+             if private.search(line.split("#")[0])]
+    assert not found, "private third-party names outside finlora/compat:\n" + "\n".join(found)
