@@ -33,6 +33,10 @@ class Group:
         self.ids = {(id(m), a) for m, a in self.members}
         _live_groups.add(self)
 
+    def __setstate__(self, state: dict) -> None:  # a copied model's group (copy.deepcopy) counts steps too
+        self.__dict__.update(state)
+        _live_groups.add(self)
+
 
 _live_groups: weakref.WeakSet[Group] = weakref.WeakSet()
 
