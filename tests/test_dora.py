@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from finlora import adapter_steps
-from finlora.dora import FastDoraLinearVariant, clear_dora_cache, forget_norms, use_fast_dora
+from finlora.dora import FastDoraLinearVariant, clear_dora_cache, forget_norms, reference, use_fast_dora
 from finlora.dora.constants import gram as _gram
 from finlora.dora.constants import grouped_a_w0t as _grouped_a_w0t
 from finlora.dora.constants import layer_consts as _layer_consts
@@ -294,6 +294,22 @@ def test_4bit_layers_in_training_take_their_norm_from_one_dequantization(kind, d
         for name in want:
             assert rel(grads[name], want[name]) < close, name
         opt.step()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the norm's Triton kernel runs on CUDA"))])
+@pytest.mark.parametrize("r,d_in,d_out", [(8, 200, 150), (16, 130, 70)])
+def test_layer_constants_follow_the_reference_formula(device, r, d_in, d_out) -> None:
+    """A layer's norm and scale (on CUDA from the Triton kernel, elsewhere from torch ops) are those of
+    `reference.row_norm` on the combined weight W0 + s·B·A, from the frozen ‖W0_i‖², A·W0ᵀ and A·Aᵀ."""
+    gen = torch.Generator(device).manual_seed(0)
+    w0, a = torch.randn(d_out, d_in, device=device, generator=gen), torch.randn(r, d_in, device=device, generator=gen)
+    b, m = 0.3 * torch.randn(d_out, r, device=device, generator=gen), torch.rand(d_out, device=device, generator=gen)
+    consts = _layer_consts(a @ w0.T, a @ a.T, b, m, w0.pow(2).sum(1), 2.0, torch.float32, True)
+    want = reference.row_norm(w0, a, b, 2.0)
+    torch.testing.assert_close(consts.norm, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(consts.scale, m / want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(consts.b_s, 2.0 * b)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the norm's Triton kernel runs on CUDA")
