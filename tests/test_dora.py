@@ -657,3 +657,25 @@ def test_non_dora_layers_untouched() -> None:
     model = get_peft_model(make_base(), LoraConfig(r=4, target_modules=TARGETS))
     assert use_fast_dora(model) == 0
     assert all(not m.lora_variant for m in model.modules() if hasattr(m, "lora_variant"))
+
+
+def test_adapter_step_protocol_acts_on_the_dora_layers() -> None:
+    """`use_fast_dora` registers finlora's DoRA with `finlora.adapter_steps`: before recording, the cached constants
+    go (the frozen ‖W0_i‖² stays); a compiled step's context refreshes them; after an optimizer step they are stale
+    even when no version counter moved (a write through ``.data``)."""
+    model = make_dora("fp32")
+    use_fast_dora(model)
+    layer = model.base_model.model.up
+    x = x_for("fp32")
+    model(x)
+    frozen = state_of(layer).frozen
+    adapter_steps.before_recording(model)
+    assert not state_of(layer).constants and state_of(layer).frozen is frozen
+    with adapter_steps.compiled_step(model)():
+        entry = state_of(layer).constants["default"]
+    torch.testing.assert_close(entry.norm, _fresh_norm(layer))
+    layer.lora_B["default"].weight.data.mul_(2)  # no version bump
+    adapter_steps.after_optimizer_step(model)
+    model(x)
+    assert state_of(layer).constants["default"] is not entry
+    torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))

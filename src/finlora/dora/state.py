@@ -2,9 +2,10 @@
 norm and what the forward derives from it) or, for a layer that computes its norm in its forward, its A·Aᵀ alone;
 the group of layers refreshed together, with its count of optimizer steps; and the one switch compiled code reads.
 
-A cached value is valid while its key holds: the group's optimizer-step count (bumped by `after_optimizer_step`, for
-optimizers that write parameters without bumping their version counters, as bitsandbytes' do), the parameters'
-identities, addresses and version counters, and the scaling.
+A cached value is valid while its key holds: the group and its optimizer-step count (bumped through
+`finlora.adapter_steps.after_optimizer_step`, for optimizers that write parameters without bumping their version
+counters, as torch's fused AdamW, a replayed CUDA graph and bitsandbytes' optimizers do), the parameters' identities,
+addresses and version counters, and the scaling.
 """
 
 from __future__ import annotations
