@@ -25,6 +25,7 @@ from finlora.callbacks import NonFiniteGuard, ThroughputLogger
 from finlora.config import AdapterConfig, AdapterMethod, Compile, ModelConfig, NonFinitePolicy, QuantConfig, validate
 from finlora.data import read_jsonl
 from finlora.dora import fresh_norms, prepare_compile
+from finlora.dora.state import state_of
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.loss import answer_loss
 from finlora.models import load_model, load_tokenizer
@@ -109,8 +110,9 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits, in_st
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
     assert not sum(counters["graph_break"].values())  # the layers ran compiled, not eagerly after a break
     if bits == 4:  # in training, 4-bit layers compute their norm in their forward (`DoraLinear4bit`): only A·Aᵀ kept
-        kept = [{(("gram", "default") in cache, "default" in cache) for m in model.modules()
-                 if type(m).__name__ == "DoraLinear4bit" and (cache := m.__dict__.get("_finlora_dora_cache", {}))}
+        kept = [{("default" in st.grams, "default" in st.constants) for m in model.modules()
+                 if type(m).__name__ == "DoraLinear4bit" and (st := state_of(m)) is not None
+                 and (st.grams or st.constants or st.frozen is not None)}
                 for model in (eager_model, traced_model)]
         assert kept[0] == {(True, False)} and kept[1] == ({(True, False)} if in_step else {(False, False)})
 
@@ -120,13 +122,13 @@ def test_dora_constants_for_torch_compiles_cuda_graphs_keep_their_addresses_and_
     cudagraphs`) are recorded again whenever one moves. So its steps refresh DoRA's constants in place: each layer's
     norm, scale and branch weights stay where they were, with the values of the weights after each update."""
     model = random_llama(2, AdapterMethod.dora, False)
-    layers = [m for m in model.modules() if "_finlora_dora_group" in m.__dict__]
+    layers = [m for m in model.modules() if (st := state_of(m)) is not None and st.group is not None]
     refreshed = fresh_norms(model, in_place=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch, previous = random_static_batch(), None
     for _ in range(3):
         with refreshed():
-            entries = [layer.__dict__["_finlora_dora_cache"]["default"] for layer in layers]
+            entries = [state_of(layer).constants["default"] for layer in layers]
         addresses = [t.data_ptr() for e in entries for t in (e.norm, e.scale, e.sb, *e.derived[torch.float32])]
         assert previous is None or addresses == previous
         previous = addresses

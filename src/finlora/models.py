@@ -219,10 +219,10 @@ def keep_int8_state_consistent(model: nn.Module) -> int:
     """
     import bitsandbytes as bnb
 
+    from finlora.compat.bitsandbytes import drop_stale_int8_rows
+
     def drop_stale(module: nn.Module, args: tuple) -> None:
-        w = module.weight
-        if getattr(w, "CB", None) is not None and getattr(w, "SCB", None) is None and module.state.SCB is not None:
-            w.CB = None
+        drop_stale_int8_rows(module)
 
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt)]
     for layer in layers:
