@@ -35,7 +35,8 @@ from finlora.run.paired import (
     tost,
     verdict,
 )
-from finlora.run.report import markdown_table, seed_stats
+from finlora.run.report import markdown_table
+from finlora.run.stats import seed_stats
 
 TEST_SETS = ("fpb", "fiqa", "tfns", "nwgi")
 MEAN = "mean of the four"
