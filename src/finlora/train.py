@@ -49,7 +49,7 @@ from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
 from finlora.loggers import build_loggers, finish, log_adapter, log_summary
-from finlora.metric_names import TRAIN_LOSS, VAL_LOSS
+from finlora.metric_names import TEST_PREFIX, TRAIN_LOSS, VAL_LOSS
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
@@ -295,7 +295,7 @@ def write_cards(adapter_dir: Path, cfg: Config, base: dict, summary: dict) -> No
     if best is None:
         write_card(adapter_dir, cfg, base, summary)
         return
-    untested = {k: v for k, v in summary.items() if not k.startswith("test/")}
+    untested = {k: v for k, v in summary.items() if not k.startswith(TEST_PREFIX)}
     write_card(adapter_dir, cfg, base, untested | {"scored_elsewhere": best})
     write_card(Path(best), cfg, base, summary | {"steps": summary["best_step"], "best_card": True})
 

@@ -144,7 +144,7 @@ class Config(RunConfig):
         logged = self.logged_metrics()
         problems = []
         for key, metric in metrics:
-            offered = [n for n in logged if n.startswith("val/")] if key == "checkpoint.monitor" else logged
+            offered = [n for n in logged if n.startswith(names.VAL_PREFIX)] if key == "checkpoint.monitor" else logged
             if metric in offered:
                 continue
             close = get_close_matches(metric, offered, n=3, cutoff=0.5)

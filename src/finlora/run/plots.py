@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from finlora import metric_names as names
 from finlora.run.results import SEED_KEY, Job, Sweep, as_number, group_cells, job_order, readable
 from finlora.run.stats import Stats
 
@@ -61,14 +62,14 @@ def plot_cells(sweep: Sweep) -> tuple[str | None, str]:
 def plot_curves(sweep: Sweep) -> tuple[str | None, str]:
     """Training and validation loss against the optimizer step, one line per job, one colour per cell (the
     seeds of a setting share it)."""
-    curves = [(j, key, *j.curve(key)) for j in sweep.jobs for key in ("train/loss", "val/loss")]
+    curves = [(j, key, *j.curve(key)) for j in sweep.jobs for key in (names.TRAIN_LOSS, names.VAL_LOSS)]
     if not any(steps for _, _, steps, _ in curves):
         return None, "no job's csv/metrics.csv holds a train/loss or val/loss value"
     plt = _pyplot()
     cells = group_cells(sweep.jobs, [k for k in sweep.swept if k != SEED_KEY])
     colour = {id(j): f"C{i % 10}" for i, c in enumerate(cells) for j in c.jobs}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
-    for ax, key in zip(axes[0], ("train/loss", "val/loss"), strict=True):
+    for ax, key in zip(axes[0], (names.TRAIN_LOSS, names.VAL_LOSS), strict=True):
         for job, k, steps, values in curves:
             if k == key and steps:
                 label = " ".join(f"{s}={readable(job.overrides.get(s, '-'))}" for s in sweep.swept) or job.dir.name

@@ -25,6 +25,7 @@ from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
+from finlora import metric_names as names
 from finlora.errors import DataError
 from finlora.run.job import JOB_FILE, job_suffix
 from finlora.run.lock import SWEEP_LOCK_FILE, holder
@@ -138,7 +139,8 @@ class Sweep:
     def metric_keys(self) -> list[str]:
         """The summary metrics worth a column: losses and each test set's scores."""
         found = {k for j in self.jobs for k, v in j.metrics.items() if isinstance(v, int | float)}
-        tests = sorted(k for k in found if k.startswith("test/") and not k.endswith(("/n", "/unparsable_rate")))
+        tests = sorted(k for k in found
+                       if k.startswith(names.TEST_PREFIX) and not k.endswith(("/n", "/unparsable_rate")))
         return [k for k in ("steps", "final_train_loss", "final_val_loss") if k in found] + tests
 
     def consistency(self) -> str:

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 from rich.console import Console
 from rich.table import Table
 
+from finlora import metric_names as names
+
 EMPTY = (None, 0, [], {})  # what a resumed attempt that trained nothing reports for what it did not measure
 
 
@@ -84,7 +86,7 @@ class RunSummary:
         if earlier.get("steps") != self.steps:
             return
         now = self.to_dict()
-        kept = {k: v for k, v in earlier.items() if not k.startswith("test/") and now.get(k) in EMPTY
+        kept = {k: v for k, v in earlier.items() if not k.startswith(names.TEST_PREFIX) and now.get(k) in EMPTY
                 and v not in EMPTY}
         plain = {f.name for f in fields(self)} - {*self.SPREAD, "tested"}  # `tested` is absent until set
         for key, value in (kept | {"training_from_earlier_attempt": True}).items():
