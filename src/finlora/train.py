@@ -42,7 +42,7 @@ from finlora.checkpoints import (
     run_record,
 )
 from finlora.compat.torch import dynamo_counters
-from finlora.config import Compile, Config, TrainerConfig, validate
+from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
 from finlora.data import TaskData, TaskDataModule, load_task
 from finlora.devices import Placement, device_type
 from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
@@ -363,7 +363,7 @@ def oom_advice(cfg: Config, stage: str) -> OutOfMemory:
                 if t.batch_size > 1 else f"data.max_length={cfg.data.max_length // 2}"]
         if not t.gradient_checkpointing:
             tips.append("trainer.gradient_checkpointing=true")
-        if cfg.quant.bits != 4 and cfg.adapter.method.value != "none":
+        if cfg.quant.bits != 4 and cfg.adapter.method is not AdapterMethod.none:
             tips.append("quant=4bit")
     return OutOfMemory(f"out of GPU memory during {stage}; try " + ", or ".join(tips)
                        + ("; then ckpt_path=last continues from the last checkpoint" if stage == "training" else ""))

@@ -99,7 +99,7 @@ class Int8Cpu(Enum):
 
     llm_int8 = "llm_int8"  # LLM.int8: inputs quantized, outlier columns chosen per batch (scores move with the batch)
     dequant = "dequant"  # bitsandbytes' CPU training path: weights dequantized, inputs kept (batch-invariant)
-    bf16 = "bf16"  # a bf16 copy, weights dequantized once, adapter merged: fast (~2% of answers move with the batch)
+    bf16 = "bf16"  # a bf16 copy, weights dequantized once, adapter merged: fast (a few answers move with the batch)
 
 
 class FourBitEval(Enum):
@@ -115,8 +115,9 @@ class DecodeCompile(Enum):
 
     recorded = "recorded"  # the traced step recorded as a CUDA graph by finlora (`capture.recorded_backend`): no
     # compiling after the trace, weights and KV cache read in place; the quickest first pass, what one job runs
-    cudagraphs = "cudagraphs"  # Dynamo's CUDA-graph backend, the model's own kernels: about 9 s, every job
-    inductor = "inductor"  # Inductor's fused kernels in CUDA graphs: about 25 s more the first time (then cached),
+    cudagraphs = "cudagraphs"  # Dynamo's CUDA-graph backend, the model's own kernels: a short compile, every job
+    inductor = "inductor"  # Inductor's fused kernels in CUDA graphs: a longer first compile (then cached), faster
+    # steps afterwards: for long evaluations and a sweep's later jobs
 
 
 class Direction(Enum):

@@ -8,8 +8,6 @@ from typing import Any
 from finlora.config.checks import check
 from finlora.config.enums import DecodeCompile, DoraImpl, EvalSample, FourBitEval, Int8Cpu, TrainPrompt
 
-    # a fifth faster afterwards: for long evaluations and a sweep's later jobs
-
 
 @dataclass
 class DecodeSettings:

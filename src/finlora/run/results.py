@@ -191,7 +191,6 @@ def load_sweep(sweep_dir: Path) -> Sweep:
     return Sweep(sweep_dir, jobs, script, search)
 
 
-
 def sweep_jobs(overrides: list[Override]) -> list[list[str]]:
     """The jobs Hydra's basic sweeper runs for a command line's parsed `overrides`, each as its override strings, in
     the sweeper's order, from Hydra's public override API: one list of values a key (a sweep's, else its one value;
