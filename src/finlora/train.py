@@ -1,9 +1,10 @@
 """`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter (the last weights, and the best
-checkpoint's as `adapter_best/`), metrics and summary, and the test stage.
+checkpoint's as `adapter_best/`), metrics and summary, and the test stage; one function a stage, in that order.
 
 Everything that can be checked cheaply (config values, device and precision, data files and their
 encoded lengths, the checkpoint to resume, the adapter's target modules) is checked before the model is
-loaded.
+loaded. What the run does is decided once, on the validated config, by `finlora.plan.plan_run`; the stages follow
+that plan. The summary is a `finlora.run.summary.RunSummary`, written as metrics.json.
 """
 
 from __future__ import annotations
