@@ -24,7 +24,7 @@ from finlora.data import load_task
 from finlora.errors import ConfigError
 from finlora.evaluate import generate
 from finlora.prompts import build_prompt
-from finlora.run import report
+from finlora.run import plots, report
 from finlora.run.report import load_sweep, readable, write_report
 from finlora.train import train
 
@@ -158,7 +158,7 @@ def _sweep(root, run_dir, jobs: list[list[str]], sweeper: str) -> report.Sweep:
 def drawn(monkeypatch):
     """Each figure's titles, axis labels, tick labels and legend texts, read as it is saved."""
     figures: dict[str, dict] = {}
-    save = report._save
+    save = plots._save
 
     def keep(fig, path):
         fig.canvas.draw()
@@ -169,7 +169,7 @@ def drawn(monkeypatch):
             "legend": [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()]}
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save", keep)
+    monkeypatch.setattr(plots, "_save", keep)  # each plot of the report is saved there
     return figures
 
 

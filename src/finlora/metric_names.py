@@ -5,6 +5,8 @@ refused then, not at the first validation). Imports nothing of finlora: every mo
 
 from __future__ import annotations
 
+VAL_PREFIX = "val/"  # every validation metric (what `checkpoint.monitor` may name)
+TEST_PREFIX = "test/"  # every test set's score
 TRAIN_LOSS = "train/loss"
 ANSWER_TOKENS = "train/answer_tokens"
 GRAD_NORM = "train/grad_norm"

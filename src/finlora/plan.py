@@ -1,5 +1,6 @@
-"""How a run's training step runs: the config's `auto` settings (`trainer.capture`, `trainer.compile`,
-`data.batching`) resolved for the device and the run, once, before anything loads.
+"""What a training run does, decided once from its validated config before anything loads: how its step runs (the
+config's `auto` settings `trainer.capture`, `trainer.compile`, `data.batching` resolved for the device and the run),
+where it writes, and which stages run after training (`RunPlan`). `finlora.train` follows the plan.
 
 On a CUDA GPU a step is recorded as CUDA graphs on static batches (`finlora.capture`) wherever it can be; the
 decoder layers are also compiled by Inductor (`trainer.compile_regions`) when the run is long enough for the compile
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
-from finlora.config import Batching, Compile, Config
+from finlora.config import AdapterMethod, Batching, Compile, Config
 
 log = logging.getLogger(__name__)
 
@@ -83,3 +85,34 @@ def plan_step(cfg: Config, device_type: str, train_rows: int) -> StepPlan:
         path, reason = "eager", why_not or "trainer.capture=false"
     log.info("training step: %s (%s)", path, reason)
     return StepPlan(path, reason)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """The decisions `train` follows, each taken here once."""
+
+    step: StepPlan
+    run_dir: Path
+    ckpt_dir: Path
+    adapter_dir: Path  # the last weights: `adapter/`, or `model/` for full fine-tuning (`adapter=none`)
+    full_finetune: bool  # the whole model is trained and saved, not an adapter
+    compiled: bool  # the step compiles: Inductor's kernels are cached under `paths.compile_cache` for later runs
+    tests: bool  # the test sets are scored after training (`Config.tests_after_training`)
+    untested_why: str | None  # why a run with test sets and eval.enabled scores none after training, if it does not
+    exports_best: bool  # the best checkpoint is written as an adapter (not under FSDP: the model is sharded)
+
+
+def plan_run(cfg: Config, device_type: str, train_rows: int) -> RunPlan:
+    """Plan a run on `device_type` over `train_rows` training examples an epoch: the warnings its schedule earns,
+    its step (`plan_step`, which resolves `cfg`'s auto settings in place), its folders and its later stages."""
+    for warning in cfg.trainer.schedule_warnings(train_rows):
+        log.warning(warning)
+    step = plan_step(cfg, device_type, train_rows)
+    run_dir = Path(cfg.output_dir)
+    full_finetune = cfg.adapter.method is AdapterMethod.none
+    fsdp = cfg.trainer.strategy == "fsdp"
+    untested = ("under FSDP (the model is sharded over the GPUs, generation runs on one)"
+                if cfg.eval.enabled and cfg.task.test and not cfg.tests_after_training else None)
+    return RunPlan(step, run_dir, run_dir / "checkpoints", run_dir / ("model" if full_finetune else "adapter"),
+                   full_finetune, cfg.trainer.compile is not Compile.eager, cfg.tests_after_training, untested,
+                   exports_best=not fsdp)

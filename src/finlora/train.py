@@ -1,14 +1,14 @@
 """`train(cfg)`: config → data → base model + adapter → Lightning fit → adapter (the last weights, and the best
-checkpoint's as `adapter_best/`), metrics and summary, and the test stage.
+checkpoint's as `adapter_best/`), metrics and summary, and the test stage; one function a stage, in that order.
 
 Everything that can be checked cheaply (config values, device and precision, data files and their
 encoded lengths, the checkpoint to resume, the adapter's target modules) is checked before the model is
-loaded.
+loaded. What the run does is decided once, on the validated config, by `finlora.plan.plan_run`; the stages follow
+that plan. The summary is a `finlora.run.summary.RunSummary`, written as metrics.json.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -25,12 +25,11 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from rich.console import Console
-from rich.table import Table
+from transformers import PreTrainedTokenizerBase
 
 from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
 from finlora.build import build_model, build_tokenizer, check_base, placement
-from finlora.callbacks import run_callbacks
+from finlora.callbacks import RunCallbacks, run_callbacks
 from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
 from finlora.checkpoints import (
@@ -43,36 +42,75 @@ from finlora.checkpoints import (
     resumes,
     run_record,
 )
+from finlora.compat.torch import dynamo_counters
 from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
-from finlora.data import TaskDataModule, load_task
-from finlora.devices import device_type
+from finlora.data import TaskData, TaskDataModule, load_task
+from finlora.devices import Placement, device_type
 from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
 from finlora.evaluate import evaluate_sets, print_metrics
 from finlora.extensions import build_callbacks, trainer_kwargs
 from finlora.loggers import build_loggers, finish, log_adapter, log_summary
-from finlora.metric_names import TRAIN_LOSS, VAL_LOSS
+from finlora.metric_names import TEST_PREFIX, TRAIN_LOSS, VAL_LOSS
 from finlora.models import base_identity, resolve_source
 from finlora.module import FinetuneModule
 from finlora.outputs import atomic_dir, write_json
-from finlora.plan import plan_step
+from finlora.plan import RunPlan, plan_run
+from finlora.run.summary import RunSummary, print_summary
 from finlora.strategies import full_state, lightning_strategy
 
 log = logging.getLogger(__name__)
 
 
 def train(dict_cfg: DictConfig) -> dict:
-    """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes)."""
+    """Fine-tune as the config says; return the run's summary metrics (what a sweeper optimizes). The stages, in
+    order: validate, plan and check before loading (`prepare`); base model and adapter (`build`); trainer and fit
+    (`fit`); the adapters written (`save_outputs`); the summary (`summarize`); the test stage (`test_stage`); the
+    summary logged and printed (`publish`)."""
     started = time.time()
-    cfg = validate(dict_cfg)
+    run = prepare(validate(dict_cfg))
+    model, breakdown = build(run)
+    loggers = build_loggers(run.cfg.logger, run.plan.run_dir, run.cfg.run_name, run.config)
+    try:
+        if run.ckpt_path:
+            keep_earlier_rows(loggers, run.ckpt_path)
+        trainer, module, callbacks = fit(run, model, loggers)
+        base, best = save_outputs(run, model, trainer, callbacks)
+        summary = summarize(run, trainer, module, callbacks, best, started)
+        if not trainer.is_global_zero:
+            return summary.to_dict()
+        write_json(run.plan.run_dir / "metrics.json", summary.to_dict())  # on disk before the (long) test stage
+        write_cards(run.plan.adapter_dir, run.cfg, base, summary.to_dict())
+        test_metrics = test_stage(run, model, loggers, summary, base, started)
+        publish(run, loggers, summary.to_dict(), base, breakdown, test_metrics)
+        return summary.to_dict()
+    finally:
+        finish(loggers)
+
+
+@dataclass
+class Run:
+    """A validated, planned run, checked before the model loads: what every later stage reads."""
+
+    cfg: Config
+    plan: RunPlan
+    where: Placement
+    task_data: TaskData
+    ckpt_path: str | None  # the checkpoint this run resumes from, if any
+    config: dict  # the resolved config as saved and logged (`params` added once the model is built)
+    record: dict  # what each checkpoint carries, and a resume is checked against (`checkpoints.run_record`)
+    tokenizer: PreTrainedTokenizerBase
+    datamodule: TaskDataModule
+
+
+def prepare(cfg: Config) -> Run:
+    """Everything cheap, before the model loads: the data read and encoded, the run planned (`plan.plan_run`),
+    device and precision, the base's shapes against the adapter, a resume's changes; the run folder and its
+    config.yaml written; the seed set."""
     task_data = load_task(cfg.task, cfg.data, cfg.paths.data_dir)
-    for warning in cfg.trainer.schedule_warnings(len(task_data.train)):
-        log.warning(warning)
-    step_plan = plan_step(cfg, device_type(cfg.trainer.accelerator), len(task_data.train))
+    plan = plan_run(cfg, device_type(cfg.trainer.accelerator), len(task_data.train))
     where = placement(cfg)
     check_base(cfg, where)
-    run_dir = Path(cfg.output_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    ckpt_path = resume_path(cfg.ckpt_path, ckpt_dir)
+    ckpt_path = resume_path(cfg.ckpt_path, plan.ckpt_dir)
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
     record = run_record(config, fingerprints(cfg.task, cfg.paths.data_dir), [])
     if ckpt_path:  # refused if settings or training files changed, unless resume_changes allows each
@@ -81,110 +119,131 @@ def train(dict_cfg: DictConfig) -> dict:
     datamodule = TaskDataModule(task_data, tokenizer, cfg.data, cfg.trainer.batch_size, cfg.seed,
                                 cfg.trainer.num_workers, pin_memory=where.device.type == "cuda")
     if rank_zero_only.rank == 0:  # a DDP rank > 0 re-runs this command, in the same folder
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), run_dir / "config.yaml")
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), plan.run_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.trainer.compile is not Compile.eager:  # compiled kernels kept for later runs and a sweep's other jobs
+    if plan.compiled:  # compiled kernels kept for later runs and a sweep's other jobs
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cfg.paths.compile_cache).resolve()))
+    return Run(cfg, plan, where, task_data, ckpt_path, config, record, tokenizer, datamodule)
 
-    model = build_model(cfg, where)
+
+def build(run: Run) -> tuple[torch.nn.Module, list]:
+    """The base model with its adapter, and its trainable parameters per adapted matrix (also added to the logged
+    config as `params`)."""
+    model = build_model(run.cfg, run.where)
     trainable, total = count_parameters(model)
     breakdown = trainable_breakdown(model)
+    run.config["params"] = {"trainable": trainable, "total": total,
+                            "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
+    return model, breakdown
 
-    config["params"] = {"trainable": trainable, "total": total,
-                        "per_matrix": [asdict(g) | {"total": g.total} for g in breakdown]}
-    loggers = build_loggers(cfg.logger, run_dir, cfg.run_name, config)
-    if ckpt_path:
-        keep_earlier_rows(loggers, ckpt_path)
-    callbacks = run_callbacks(cfg, ckpt_dir, task_data.val, tokenizer, where.precision, record)
+
+def fit(run: Run, model: torch.nn.Module, loggers: list) -> tuple[L.Trainer, FinetuneModule, RunCallbacks]:
+    """The Lightning trainer, fitted; a stop by signal or a non-finite weight ends the run here."""
+    cfg, t = run.cfg, run.cfg.trainer
+    callbacks = run_callbacks(cfg, run.plan.ckpt_dir, run.task_data.val, run.tokenizer, run.where.precision,
+                              run.record)
     extra = build_callbacks(cfg.callbacks)
+    trainer = L.Trainer(
+        accelerator=run.where.accelerator, devices=t.devices, strategy=lightning_strategy(t.strategy, model),
+        precision=run.where.precision,
+        max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.grad_accum,
+        val_check_interval=t.val_every_n_steps,
+        check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
+        logger=loggers, default_root_dir=run.plan.run_dir, plugins=[AtomicCheckpointIO()],
+        callbacks=[*callbacks.all, *lr_monitor(extra), *extra],
+        **trainer_kwargs(t.extra))
+    module = FinetuneModule(model, t, cfg.adapter.magnitude_lr_scale)
     try:
-        t = cfg.trainer
-        trainer = L.Trainer(
-            accelerator=where.accelerator, devices=t.devices, strategy=lightning_strategy(t.strategy, model),
-            precision=where.precision,
-            max_steps=t.max_steps, max_epochs=t.max_epochs, accumulate_grad_batches=t.grad_accum,
-            val_check_interval=t.val_every_n_steps,
-            check_val_every_n_epoch=None if t.val_every_n_steps else 1, log_every_n_steps=t.log_every_n_steps,
-            logger=loggers, default_root_dir=run_dir, plugins=[AtomicCheckpointIO()],
-            callbacks=[*callbacks.all, *lr_monitor(extra), *extra],
-            **trainer_kwargs(t.extra))
-        module = FinetuneModule(model, t, cfg.adapter.magnitude_lr_scale)
-        try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        except torch.OutOfMemoryError as err:
-            raise oom_advice(cfg, "training") from err
-        if fault := callbacks.stopper.interrupted(trainer.global_step):
-            raise fault
-        check_finite(model, trainer.global_step)
+        trainer.fit(module, datamodule=run.datamodule, ckpt_path=run.ckpt_path)
+    except torch.OutOfMemoryError as err:
+        raise oom_advice(cfg, "training") from err
+    if fault := callbacks.stopper.interrupted(trainer.global_step):
+        raise fault
+    check_finite(model, trainer.global_step)
+    return trainer, module, callbacks
 
-        full_finetune = cfg.adapter.method is AdapterMethod.none
-        adapter_dir = run_dir / ("model" if full_finetune else "adapter")
-        gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
-        # the base and its quantization, beside the adapter: eval.py, predict.py and export.py load it so
-        base = base_identity(resolve_source(cfg.model, cfg.paths.cache_dir), cfg.model) | {"quant": config["quant"]}
-        best: dict = {}
-        if trainer.is_global_zero:
-            save_adapter(model, tokenizer, adapter_dir, base, full_finetune, ckpt_dir / LAST, gathered)
-            best = export_best(callbacks.best, model, tokenizer, adapter_dir, base, full_finetune, t.strategy)
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        summary = {
-            "run_name": cfg.run_name, "adapter_dir": str(adapter_dir), "steps": trainer.global_step, **best,
-            "final_train_loss": metrics.get(TRAIN_LOSS), "final_val_loss": metrics.get(VAL_LOSS),
-            "trainable_params": trainable, "total_params": total,
-            "train_examples": len(datamodule.train_set), "distinct_train_examples": datamodule.train_set.num_distinct,
-            "truncated_train_examples": datamodule.train_set.num_truncated,
-            "val_examples": len(datamodule.val_set), "wall_time_s": round(time.time() - started, 1),
-            "batching": cfg.data.batching.value, **callbacks.throughput.summary(),
-            "step_path": step_plan.path, "step_path_reason": step_plan.reason,
-            "compile": cfg.trainer.compile.value, **compile_report(cfg.trainer, module.train_loss),
-            **callbacks.profile.summary(),
-            "train_prompt": cfg.task.prompt(cfg.task.train, cfg.data.train_prompt),
-            "eval_prompt": cfg.task.prompt(cfg.task.test, cfg.eval.prompt),  # the raw context unless eval.prompt
-            "device": str(where.device), "precision": where.precision,
-            "gpu_peak_gib": round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
-            if where.device.type == "cuda" else None,
-            "objective": metrics.get(cfg.sweep.metric), "objective_metric": cfg.sweep.metric,  # what a sweeper gets
-            "resumes": record["resumes"],  # each resume that changed settings or training files: step, old → new
-        }
-        if ckpt_path and "train/loss" not in metrics:  # resumed after its last step: this attempt trained nothing
-            summary = keep_earlier_training(summary, run_dir / "metrics.json")
-        if trainer.is_global_zero:
-            write_json(run_dir / "metrics.json", summary)  # on disk before the (long) test stage starts
-            write_cards(adapter_dir, cfg, base, summary)
-            test_metrics = {}
-            if cfg.eval.enabled and task_data.test and t.strategy == "fsdp":
-                log.warning("no test stage under FSDP (the model is sharded over the GPUs, generation runs on one): "
-                            "score the adapter with `python eval.py adapter_path=%s`", adapter_dir)
-            elif cfg.eval.enabled and task_data.test:
-                try:
-                    with stop_on_signal(f"while scoring the test sets; training finished and {adapter_dir} is "
-                                        f"saved: score it with `python eval.py adapter_path={adapter_dir}`, or rerun "
-                                        "in the same folder"):
-                        test_metrics = evaluate_sets(model, tokenizer, task_data.test, cfg.eval, where.precision,
-                                                     cfg.quant.bits, run_dir / "eval", loggers)
-                except torch.OutOfMemoryError as err:
-                    raise oom_advice(cfg, "eval") from err
-                objective = test_metrics.get(cfg.sweep.metric, summary["objective"])
-                summary.update(test_metrics, objective=objective, wall_time_s=round(time.time() - started, 1),
-                               tested=summary.get("best_adapter_dir", str(adapter_dir)))
-                write_json(run_dir / "metrics.json", summary)
-                write_cards(adapter_dir, cfg, base, summary)
-            if summary["objective"] is None and cfg.sweep.objective:
-                log.warning("sweep.objective=%s was not logged by this run (a search's job would fail)",
-                            cfg.sweep.objective)
-            if not full_finetune:  # W&B copies an artifact's files: an adapter, not a whole model
-                log_adapter(loggers, adapter_dir, f"adapter-{cfg.run_name}", base | {"summary": summary})
-                if "best_adapter_dir" in summary:
-                    log_adapter(loggers, Path(summary["best_adapter_dir"]), f"adapter-best-{cfg.run_name}",
-                                base | {"summary": summary})
-            log_summary(loggers, summary)
-            print_summary(summary, breakdown)
-            if test_metrics:
-                print_metrics(test_metrics)
-        return summary
-    finally:
-        finish(loggers)
+
+def save_outputs(run: Run, model: torch.nn.Module, trainer: L.Trainer, callbacks: RunCallbacks) -> tuple[dict, dict]:
+    """The last weights and the best checkpoint's, each with the base's identity beside it (what eval.py, predict.py
+    and export.py load); returns that identity and the summary's entries for the best adapter."""
+    plan = run.plan
+    gathered = full_state(trainer)  # FSDP: every rank takes part in gathering the shards
+    base = base_identity(resolve_source(run.cfg.model, run.cfg.paths.cache_dir), run.cfg.model) | {
+        "quant": run.config["quant"]}
+    best: dict = {}
+    if trainer.is_global_zero:
+        save_adapter(model, run.tokenizer, plan.adapter_dir, base, plan.full_finetune, plan.ckpt_dir / LAST, gathered)
+        best = export_best(callbacks.best, model, run.tokenizer, plan.adapter_dir, base, plan.full_finetune,
+                           plan.exports_best)
+    return base, best
+
+
+def summarize(run: Run, trainer: L.Trainer, module: FinetuneModule, callbacks: RunCallbacks, best: dict,
+              started: float) -> RunSummary:
+    """The run's summary after training; a run resumed after its last step takes its training's from the attempt
+    that trained (`RunSummary.carry_training`)."""
+    cfg, where, train_set = run.cfg, run.where, run.datamodule.train_set
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = RunSummary(
+        run_name=cfg.run_name, adapter_dir=str(run.plan.adapter_dir), steps=trainer.global_step, best=best,
+        final_train_loss=metrics.get(TRAIN_LOSS), final_val_loss=metrics.get(VAL_LOSS),
+        trainable_params=run.config["params"]["trainable"], total_params=run.config["params"]["total"],
+        train_examples=len(train_set), distinct_train_examples=train_set.num_distinct,
+        truncated_train_examples=train_set.num_truncated, val_examples=len(run.datamodule.val_set),
+        wall_time_s=round(time.time() - started, 1), batching=cfg.data.batching.value,
+        throughput=callbacks.throughput.summary(), step_path=run.plan.step.path,
+        step_path_reason=run.plan.step.reason, compile=cfg.trainer.compile.value,
+        compiled=compile_report(cfg.trainer, module.train_loss), profile=callbacks.profile.summary(),
+        train_prompt=cfg.task.prompt(cfg.task.train, cfg.data.train_prompt),
+        eval_prompt=cfg.task.prompt(cfg.task.test, cfg.eval.prompt),
+        device=str(where.device), precision=where.precision,
+        gpu_peak_gib=round(torch.cuda.max_memory_allocated(where.device) / 2**30, 2)
+        if where.device.type == "cuda" else None,
+        objective=metrics.get(cfg.sweep.metric), objective_metric=cfg.sweep.metric, resumes=run.record["resumes"])
+    if run.ckpt_path and TRAIN_LOSS not in metrics:  # resumed after its last step: this attempt trained nothing
+        summary.carry_training(run.plan.run_dir / "metrics.json")
+    return summary
+
+
+def test_stage(run: Run, model: torch.nn.Module, loggers: list, summary: RunSummary, base: dict,
+               started: float) -> dict:
+    """The task's test sets scored, as the plan says; the summary, metrics.json and the cards updated with the
+    scores. Returns the scores ({} without a test stage)."""
+    adapter_dir, cfg = run.plan.adapter_dir, run.cfg
+    if run.plan.untested_why:
+        log.warning("no test stage %s: score the adapter with `python eval.py adapter_path=%s`",
+                    run.plan.untested_why, adapter_dir)
+    if not run.plan.tests:
+        return {}
+    try:
+        with stop_on_signal(f"while scoring the test sets; training finished and {adapter_dir} is saved: score it "
+                            f"with `python eval.py adapter_path={adapter_dir}`, or rerun in the same folder"):
+            scores = evaluate_sets(model, run.tokenizer, run.task_data.test, cfg.eval, run.where.precision,
+                                   cfg.quant.bits, run.plan.run_dir / "eval", loggers)
+    except torch.OutOfMemoryError as err:
+        raise oom_advice(cfg, "eval") from err
+    summary.add_tests(scores, cfg.sweep.metric, round(time.time() - started, 1),
+                      summary.to_dict().get("best_adapter_dir", str(adapter_dir)))
+    write_json(run.plan.run_dir / "metrics.json", summary.to_dict())
+    write_cards(adapter_dir, cfg, base, summary.to_dict())
+    return scores
+
+
+def publish(run: Run, loggers: list, summary: dict, base: dict, breakdown: list, test_metrics: dict) -> None:
+    """The summary to the loggers (with the adapters as artifacts) and to the terminal."""
+    cfg = run.cfg
+    if summary["objective"] is None and cfg.sweep.objective:
+        log.warning("sweep.objective=%s was not logged by this run (a search's job would fail)", cfg.sweep.objective)
+    if not run.plan.full_finetune:  # W&B copies an artifact's files: an adapter, not a whole model
+        log_adapter(loggers, run.plan.adapter_dir, f"adapter-{cfg.run_name}", base | {"summary": summary})
+        if "best_adapter_dir" in summary:
+            log_adapter(loggers, Path(summary["best_adapter_dir"]), f"adapter-best-{cfg.run_name}",
+                        base | {"summary": summary})
+    log_summary(loggers, summary)
+    print_summary(summary, breakdown)
+    if test_metrics:
+        print_metrics(test_metrics)
 
 
 def save_adapter(model: torch.nn.Module, tokenizer, folder: Path, base: dict, full_finetune: bool, source: Path,
@@ -208,14 +267,14 @@ BEST_FILE = "best_checkpoint.json"  # in adapter_best/: the step and monitored v
 
 
 def export_best(kept: ModelCheckpoint | None, model: torch.nn.Module, tokenizer, adapter_dir: Path, base: dict,
-                full_finetune: bool, strategy: str) -> dict:
+                full_finetune: bool, exports: bool = True) -> dict:
     """The best checkpoint by `checkpoint.monitor` (Lightning's best-*.ckpt), written beside the last weights as
     `<adapter_dir>_best/`, and loaded into `model`, which the test stage then scores; the summary's entries for it
     (none when no checkpoint was kept: `checkpoint.keep_best=0`, or no validation ran). Under FSDP the model is
-    sharded, so the best checkpoint stays a checkpoint (said once)."""
+    sharded (`exports` false: `RunPlan.exports_best`), so the best checkpoint stays a checkpoint (said once)."""
     if kept is None or not kept.best_model_path or not Path(kept.best_model_path).is_file():
         return {}
-    if strategy == "fsdp":
+    if not exports:
         log.warning("FSDP: the best checkpoint %s is not exported as an adapter (the model is sharded)",
                     kept.best_model_path)
         return {}
@@ -237,7 +296,7 @@ def write_cards(adapter_dir: Path, cfg: Config, base: dict, summary: dict) -> No
     if best is None:
         write_card(adapter_dir, cfg, base, summary)
         return
-    untested = {k: v for k, v in summary.items() if not k.startswith("test/")}
+    untested = {k: v for k, v in summary.items() if not k.startswith(TEST_PREFIX)}
     write_card(adapter_dir, cfg, base, untested | {"scored_elsewhere": best})
     write_card(Path(best), cfg, base, summary | {"steps": summary["best_step"], "best_card": True})
 
@@ -261,21 +320,6 @@ def stop_on_signal(what: str) -> Iterator[None]:
             signal.signal(signum, handler)
 
 
-def keep_earlier_training(summary: dict, earlier_file: Path) -> dict:
-    """A run resumed after its last optimizer step (one cut while its test sets were scored) trains nothing, so
-    its losses, throughput and step profile would be empty: they are taken from the attempt that trained, whose
-    metrics.json was written before its test stage. What this attempt measured is kept; test metrics are not
-    carried (this attempt scores anew). `training_from_earlier_attempt` says so."""
-    if not earlier_file.is_file():
-        return summary
-    earlier = json.loads(earlier_file.read_text())
-    if earlier.get("steps") != summary["steps"]:
-        return summary
-    kept = {k: v for k, v in earlier.items() if not k.startswith("test/") and summary.get(k) in (None, 0, [], {})
-            and v not in (None, 0, [], {})}
-    return summary | kept | {"training_from_earlier_attempt": True}
-
-
 def compile_report(t: TrainerConfig, loss: Callable) -> dict:
     """What torch.compile did with the step: by regions or not, graph breaks (each one a return to Python
     mid-step) and, for cudagraphs, whether every graph was captured (inductor skips capture it cannot do
@@ -287,8 +331,7 @@ def compile_report(t: TrainerConfig, loss: Callable) -> dict:
                   "capture_failure": loss.failure}
     if t.compile is Compile.eager:
         return report
-    from torch._dynamo.utils import counters
-
+    counters = dynamo_counters()
     report |= {"compile_regions": t.compile_regions, "graph_breaks": sum(counters["graph_break"].values())}
     if t.compile is Compile.cudagraphs:
         report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
@@ -321,64 +364,7 @@ def oom_advice(cfg: Config, stage: str) -> OutOfMemory:
                 if t.batch_size > 1 else f"data.max_length={cfg.data.max_length // 2}"]
         if not t.gradient_checkpointing:
             tips.append("trainer.gradient_checkpointing=true")
-        if cfg.quant.bits != 4 and cfg.adapter.method.value != "none":
+        if cfg.quant.bits != 4 and cfg.adapter.method is not AdapterMethod.none:
             tips.append("quant=4bit")
     return OutOfMemory(f"out of GPU memory during {stage}; try " + ", or ".join(tips)
                        + ("; then ckpt_path=last continues from the last checkpoint" if stage == "training" else ""))
-
-
-def print_summary(summary: dict, breakdown: list) -> None:
-    console = Console()
-    params = Table(title="trainable parameters per adapted matrix")
-    for col in ("module", "matrices", "d_out × d_in", "LoRA r·(d_in+d_out)", "magnitude d_out", "total"):
-        params.add_column(col, justify="right")
-    for g in breakdown:
-        params.add_row(g.module, str(g.matrices), f"{g.shape[0]} × {g.shape[1]}", f"{g.lora:,}", f"{g.magnitude:,}",
-                       f"{g.total:,}")
-    if breakdown:
-        console.print(params)
-    table = Table(title=f"run {summary['run_name']}", show_header=False)
-    pct = 100 * summary["trainable_params"] / max(summary["total_params"], 1)
-    rows = [("trainable parameters", f"{summary['trainable_params']:,} of {summary['total_params']:,} ({pct:.3f}%)"),
-            ("optimizer steps", str(summary["steps"])),
-            ("final train loss", _fmt(summary["final_train_loss"])),
-            ("final val loss", _fmt(summary["final_val_loss"])),
-            ("train examples (truncated)", f"{summary['train_examples']:,} ({summary['truncated_train_examples']})"),
-            ("wall time", f"{summary['wall_time_s']:.0f} s on {summary['device']} ({summary['precision']})"),
-            ("useful tokens/s (padding)", f"{_fmt(summary['tokens_per_s'], ',.0f')} "
-             f"({_fmt(summary['padding_fraction'], '.1%')} of the tokens, {summary['batching']} batches)"),
-            ("training step", f"{summary['step_path']}: {summary['step_path_reason']}"),
-            *_step_rows(summary),
-            ("adapter (last weights)", summary["adapter_dir"]),
-            *([("best adapter", f"{summary['best_adapter_dir']} (step {summary['best_step']}, {summary['best_monitor']}"
-                f" {summary['best_value']:.4f})")] if "best_adapter_dir" in summary else []),
-            *([("test stage scored", summary["tested"])] if "tested" in summary else [])]
-    for k, v in rows:
-        table.add_row(k, v)
-    console.print(table)
-
-
-def _step_rows(summary: dict) -> list[tuple[str, str]]:
-    """The step's compilation, its host/GPU split and what to do when the host sets the pace."""
-    rows = []
-    captured = {True: ", CUDA graphs captured", False: ", CUDA graphs NOT captured (eager parts remain)"}.get(
-        summary.get("cudagraphs_captured"), "")
-    if summary["compile"] != "eager":
-        form = "by decoder-layer regions" if summary.get("compile_regions") else "whole model"
-        rows.append(("compiled step", f"{summary['compile']} ({form}): {summary['compile_s']:.1f} s compiling "
-                     f"{summary['batch_shapes']} batch shapes, {summary['graph_breaks']} graph breaks{captured}"))
-    elif summary.get("capture"):
-        rows.append(("recorded step", f"{summary['compile_s']:.1f} s recording {summary['batch_shapes']} batch "
-                     f"shapes{captured}" + (f": {summary['capture_failure']}" if summary["capture_failure"] else "")))
-    if "step_ms" in summary:
-        share = summary["step_host_ms"] / summary["step_ms"]
-        verdict = ("bound by the host: try trainer.capture=true data.batching=static, or a larger "
-                   "trainer.batch_size" if summary["host_bound"] else "bound by the GPU")
-        rows.append(("step time (host part)", f"{summary['step_ms']:.1f} ms ({share:.0%}): {verdict}"))
-        rows.append(("host waits for the GPU", f"{summary['host_syncs_per_step']} times a step outside logging steps"
-                     + (f" ({', '.join(summary['sync_sites'])})" if summary["sync_sites"] else "")))
-    return rows
-
-
-def _fmt(x: float | None, spec: str = ".4f") -> str:
-    return "-" if x is None else format(x, spec)

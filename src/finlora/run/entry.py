@@ -26,13 +26,14 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-import finlora.config  # noqa: F401  (registers the schemas that train.yaml and eval.yaml compose into)
 import finlora.run.sweep  # noqa: F401  (registers ${finlora.ray_job:…}, which conf/hydra/launcher/ray.yaml uses)
+from finlora.config.store import register_schemas
 from finlora.errors import FinloraError, FolderInUse, Interrupted, MissingObjective, as_fault
 from finlora.run.job import JobRecord, prepare_job, tag_run
 from finlora.run.lock import LOCK_FILE, RunLock
 
 log = logging.getLogger(__name__)
+register_schemas()  # the schemas that train.yaml, eval.yaml, export.yaml and predict.yaml compose into
 # What Hydra writes into a run folder before the run starts, and the run's lock (`finlora.run.lock`).
 HYDRA_FILES = {".hydra", "train.log", "eval.log", "export.log", "predict.log", LOCK_FILE}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from finlora import metric_names as names
 from finlora.data import read_jsonl
 from finlora.metrics import UNPARSABLE
 from finlora.outputs import write_json
@@ -35,7 +36,8 @@ from finlora.run.paired import (
     tost,
     verdict,
 )
-from finlora.run.report import markdown_table, seed_stats
+from finlora.run.report import markdown_table
+from finlora.run.stats import seed_stats
 
 TEST_SETS = ("fpb", "fiqa", "tfns", "nwgi")
 MEAN = "mean of the four"
@@ -136,7 +138,7 @@ def add_predictions(run: Run, kept: dict, cfg: DictConfig, data_dir: Path) -> No
         if name == "tfns" and saved["rows"] == "all" and files[name] != TFNS_PUBLISHED:
             published = [str(r["target"]).strip().lower() for r in read_jsonl(data_dir / TFNS_PUBLISHED)]
             run.right["tfns_published"] = [a == t for a, t in zip(answers, published, strict=True)]
-            run.metrics["test/tfns_published/accuracy"] = statistics.fmean(run.right["tfns_published"])
+            run.metrics[names.test_score("tfns_published", "accuracy")] = statistics.fmean(run.right["tfns_published"])
 
 
 def keep_predictions(eval_dir: Path, labels: dict[str, list[str]], target: Path) -> None:
@@ -144,11 +146,11 @@ def keep_predictions(eval_dir: Path, labels: dict[str, list[str]], target: Path)
     scored ("all" or their indices) and one character per row, the index of the answer's label or `-` for
     an unparsable answer. The generated texts stay in the job's folder."""
     kept = {}
-    for name, names in labels.items():
+    for name, set_labels in labels.items():
         rows = [json.loads(line) for line in (eval_dir / f"{name}_predictions.jsonl").read_text().splitlines()]
         index = [r["index"] for r in rows]
-        code = {label: str(i) for i, label in enumerate(names)} | {UNPARSABLE: "-"}
-        kept[name] = {"labels": names, "rows": "all" if index == list(range(len(index))) else index,
+        code = {label: str(i) for i, label in enumerate(set_labels)} | {UNPARSABLE: "-"}
+        kept[name] = {"labels": set_labels, "rows": "all" if index == list(range(len(index))) else index,
                       "answers": "".join(code[r["predicted"]] for r in rows)}
     write_json(target, kept)
 
@@ -161,8 +163,8 @@ def values(cell: dict[int, Run], metric: str) -> dict[int, float]:
     """seed → the metric; `mean/<name>`: the mean over the four test sets."""
     if metric.startswith("mean/"):
         name = metric.split("/", 1)[1]
-        return {s: statistics.fmean(r.metrics[f"test/{t}/{name}"] for t in TEST_SETS) for s, r in cell.items()
-                if all(isinstance(r.metrics.get(f"test/{t}/{name}"), int | float) for t in TEST_SETS)}
+        return {s: statistics.fmean(r.metrics[names.test_score(t, name)] for t in TEST_SETS) for s, r in cell.items()
+                if all(isinstance(r.metrics.get(names.test_score(t, name)), int | float) for t in TEST_SETS)}
     return {s: r.metrics[metric] for s, r in cell.items() if isinstance(r.metrics.get(metric), int | float)}
 
 
@@ -242,7 +244,7 @@ def analyse(cells: dict[Setting, dict[int, Run]], sets: list[str]) -> list[Line]
     """Every comparison on each test set's accuracy and the mean, paired by seed; Holm over the secondary ones."""
     lines = []
     for c in comparisons(list(cells)):
-        for metric in [f"test/{t}/accuracy" for t in sets] + ["mean/accuracy"]:
+        for metric in [names.test_score(t, "accuracy") for t in sets] + ["mean/accuracy"]:
             a, b = values(cells[c.a], metric), values(cells[c.b], metric)
             if a.keys() & b.keys():
                 lines.append(Line(c, metric, paired(a, b), rows=row_evidence(cells[c.a], cells[c.b], metric)))
@@ -327,7 +329,7 @@ def comparison_table(lines: list[Line], keep: Callable[[Line], bool]) -> list[st
     for x in filter(keep, lines):
         d, eq = x.diff, x.equivalence
         interval = f"[{pct(d.low, True)}, {pct(d.high, True)}]" if d.low is not None else "(one pair)"
-        body.append([x.comparison.what, x.metric.split("/")[1] if x.metric.startswith("test/") else MEAN,
+        body.append([x.comparison.what, x.metric.split("/")[1] if x.metric.startswith(names.TEST_PREFIX) else MEAN,
                      ",".join(map(str, d.seeds)), pct(d.mean, True) + " " + interval,
                      "-" if d.p is None else f"{d.p:.3g}", "-" if x.p_holm is None else f"{x.p_holm:.3g}",
                      "-" if eq is None else f"[{pct(eq.low, True)}, {pct(eq.high, True)}], p = {eq.p:.3g}",

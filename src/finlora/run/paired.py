@@ -2,7 +2,7 @@
 initialisation in every cell, so a difference is taken seed by seed (a paired t interval), not between two
 means. Also the tests a study report states its claims with: equivalence within a margin fixed in advance
 (two one-sided tests, TOST), Holm's correction of a family of p-values, McNemar's exact test on the rows two
-runs scored, and a bootstrap over seeds and rows. Student's t comes from `finlora.run.report` (closed form,
+runs scored, and a bootstrap over seeds and rows. Student's t comes from `finlora.run.stats` (closed form,
 checked against the tables there), so nothing here needs scipy.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from finlora.run.report import t_cdf, t_quantile
+from finlora.run.stats import t_cdf, t_quantile
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from finlora.compat.hydra import grandparent
 from finlora.run.job import SWEPT_ENV
 
 # conf/hydra/launcher/ray.yaml shares its name with the plugin's schema on purpose: the schema still checks it.
@@ -28,7 +29,7 @@ def ray_job(resource: str, *, _parent_: DictConfig) -> int:
     (`init.address`), which this process cannot see: one GPU and one CPU."""
     import torch
 
-    init = _parent_._get_parent().init
+    init = grandparent(_parent_).init
     if init.get("address"):
         return 1
     gpus = init.get("num_gpus")
