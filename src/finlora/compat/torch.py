@@ -55,3 +55,9 @@ def mkldnn_bf16_supported() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def dynamo_static_input(t: Any) -> bool:
+    """Whether Dynamo was told that `t` stays at one address from call to call (`torch._dynamo.mark_static_address`
+    sets `_dynamo_static_input_type`; transformers marks its static KV cache so)."""
+    return hasattr(t, "_dynamo_static_input_type")

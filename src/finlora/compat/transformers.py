@@ -14,3 +14,10 @@ def attn_implementation(config: Any) -> str | None:
 def set_attn_implementation(config: Any, name: str | None) -> None:
     """Route a loaded model's attention to the implementation registered under `name`, without reloading it."""
     config._attn_implementation = name
+
+
+def checkpointing_function(layer: Any) -> Any:
+    """The function a transformers layer checkpoints its forward through, set by `gradient_checkpointing_enable`
+    (`GradientCheckpointingLayer._gradient_checkpointing_func`). Plain Python: Dynamo inlines it in a compiled
+    region."""
+    return layer._gradient_checkpointing_func
