@@ -18,22 +18,28 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import DATA_DIR, compose_cfg, random_llama, random_static_batch, step_each
+from dora_steps import register_dora_steps
 
 from finlora.callbacks import NonFiniteGuard
 from finlora.capture import CapturedLoss, recorded_backend
+from finlora.compiled import training_loss
 from finlora.config import AdapterMethod, Compile, DecodeCompile, NonFinitePolicy, validate
 from finlora.data import read_jsonl
 from finlora.dora import forget_norms
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.evaluate import generate
 from finlora.loss import answer_loss
-from finlora.module import training_loss
 from finlora.train import train
 from finlora.update import RecordedAdamW, measure_gradients
 
 CPU_RUN = ["quant=none", "adapter=lora", "task=fpb", "trainer=cpu", "trainer.max_steps=2", "logger=csv",
            "eval.enabled=false", "data.val_size=8"]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _dora_steps(monkeypatch):
+    register_dora_steps(monkeypatch)
 
 
 def test_capture_refused_on_the_cpu_before_the_model_loads(tmp_path):
