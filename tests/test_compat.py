@@ -245,3 +245,9 @@ def test_checkpointing_function_is_the_layers_checkpoint():
     y = checkpoint(lambda t: t * 2, x)
     assert torch.equal(y, x * 2) and y.requires_grad, \
         "compat.transformers.checkpointing_function: the layer's checkpoint function does not run what it is given"
+
+
+def test_no_split_modules_names_the_decoder_layer():
+    assert compat_transformers.no_split_modules(_llama()) == {"LlamaDecoderLayer"}, \
+        "compat.transformers.no_split_modules: a Llama model no longer names LlamaDecoderLayer as kept whole"
+    assert compat_transformers.no_split_modules(nn.Linear(1, 1)) == set()

@@ -16,7 +16,7 @@ from torch import nn
 
 from finlora import adapter_steps
 from finlora.compat.torch import dynamo_counters, mark_dynamic, skip_side_effects_in_checkpoint_recompute
-from finlora.compat.transformers import checkpointing_function
+from finlora.compat.transformers import checkpointing_function, no_split_modules
 from finlora.config import Compile
 from finlora.loss import answer_loss
 
@@ -61,7 +61,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The model's repeated blocks: the outermost modules of the classes its transformers model keeps whole on one
     device (`_no_split_modules`, e.g. LlamaDecoderLayer), whatever the architecture calls them."""
     causal = model.get_base_model() if isinstance(model, PeftModel) else model
-    kept = set(getattr(causal, "_no_split_modules", None) or ())
+    kept = no_split_modules(causal)
     found: list[tuple[str, nn.Module]] = []
     for name, module in causal.named_modules():
         if type(module).__name__ in kept and not any(name.startswith(f"{outer}.") for outer, _ in found):

@@ -21,3 +21,9 @@ def checkpointing_function(layer: Any) -> Any:
     (`GradientCheckpointingLayer._gradient_checkpointing_func`). Plain Python: Dynamo inlines it in a compiled
     region."""
     return layer._gradient_checkpointing_func
+
+
+def no_split_modules(model: Any) -> set[str]:
+    """The class names of the blocks a transformers model keeps whole on one device (`_no_split_modules`, e.g.
+    LlamaDecoderLayer): its repeated decoder layers."""
+    return set(getattr(model, "_no_split_modules", None) or ())
