@@ -184,10 +184,10 @@ class ResilientWandbLogger(WandbLogger):
 
 def logs_now(trainer: Any) -> bool:
     """Whether what a training batch logs reaches anyone: Lightning writes the values every `log_every_n_steps`
-    optimizer steps (`should_update_logs`, true for each micro-batch of such a step), and the run's summary
-    reads the last batch's. Logged at any other batch, a value is overwritten unseen after Lightning has spent
-    about a millisecond of host time on it, which a step replayed from CUDA graphs cannot spare five times.
-    Outside a Lightning fit (a hook called by itself), always."""
+    optimizer steps (`compat.lightning.logs_this_step`, true for each micro-batch of such a step), and the run's
+    summary reads the last batch's. Logged at any other batch, a value is overwritten unseen after Lightning has
+    spent host time on it, which a host-bound step cannot spare. Outside a Lightning fit (a hook called by itself),
+    always."""
     logs = logs_this_step(trainer)
     if logs is None:
         return True
