@@ -21,6 +21,7 @@ from conftest import DATA_DIR, compose_cfg, random_llama, random_static_batch, s
 
 from finlora.callbacks import NonFiniteGuard
 from finlora.capture import CapturedLoss, recorded_backend
+from finlora.compiled import training_loss
 from finlora.config import AdapterMethod, Compile, DecodeCompile, NonFinitePolicy, validate
 from finlora.data import read_jsonl
 from finlora.dora import forget_norms
@@ -28,7 +29,6 @@ from finlora.dora.state import state_of
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.evaluate import generate
 from finlora.loss import answer_loss
-from finlora.module import training_loss
 from finlora.train import train
 from finlora.update import RecordedAdamW, measure_gradients
 

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from finlora.compat.lightning import logs_this_step, set_wandb_mode, set_wandb_run, steps_taken
 from finlora.config import LoggerConfig
 from finlora.outputs import write_text
 
@@ -135,7 +136,7 @@ class ResilientWandbLogger(WandbLogger):
             except Exception as err:
                 log.warning("W&B could not start (%s: %s); continuing with W&B %s, metrics in csv/metrics.csv",
                             type(err).__name__, err, fallback)
-                self._wandb_init["mode"] = fallback
+                set_wandb_mode(self, fallback)
                 os.environ["WANDB_MODE"] = fallback
         return super().experiment  # W&B's disabled mode is a no-op run that cannot fail
 
@@ -144,7 +145,7 @@ class ResilientWandbLogger(WandbLogger):
 
         log.warning("W&B failed mid-run (%s: %s); training goes on, metrics stay in csv/metrics.csv",
                     type(err).__name__, err)
-        self._experiment = wandb.init(mode="disabled")
+        set_wandb_run(self, wandb.init(mode="disabled"))
 
     def log_metrics(self, *args: Any, **kwargs: Any) -> None:
         try:
@@ -183,14 +184,14 @@ class ResilientWandbLogger(WandbLogger):
 
 def logs_now(trainer: Any) -> bool:
     """Whether what a training batch logs reaches anyone: Lightning writes the values every `log_every_n_steps`
-    optimizer steps (`should_update_logs`, true for each micro-batch of such a step), and the run's summary
-    reads the last batch's. Logged at any other batch, a value is overwritten unseen after Lightning has spent
-    about a millisecond of host time on it, which a step replayed from CUDA graphs cannot spare five times.
-    Outside a Lightning fit (a hook called by itself), always."""
-    connector = getattr(trainer, "_logger_connector", None)
-    if connector is None:
+    optimizer steps (`compat.lightning.logs_this_step`, true for each micro-batch of such a step), and the run's
+    summary reads the last batch's. Logged at any other batch, a value is overwritten unseen after Lightning has
+    spent host time on it, which a host-bound step cannot spare. Outside a Lightning fit (a hook called by itself),
+    always."""
+    logs = logs_this_step(trainer)
+    if logs is None:
         return True
-    return connector.should_update_logs or ends_fit(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped + 1)
+    return logs or ends_fit(trainer, steps_taken(trainer) + 1)
 
 
 def ends_fit(trainer: Any, steps: int) -> bool:
@@ -212,9 +213,8 @@ class LastStepLogs(Callback):
         self._every: int | None = None
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        connector = trainer._logger_connector
-        if (self._every is None and trainer.log_every_n_steps and not connector.should_update_logs
-                and ends_fit(trainer, trainer.fit_loop.epoch_loop._batches_that_stepped + 1)):
+        if (self._every is None and trainer.log_every_n_steps and not logs_this_step(trainer)
+                and ends_fit(trainer, steps_taken(trainer) + 1)):
             self._every, trainer.log_every_n_steps = trainer.log_every_n_steps, 1
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:

@@ -34,3 +34,13 @@ def drop_kept_loader(trainer: Any) -> None:
 def set_last_lr(scheduler: Any, lrs: list[float]) -> None:
     """What `scheduler.get_last_lr()` returns (`_last_lr`), after finlora set the groups' rates itself."""
     scheduler._last_lr = lrs
+
+
+def set_wandb_mode(logger: Any, mode: str) -> None:
+    """The `mode` a WandbLogger passes to `wandb.init` when it starts its run (`WandbLogger._wandb_init`)."""
+    logger._wandb_init["mode"] = mode
+
+
+def set_wandb_run(logger: Any, run: Any) -> None:
+    """Replace the run a WandbLogger writes to (`WandbLogger._experiment`), e.g. by W&B's no-op run."""
+    logger._experiment = run

@@ -79,3 +79,9 @@ class SkippingDataLoader(torch.utils.data.DataLoader):  # torch imports torch.ut
 
         sampler = super()._index_sampler
         return itertools.islice(sampler, self.skipped_batches, None) if self.skipped_batches else sampler
+
+
+def dynamo_static_input(t: Any) -> bool:
+    """Whether Dynamo was told that `t` stays at one address from call to call (`torch._dynamo.mark_static_address`
+    sets `_dynamo_static_input_type`; transformers marks its static KV cache so)."""
+    return hasattr(t, "_dynamo_static_input_type")

@@ -26,3 +26,16 @@ def compiles_decode_step(model: Any, model_kwargs: dict, generation_config: Any)
     """Whether `generate` would compile `model`'s decode step for these inputs (`_valid_auto_compile_criteria`:
     a static cache, a compile config, and no quantizer that forbids it)."""
     return model._valid_auto_compile_criteria(model_kwargs, generation_config)
+
+
+def checkpointing_function(layer: Any) -> Any:
+    """The function a transformers layer checkpoints its forward through, set by `gradient_checkpointing_enable`
+    (`GradientCheckpointingLayer._gradient_checkpointing_func`). Plain Python: Dynamo inlines it in a compiled
+    region."""
+    return layer._gradient_checkpointing_func
+
+
+def no_split_modules(model: Any) -> set[str]:
+    """The class names of the blocks a transformers model keeps whole on one device (`_no_split_modules`, e.g.
+    LlamaDecoderLayer): its repeated decoder layers."""
+    return set(getattr(model, "_no_split_modules", None) or ())
