@@ -1,10 +1,13 @@
-"""The code's shape: no import cycles inside the package, and every default written once (in the schema)."""
+"""The code's shape: no import cycles inside the package, every default written once (in the schema), modules and
+functions of a readable size, adapters reached through one protocol, private third-party APIs in one folder."""
 
 from __future__ import annotations
 
 import ast
 import copy
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -143,3 +146,70 @@ def test_the_check_sees_a_repeated_default(tmp_path):
     found = _repeats(OmegaConf.structured(SCHEMA["adapter"]), tmp_path / "repeat.yaml")
     assert found == ["repeat.yaml: r: 8", "repeat.yaml: impl: finlora",
                      "repeat.yaml: target_modules: ['q_proj', 'k_proj', 'v_proj']"]
+
+
+# The code's size and reach (issue 35): what a newcomer can read, and what a new release of a dependency can break.
+MAX_LINES = 400
+GENERIC_STEP_CODE = ("finlora.capture", "finlora.module", "finlora.evaluate")
+# Names with a leading underscore that are public all the same: os._exit (documented), Hydra's config keys.
+PUBLIC_UNDERSCORED = {"_exit", "_target_", "_convert_", "_recursive_", "_partial_", "_args_"}
+
+
+def _package_files(outside_compat: bool = False) -> dict[str, Path]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {n: p for n, p in files.items() if not (outside_compat and n.startswith("finlora.compat"))}
+
+
+def test_no_module_over_400_lines():
+    long = {name: n for name, path in _package_files().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_no_function_over_cyclomatic_complexity_15():
+    """Measured by ruff's mccabe rule (C901), the same check `make lint` runs (pyproject.toml sets the limit)."""
+    ruff = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "C901", "--output-format", "concise",
+                           "--config", "lint.mccabe.max-complexity=15", str(PACKAGE)], capture_output=True, text=True)
+    assert ruff.returncode == 0, ruff.stdout + ruff.stderr
+
+
+def test_the_generic_step_code_imports_no_adapter():
+    files = _package_files()
+    for name in GENERIC_STEP_CODE:
+        for module, path in files.items():
+            if module == name or module.startswith(name + "."):
+                adapters = {m for m in _imports(path, set(files)) if m.startswith("finlora.dora")}
+                assert not adapters, f"{module} imports {adapters}: it reaches adapters through finlora.adapter_steps"
+
+
+def _private_uses(path: Path) -> list[str]:
+    """Where `path` names a private API: `x._name` on anything but self/cls, a `__class__` assignment, or an import
+    of a module or name with a leading underscore from outside finlora."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr not in PUBLIC_UNDERSCORED:
+            dunder = node.attr.startswith("__") and node.attr.endswith("__")
+            own = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            swap = node.attr == "__class__" and isinstance(node.ctx, ast.Store)
+            if (not dunder and not own) or swap:
+                found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and not node.module.startswith("finlora"):
+            names = [*node.module.split("."), *(a.name for a in node.names)]
+            if any(n.startswith("_") and not n.startswith("__") for n in names):
+                found.append(f"{path.name}:{node.lineno}: from {node.module} import ...")
+        elif isinstance(node, ast.Import):
+            found += [f"{path.name}:{node.lineno}: import {a.name}" for a in node.names
+                      if any(part.startswith("_") for part in a.name.split("."))]
+    return found
+
+
+def test_private_use_finder_finds_them():
+    sample = PACKAGE.parent.parent / "tests" / "fixtures" / "private_uses.py"
+    found = _private_uses(sample)
+    expected = [".__class__", "._dynamo", "from torch._dynamo.utils import ...", "import torch._dynamo"]
+    assert sorted(f.split(": ", 1)[1] for f in found) == expected, found
+
+
+def test_no_private_third_party_api_outside_compat():
+    uses = [use for path in _package_files(outside_compat=True).values() for use in _private_uses(path)]
+    assert not uses, "private APIs named outside finlora/compat: " + "; ".join(uses)

@@ -86,3 +86,9 @@ def linear4bit_input(base: nn.Module, x: Tensor) -> Tensor:
         base.set_compute_type(x)
         base.compute_type_is_set = True
     return x if base.compute_dtype is None else x.to(base.compute_dtype)
+
+
+def swap_class(layer: nn.Module, cls: type[Any]) -> None:
+    """Give a bitsandbytes layer a subclass of its own type (`layer.__class__`) with another forward: transformers
+    builds the quantized layers itself, so the instance it made changes class, its stored weights untouched."""
+    layer.__class__ = cls

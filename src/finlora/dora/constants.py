@@ -7,9 +7,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+import finlora.dora.kernels as kernels
 from finlora.compat.bitsandbytes import is_unpacked_4bit_weight
 from finlora.compat.torch import foreach_copy
-from finlora.dora import kernels
 from finlora.dora.bases import a_times_w0t, a_w0t_4bit, is_plain, plain_weight, row_sqnorm
 from finlora.dora.ops import Consts
 from finlora.dora.reference import gram_row_norm

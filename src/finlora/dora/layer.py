@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import finlora.dora.state as dora_state
 from finlora.compat import peft as compat_peft
 from finlora.compat.bitsandbytes import bnb
-from finlora.dora import state as dora_state
 from finlora.dora.bases import a_times_w0t, dequantizes_in_forward
 from finlora.dora.constants import branch_weights, frozen_sqnorm, layer_consts, refresh_batch, refresh_grams
 from finlora.dora.ops import Consts, DoraTail, base_and_cross, dora_tail_op

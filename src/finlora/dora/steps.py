@@ -11,9 +11,9 @@ from contextlib import AbstractContextManager, contextmanager
 import torch
 from torch import nn
 
+import finlora.dora.state as dora_state
 from finlora import adapter_steps
 from finlora.compat import peft as compat_peft
-from finlora.dora import state as dora_state
 from finlora.dora.bases import supported
 from finlora.dora.constants import frozen_sqnorm
 from finlora.dora.layer import QUANTIZED_DORA, FastDoraLinearVariant, refresh

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from finlora.compat.bitsandbytes import int8_rows as compat_int8_rows
+from finlora.compat.bitsandbytes import swap_class
 
 try:
     import triton
@@ -134,5 +135,5 @@ def use_weight_only_int8(model: nn.Module) -> int:
     """Switch every bitsandbytes 8-bit layer of `model` to weight-only compute, in place; the number switched."""
     layers = [m for m in model.modules() if type(m) is bnb.nn.Linear8bitLt]
     for layer in layers:
-        layer.__class__ = WeightOnlyLinear8bit
+        swap_class(layer, WeightOnlyLinear8bit)
     return len(layers)
