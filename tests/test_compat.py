@@ -251,3 +251,17 @@ def test_no_split_modules_names_the_decoder_layer():
     assert compat_transformers.no_split_modules(_llama()) == {"LlamaDecoderLayer"}, \
         "compat.transformers.no_split_modules: a Llama model no longer names LlamaDecoderLayer as kept whole"
     assert compat_transformers.no_split_modules(nn.Linear(1, 1)) == set()
+
+
+def test_input_grads_enabled_follows_enable_and_disable_input_require_grads():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finlora.compat.transformers import input_grads_enabled
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    assert not input_grads_enabled(model), "compat.transformers.input_grads_enabled: on before enabling"
+    model.enable_input_require_grads()
+    assert input_grads_enabled(model), "compat.transformers.input_grads_enabled: transformers keeps its hook elsewhere"
+    model.disable_input_require_grads()
+    assert not input_grads_enabled(model), "compat.transformers.input_grads_enabled: still on after disabling"

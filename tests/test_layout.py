@@ -182,8 +182,9 @@ def test_the_generic_step_code_imports_no_adapter():
 
 
 def _private_uses(path: Path) -> list[str]:
-    """Where `path` names a private API: `x._name` on anything but self/cls, a `__class__` assignment, or an import
-    of a module or name with a leading underscore from outside finlora."""
+    """Where `path` names a private API: `x._name` (or getattr/hasattr/setattr of "_name") on anything but
+    self/cls, a `__class__` assignment, or an import of a module or name with a leading underscore from outside
+    finlora."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Attribute) and node.attr.startswith("_") and node.attr not in PUBLIC_UNDERSCORED:
@@ -192,6 +193,11 @@ def _private_uses(path: Path) -> list[str]:
             swap = node.attr == "__class__" and isinstance(node.ctx, ast.Store)
             if (not dunder and not own) or swap:
                 found.append(f"{path.name}:{node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr") and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant) and str(node.args[1].value).startswith("_") \
+                and not str(node.args[1].value).startswith("__"):
+            found.append(f"{path.name}:{node.lineno}: {node.func.id}(…, {node.args[1].value!r})")
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
                 and not node.module.startswith("finlora"):
             names = [*node.module.split("."), *(a.name for a in node.names)]
@@ -206,7 +212,8 @@ def _private_uses(path: Path) -> list[str]:
 def test_private_use_finder_finds_them():
     sample = PACKAGE.parent.parent / "tests" / "fixtures" / "private_uses.py"
     found = _private_uses(sample)
-    expected = [".__class__", "._dynamo", "from torch._dynamo.utils import ...", "import torch._dynamo"]
+    expected = [".__class__", "._dynamo", "from torch._dynamo.utils import ...", "getattr(…, '_hook')",
+                "import torch._dynamo"]
     assert sorted(f.split(": ", 1)[1] for f in found) == expected, found
 
 

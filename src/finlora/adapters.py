@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from finlora.compat.transformers import input_grads_enabled
 from finlora.config import AdapterConfig, AdapterMethod, DoraImpl
 from finlora.errors import ConfigError
 
@@ -46,16 +47,15 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
         choose_dora(wrapped, cfg.impl)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(model, "_require_grads_hook", None) is not None:
+        if input_grads_enabled(model):
             model.disable_input_require_grads()
     return wrapped
 
 
 def freeze_quantized(model: PreTrainedModel) -> None:
-    """Freeze the base and put its norms (and any bias) in float32 for stable statistics. peft's
-    `prepare_model_for_kbit_training` also upcasts the frozen embedding and LM head to float32: on Llama-3.1-8B
-    that is 4 GiB more for its two 128,256-row matrices (and the peak of QLoRA's step, 5.1 GiB at 2 layers, was
-    this copy), for matmuls autocast runs in bf16 anyway."""
+    """Freeze the base and put its norms (and any bias) in float32 for stable statistics. Unlike peft's
+    `prepare_model_for_kbit_training`, the frozen embedding and LM head stay in their dtype: upcast, they would double
+    in memory (the largest part of a quantized model's peak, docs/benchmarks.md) for matmuls autocast runs in bf16."""
     for param in model.parameters():
         param.requires_grad_(False)
         if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":

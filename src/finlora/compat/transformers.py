@@ -39,3 +39,9 @@ def no_split_modules(model: Any) -> set[str]:
     """The class names of the blocks a transformers model keeps whole on one device (`_no_split_modules`, e.g.
     LlamaDecoderLayer): its repeated decoder layers."""
     return set(getattr(model, "_no_split_modules", None) or ())
+
+
+def input_grads_enabled(model: Any) -> bool:
+    """Whether `enable_input_require_grads` left its hook on the input embeddings (`_require_grads_hook`), which
+    `disable_input_require_grads` removes."""
+    return getattr(model, "_require_grads_hook", None) is not None
