@@ -16,12 +16,13 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-import finlora.config  # noqa: F401  (registers the config schemas with Hydra, as train.py's import does)
 from finlora.adapter_steps import after_optimizer_step
 from finlora.adapters import attach_adapter
 from finlora.batching import pack_static, static_widths, with_stats
-from finlora.config import AdapterConfig, AdapterMethod
+from finlora.config import AdapterConfig, AdapterMethod, register_schemas
 from finlora.prompts import Encoded
+
+register_schemas()  # the config schemas with Hydra, as the run entry registers them
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("FINLORA_DATA_DIR", ROOT.parent / "shared" / "data" / "finlora"))

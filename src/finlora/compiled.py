@@ -32,7 +32,7 @@ def training_loss(model: nn.Module, mode: Compile, regions: bool = False, backen
     the loss) eager: Dynamo traces one layer, not all of them. `backend`: torch.compile's (tests use aot_eager)."""
     if mode is Compile.eager:
         return lambda batch: answer_loss(model, batch)
-    dynamo_counters().clear()  # what `train.compile_report` reads: this run's graph breaks and skipped captures only
+    dynamo_counters().clear()  # what `StepRunner.report` reads: this run's graph breaks and skipped captures only
     refreshed = adapter_steps.compiled_step(model, in_place=mode is Compile.cudagraphs)
     options = {"backend": backend, "mode": "reduce-overhead" if mode is Compile.cudagraphs else None}
     layers = decoder_layers(model) if regions else []

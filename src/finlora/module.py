@@ -49,7 +49,7 @@ class FinetuneModule(L.LightningModule):
         self.magnitude_lr_scale = magnitude_lr_scale
         self.strict_loading = False  # checkpoints carry only the trainable parameters
         self.runner = step if step is not None else StepRunner(model, cfg)
-        self.train_loss = self.runner.loss  # the step's loss, as the runner made it (`train.compile_report` reads it)
+        self.train_loss = self.runner.loss  # the step's loss, as the runner made it
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return answer_loss(self.model, batch)
