@@ -389,8 +389,8 @@ def main() -> None:
     work = tempfile.TemporaryDirectory()
     args.model_dir = Path(work.name)
     save_model(args)
-    kernels = kernel_check(args) if args.device == "cuda" and dora.triton is not None else []
-    for line in kernels:
+    kernel_lines = kernel_check(args) if args.device == "cuda" and kernels.triton is not None else []
+    for line in kernel_lines:
         print(line, flush=True)
     checks = []
     for bits in args.bits:
@@ -417,7 +417,7 @@ def main() -> None:
                 f"cpu {r.cpu_ms:6.1f} {r.tokens_per_s:10,.0f} tok/s {r.peak_gib:6.2f} GiB",
                 flush=True,
             )
-    section = markdown(results, checks, kernels, args)
+    section = markdown(results, checks, kernel_lines, args)
     print(section)
     replace_section(args.out, section)
     if args.json:
