@@ -265,3 +265,16 @@ def test_input_grads_enabled_follows_enable_and_disable_input_require_grads():
     assert input_grads_enabled(model), "compat.transformers.input_grads_enabled: transformers keeps its hook elsewhere"
     model.disable_input_require_grads()
     assert not input_grads_enabled(model), "compat.transformers.input_grads_enabled: still on after disabling"
+
+
+def test_grandparent_is_the_node_above_a_resolvers_parent():
+    from omegaconf import OmegaConf
+
+    from finlora.compat.hydra import grandparent
+
+    seen = []
+    OmegaConf.register_new_resolver("finlora_test_grandparent", lambda *, _parent_: seen.append(grandparent(_parent_))
+                                    or 1, replace=True)
+    cfg = OmegaConf.create({"init": {"num_gpus": 2}, "job": {"gpus": "${finlora_test_grandparent:}"}})
+    assert cfg.job.gpus == 1
+    assert seen and seen[0].init.num_gpus == 2, "compat.hydra.grandparent: OmegaConf's _get_parent changed"
