@@ -43,6 +43,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.smoke:
         bench.MODES.update({mode: bench.MODES["eager"] for mode in bench.MODES})
     for name, overrides in RUNS.items():
+        if args.runs and name not in args.runs:
+            continue
         extra = [o for o in overrides if not (args.smoke and o.startswith(("trainer.capture", "trainer.compile")))]
         if args.smoke:
             extra = [*extra, "trainer.max_steps=3"]
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-before-after-"))
     parser.add_argument("--json", default=str(ROOT / "docs/before_after.json"))
     parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
+    parser.add_argument("--runs", nargs="*", choices=list(RUNS), help="some of the runs (default: all)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -95,12 +98,14 @@ def main() -> None:
         out = Path(args.work) / f"{label}.json"
         env = os.environ | {"PYTHONPATH": str(tree / "src")}
         subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(tree), "--model", str(model),
-                        "--data", args.data, "--work", args.work, "--json", str(out), *(["--smoke"] * args.smoke)],
+                        "--data", args.data, "--work", args.work, "--json", str(out), *(["--smoke"] * args.smoke),
+                        *(["--runs", *args.runs] if args.runs else [])],
                        env=env, check=False, cwd=tree)
         rows[label] = json.loads(out.read_text())["rows"] if out.is_file() else []
     named = {label: {r["name"]: r for r in found} for label, found in rows.items()}
-    before = [named["before"].get(n, {"name": n, "error": "no row"}) for n in RUNS]
-    after = [named["after"].get(n, {"name": n, "error": "no row"}) for n in RUNS]
+    names = args.runs or list(RUNS)
+    before = [named["before"].get(n, {"name": n, "error": "no row"}) for n in names]
+    after = [named["after"].get(n, {"name": n, "error": "no row"}) for n in names]
     device = bench.describe_device()
     write_json(Path(args.json), {"device": device, "trees": [args.before_name, args.after_name], "before": before,
                                  "after": after})
