@@ -10,6 +10,7 @@
 #                 travel): gpu_gate.py saves a random-init model of this config on the device, once.
 #   .gpu/data/    FinLoRA's FPB and FiQA train and test files (the gate trains on FPB; the GPU tests read both).
 #   .gpu/commit.txt  the commit (and "dirty") the bundle was made at, for a copy without .git.
+#   .gpu/before/  with BEFORE=REV: that commit's src, scripts, conf and train.py, for bench_before_after.py.
 # On the device:  pip install --no-deps .gpu/wheels/*.whl && python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data
 #
 #   bash scripts/gpu_bundle.sh          # build; split into .gpu/part1 and .gpu/part2 if the whole is over LIMIT_MIB
@@ -81,6 +82,12 @@ for f in train/fpb_train.jsonl test/fpb_test.jsonl train/fiqa_train.jsonl test/f
          train/tfns_train.jsonl test/tfns_test_fixed.jsonl test/nwgi_test.jsonl; do
   cp "$DATA/$f" "$OUT/data/$f"
 done
+# BEFORE=REV: that commit's tree in .gpu/before, what scripts/gpu_session.sh times this tree against
+if [ -n "${BEFORE:-}" ]; then
+  mkdir -p "$OUT/before"
+  git archive "$BEFORE" src scripts conf train.py | tar -x -C "$OUT/before"
+  git rev-parse --short "$BEFORE" > "$OUT/before/commit.txt"
+fi
 echo "$(git rev-parse HEAD 2>/dev/null || echo unknown)$( [ -z "$(git status --porcelain 2>/dev/null)" ] || echo ' dirty')" \
   > "$OUT/commit.txt"
 
