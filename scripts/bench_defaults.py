@@ -153,14 +153,13 @@ def long_rows(args: argparse.Namespace, rows: int = 60) -> Path:
     answer. Sentiment examples are about 50 tokens, so a batch of them fills a row only as a bucket of the
     static widths, never exactly 2,048 tokens."""
     fpb = [json.loads(line) for line in (Path(args.data) / "train/fpb_train.jsonl").open()]
-    sentences = [r["context"].split("Input: ", 1)[1].split("\nAnswer", 1)[0] for r in fpb]
     path = Path(args.work) / "long_rows.jsonl"
     with path.open("w") as f:
         for i in range(rows):
-            picked = fpb[i * 97 % len(fpb)]
-            context = " ".join(sentences[(i * 131 + j) % len(sentences)] for j in range(120))
+            picked = [fpb[(i * 131 + j) % len(fpb)] for j in range(120)]
+            context = " ".join(r["context"].split("Input: ", 1)[1].split("\nAnswer", 1)[0] for r in picked)
             f.write(json.dumps({"question": f"What is the sentiment of the last sentence? {context}",
-                                "answer": picked["target"]}) + "\n")
+                                "answer": picked[-1]["target"]}) + "\n")
     return path
 
 

@@ -75,8 +75,9 @@ def report(trace: list[dict], allocated_now: int, peak_stat: int, groups: int = 
              f"{site(trace[at], 6) if at >= 0 else '-'}", ""]
     grouped: dict[str, list] = collections.defaultdict(lambda: [0, collections.Counter()])
     for event in live.values():
-        grouped[site(event)][0] += event["size"]
-        grouped[site(event)][1][event["size"]] += 1
+        group = grouped[site(event)]
+        group[0] += event["size"]
+        group[1][event["size"]] += 1
     for where, (size, sizes) in sorted(grouped.items(), key=lambda kv: -kv[1][0])[:groups]:
         common = ", ".join(f"{n} x {s / MIB:.1f} MiB" for s, n in sizes.most_common(3))
         lines.append(f"{size / MIB:9.1f} MiB  {sum(sizes.values()):5d} blocks ({common})  {where}")

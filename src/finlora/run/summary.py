@@ -89,14 +89,12 @@ class RunSummary:
         kept = {k: v for k, v in earlier.items() if not k.startswith(names.TEST_PREFIX) and now.get(k) in EMPTY
                 and v not in EMPTY}
         plain = {f.name for f in fields(self)} - {*self.SPREAD, "tested"}  # `tested` is absent until set
-        for key, value in (kept | {"training_from_earlier_attempt": True}).items():
-            group = next((getattr(self, g) for g in self.SPREAD if key in getattr(self, g)), None)
+        for key, value in kept.items():
             if key in plain:
                 setattr(self, key, value)
-            elif group is not None:
-                group[key] = value
-            else:
+            else:  # spread after the groups it came from, so it takes their key's place in `to_dict`
                 self.carried[key] = value
+        self.carried["training_from_earlier_attempt"] = True
 
 
 def print_summary(summary: dict, breakdown: list) -> None:
