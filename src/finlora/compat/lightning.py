@@ -1,5 +1,6 @@
-"""Lightning internals: the fit loop's optimizer-step count, the logger connector's logging decision, and the
-WandbLogger's run and start mode. Checked on lightning 2.6.6."""
+"""Lightning internals: the fit loop's optimizer-step count, its accumulation test and its kept loader, the logger
+connector's logging decision; torch LR schedulers' last learning rates. Checked on lightning 2.6.6 and torch 2.11 and
+2.13."""
 
 from __future__ import annotations
 
@@ -12,11 +13,27 @@ def steps_taken(trainer: Any) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
+def accumulating(trainer: Any) -> bool:
+    """Whether the current micro-batch is not the last of its optimizer step (`epoch_loop._should_accumulate`)."""
+    return trainer.fit_loop.epoch_loop._should_accumulate()
+
+
 def logs_this_step(trainer: Any) -> bool | None:
     """Whether Lightning writes this batch's logged values (`_logger_connector.should_update_logs`); None outside a
     Lightning fit (a trainer without a logger connector)."""
     connector = getattr(trainer, "_logger_connector", None)
     return None if connector is None else connector.should_update_logs
+
+
+def drop_kept_loader(trainer: Any) -> None:
+    """Forget the loader the fit loop set up (`fit_loop._combined_loader`), so that it builds one again, after the
+    restore of a checkpoint (the position in the epoch included)."""
+    trainer.fit_loop._combined_loader = None
+
+
+def set_last_lr(scheduler: Any, lrs: list[float]) -> None:
+    """What `scheduler.get_last_lr()` returns (`_last_lr`), after finlora set the groups' rates itself."""
+    scheduler._last_lr = lrs
 
 
 def set_wandb_mode(logger: Any, mode: str) -> None:

@@ -1,10 +1,14 @@
-"""torch internals: Dynamo's event counters, and the DataLoader's index sampler. Checked on torch 2.11 and 2.13."""
+"""torch internals: Dynamo's counters, configuration, dynamic marks and exceptions; foreach copies; version counters;
+oneDNN's bf16 probe. Checked on torch 2.11 and 2.13."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+from torch import Tensor
 
 
 def dynamo_counters() -> Any:
@@ -13,6 +17,44 @@ def dynamo_counters() -> Any:
     from torch._dynamo.utils import counters
 
     return counters
+
+
+def mark_dynamic(t: Tensor, dim: int) -> None:
+    """Compile `t`'s dimension `dim` as a symbolic size if it varies (`torch._dynamo.maybe_mark_dynamic`)."""
+    torch._dynamo.maybe_mark_dynamic(t, dim)
+
+
+def dynamo_error() -> type[Exception]:
+    """The base class of Dynamo's errors, `torch._dynamo.exc.TorchDynamoException`."""
+    return torch._dynamo.exc.TorchDynamoException
+
+
+def skip_side_effects_in_checkpoint_recompute() -> AbstractContextManager:
+    """Dynamo's `skip_fwd_side_effects_in_bwd_under_checkpoint` switched on, where this torch has it: the
+    recomputation of a checkpointed compiled region leaves out forward side effects (a ContextVar set and reset)."""
+    config = torch._dynamo.config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        return nullcontext()
+    return config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True)
+
+
+def foreach_copy(dst: Sequence[Tensor], src: Sequence[Tensor]) -> None:
+    """`dst[i].copy_(src[i])` for all i in as few kernels as torch can (`torch._foreach_copy_`)."""
+    torch._foreach_copy_(list(dst), list(src))
+
+
+def version(t: Tensor) -> int:
+    """`t`'s version counter, bumped by every in-place write through autograd-visible ops (`Tensor._version`)."""
+    return t._version
+
+
+def mkldnn_bf16_supported() -> bool:
+    """Whether oneDNN computes bf16 matmuls natively on this CPU (`torch.ops.mkldnn._is_mkldnn_bf16_supported`);
+    false for a build without oneDNN."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 class SkippingDataLoader(torch.utils.data.DataLoader):  # torch imports torch.utils.data itself
@@ -37,3 +79,9 @@ class SkippingDataLoader(torch.utils.data.DataLoader):  # torch imports torch.ut
 
         sampler = super()._index_sampler
         return itertools.islice(sampler, self.skipped_batches, None) if self.skipped_batches else sampler
+
+
+def dynamo_static_input(t: Any) -> bool:
+    """Whether Dynamo was told that `t` stays at one address from call to call (`torch._dynamo.mark_static_address`
+    sets `_dynamo_static_input_type`; transformers marks its static KV cache so)."""
+    return hasattr(t, "_dynamo_static_input_type")
