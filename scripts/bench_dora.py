@@ -33,6 +33,7 @@ from torch import Tensor, nn
 import finlora.dora as dora
 from finlora.build import build, placement
 from finlora.config import AdapterConfig, AdapterMethod, Config, DoraImpl, ModelConfig, QuantConfig, TrainerConfig
+from finlora.dora import kernels
 from finlora.models import SHAPES, load_tokenizer, resolve_source, save_random_llama
 from finlora.outputs import replace_section
 
@@ -259,14 +260,14 @@ def kernel_line(n_rows: int, n_cols: int, r: int = 8, scaling: float = 2.0) -> s
     m = torch.rand(n_cols, device="cuda") + 0.5
     out = {}
     for use in (True, False):
-        y = dora._dora_out(res, ax, s, b_eff, None, use)
-        gz, _, b_and_m = dora._dora_grads(g, y, ax, s, m, b_s, None, scaling, use)
+        y = kernels.dora_out(res, ax, s, b_eff, None, use)
+        gz, _, b_and_m = kernels.dora_grads(g, y, ax, s, m, b_s, None, scaling, use)
         grad_b = scaling * (g.double() * s).T @ ax.double()
         refs = (ax.double() @ b_eff.double().T + s * res.double(), g.double() * s,
                 torch.cat([grad_b.flatten(), (g.double() * y.double()).sum(0) / m]))
         assert all(torch.isfinite(t).all() for t in (y, gz, b_and_m))
-        fwd = timed(lambda u=use: dora._dora_out(res, ax, s, b_eff, None, u))
-        bwd = timed(lambda yy=y, u=use: dora._dora_grads(g, yy, ax, s, m, b_s, None, scaling, u))
+        fwd = timed(lambda u=use: kernels.dora_out(res, ax, s, b_eff, None, u))
+        bwd = timed(lambda yy=y, u=use: kernels.dora_grads(g, yy, ax, s, m, b_s, None, scaling, u))
         errs = (rel(y, refs[0]), rel(gz, refs[1]), rel(b_and_m, refs[2]))
         out["triton" if use else "torch"] = f"fwd {fwd:.3f} ms bwd {bwd:.3f} ms, errors " + " ".join(
             f"{e:.1e}" for e in errs
@@ -310,7 +311,7 @@ def markdown(results: list[Result], checks: list[dict], kernels: list[str], args
     dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     versions = (
         f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
-        f"bitsandbytes {bnb.__version__}, triton {dora.triton.__version__ if dora.triton else 'absent'}"
+        f"bitsandbytes {bnb.__version__}, triton {kernels.triton.__version__ if kernels.triton else 'absent'}"
     )
     shape = "tiny shapes (smoke test)" if args.small else "Llama-3.1-8B layer shapes"
     lines = [
@@ -388,8 +389,8 @@ def main() -> None:
     work = tempfile.TemporaryDirectory()
     args.model_dir = Path(work.name)
     save_model(args)
-    kernels = kernel_check(args) if args.device == "cuda" and dora.triton is not None else []
-    for line in kernels:
+    kernel_lines = kernel_check(args) if args.device == "cuda" and kernels.triton is not None else []
+    for line in kernel_lines:
         print(line, flush=True)
     checks = []
     for bits in args.bits:
@@ -416,7 +417,7 @@ def main() -> None:
                 f"cpu {r.cpu_ms:6.1f} {r.tokens_per_s:10,.0f} tok/s {r.peak_gib:6.2f} GiB",
                 flush=True,
             )
-    section = markdown(results, checks, kernels, args)
+    section = markdown(results, checks, kernel_lines, args)
     print(section)
     replace_section(args.out, section)
     if args.json:

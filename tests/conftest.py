@@ -16,6 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from finlora.adapter_steps import after_optimizer_step
 from finlora.adapters import attach_adapter
 from finlora.batching import pack_static, static_widths, with_stats
 from finlora.config import AdapterConfig, AdapterMethod, register_schemas
@@ -153,6 +154,7 @@ def step_each(models, computes, optimizers) -> tuple[list[torch.Tensor], list[di
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
+        after_optimizer_step(model)  # as the LightningModule does: fused optimizers bump no version counters
     return losses, grads
 
 

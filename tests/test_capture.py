@@ -21,13 +21,14 @@ from conftest import DATA_DIR, compose_cfg, random_llama, random_static_batch, s
 
 from finlora.callbacks import NonFiniteGuard
 from finlora.capture import CapturedLoss, recorded_backend
+from finlora.compiled import training_loss
 from finlora.config import AdapterMethod, Compile, DecodeCompile, NonFinitePolicy, validate
 from finlora.data import read_jsonl
 from finlora.dora import forget_norms
+from finlora.dora.state import state_of
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.evaluate import generate
 from finlora.loss import answer_loss
-from finlora.module import training_loss
 from finlora.train import train
 from finlora.update import RecordedAdamW, measure_gradients
 
@@ -61,12 +62,12 @@ def test_forgotten_norms_are_computed_again_and_the_frozen_ones_kept():
     model = random_llama(2, AdapterMethod.dora, False)
     batch = random_static_batch()
     before = answer_loss(model, batch)
-    layer = next(m for m in model.modules() if "_finlora_dora_cache" in m.__dict__)
-    w2 = layer.__dict__["_finlora_dora_cache"]["w2"]
+    layer = next(m for m in model.modules() if (st := state_of(m)) is not None and st.constants)
+    w2 = state_of(layer).frozen
     forget_norms(model)
-    assert set(layer.__dict__["_finlora_dora_cache"]) == {"w2"}
+    assert not state_of(layer).constants and not state_of(layer).grams and state_of(layer).frozen is w2
     torch.testing.assert_close(answer_loss(model, batch), before)
-    assert layer.__dict__["_finlora_dora_cache"]["w2"] is w2 and "default" in layer.__dict__["_finlora_dora_cache"]
+    assert state_of(layer).frozen is w2 and "default" in state_of(layer).constants
 
 
 def _on_gpu(method: AdapterMethod, checkpointing: bool):

@@ -1,7 +1,7 @@
 """The peft and bitsandbytes internals finlora's DoRA reaches through `finlora.compat.peft` and
 `finlora.compat.bitsandbytes`, each exercised on the real objects (bitsandbytes quantizes on the CPU here): a failure
-names the compat function a new release broke. (The DoRA reference formula's test lives with the `finlora.dora`
-package, which is not on this branch.)"""
+names the compat function a new release broke. And the DoRA formula of `finlora.dora.reference` against finlora's
+layer and peft's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 
 from finlora.compat import bitsandbytes as compat_bnb
 from finlora.compat import peft as compat_peft
+from finlora.dora import reference, use_fast_dora
 
 
 def reaches(name: str) -> Callable:
@@ -209,3 +210,21 @@ def test_linear4bit_input_is_what_the_4bit_layer_multiplies() -> None:
     want = bnb.matmul_4bit(got, base.weight.t(), bias=base.bias, quant_state=base.weight.quant_state)
     torch.testing.assert_close(want, base(x.float()), msg="compat.bitsandbytes.linear4bit_input")
 
+
+def test_reference_formula_is_finloras_layer_and_peft_dora() -> None:
+    """`reference.dora_linear` against peft's DoRA and finlora's layer (CPU, fp32), and the Gram form of the norm
+    against the norm of the combined weight."""
+    theirs, ours = _dora(_linear()), _dora(_linear())
+    use_fast_dora(ours)
+    layer = _layer(theirs)
+    w0, bias = layer.base_layer.weight, layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m, s = layer.lora_magnitude_vector["default"].weight, layer.scaling["default"]
+    x = torch.randn(5, 32)
+    want = reference.dora_linear(x, w0, bias, a, b, m, s)
+    torch.testing.assert_close(theirs(x), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours(x), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        w2 = w0.pow(2).sum(1)
+        gram_norm = reference.gram_row_norm(w2[None], (a @ w0.T)[None], (a @ a.T)[None], b[None], s)[0]
+        torch.testing.assert_close(gram_norm, reference.row_norm(w0, a, b, s), rtol=1e-5, atol=1e-6)

@@ -17,18 +17,19 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import DATA_DIR, compose_cfg, random_b, random_llama, random_static_batch, step_each
-from torch._dynamo.utils import counters
 
 from finlora.adapters import attach_adapter
 from finlora.batching import pack_static, static_widths, with_stats
 from finlora.callbacks import NonFiniteGuard, ThroughputLogger
+from finlora.compat.torch import dynamo_counters
+from finlora.compiled import decoder_layers, training_loss
 from finlora.config import AdapterConfig, AdapterMethod, Compile, ModelConfig, NonFinitePolicy, QuantConfig, validate
 from finlora.data import read_jsonl
 from finlora.dora import fresh_norms, prepare_compile
+from finlora.dora.state import state_of
 from finlora.errors import ConfigError, NonFiniteLoss
 from finlora.loss import answer_loss
 from finlora.models import load_model, load_tokenizer
-from finlora.module import decoder_layers, training_loss
 from finlora.prompts import encode_example
 from finlora.train import train
 
@@ -93,7 +94,7 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits, in_st
     eager_model, traced_model = _dora(tiny_model_dir, bits), _dora(tiny_model_dir, bits)
     trained = {name for name, p in eager_model.named_parameters() if p.requires_grad}  # the bases load alike
     traced_model.load_state_dict({k: v for k, v in eager_model.state_dict().items() if k in trained}, strict=False)
-    counters.clear()
+    dynamo_counters().clear()
     prepare_compile(traced_model)
     # aot_eager: what torch.compile traces and differentiates, without generating kernels (minutes on a CPU)
     traced = (training_loss(traced_model, Compile.inductor, backend="aot_eager") if in_step
@@ -107,10 +108,11 @@ def test_compiled_dora_matches_eager_step_after_step(tiny_model_dir, bits, in_st
         assert grads[0].keys() == grads[1].keys() and any("magnitude" in n for n in grads[0])
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-3, atol=1e-5, msg=name)
-    assert not sum(counters["graph_break"].values())  # the layers ran compiled, not eagerly after a break
+    assert not sum(dynamo_counters()["graph_break"].values())  # the layers ran compiled, not eagerly after a break
     if bits == 4:  # in training, 4-bit layers compute their norm in their forward (`DoraLinear4bit`): only A·Aᵀ kept
-        kept = [{(("gram", "default") in cache, "default" in cache) for m in model.modules()
-                 if type(m).__name__ == "DoraLinear4bit" and (cache := m.__dict__.get("_finlora_dora_cache", {}))}
+        kept = [{("default" in st.grams, "default" in st.constants) for m in model.modules()
+                 if type(m).__name__ == "DoraLinear4bit" and (st := state_of(m)) is not None
+                 and (st.grams or st.constants or st.frozen is not None)}
                 for model in (eager_model, traced_model)]
         assert kept[0] == {(True, False)} and kept[1] == ({(True, False)} if in_step else {(False, False)})
 
@@ -120,13 +122,13 @@ def test_dora_constants_for_torch_compiles_cuda_graphs_keep_their_addresses_and_
     cudagraphs`) are recorded again whenever one moves. So its steps refresh DoRA's constants in place: each layer's
     norm, scale and branch weights stay where they were, with the values of the weights after each update."""
     model = random_llama(2, AdapterMethod.dora, False)
-    layers = [m for m in model.modules() if "_finlora_dora_group" in m.__dict__]
+    layers = [m for m in model.modules() if (st := state_of(m)) is not None and st.group is not None]
     refreshed = fresh_norms(model, in_place=True)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batch, previous = random_static_batch(), None
     for _ in range(3):
         with refreshed():
-            entries = [layer.__dict__["_finlora_dora_cache"]["default"] for layer in layers]
+            entries = [state_of(layer).constants["default"] for layer in layers]
         addresses = [t.data_ptr() for e in entries for t in (e.norm, e.scale, e.sb, *e.derived[torch.float32])]
         assert previous is None or addresses == previous
         previous = addresses
@@ -168,7 +170,7 @@ def test_step_compiled_by_regions_matches_eager_and_compiles_one_layer_for_all(m
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
     adapted = [n for gm in graphs for n in gm.graph.nodes if n.op == "placeholder" and "lora_a" in n.name]
-    assert len(graphs) == 2 and not sum(counters["graph_break"].values())
+    assert len(graphs) == 2 and not sum(dynamo_counters()["graph_break"].values())
     assert len(adapted) == 2 * 3  # each graph is one layer: q, k and v's A
     checkpoints = [n for gm in graphs for n in gm.graph.nodes if "checkpoint" in str(n.target)]
     assert len(checkpoints) == (2 if checkpointing else 0), checkpoints  # recomputed in the compiled backward
@@ -215,7 +217,7 @@ def test_step_compiled_by_regions_checkpoints_a_layer_whose_forward_sets_python_
         assert grads[0].keys() == grads[1].keys()
         for name in grads[0]:
             torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
-    assert not sum(counters["graph_break"].values()) and scope.active is None
+    assert not sum(dynamo_counters()["graph_break"].values()) and scope.active is None
     assert sum("checkpoint" in str(n.target) for gm in graphs for n in gm.graph.nodes) == len(graphs) == 2
 
 

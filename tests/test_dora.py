@@ -14,16 +14,13 @@ from peft.tuners.lora.variants import DoraLinearVariant
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from finlora.dora import (
-    FastDoraLinearVariant,
-    _gram,
-    _grouped_a_w0t,
-    _layer_consts,
-    _parts,
-    clear_dora_cache,
-    forget_norms,
-    use_fast_dora,
-)
+from finlora import adapter_steps
+from finlora.dora import FastDoraLinearVariant, clear_dora_cache, forget_norms, reference, use_fast_dora
+from finlora.dora.constants import gram as _gram
+from finlora.dora.constants import grouped_a_w0t as _grouped_a_w0t
+from finlora.dora.constants import layer_consts as _layer_consts
+from finlora.dora.layer import parts as _parts
+from finlora.dora.state import state_of
 
 D_IN, D_HID = 64, 128
 TARGETS = ["up", "down"]
@@ -222,7 +219,7 @@ def test_layers_of_one_shape_refresh_together() -> None:
     assert use_fast_dora(model) == 3
     layers = dora_layers(model)
     layers[0](x)  # the first stale layer refreshes its whole group
-    assert all("default" in layer._finlora_dora_cache for layer in layers)
+    assert all("default" in state_of(layer).constants for layer in layers)
     out, grads = run(model, x)
     assert rel(out, ref_out) < 1e-5
     for name in ref_grads:
@@ -230,7 +227,7 @@ def test_layers_of_one_shape_refresh_together() -> None:
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     model(x)
     for layer in layers:
-        torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+        torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
 
 
 def test_4bit_layers_of_one_shape_refresh_together() -> None:
@@ -246,7 +243,7 @@ def test_4bit_layers_of_one_shape_refresh_together() -> None:
             w0 = bnb.functional.dequantize_4bit(layer.base_layer.weight.data, layer.base_layer.weight.quant_state)
             a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
             want = torch.linalg.norm(w0 + layer.scaling["default"] * b @ a, dim=1).detach()
-            torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(state_of(layer).constants["default"].norm, want, rtol=1e-5, atol=1e-6)
         torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
 
 
@@ -289,21 +286,37 @@ def test_4bit_layers_in_training_take_their_norm_from_one_dequantization(kind, d
         assert calls == ["functional.dequantize_4bit"] * 2 * len(layers)  # forward and backward, once each
         for layer in layers:  # only A·Aᵀ cached
             a = layer.lora_A["default"].weight.detach()
-            assert "default" not in layer._finlora_dora_cache
-            torch.testing.assert_close(layer._finlora_dora_cache[("gram", "default")][1], a @ a.T)
+            assert "default" not in state_of(layer).constants
+            torch.testing.assert_close(state_of(layer).grams["default"].gram, a @ a.T)
         want_out, want = step(False)
-        assert all("default" in layer._finlora_dora_cache for layer in layers)
+        assert all("default" in state_of(layer).constants for layer in layers)
         assert rel(out, want_out) < close
         for name in want:
             assert rel(grads[name], want[name]) < close, name
         opt.step()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the norm's Triton kernel runs on CUDA"))])
+@pytest.mark.parametrize("r,d_in,d_out", [(8, 200, 150), (16, 130, 70)])
+def test_layer_constants_follow_the_reference_formula(device, r, d_in, d_out) -> None:
+    """A layer's norm and scale (on CUDA from the Triton kernel, elsewhere from torch ops) are those of
+    `reference.row_norm` on the combined weight W0 + s·B·A, from the frozen ‖W0_i‖², A·W0ᵀ and A·Aᵀ."""
+    gen = torch.Generator(device).manual_seed(0)
+    w0, a = torch.randn(d_out, d_in, device=device, generator=gen), torch.randn(r, d_in, device=device, generator=gen)
+    b, m = 0.3 * torch.randn(d_out, r, device=device, generator=gen), torch.rand(d_out, device=device, generator=gen)
+    consts = _layer_consts(a @ w0.T, a @ a.T, b, m, w0.pow(2).sum(1), 2.0, torch.float32, True)
+    want = reference.row_norm(w0, a, b, 2.0)
+    torch.testing.assert_close(consts.norm, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(consts.scale, m / want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(consts.b_s, 2.0 * b)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the norm's Triton kernel runs on CUDA")
 @pytest.mark.parametrize("r,d_in,d_out", [(8, 200, 150), (4, 4096, 1024), (16, 130, 70)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_norm_kernel_on_a_gpu_gives_the_pytorch_paths_constants(r, d_in, d_out, dtype) -> None:
-    """`_layer_consts` on CUDA, one Triton kernel, against its PyTorch path: sizes that fill no block (masks)."""
+    """`layer_consts` on CUDA, one Triton kernel, against its PyTorch path: sizes that fill no block (masks)."""
     gen = torch.Generator("cuda").manual_seed(0)
     a, b = torch.randn(r, d_in, device="cuda", generator=gen), 0.3 * torch.randn(d_out, r, device="cuda", generator=gen)
     m, w2 = torch.rand(d_out, device="cuda", generator=gen) + 0.5, 10 * torch.rand(d_out, device="cuda", generator=gen)
@@ -317,7 +330,7 @@ def test_norm_kernel_on_a_gpu_gives_the_pytorch_paths_constants(r, d_in, d_out, 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="one product of all layers' rows on CUDA only")
 @pytest.mark.parametrize("n_layers", [1, 3, 16, 17, 40])
 def test_gram_of_each_layer_on_a_gpu(n_layers: int) -> None:
-    """`_gram` on CUDA, one product of all layers' rows for few layers, a batched one for many: A·Aᵀ of each layer."""
+    """`gram` on CUDA, one product of all layers' rows for few layers, a batched one for many: A·Aᵀ of each layer."""
     a = torch.randn(n_layers, 8, 96, dtype=torch.float64, device="cuda")
     torch.testing.assert_close(_gram(a), a @ a.transpose(1, 2))
 
@@ -345,7 +358,7 @@ def test_layers_of_one_shape_on_a_gpu_get_a_w0t_from_one_grouped_kernel(dtype) -
     with torch.autocast("cuda", dtype=dtype):
         model(torch.randn(4, 100, device="cuda"))
     for layer in layers:
-        torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer).float(),
+        torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer).float(),
                                    rtol=2e-3, atol=1e-4)
     use_fast_dora(model, use_triton=False)
     assert _grouped_a_w0t(batch, a) is None
@@ -395,7 +408,7 @@ def test_paper_worked_example() -> None:
     x = torch.randn(3, 4)
     out = model(x)  # B = 0 at initialization: DoRA starts as the base layer
     torch.testing.assert_close(out, base(x), atol=1e-5, rtol=1e-6)
-    norm = layer._finlora_dora_cache["default"].norm
+    norm = state_of(layer).constants["default"].norm
     directions = w0.T / norm[:, None]
     torch.testing.assert_close(directions.norm(dim=1), torch.ones(5))
     torch.testing.assert_close(norm, expected, atol=1e-4, rtol=0)
@@ -436,7 +449,7 @@ def test_gradient_accumulation_and_checkpointing() -> None:
     # two micro-batches, each backward recomputing its checkpointed forward
     for part, wp in zip(x.split(1), w.split(1), strict=True):
         (model(part) * wp).sum().backward()
-        norms.append(layer._finlora_dora_cache["default"].norm)
+        norms.append(state_of(layer).constants["default"].norm)
     assert norms[0] is norms[1]  # one norm per optimizer step, reused by micro-batches and recomputation
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -453,7 +466,7 @@ def test_4bit_layers_computing_their_norm_accumulate_and_recompute_as_peft() -> 
     w = torch.linspace(-1, 1, x.numel()).view(x.shape)
     for part, wp in zip(x.split(1), w.split(1), strict=True):
         (model(part) * wp).sum().backward()
-    assert all("default" not in layer._finlora_dora_cache for layer in dora_layers(model))  # the norm in the layer
+    assert all("default" not in state_of(layer).constants for layer in dora_layers(model))  # the norm in the layer
     for name, p in model.named_parameters():
         if p.requires_grad:
             assert rel(p.grad, ref_grads[name]) < 1e-5, name
@@ -491,6 +504,9 @@ class DataSGD(torch.optim.Optimizer):
     ids=["adamw-foreach", "adamw-fused", "sgd", "data-sgd"],
 )
 def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
+    """torch's foreach and for-loop optimizers bump the parameters' version counters; a fused one (its kernel writes
+    the parameters directly) and one that writes through ``.data`` (as bitsandbytes' do) bump none, and are followed
+    by the adapter-step protocol's `after_optimizer_step`, as the LightningModule calls it."""
     model = make_dora("fp32")
     use_fast_dora(model)
     layers = dora_layers(model)
@@ -501,8 +517,10 @@ def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
         for part in x.split(1):  # gradient accumulation over two micro-batches
             model(part).pow(2).mean().backward()
             for layer in layers:
-                torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+                torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
         opt.step()
+        if isinstance(opt, DataSGD) or opt.defaults.get("fused"):  # no version bumps: the protocol says it
+            adapter_steps.after_optimizer_step(model)
         opt.zero_grad()
         current = _fresh_norm(layers[0])
         if previous is not None:
@@ -510,7 +528,7 @@ def test_norm_cache_never_stale_after_optimizer_step(make_opt) -> None:
         previous = current
     model(x)
     for layer in layers:
-        torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+        torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
 
 
 def test_norm_cache_follows_in_place_edits_and_explicit_clear() -> None:
@@ -522,14 +540,14 @@ def test_norm_cache_follows_in_place_edits_and_explicit_clear() -> None:
     with torch.no_grad():
         layer.lora_B["default"].weight.mul_(2)  # bumps the version counter
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+    torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
     layer.lora_A["default"].weight.data.mul_(3)  # invisible to version counters
     clear_dora_cache(model)
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+    torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
     layer.scaling["default"] *= 0.5
     model(x)
-    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+    torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
 
 
 def _train(model: nn.Module, steps: int = 2) -> None:
@@ -579,7 +597,7 @@ def test_nf4_cpu_packed_eval() -> None:
     train_out = run(model, x)[0]
     layers = dora_layers(model)
     eval_out(model, x)  # with gradients on: no repacking, the norms cached
-    before = [layer._finlora_dora_cache["default"].norm for layer in layers]
+    before = [state_of(layer).constants["default"].norm for layer in layers]
     with torch.no_grad():
         model(x)  # repacks the weights where the CPU supports it
     if not getattr(layers[0].base_layer.weight.quant_state, "packing_format_for_cpu", False):
@@ -588,7 +606,7 @@ def test_nf4_cpu_packed_eval() -> None:
     with torch.no_grad():
         out = model(x)
     for layer, norm in zip(layers, before, strict=True):
-        assert rel(layer._finlora_dora_cache["default"].norm, norm) < 5e-3  # packing keeps absmax in bf16
+        assert rel(state_of(layer).constants["default"].norm, norm) < 5e-3  # packing keeps absmax in bf16
     assert rel(out, train_out) < 1e-2
 
 
@@ -619,7 +637,7 @@ def test_merge_unmerge_round_trip_refreshes_cache() -> None:
     assert rel(merged, before) < 1e-5
     assert rel(after, before) < 1e-5
     layer = model.base_model.model.up
-    torch.testing.assert_close(layer._finlora_dora_cache["default"].norm, _fresh_norm(layer))
+    torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))
 
 
 def test_frozen_row_norm_computed_once() -> None:
@@ -628,14 +646,36 @@ def test_frozen_row_norm_computed_once() -> None:
     layer = model.base_model.model.up
     x = x_for("fp32")
     model(x)
-    w2 = layer._finlora_dora_cache["w2"][1]
+    w2 = state_of(layer).frozen.sqnorm
     model(x).sum().backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     model(x)
-    assert layer._finlora_dora_cache["w2"][1] is w2
+    assert state_of(layer).frozen.sqnorm is w2
 
 
 def test_non_dora_layers_untouched() -> None:
     model = get_peft_model(make_base(), LoraConfig(r=4, target_modules=TARGETS))
     assert use_fast_dora(model) == 0
     assert all(not m.lora_variant for m in model.modules() if hasattr(m, "lora_variant"))
+
+
+def test_adapter_step_protocol_acts_on_the_dora_layers() -> None:
+    """`use_fast_dora` registers finlora's DoRA with `finlora.adapter_steps`: before recording, the cached constants
+    go (the frozen ‖W0_i‖² stays); a compiled step's context refreshes them; after an optimizer step they are stale
+    even when no version counter moved (a write through ``.data``)."""
+    model = make_dora("fp32")
+    use_fast_dora(model)
+    layer = model.base_model.model.up
+    x = x_for("fp32")
+    model(x)
+    frozen = state_of(layer).frozen
+    adapter_steps.before_recording(model)
+    assert not state_of(layer).constants and state_of(layer).frozen is frozen
+    with adapter_steps.compiled_step(model)():
+        entry = state_of(layer).constants["default"]
+    torch.testing.assert_close(entry.norm, _fresh_norm(layer))
+    layer.lora_B["default"].weight.data.mul_(2)  # no version bump
+    adapter_steps.after_optimizer_step(model)
+    model(x)
+    assert state_of(layer).constants["default"] is not entry
+    torch.testing.assert_close(state_of(layer).constants["default"].norm, _fresh_norm(layer))

@@ -538,15 +538,11 @@ def test_8bit_scoring_with_a_batch_warns_why_scores_move(tiny, tmp_path, caplog)
 
 def test_bf16_scoring_falls_back_to_dequant_on_a_cpu_without_native_bf16(monkeypatch, caplog):
     """Emulated bf16 matmuls are slower than float32: such a CPU scores an 8-bit base through `dequant`."""
+    import finlora.compat.torch
     from finlora.config import Int8Cpu
 
-    class NoBf16:
-        @staticmethod
-        def _is_mkldnn_bf16_supported() -> bool:
-            return False
-
     cpu_int8_mode.cache_clear()
-    monkeypatch.setattr(torch.ops, "mkldnn", NoBf16())
+    monkeypatch.setattr(finlora.compat.torch, "mkldnn_bf16_supported", lambda: False)
     try:
         with caplog.at_level("WARNING", logger="finlora.evaluate"):
             assert cpu_int8_mode(Int8Cpu.bf16) is Int8Cpu.dequant
@@ -590,6 +586,7 @@ def test_dense_4bit_copy_answers_as_bitsandbytes_and_leaves_the_model_untouched(
     import bitsandbytes as bnb
     from transformers import CompileConfig, GenerationConfig, StaticCache
 
+    from finlora.compat.transformers import compile_on_every_device, compiles_decode_step
     from finlora.config import FourBitEval
     from finlora.evaluate import four_bit_as_dense
 
@@ -611,11 +608,10 @@ def test_dense_4bit_copy_answers_as_bitsandbytes_and_leaves_the_model_untouched(
     assert lora and all(p is model.get_parameter(n) for n, p in lora.items())
     assert four_bit_as_dense(twin, FourBitEval.dense) == (twin, None)  # nothing 4-bit left: one copy
     compile_config = CompileConfig()
-    compile_config._compile_all_devices = True  # transformers' own switch: judged as on CUDA, here on the CPU
+    compile_on_every_device(compile_config)  # transformers' own switch: judged as on CUDA, here on the CPU
     cache = StaticCache(config=model.config, max_cache_len=32)
-    compiles = [m.get_base_model()._valid_auto_compile_criteria({"cache": cache, "past_key_values": cache},
-                                                                GenerationConfig(compile_config=compile_config))
-                for m in (twin, model)]
+    compiles = [compiles_decode_step(m.get_base_model(), {"cache": cache, "past_key_values": cache},
+                                     GenerationConfig(compile_config=compile_config)) for m in (twin, model)]
     assert compiles == [True, False]  # transformers compiles the copy's decode step, not bitsandbytes' layers
     records = _mixed_records(5)
     for batch_size, rows in ((32, records), (8, records), (1, records[::4])):
@@ -633,7 +629,7 @@ def test_dense_copy_of_weights_repacked_for_the_cpu_kernel(lively_dir):
     bf16 rounding of them."""
     import bitsandbytes as bnb
 
-    from finlora.evaluate import _dequantized_4bit
+    from finlora.quant.generation import _dequantized_4bit
 
     _, model = _4bit_with_adapter(lively_dir, AdapterMethod.lora, cpu_kernel=True)
     layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))

@@ -12,7 +12,9 @@ from test_dora import dora_layers, eval_out, fast, make_dora, rel, run, x_for
 from torch import nn
 
 from finlora.config import Batching, Compile, validate
-from finlora.dora import _variant_kwargs_only, forget_norms
+from finlora.dora import forget_norms
+from finlora.dora.layer import variant_kwargs_only as _variant_kwargs_only
+from finlora.dora.state import state_of
 from finlora.plan import REGIONS_MIN_STEPS, plan_step
 from finlora.quant.int8 import WeightOnlyLinear8bit, dequantize_int8, int8_rows, use_weight_only_int8
 
@@ -63,7 +65,7 @@ def test_weight_only_int8_gives_the_dequantized_references_outputs_and_gradients
     for name in want:
         assert rel(grads[name], want[name]) < close, name
     if method == "dora":  # in training, the norm came from the layer's own product: only A·Aᵀ was cached
-        assert all("default" not in layer._finlora_dora_cache for layer in dora_layers(ours))
+        assert all("default" not in state_of(layer).constants for layer in dora_layers(ours))
         assert rel(eval_out(ours, x, kind), eval_out(reference, x, kind)) < close
 
 

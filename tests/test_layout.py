@@ -160,7 +160,6 @@ def _package_files(outside_compat: bool = False) -> dict[str, Path]:
     return {n: p for n, p in files.items() if not (outside_compat and n.startswith("finlora.compat"))}
 
 
-@pytest.mark.xfail(strict=True, reason="issue 35: the GPU-code part is on hold until a GPU gate runs")
 def test_no_module_over_400_lines():
     long = {name: n for name, path in _package_files().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
@@ -173,7 +172,6 @@ def test_no_function_over_cyclomatic_complexity_15():
     assert ruff.returncode == 0, ruff.stdout + ruff.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="issue 35: the GPU-code part is on hold until a GPU gate runs")
 def test_the_generic_step_code_imports_no_adapter():
     files = _package_files()
     for name in GENERIC_STEP_CODE:
@@ -219,7 +217,6 @@ def test_private_use_finder_finds_them():
     assert sorted(f.split(": ", 1)[1] for f in found) == expected, found
 
 
-@pytest.mark.xfail(strict=True, reason="issue 35: the GPU-code part is on hold until a GPU gate runs")
 def test_no_private_third_party_api_outside_compat():
     uses = [use for path in _package_files(outside_compat=True).values() for use in _private_uses(path)]
     assert not uses, "private APIs named outside finlora/compat: " + "; ".join(uses)

@@ -1,14 +1,12 @@
 """Attention of a compiled decode step that reads each key/value head once.
 
-Llama-3 and SmolLM2 use grouped-query attention: several query heads share one key/value head (SmolLM2:
-9 query heads on 3). For a padded batch, transformers' SDPA attention on CUDA first copies the keys and
-values out to one per query head (`repeat_kv`), since SDPA's grouped mode with a mask would take its slow
-path; for one new token it instead lays the query heads of a group along the query axis (`pack_gqa`),
-but not in compiled code. A compiled decode step over a static cache thus writes and reads the whole
-cache three times more than it holds: on an H100, most of the decode step of the embedded model at 1,016
-rows × 512 positions (docs/eval_profile_task_*.txt). `grouped_decoding` lets a model's decode steps take
-`decode_attention`, which packs the group in compiled code too; a prefill goes to transformers' SDPA, over
-the prompt's positions only when the cache holds nothing else (`_written`).
+Llama-3 and SmolLM2 use grouped-query attention: several query heads share one key/value head. For a padded batch,
+transformers' SDPA attention on CUDA first copies the keys and values out to one per query head (`repeat_kv`), since
+SDPA's grouped mode with a mask would take its slow path; for one new token it instead lays the query heads of a
+group along the query axis (`pack_gqa`), but not in compiled code. A compiled decode step over a static cache thus
+writes and reads the whole cache several times more than it holds. `grouped_decoding` lets a model's decode steps
+take `decode_attention`, which packs the group in compiled code too; a prefill goes to transformers' SDPA, over the
+prompt's positions only when the cache holds nothing else (`_written`).
 """
 
 from __future__ import annotations
@@ -23,6 +21,8 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
+
+from finlora.compat.transformers import attn_implementation, set_attn_implementation
 
 NAME = "finlora_decode_sdpa"
 
@@ -69,12 +69,12 @@ def grouped_decoding(model: nn.Module, enabled: bool = True) -> Iterator[None]:
     eager or a flash kernel, nothing changes); its setting as it was afterwards."""
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(hf_model, "config", None)
-    before = getattr(config, "_attn_implementation", None)
+    before = attn_implementation(config)
     if not enabled or before != "sdpa":
         yield
         return
-    config._attn_implementation = NAME
+    set_attn_implementation(config, NAME)
     try:
         yield
     finally:
-        config._attn_implementation = before
+        set_attn_implementation(config, before)

@@ -1,24 +1,21 @@
 """Steps recorded as CUDA graphs and replayed: the training step's forward and backward (`trainer.capture`,
 `CapturedLoss`) and generation's decode step (`eval.decode_compile=recorded`, `recorded_backend`).
 
-On a GPU the steps of a small model, or of a large one on short examples, are bound by the host: Python
-launches thousands of small kernels a step, and torch.compile's own CUDA graphs (`trainer.compile=cudagraphs`)
-still spend milliseconds a step in their per-tensor bookkeeping. Here the loss's forward and its backward are
-recorded once per batch shape (static batches have a few), after two warm-up passes that leave the gradients
-alone, and each step replays them: one launch for the forward, one for the backward, whatever kernels they hold
-(the model's own, or inductor's with `trainer.compile=inductor`), and the backward leaves every gradient where
-the parameter's `.grad` already is, so the host does nothing per trained tensor.
-Without `trainer.compile` nothing is compiled, so recording costs a few eager passes (seconds). The optimizer's
+A step bound by the host (Python launching many small kernels) replays as one launch for the forward and one for
+the backward, whatever kernels they hold (the model's own, or inductor's with `trainer.compile=inductor`). Each batch
+shape is recorded once, after two warm-up passes that leave the gradients alone, and the backward leaves every
+gradient where the parameter's `.grad` already is, so the host does nothing per trained tensor. The optimizer's
 update replays from graphs of its own (`update.RecordedAdamW`).
 
 The decode step is traced by Dynamo (transformers compiles it on a static KV cache) and handed to
-`recorded_backend`, which runs the traced graph as it is twice and then records it: no AOTAutograd, no
-Inductor, and unlike Dynamo's own `cudagraphs` backend, the inputs that stay where they are (the weights, the
-KV cache) are read in place at each replay instead of copied into the graph's memory.
+`recorded_backend`, which runs the traced graph as it is twice and then records it: no AOTAutograd, no Inductor,
+and unlike Dynamo's own `cudagraphs` backend, the inputs that stay where they are (the weights, the KV cache) are
+read in place at each replay instead of copied into the graph's memory.
 
-All shapes of the training step record into one memory pool: a step's forward and backward replay before the
-next step's, and what outlives a step (the loss, the gradients) is read before the next replay, so shapes may
-reuse each other's memory. finlora's DoRA recomputes its norms inside the graph (`dora.forget_norms`).
+All shapes of the training step record into one memory pool: a step's forward and backward replay before the next
+step's, and what outlives a step (the loss, the gradients) is read before the next replay, so shapes may reuse each
+other's memory. Adapters with cached state drop it before recording (`adapter_steps.before_recording`), so the
+recorded step computes it at every replay.
 """
 
 from __future__ import annotations
@@ -32,7 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from finlora.dora import forget_norms
+from finlora import adapter_steps
+from finlora.compat.torch import dynamo_static_input, foreach_copy
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +114,7 @@ class CapturedLoss:
         with torch.cuda.graph(recorded.backward, pool=self.pool):
             got = torch.autograd.grad(recorded.loss, self.trained, recorded.grad_loss, allow_unused=True)
             reached = [(buffer, grad) for buffer, grad in zip(self.grads, got, strict=True) if grad is not None]
-            torch._foreach_copy_([buffer for buffer, _ in reached], [grad for _, grad in reached])
+            foreach_copy([buffer for buffer, _ in reached], [grad for _, grad in reached])
         anchor = torch.zeros((), device=recorded.loss.device, requires_grad=True)
         return lambda *tensors: _Replay.apply(anchor, recorded, *tensors)
 
@@ -188,18 +186,17 @@ def _warm_up(step: _Step, sample: tuple[Tensor, ...], passes: int = 2) -> None:
 class _Step:
     """The loss over positional tensors: the batch's tensors, then (as `make_graphed_callables` takes them) the
     trained parameters, which get their gradients from the recorded backward. Not the model as a module: its frozen
-    weights would be inputs too, read in place all the same but handled one by one on the host at every replay
-    (a few microseconds each, hundreds of them)."""
+    weights would be inputs too, read in place all the same but handled one by one on the host at every replay."""
 
     def __init__(self, model: nn.Module, loss: Callable[[dict[str, Tensor]], Tensor], names: tuple[str, ...]) -> None:
         self.model, self.names = model, names
         self.loss = loss
 
     def __call__(self, *tensors: Tensor) -> Tensor:
-        """Called by the warm-up and the recording only. Each starts from the same DoRA cache, with no norms in it,
-        so the recorded forward computes them, and compiled code meets at the recording what it was compiled for
-        (it would compile again, mid-recording, for a cache that changed)."""
-        forget_norms(self.model)
+        """Called by the warm-up and the recording only. Each starts with the adapters' cached state dropped
+        (`adapter_steps.before_recording`), so the recorded forward computes it, and compiled code meets at the
+        recording what it was compiled for (it would compile again, mid-recording, for state that changed)."""
+        adapter_steps.before_recording(self.model)
         return self.loss(dict(zip(self.names, tensors[:len(self.names)], strict=True)))
 
 
@@ -247,7 +244,7 @@ class _Recorded:
     def _record(self, args: tuple[Tensor, ...]) -> None:
         """Only the addresses of the inputs read in place are kept, not the tensors: a KV cache that transformers
         frees and makes again for the next batch can then come back at the same address, with no new recording."""
-        kept = {i for i, a in enumerate(args) if isinstance(a, nn.Parameter) or hasattr(a, "_dynamo_static_input_type")}
+        kept = {i for i, a in enumerate(args) if isinstance(a, nn.Parameter) or dynamo_static_input(a)}
         own = [a if i in kept else a.clone() for i, a in enumerate(args)]
         self.inputs = [None if i in kept else t for i, t in enumerate(own)]
         self.kept = [(i, args[i].data_ptr()) for i in sorted(kept)]

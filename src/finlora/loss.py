@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from finlora.batching import LOSS_POSITIONS, LOSS_TARGETS, loss_positions
+from finlora.compat.transformers import attn_implementation
 from finlora.prompts import IGNORE_INDEX
 
 CHUNK_TOKENS = 4096  # label positions whose logits are made at once; more are done chunk by chunk, recomputed
@@ -65,7 +66,7 @@ def block_causal_mask(position_ids: Tensor) -> Tensor:
 
 
 def _attention(causal: nn.Module) -> str | None:
-    return getattr(getattr(causal, "config", None), "_attn_implementation", None)
+    return attn_implementation(getattr(causal, "config", None))
 
 
 def _chunk_loss_sum(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +30,6 @@ from transformers import PreTrainedTokenizerBase
 from finlora.adapters import BASE_FILE, count_parameters, trainable_breakdown
 from finlora.build import build_model, build_tokenizer, check_base, placement
 from finlora.callbacks import RunCallbacks, run_callbacks
-from finlora.capture import CapturedLoss
 from finlora.card import set_base_name, write_card
 from finlora.checkpoints import (
     LAST,
@@ -42,8 +41,7 @@ from finlora.checkpoints import (
     resumes,
     run_record,
 )
-from finlora.compat.torch import dynamo_counters
-from finlora.config import AdapterMethod, Compile, Config, TrainerConfig, validate
+from finlora.config import AdapterMethod, Config, validate
 from finlora.data import TaskData, TaskDataModule, load_task
 from finlora.devices import Placement, device_type
 from finlora.errors import Interrupted, NonFiniteLoss, OutOfMemory
@@ -194,7 +192,7 @@ def summarize(run: Run, trainer: L.Trainer, module: FinetuneModule, callbacks: R
         wall_time_s=round(time.time() - started, 1), batching=cfg.data.batching.value,
         throughput=callbacks.throughput.summary(), step_path=run.plan.step.path,
         step_path_reason=run.plan.step.reason, compile=cfg.trainer.compile.value,
-        compiled=compile_report(cfg.trainer, module.train_loss), profile=callbacks.profile.summary(),
+        compiled=module.runner.report(), profile=callbacks.profile.summary(),
         train_prompt=cfg.task.prompt(cfg.task.train, cfg.data.train_prompt),
         eval_prompt=cfg.task.prompt(cfg.task.test, cfg.eval.prompt),
         device=str(where.device), precision=where.precision,
@@ -318,24 +316,6 @@ def stop_on_signal(what: str) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-
-
-def compile_report(t: TrainerConfig, loss: Callable) -> dict:
-    """What torch.compile did with the step: by regions or not, graph breaks (each one a return to Python
-    mid-step) and, for cudagraphs, whether every graph was captured (inductor skips capture it cannot do
-    safely, e.g. CPU ops); for `trainer.capture`, whether the step was recorded (`loss`, the module's
-    `CapturedLoss`) and, if not, why."""
-    report: dict = {}
-    if isinstance(loss, CapturedLoss):
-        report = {"capture": True, "cudagraphs_captured": loss.failure is None and loss.shapes > 0,
-                  "capture_failure": loss.failure}
-    if t.compile is Compile.eager:
-        return report
-    counters = dynamo_counters()
-    report |= {"compile_regions": t.compile_regions, "graph_breaks": sum(counters["graph_break"].values())}
-    if t.compile is Compile.cudagraphs:
-        report["cudagraphs_captured"] = counters["inductor"]["cudagraph_skips"] == 0
-    return report
 
 
 def lr_monitor(callbacks: list) -> list[LearningRateMonitor]:

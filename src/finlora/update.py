@@ -1,10 +1,6 @@
-"""The optimizer update of a training step: the gradients' norm, their clipping and the non-finite verdict
-(`measure_gradients`), then AdamW's step; with `trainer.capture`, all of it replayed from CUDA graphs
-(`RecordedAdamW`).
-
-Measured and clipped as they are, the gradients cost the host a few microseconds per trained tensor at every step
-(grouping them, the norm, the clip, AdamW's own bookkeeping), and DoRA trains half as many tensors again as LoRA (its
-magnitudes): with the forward and backward replayed from graphs, that was most of what was left on the host.
+"""The optimizer update of a training step recorded as a CUDA graph (`trainer.capture`): the gradients' norm, their
+clipping and the non-finite verdict (`nonfinite.measure_gradients`, the same as the eager step's), then fused AdamW's
+step, replayed in a few launches whatever the number of trained tensors, so the host does no per-tensor work.
 """
 
 from __future__ import annotations
@@ -18,26 +14,17 @@ import torch
 from torch import Tensor
 
 from finlora.capture import recording
+from finlora.nonfinite import flag_step, measure_gradients
 
 log = logging.getLogger(__name__)
-
-
-def measure_gradients(params: list[Tensor], loss: Tensor, clip: float) -> tuple[Tensor, Tensor]:
-    """The gradients' total norm, and whether the step is not finite (its loss or that norm), both on the device;
-    the gradients clipped to a norm of at most `clip` (0: not clipped) by that norm, as `clip_grad_norm_` would,
-    without measuring it a second time. Nothing waits for the GPU."""
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else torch.zeros((), device=loss.device)
-    if clip and params:  # a non-finite norm's step is skipped or refused, whatever this makes of its gradients
-        torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
-    return norm, ~(torch.isfinite(norm) & torch.isfinite(loss))
+__all__ = ["RecordedAdamW", "measure_gradients"]
 
 
 class RecordedAdamW(torch.optim.AdamW):
     """Fused AdamW whose `step` measures the gradients itself (`measure_gradients`, clipping by `clip`), hands the
-    verdict to the fused kernel (`found_inf`: a non-finite step leaves weights, moments and step count as they
-    were) and, on CUDA, replays all of that from a CUDA graph: a few launches a step, whatever the number of
-    trained tensors. `callbacks.NonFiniteGuard` reads `measured` after the step: the last update's loss, norm and
-    verdict, on the device (overwritten by the next update).
+    verdict to the fused kernel (`flag_step`) and, on CUDA, replays all of that from a CUDA graph.
+    `callbacks.NonFiniteGuard` reads `measured` after the step: the last update's loss, norm and verdict, on the
+    device (overwritten by the next update).
 
     A graph reads the gradients where they were when it was recorded, so there is one per set of gradient
     addresses: the recorded backward of each batch shape (`trainer.capture`) leaves its gradients in memory of
@@ -84,7 +71,7 @@ class RecordedAdamW(torch.optim.AdamW):
     def _eager(self, params: list[Tensor], loss: Tensor) -> None:
         norm, bad = measure_gradients(params, loss.detach(), self.clip)
         self.measured = (loss.detach(), norm, bad)
-        self.found_inf = bad.float()
+        flag_step(self, bad)
         super().step()
 
     def _graph(self, params: list[Tensor]) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor] | None:
@@ -119,8 +106,7 @@ class RecordedAdamW(torch.optim.AdamW):
         graph = torch.cuda.CUDAGraph()
         with self._capturable(), recording(), torch.cuda.graph(graph):
             norm, bad = measure_gradients(params, self.loss, self.clip)
-            self.found.copy_(bad)
-            self.found_inf = self.found
+            flag_step(self, bad, self.found)
             super().step()
         return graph, norm, bad
 

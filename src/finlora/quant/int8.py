@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from finlora.compat.bitsandbytes import int8_rows as compat_int8_rows
+from finlora.compat.bitsandbytes import swap_class
+
 try:
     import triton
     import triton.language as tl
@@ -28,10 +31,8 @@ except ImportError:  # the CPU wheels of torch ship without Triton
 
 
 def int8_rows(base: nn.Module) -> tuple[Tensor, Tensor]:
-    """CB (out × in, int8) and SCB (out, float) of a bitsandbytes 8-bit layer; SCB moves to the layer's state
-    once bitsandbytes has used the layer."""
-    scb = base.state.SCB if base.state.SCB is not None else base.weight.SCB
-    return base.weight.data, scb
+    """CB (out × in, int8) and SCB (out, float) of a bitsandbytes 8-bit layer (`compat.bitsandbytes.int8_rows`)."""
+    return compat_int8_rows(base)
 
 
 def dequantize_int8(cb: Tensor, scb: Tensor, dtype: torch.dtype) -> Tensor:
@@ -134,5 +135,5 @@ def use_weight_only_int8(model: nn.Module) -> int:
     """Switch every bitsandbytes 8-bit layer of `model` to weight-only compute, in place; the number switched."""
     layers = [m for m in model.modules() if type(m) is bnb.nn.Linear8bitLt]
     for layer in layers:
-        layer.__class__ = WeightOnlyLinear8bit
+        swap_class(layer, WeightOnlyLinear8bit)
     return len(layers)

@@ -42,7 +42,7 @@ class RunSummary:
     step_path: str  # `plan.StepPlan`
     step_path_reason: str
     compile: str
-    compiled: dict[str, Any]  # `train.compile_report`
+    compiled: dict[str, Any]  # `fast_step.StepRunner.report`
     profile: dict[str, Any]  # `callbacks.StepProfile.summary`
     train_prompt: str
     eval_prompt: str  # the raw context unless eval.prompt
