@@ -64,15 +64,20 @@ def markdown(before: list[dict], after: list[dict], device: str, trees: tuple[st
     return lines
 
 
+def absolute(path: str | Path) -> str:
+    return str(Path(path).resolve())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", help="the earlier tree (src/, scripts/, conf/, train.py)")
     parser.add_argument("--before-name", default="the earlier commit")
     parser.add_argument("--after-name", default="this commit")
-    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/finlora"))
+    parser.add_argument("--data", default=str(ROOT.parent / "shared/data/finlora"), type=absolute,
+                        help="FinLoRA's data (each tree's runs start in that tree's folder)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, eager: checks the script")
-    parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-before-after-"))
+    parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-before-after-"), type=absolute)
     parser.add_argument("--json", default=str(ROOT / "docs/before_after.json"))
     parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
     parser.add_argument("--runs", nargs="*", choices=list(RUNS), help="some of the runs (default: all)")

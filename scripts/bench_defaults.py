@@ -45,11 +45,13 @@ from finlora.config import ModelConfig, validate  # noqa: E402
 from finlora.data import load_task  # noqa: E402
 from finlora.models import load_tokenizer, save_random_llama  # noqa: E402
 from finlora.plan import plan_step  # noqa: E402
+from finlora.prompts import INSTRUCTION_PROMPT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Fast by default"
 MISSION = ["task=sentiment", "adapter=dora", "adapter.r=8", "quant=8bit", "trainer.batch_size=8"]
 BEFORE = ["trainer.capture=false", "quant.int8_compute=llm_int8"]
+LAST_SENTENCE = "What is the sentiment of the last sentence? Please choose an answer from {negative/neutral/positive}."
 
 
 def steps(args: argparse.Namespace, eager: bool) -> str:
@@ -148,18 +150,19 @@ def startup(model: Path, args: argparse.Namespace) -> list[dict]:
 
 
 def long_rows(args: argparse.Namespace, rows: int = 60) -> Path:
-    """A JSONL of examples that each fill one 2,048-token row: FPB sentences joined into one long input, labelled
-    with the last one's sentiment; the prompt's own truncation cuts the input to `data.max_length`, keeping the
-    answer. Sentiment examples are about 50 tokens, so a batch of them fills a row only as a bucket of the
-    static widths, never exactly 2,048 tokens."""
+    """A FinLoRA JSONL of examples that each fill one 2,048-token row: FPB sentences joined into one long input,
+    labelled with the last one's sentiment; the prompt's own truncation cuts the input to `data.max_length`,
+    keeping the answer. Sentiment examples are about 50 tokens, so a batch of them fills a row only as a bucket of
+    the static widths, never exactly 2,048 tokens. FinLoRA's own format, read without `datasets` (not on the GPU
+    image)."""
     fpb = [json.loads(line) for line in (Path(args.data) / "train/fpb_train.jsonl").open()]
     path = Path(args.work) / "long_rows.jsonl"
     with path.open("w") as f:
         for i in range(rows):
             picked = [fpb[(i * 131 + j) % len(fpb)] for j in range(120)]
             context = " ".join(r["context"].split("Input: ", 1)[1].split("\nAnswer", 1)[0] for r in picked)
-            f.write(json.dumps({"question": f"What is the sentiment of the last sentence? {context}",
-                                "answer": picked[-1]["target"]}) + "\n")
+            f.write(json.dumps({"context": INSTRUCTION_PROMPT.format(LAST_SENTENCE, context),
+                                "target": picked[-1]["target"]}) + "\n")
     return path
 
 
@@ -173,7 +176,7 @@ def memory(args: argparse.Namespace) -> list[dict]:
     model = folder if (folder / "config.json").is_file() else save_random_llama(
         folder, bench.LLAMA_8B, layers, args.tok, bench._init_device())
     width = 256 if args.smoke else 2048
-    long = ["task=custom", f"task.train.0.source.path={long_rows(args)}", "trainer.batch_size=1",
+    long = ["task=fpb", f"task.train.0.file={long_rows(args).resolve()}", "trainer.batch_size=1",
             f"data.max_length={width}", "trainer.max_steps=6"]
     rows = []
     for bits in (4, 8):

@@ -9,7 +9,8 @@
 #   .gpu/model/   the embedded SmolLM2-135M-Instruct's config and tokenizer, without weights (270 MB in bf16 would not
 #                 travel): gpu_gate.py saves a random-init model of this config on the device, once.
 #   .gpu/data/    FinLoRA's FPB and FiQA train and test files (the gate trains on FPB; the GPU tests read both).
-#   .gpu/commit.txt  the commit (and "dirty") the bundle was made at, for a copy without .git.
+#   .gpu/commit.txt  the commit (and "dirty") the bundle was made at, for a copy without .git; .gpu/tree.txt its
+#                 files by blob hash (`git ls-files -s`), which gpu_gate.py checks the copy against.
 #   .gpu/before/  with BEFORE=REV: that commit's src, scripts, conf and train.py, for bench_before_after.py.
 # On the device:  pip install --no-deps .gpu/wheels/*.whl && python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data
 #
@@ -88,6 +89,7 @@ if [ -n "${BEFORE:-}" ]; then
   git archive "$BEFORE" src scripts conf train.py | tar -x -C "$OUT/before"
   git rev-parse --short "$BEFORE" > "$OUT/before/commit.txt"
 fi
+git ls-files -s > "$OUT/tree.txt"   # the commit's files by blob hash: gpu_gate.py checks the device's copy against it
 echo "$(git rev-parse HEAD 2>/dev/null || echo unknown)$( [ -z "$(git status --porcelain 2>/dev/null)" ] || echo ' dirty')" \
   > "$OUT/commit.txt"
 

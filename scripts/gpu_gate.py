@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -353,11 +354,17 @@ def git(*argv: str) -> str | None:
 
 
 def provenance(args: argparse.Namespace) -> dict:
-    """The commit tested: --commit, else git, else the one the bundle was made at (.gpu/commit.txt)."""
+    """The commit tested: --commit, else git, else the one the bundle was made at (.gpu/commit.txt). With --commit,
+    whether the tree differs from it is read from the bundle's listing of that commit's files (.gpu/tree.txt), since
+    the device's copy may carry a .git of another commit with this tree's files over it."""
     head = git("rev-parse", "HEAD")
     status = git("status", "--porcelain")  # untracked files count: a new test or module changes what runs
     if args.commit:
-        return {"commit": args.commit, "commit_from": "--commit", "dirty": None if head is None else bool(status)}
+        listing = ROOT / ".gpu" / "tree.txt"
+        changed = changed_files(listing) if listing.is_file() else None
+        dirty = bool(changed) if changed is not None else bool(status) if head == args.commit else None
+        return {"commit": args.commit, "commit_from": "--commit", "dirty": dirty, **({"changed": changed[:20]}
+                                                                                     if changed else {})}
     if head:
         return {"commit": head, "commit_from": "git", "dirty": bool(status)}
     for stamp in sorted(ROOT.glob(".gpu/**/commit.txt")):
@@ -365,6 +372,21 @@ def provenance(args: argparse.Namespace) -> dict:
         if words:
             return {"commit": words[0], "commit_from": str(stamp.relative_to(ROOT)), "dirty": "dirty" in words[1:]}
     return {"commit": "unknown", "commit_from": None, "dirty": None}
+
+
+def changed_files(listing: Path) -> list[str]:
+    """The files of a `git ls-files -s` listing whose content here differs from it (git's blob hash), or missing."""
+    changed = []
+    for line in listing.read_text().splitlines():
+        meta, path = line.split("\t", 1)
+        mode, blob = meta.split()[:2]
+        if mode not in ("100644", "100755"):
+            continue
+        file = ROOT / path
+        data = file.read_bytes() if file.is_file() else None
+        if data is None or hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest() != blob:
+            changed.append(path)
+    return changed
 
 
 def versions() -> dict:

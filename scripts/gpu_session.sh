@@ -8,14 +8,17 @@
 #                                                                    -> $OUT/before_after.json, $OUT/benchmarks.md
 # Needs the bundle (bash scripts/gpu_bundle.sh, with BEFORE=REV for part 3; carry .gpu). Each part writes under $OUT
 # as it goes, so a call cut short keeps what finished; a second call on the still-warm machine skips what is done.
-#   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300)
+#   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300;
+#                                                    BA_S: the seconds part 3 waits for, default 240)
+# To finish a gate cut short: ONLY=a,b (the cells whose name holds one) MERGE=earlier.json (its tests and other cells
+# kept; no tests run now).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 END=$(( $(date +%s) + ${LIMIT:-575} ))
 left() { echo $(( END - $(date +%s) )); }
 export PYTHONPATH=src PYTHONPYCACHEPREFIX=/tmp/pyc PYTHONUNBUFFERED=1
 python -c "import hydra, bitsandbytes" 2>/dev/null || python -m pip install --no-deps -q --no-index .gpu/wheels/*.whl
-COMMIT=$(git rev-parse HEAD 2>/dev/null || cut -d' ' -f1 .gpu/commit.txt)
+COMMIT=$(cut -d' ' -f1 .gpu/commit.txt)   # the device's copy has a .git, but of another commit than the tree
 WORK=/tmp/gpu_session; mkdir -p "$WORK"
 
 memory() {
@@ -26,7 +29,7 @@ memory() {
     model.name_or_path="$WORK/memory/llama32" paths.data_dir=.gpu/data logger=csv eval.enabled=false \
     eval.during_training.size=0 eval.during_training.samples=0 data.val_size=16 checkpoint.every_n_steps=100000 \
     checkpoint.keep_best=0 trainer=gpu \
-    task=custom task.train.0.source.path="$WORK/memory/long_rows.jsonl" trainer.batch_size=1 data.max_length=2048 \
+    task=fpb task.train.0.file="$WORK/memory/long_rows.jsonl" trainer.batch_size=1 data.max_length=2048 \
     trainer.max_steps=6 adapter=lora quant=4bit trainer.gradient_checkpointing=true output_dir="$WORK/breakdown" \
     > "$WORK/breakdown.log" 2>&1 && touch "$WORK/breakdown.done"
 }
@@ -37,13 +40,16 @@ if [ "${MEMORY:-1}" = 1 ]; then setsid bash -c "$(declare -f memory); memory" & 
 if [ ! -f "$WORK/gate.done" ]; then
   TL=${TL:-300}; [ "$TL" -gt $(( $(left) - 30 )) ] && TL=$(( $(left) - 30 ))
   gate=(python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data --commit "$COMMIT" --skip-tests)
-  python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data --commit "$COMMIT" --no-cells \
-    --tests-timeout "$TL" --out "$WORK/gate_tests.json" --work "$WORK/gt" > "$OUT/gate_tests.log" 2>&1 &
-  TESTS=$!
+  parts=()
+  if [ -z "${MERGE:-}" ]; then
+    python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data --commit "$COMMIT" --no-cells \
+      --tests-timeout "$TL" --out "$WORK/gate_tests.json" --work "$WORK/gt" > "$OUT/gate_tests.log" 2>&1 &
+    TESTS=$!; parts=("$WORK/gate_tests.json")
+  fi
   "${gate[@]}" --parallel "${PAR:-8}" --time-limit "$TL" --out "$WORK/gate_cells.json" --work "$WORK/gc" \
-    > "$OUT/gate_cells.log" 2>&1
-  wait "$TESTS"
-  "${gate[@]}" --no-cells --merge "$WORK/gate_tests.json" "$WORK/gate_cells.json" --out "$OUT/gpu_gate.json" \
+    ${ONLY:+--only "$ONLY"} > "$OUT/gate_cells.log" 2>&1
+  [ -z "${MERGE:-}" ] && wait "$TESTS"
+  "${gate[@]}" --no-cells --merge ${MERGE:-} "${parts[@]}" "$WORK/gate_cells.json" --out "$OUT/gpu_gate.json" \
     > "$WORK/gate_merge.log" 2>&1 && touch "$WORK/gate.done"
   [ -f "$OUT/gpu_gate.json" ] && python - "$OUT/gpu_gate.json" <<'PY'
 import json, sys
@@ -54,7 +60,7 @@ for c in d["cells"]:
 PY
 fi
 
-while [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && [ "$(left)" -gt 240 ]; do sleep 3; done
+while [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && [ "$(left)" -gt "${BA_S:-240}" ]; do sleep 3; done
 [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && { echo "memory: stopped for the step times"; kill -- "-$MEM"; sleep 2; }
 grep -E "^\[|^\| memory" "$WORK/memory.log" 2>/dev/null | tail -4; head -30 "$OUT/memory_breakdown.txt" 2>/dev/null
 

@@ -5,7 +5,8 @@ Python stacks only), then replays the history: the peak of allocated bytes, and 
 grouped by the innermost frames outside torch and Lightning (the model's layer, peft, bitsandbytes, finlora).
 Blocks allocated before the recorded window (the weights, once the window is full) count as one line.
 
-    python scripts/memory_breakdown.py --out breakdown.txt -- task=custom ... trainer.gradient_checkpointing=true
+    python scripts/memory_breakdown.py --out breakdown.txt -- task=fpb task.train.0.file=rows.jsonl ... \
+        trainer.gradient_checkpointing=true
 
 `scripts/bench_defaults.py --only memory` gives the peaks themselves, each in a fresh process; this says what
 makes one of them up. Needs CUDA.

@@ -98,6 +98,16 @@ def test_merge_keeps_earlier_cells_not_run_now_in_matrix_order():
     assert merged[1]["from"].startswith("aaaaaaaaaa")
 
 
+def test_changed_files_compares_this_tree_with_the_bundles_listing_of_its_commit(tmp_path):
+    listing = subprocess.run(["git", "ls-files", "-s", "train.py", "README.md"], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout
+    tampered = "100644 " + "0" * 40 + " 0\tpyproject.toml\n" + "100644 " + "1" * 40 + " 0\tno/such/file.py\n"
+    (tmp_path / "tree.txt").write_text(listing + tampered)
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "train.py", "README.md"], cwd=ROOT).returncode == 0
+    changed = gpu_gate.changed_files(tmp_path / "tree.txt")
+    assert changed[-2:] == ["pyproject.toml", "no/such/file.py"] and (changed == changed[-2:]) == clean
+
+
 class _Item:
     def __init__(self, *marks):
         self.marks, self.added = list(marks), []
