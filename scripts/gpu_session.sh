@@ -10,8 +10,8 @@
 # as it goes, so a call cut short keeps what finished; a second call on the still-warm machine skips what is done.
 #   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300;
 #                                                    BA_S: the seconds part 3 waits for, default 240)
-# To finish a gate cut short: ONLY=a,b (the cells whose name holds one) MERGE=earlier.json (its tests and other cells
-# kept; no tests run now).
+# GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). To finish a gate cut short: ONLY=a,b (the
+# cells whose name holds one) MERGE=earlier.json (its tests and other cells kept; no tests run now).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 END=$(( $(date +%s) + ${LIMIT:-575} ))
@@ -23,7 +23,7 @@ WORK=/tmp/gpu_session; mkdir -p "$WORK"
 
 memory() {
   [ -f "$WORK/memory.done" ] || python scripts/bench_defaults.py --data .gpu/data --tokenizer .gpu/model \
-    --work "$WORK/memory" --json "$OUT/memory.json" --md "$WORK/memory.md" --only memory > "$WORK/memory.log" 2>&1 \
+    --work "$WORK/memory" --json "$OUT/memory.json" --md "$WORK/memory.md" --only memory > "$OUT/memory.log" 2>&1 \
     && touch "$WORK/memory.done"
   [ -f "$WORK/breakdown.done" ] || python scripts/memory_breakdown.py --out "$OUT/memory_breakdown.txt" -- \
     model.name_or_path="$WORK/memory/llama32" paths.data_dir=.gpu/data logger=csv eval.enabled=false \
@@ -31,13 +31,13 @@ memory() {
     checkpoint.keep_best=0 trainer=gpu \
     task=fpb task.train.0.file="$WORK/memory/long_rows.jsonl" trainer.batch_size=1 data.max_length=2048 \
     trainer.max_steps=6 adapter=lora quant=4bit trainer.gradient_checkpointing=true output_dir="$WORK/breakdown" \
-    > "$WORK/breakdown.log" 2>&1 && touch "$WORK/breakdown.done"
+    > "$OUT/breakdown.log" 2>&1 && touch "$WORK/breakdown.done"
 }
 
 export WORK OUT
 if [ "${MEMORY:-1}" = 1 ]; then setsid bash -c "$(declare -f memory); memory" & MEM=$!; else MEM=; fi
 
-if [ ! -f "$WORK/gate.done" ]; then
+if [ "${GATE:-1}" = 1 ] && [ ! -f "$WORK/gate.done" ]; then
   TL=${TL:-300}; [ "$TL" -gt $(( $(left) - 30 )) ] && TL=$(( $(left) - 30 ))
   gate=(python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data --commit "$COMMIT" --skip-tests)
   parts=()
@@ -60,11 +60,11 @@ for c in d["cells"]:
 PY
 fi
 
-while [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && [ "$(left)" -gt "${BA_S:-240}" ]; do sleep 3; done
+while [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && [ "$(left)" -gt "$( [ "${BA:-1}" = 1 ] && echo "${BA_S:-240}" || echo 10)" ]; do sleep 3; done
 [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && { echo "memory: stopped for the step times"; kill -- "-$MEM"; sleep 2; }
-grep -E "^\[|^\| memory" "$WORK/memory.log" 2>/dev/null | tail -4; head -30 "$OUT/memory_breakdown.txt" 2>/dev/null
+grep -E "^\[|^\| memory" "$OUT/memory.log" 2>/dev/null | tail -4; head -30 "$OUT/memory_breakdown.txt" 2>/dev/null
 
-if [ -d .gpu/before ] && [ ! -f "$WORK/ba.done" ] && [ "$(left)" -ge 150 ]; then
+if [ "${BA:-1}" = 1 ] && [ -d .gpu/before ] && [ ! -f "$WORK/ba.done" ] && [ "$(left)" -ge 150 ]; then
   cp docs/benchmarks.md "$OUT/benchmarks.md"
   timeout "$(left)" python scripts/bench_before_after.py --before .gpu/before --before-name "$(cat .gpu/before/commit.txt)" \
     --after-name "${COMMIT:0:7}" --data .gpu/data --tokenizer .gpu/model --json "$OUT/before_after.json" \
