@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -170,7 +171,8 @@ def memory(args: argparse.Namespace) -> list[dict]:
     """Each row `python train.py` in a fresh process, its peak read from its own summary (`gpu_peak_gib`): in one
     process a run's peak would include what earlier runs' CUDA graphs and compiled code still hold. The peak rows
     train on `long_rows`, one row of exactly `data.max_length` tokens a step. A model folder that an earlier run
-    of this section saved is used again (saving 32 layers writes 16 GB)."""
+    of this section saved is used again (saving 32 layers writes 16 GB). With --breakdown, the 4-bit peak row's run
+    once more under scripts/memory_breakdown.py: what that peak is made of."""
     layers = 2 if args.smoke else 32
     folder = Path(args.work) / f"llama{layers}"
     model = folder if (folder / "config.json").is_file() else save_random_llama(
@@ -178,15 +180,17 @@ def memory(args: argparse.Namespace) -> list[dict]:
     width = 256 if args.smoke else 2048
     long = ["task=fpb", f"task.train.0.file={long_rows(args).resolve()}", "trainer.batch_size=1",
             f"data.max_length={width}", "trainer.max_steps=6"]
-    rows = []
-    for bits in (4, 8):
-        q = ["adapter=lora", f"quant={bits}bit", "trainer.gradient_checkpointing=true"]
-        rows.append(bench.job(f"memory {layers} layers {bits}bit, 1 x {width} tokens", model, args,
-                              args.cache, *q, *long))
+    lora = ["adapter=lora", "trainer.gradient_checkpointing=true"]
+    rows = [bench.job(f"memory {layers} layers {bits}bit, 1 x {width} tokens", model, args, args.cache, *lora,
+                      f"quant={bits}bit", *long) for bits in (4, 8)]
+    if args.breakdown:
+        out = Path(tempfile.mkdtemp(prefix="breakdown-", dir=args.work))
+        subprocess.run([sys.executable, str(ROOT / "scripts" / "memory_breakdown.py"), "--out", args.breakdown, "--",
+                        *bench.overrides(model, out, args, *lora, "quant=4bit", *long)], check=False)
     for bits in (4, 8) if "memory-speed" in args.only else ():
-        q = ["task=sentiment", "adapter=lora", f"quant={bits}bit", "trainer.gradient_checkpointing=true"]
         rows.append(bench.job(f"memory {layers} layers {bits}bit, 8 examples, no flags", model, args, args.cache,
-                              *q, "trainer.batch_size=8", steps(args, False)))
+                              "task=sentiment", *lora, f"quant={bits}bit", "trainer.batch_size=8",
+                              steps(args, False)))
     return rows
 
 
@@ -253,6 +257,7 @@ def main() -> None:
     parser.add_argument("--work", default=tempfile.mkdtemp(prefix="bench-defaults-"))
     parser.add_argument("--json", default=str(ROOT / "docs/defaults_speed.json"))
     parser.add_argument("--md", default=str(ROOT / "docs/benchmarks.md"))
+    parser.add_argument("--breakdown", help="memory: also write what the 4-bit peak is made of to this file (CUDA)")
     parser.add_argument("--append", action="store_true", help="add to --json's rows instead of starting anew")
     parser.add_argument("--rewrite", action="store_true", help="only rewrite --md's section from --json's rows")
     args = parser.parse_args()

@@ -30,7 +30,7 @@ join_parts() {
   [ -d "$OUT/part1" ] && [ -d "$OUT/part2" ] || { echo "gpu_bundle: join needs $OUT/part1 and $OUT/part2" >&2; exit 1; }
   rm -rf "$OUT/wheels" "$OUT/model" "$OUT/data"
   cp -r "$OUT/part1/wheels" "$OUT/part1/model" "$OUT/part1/data" "$OUT/"
-  cp "$OUT/part1/commit.txt" "$OUT/commit.txt"
+  cp "$OUT/part1/commit.txt" "$OUT/part1/tree.txt" "$OUT/"
   for first in "$OUT"/part1/pieces/*.part-1; do
     name=$(basename "$first" .part-1)
     cat "$first" "$OUT/part2/pieces/$name.part-2" > "$OUT/wheels/$name"
@@ -115,6 +115,6 @@ head -c "$first" "$bnb" > "$OUT/part1/pieces/$name.part-1"
 tail -c +"$(( first + 1 ))" "$bnb" > "$OUT/part2/pieces/$name.part-2"
 (cd "$OUT/wheels" && sha256sum "$name") > "$OUT/part1/pieces/$name.sha256"
 rm "$bnb"
-mv "$OUT/wheels" "$OUT/model" "$OUT/data" "$OUT/commit.txt" "$OUT/part1/"
+mv "$OUT/wheels" "$OUT/model" "$OUT/data" "$OUT/commit.txt" "$OUT/tree.txt" "$OUT/part1/"
 echo "gpu_bundle: two parts: $OUT/part1 $(mib "$OUT/part1") MiB, $OUT/part2 $(mib "$OUT/part2") MiB; carry one a run" \
      "(the machine keeps the first while it stays warm), then on the device: bash scripts/gpu_bundle.sh join"

@@ -2,7 +2,7 @@
 # A session's GPU work as one device call, within LIMIT seconds (default 575, under the 600 s a command may run):
 #   1. the GPU gate on this tree (scripts/gpu_gate.py: its tests and its cells at once)      -> $OUT/gpu_gate.json
 #   2. beside it, issue 33's memory rows (bench_defaults.py --only memory, each a fresh process: a peak is a process's
-#      own, so the gate beside it leaves it alone), then what makes up QLoRA's peak (memory_breakdown.py)
+#      own, so the gate beside it leaves it alone), then what makes up QLoRA's peak (its --breakdown)
 #                                                                    -> $OUT/memory.json, $OUT/memory_breakdown.txt
 #   3. on a quiet GPU, if 150 s are left: the step times of this tree against .gpu/before (bench_before_after.py)
 #                                                                    -> $OUT/before_after.json, $OUT/benchmarks.md
@@ -23,15 +23,8 @@ WORK=/tmp/gpu_session; mkdir -p "$WORK"
 
 memory() {
   [ -f "$WORK/memory.done" ] || python scripts/bench_defaults.py --data .gpu/data --tokenizer .gpu/model \
-    --work "$WORK/memory" --json "$OUT/memory.json" --md "$WORK/memory.md" --only memory > "$OUT/memory.log" 2>&1 \
-    && touch "$WORK/memory.done"
-  [ -f "$WORK/breakdown.done" ] || python scripts/memory_breakdown.py --out "$OUT/memory_breakdown.txt" -- \
-    model.name_or_path="$WORK/memory/llama32" paths.data_dir=.gpu/data logger=csv eval.enabled=false \
-    eval.during_training.size=0 eval.during_training.samples=0 data.val_size=16 checkpoint.every_n_steps=100000 \
-    checkpoint.keep_best=0 trainer=gpu \
-    task=fpb task.train.0.file="$WORK/memory/long_rows.jsonl" trainer.batch_size=1 data.max_length=2048 \
-    trainer.max_steps=6 adapter=lora quant=4bit trainer.gradient_checkpointing=true output_dir="$WORK/breakdown" \
-    > "$OUT/breakdown.log" 2>&1 && touch "$WORK/breakdown.done"
+    --work "$WORK/memory" --json "$OUT/memory.json" --md "$WORK/memory.md" --only memory \
+    --breakdown "$OUT/memory_breakdown.txt" > "$OUT/memory.log" 2>&1 && touch "$WORK/memory.done"
 }
 
 export WORK OUT
