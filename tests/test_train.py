@@ -153,9 +153,10 @@ def test_train_pipeline_writes_a_complete_run(tiny_model_dir, tmp_path):
     assert float(final["final_val_loss"]) == pytest.approx(summary["final_val_loss"])
 
 
-def test_quantized_base_keeps_embedding_and_head_in_the_compute_dtype(tiny_model_dir, tmp_path):
+def test_quantized_base_keeps_embedding_head_and_norms_in_the_compute_dtype(tiny_model_dir, tmp_path):
     """The frozen embedding and LM head stay in the dtype they were loaded in (peft's kbit preparation would make
-    float32 copies: 4 GiB on Llama-3.1-8B), the norms are float32, and a bf16 step trains the adapter."""
+    float32 copies: 4 GiB on Llama-3.1-8B); bf16 norms stay bf16, so the residual stream that checkpointing keeps is
+    bf16, not float32; a bf16 step trains the adapter; float16 norms are upcast to float32, as peft does."""
     from transformers import AutoModelForCausalLM
 
     untied = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -164,20 +165,29 @@ def test_quantized_base_keeps_embedding_and_head_in_the_compute_dtype(tiny_model
     untied.save_pretrained(tmp_path)
     load_tokenizer(str(tiny_model_dir), ModelConfig(name_or_path=str(tiny_model_dir))).save_pretrained(tmp_path)
     cfg = ModelConfig(name_or_path=str(tmp_path))
+    adapter = AdapterConfig(method=AdapterMethod.lora, r=4, alpha=8, target_modules=["q_proj"])
     base = load_model(str(tmp_path), cfg, QuantConfig(bits=4), torch.bfloat16, torch.device("cpu"))
-    model = attach_adapter(base, AdapterConfig(method=AdapterMethod.lora, r=4, alpha=8, target_modules=["q_proj"]),
-                           gradient_checkpointing=True)
+    model = attach_adapter(base, adapter, gradient_checkpointing=True)
     inner = model.base_model.model
     assert inner.model.embed_tokens.weight.dtype == torch.bfloat16
     assert inner.lm_head.weight.dtype == torch.bfloat16
-    assert inner.model.norm.weight.dtype == torch.float32
+    assert {p.dtype for n, p in model.named_parameters() if "norm" in n} == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if "lora_" in n)
+    streams = []  # the residual stream: what each layer and the final norm take in (what checkpointing keeps)
+    for module in [*inner.model.layers, inner.model.norm]:
+        module.register_forward_pre_hook(lambda _, args, kwargs: streams.append(
+            (args[0] if args else kwargs["hidden_states"]).dtype), with_kwargs=True)
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(input_ids=torch.tensor([[1, 2, 3, 4, 5]]), labels=torch.tensor([[1, 2, 3, 4, 5]])).loss
     loss.backward()
     assert torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert streams == [torch.bfloat16] * (len(inner.model.layers) + 1)
+
+    half = attach_adapter(load_model(str(tmp_path), cfg, QuantConfig(bits=4), torch.float16, torch.device("cpu")),
+                          adapter, gradient_checkpointing=False)
+    assert {p.dtype for n, p in half.named_parameters() if "norm" in n} == {torch.float32}
 
 
 @pytest.mark.parametrize("bits", [None, 4])

@@ -34,8 +34,8 @@ def lora_config(cfg: AdapterConfig) -> LoraConfig:
 def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpointing: bool) -> nn.Module:
     """Wrap the base model for training: a peft LoRA/DoRA model, or the model itself for full fine-tuning.
 
-    A quantized base is frozen as peft's `prepare_model_for_kbit_training` freezes it (`freeze_quantized`), less
-    its float32 copy of every unquantized weight. Gradient checkpointing is non-reentrant: the checkpointed
+    A quantized base is frozen much as peft's `prepare_model_for_kbit_training` freezes it (`freeze_quantized`),
+    without its float32 copies of the unquantized weights. Gradient checkpointing is non-reentrant: the checkpointed
     layers' inputs need no gradient for the adapter's weights inside them to get theirs, so the hook that
     transformers puts on the embeddings for that (a `requires_grad_` that splits a compiled step in three graphs)
     is removed. It is enabled after peft wraps the model, which would add a second hook whose handle is lost.
@@ -53,12 +53,15 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
 
 
 def freeze_quantized(model: PreTrainedModel) -> None:
-    """Freeze the base and put its norms (and any bias) in float32 for stable statistics. Unlike peft's
-    `prepare_model_for_kbit_training`, the frozen embedding and LM head stay in their dtype: upcast, they would double
-    in memory (the largest part of a quantized model's peak, docs/benchmarks.md) for matmuls autocast runs in bf16."""
+    """Freeze the base; float16 norms (and any bias) go to float32, as peft's `prepare_model_for_kbit_training` puts
+    them, against float16's overflow. Unlike peft, bf16 ones stay bf16: bf16 has float32's range, and a float32 norm
+    makes every layer's output, and so the residual stream that gradient checkpointing keeps, float32 (twice the
+    activation memory, docs/benchmarks.md), where a bf16 base without quantization runs it in bf16. The frozen
+    embedding and LM head stay in their dtype too: upcast, they would double in memory (the largest part of a
+    quantized model's peak) for matmuls autocast runs in bf16."""
     for param in model.parameters():
         param.requires_grad_(False)
-        if param.ndim == 1 and param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
+        if param.ndim == 1 and param.dtype == torch.float16 and type(param).__name__ != "Params4bit":
             param.data = param.data.float()
 
 
