@@ -10,7 +10,8 @@
 # as it goes, so a call cut short keeps what finished; a second call on the still-warm machine skips what is done.
 #   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300;
 #                                                    BA_S: the seconds part 3 waits for, default 240)
-# GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). To finish a gate cut short: ONLY=a,b (the
+# GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). MEM_ONLY: part 2's bench_defaults.py
+# sections (default memory; "memory memory-speed" adds tokens/s at 8 examples). To finish a gate cut short: ONLY=a,b (the
 # cells whose name holds one) MERGE=earlier.json (its tests and other cells kept; no tests run now).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ WORK=/tmp/gpu_session; mkdir -p "$WORK"
 
 memory() {
   [ -f "$WORK/memory.done" ] || python scripts/bench_defaults.py --data .gpu/data --tokenizer .gpu/model \
-    --work "$WORK/memory" --json "$OUT/memory.json" --md "$WORK/memory.md" --only memory \
+    --work "$WORK/memory" --json "$OUT/memory.json" --md "$WORK/memory.md" --only ${MEM_ONLY:-memory} \
     --breakdown "$OUT/memory_breakdown.txt" > "$OUT/memory.log" 2>&1 && touch "$WORK/memory.done"
 }
 
