@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTION = "## Before and after the restructuring"
 MISSION = ["task=sentiment", "adapter=dora", "adapter.r=8", "quant=8bit", "trainer.batch_size=8"]
 REGIONS = ["trainer.capture=true", "trainer.compile=inductor", "trainer.compile_regions=true", "data.batching=static"]
 RUNS = {  # name: overrides; the paths the GPU gate covers, each where users meet it
@@ -51,16 +50,25 @@ def worker(args: argparse.Namespace) -> None:
         bench.run(name, Path(args.model), ns, *extra)
 
 
-def markdown(before: list[dict], after: list[dict], device: str, trees: tuple[str, str]) -> list[str]:
-    lines = [SECTION, "", f"`scripts/bench_before_after.py` on {device}: the same runs through `train()` of {trees[0]} "
-             f"(before) and {trees[1]} (after), one process a tree, one after the other; step times from each run's "
-             "summary.", "", "| run | step ms before | step ms after | after / before |", "|---|---|---|---|"]
+def loss_gap(before: dict, after: dict) -> str:
+    """The largest relative difference of the two runs' logged training losses, step for step (same init, same
+    batches): how far a change moved the numerics."""
+    pairs = list(zip(before.get("losses") or [], after.get("losses") or [], strict=False))
+    return f"{max(abs(a - b) / abs(b) for b, a in pairs):.2e} ({len(pairs)} losses)" if pairs else ""
+
+
+def markdown(before: list[dict], after: list[dict], device: str, trees: tuple[str, str], title: str) -> list[str]:
+    lines = [f"## Before and after {title}", "", f"`scripts/bench_before_after.py` on {device}: the same runs through "
+             f"`train()` of {trees[0]} (before) and {trees[1]} (after), one process a tree, one after the other; step "
+             "times and training losses from each run's summary and log.", "",
+             "| run | step ms before | step ms after | after / before | largest relative loss difference |",
+             "|---|---|---|---|---|"]
     for b, a in zip(before, after, strict=True):
         failed = "error" in a or "error" in b
         ratio = (f"{a['step_ms'] / b['step_ms']:.3f}" if a.get("step_ms") and b.get("step_ms")
                  else "failed" if failed else "no step time")
         lines.append(f"| {b['name']} | {b.get('step_ms', b.get('error', ''))} | {a.get('step_ms', a.get('error', ''))}"
-                     f" | {ratio} |")
+                     f" | {ratio} | {loss_gap(b, a)} |")
     return lines
 
 
@@ -73,6 +81,7 @@ def main() -> None:
     parser.add_argument("--before", help="the earlier tree (src/, scripts/, conf/, train.py)")
     parser.add_argument("--before-name", default="the earlier commit")
     parser.add_argument("--after-name", default="this commit")
+    parser.add_argument("--title", default="the restructuring", help="what changed: the section's heading ends so")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/finlora"), type=absolute,
                         help="FinLoRA's data (each tree's runs start in that tree's folder)")
     parser.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
@@ -114,7 +123,7 @@ def main() -> None:
     device = bench.describe_device()
     write_json(Path(args.json), {"device": device, "trees": [args.before_name, args.after_name], "before": before,
                                  "after": after})
-    text = "\n".join(markdown(before, after, device, (args.before_name, args.after_name)))
+    text = "\n".join(markdown(before, after, device, (args.before_name, args.after_name), args.title))
     replace_section(Path(args.md), text)
     print(text)
 

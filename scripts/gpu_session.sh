@@ -9,7 +9,8 @@
 # Needs the bundle (bash scripts/gpu_bundle.sh, with BEFORE=REV for part 3; carry .gpu). Each part writes under $OUT
 # as it goes, so a call cut short keeps what finished; a second call on the still-warm machine skips what is done.
 #   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300;
-#                                                    BA_S: the seconds part 3 waits for, default 240)
+#                                                    BA_S: the seconds part 3 waits for, default 240;
+#                                                    BA_TITLE: what part 3's section says changed)
 # GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). MEM_ONLY: part 2's bench_defaults.py
 # sections (default memory; "memory memory-speed" adds tokens/s at 8 examples). To finish a gate cut short: ONLY=a,b (the
 # cells whose name holds one) MERGE=earlier.json (its tests and other cells kept; no tests run now).
@@ -61,7 +62,7 @@ grep -E "^\[|^\| memory" "$OUT/memory.log" 2>/dev/null | tail -4; head -30 "$OUT
 if [ "${BA:-1}" = 1 ] && [ -d .gpu/before ] && [ ! -f "$WORK/ba.done" ] && [ "$(left)" -ge 150 ]; then
   cp docs/benchmarks.md "$OUT/benchmarks.md"
   timeout "$(left)" python scripts/bench_before_after.py --before .gpu/before --before-name "$(cat .gpu/before/commit.txt)" \
-    --after-name "${COMMIT:0:7}" --data .gpu/data --tokenizer .gpu/model --json "$OUT/before_after.json" \
+    --after-name "${COMMIT:0:7}" ${BA_TITLE:+--title "$BA_TITLE"} --data .gpu/data --tokenizer .gpu/model --json "$OUT/before_after.json" \
     --md "$OUT/benchmarks.md" --work "$WORK/ba" --runs "mission, capture+regions" "dora 4bit, capture" \
     > "$WORK/ba.log" 2>&1 && touch "$WORK/ba.done"
   grep -E "^\[|^\|" "$WORK/ba.log" | tail -8
