@@ -11,7 +11,8 @@
 #   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300;
 #                                                    BA_S: the seconds part 3 waits for, default 240;
 #                                                    BA_TITLE: what part 3's section says changed)
-# GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). MEM_ONLY: part 2's bench_defaults.py
+# GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). BA=beside: part 3 from the start, beside
+# the others (its losses compare; its step times, taken on a busy GPU, do not). MEM_ONLY: part 2's bench_defaults.py
 # sections (default memory; "memory memory-speed" adds tokens/s at 8 examples). To finish a gate cut short: ONLY=a,b (the
 # cells whose name holds one) MERGE=earlier.json (its tests and other cells kept; no tests run now).
 set -uo pipefail
@@ -29,7 +30,19 @@ memory() {
     --breakdown "$OUT/memory_breakdown.txt" > "$OUT/memory.log" 2>&1 && touch "$WORK/memory.done"
 }
 
+ba() {
+  [ -d .gpu/before ] && [ ! -f "$WORK/ba.done" ] || return 0
+  cp docs/benchmarks.md "$OUT/benchmarks.md"
+  timeout "$(left)" python scripts/bench_before_after.py --before .gpu/before --before-name "$(cat .gpu/before/commit.txt)" \
+    --after-name "${COMMIT:0:7}" ${BA_TITLE:+--title "$BA_TITLE"} --data .gpu/data --tokenizer .gpu/model \
+    --json "$OUT/before_after.json" --md "$OUT/benchmarks.md" --work "$WORK/ba" \
+    --runs "mission, capture+regions" "dora 4bit, capture" > "$WORK/ba.log" 2>&1 && touch "$WORK/ba.done"
+  grep -E "^\[|^\|" "$WORK/ba.log" | tail -8
+}
+
 export WORK OUT
+BESIDE=
+if [ "${BA:-1}" = beside ]; then ba & BESIDE=$!; fi
 if [ "${MEMORY:-1}" = 1 ]; then setsid bash -c "$(declare -f memory); memory" & MEM=$!; else MEM=; fi
 
 if [ "${GATE:-1}" = 1 ] && [ ! -f "$WORK/gate.done" ]; then
@@ -59,11 +72,5 @@ while [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && [ "$(left)" -gt "$( [ "${BA
 [ -n "$MEM" ] && kill -0 "$MEM" 2>/dev/null && { echo "memory: stopped for the step times"; kill -- "-$MEM"; sleep 2; }
 grep -E "^\[|^\| memory" "$OUT/memory.log" 2>/dev/null | tail -4; head -30 "$OUT/memory_breakdown.txt" 2>/dev/null
 
-if [ "${BA:-1}" = 1 ] && [ -d .gpu/before ] && [ ! -f "$WORK/ba.done" ] && [ "$(left)" -ge 150 ]; then
-  cp docs/benchmarks.md "$OUT/benchmarks.md"
-  timeout "$(left)" python scripts/bench_before_after.py --before .gpu/before --before-name "$(cat .gpu/before/commit.txt)" \
-    --after-name "${COMMIT:0:7}" ${BA_TITLE:+--title "$BA_TITLE"} --data .gpu/data --tokenizer .gpu/model --json "$OUT/before_after.json" \
-    --md "$OUT/benchmarks.md" --work "$WORK/ba" --runs "mission, capture+regions" "dora 4bit, capture" \
-    > "$WORK/ba.log" 2>&1 && touch "$WORK/ba.done"
-  grep -E "^\[|^\|" "$WORK/ba.log" | tail -8
-fi
+if [ "${BA:-1}" = 1 ] && [ "$(left)" -ge 150 ]; then ba; fi
+[ -n "$BESIDE" ] && wait "$BESIDE"
