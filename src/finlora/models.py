@@ -30,6 +30,7 @@ from transformers import PreTrainedTokenizerBase as Tokenizer
 from finlora.config import ModelConfig, QuantConfig
 from finlora.embedded import converted_dir, gguf_file
 from finlora.errors import ConfigError
+from finlora.norms import fuse_rms_norms
 
 log = logging.getLogger(__name__)
 EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # where each GGUF came from
@@ -165,13 +166,16 @@ def load_model(source: str, cfg: ModelConfig, quant: QuantConfig, dtype: torch.d
     """The base model with its weights in `dtype`, quantized as asked (`sharded`: for FSDP).
 
     Weights are placed directly on `device`: bitsandbytes quantizes as it loads, and moving an 8-bit
-    model afterwards is not supported. An 8-bit base computes as `quant.int8_compute` says (`finlora.quant.int8`).
+    model afterwards is not supported. An 8-bit base computes as `quant.int8_compute` says (`finlora.quant.int8`);
+    on CUDA the RMSNorms run as one kernel each (`finlora.norms`).
     """
     bnb = quantization_config(quant, dtype, sharded)
     model = AutoModelForCausalLM.from_pretrained(
         source, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=dtype,
         quantization_config=bnb, device_map={"": device})
     model.config.use_cache = False  # the KV cache is useless in training and costs memory
+    if device.type == "cuda":
+        log.info("RMSNorm: %d norms run torch's fused kernel (finlora.norms)", fuse_rms_norms(model))
     if quant.weight_only_int8(device.type):
         from finlora.quant.int8 import use_weight_only_int8
 
