@@ -8,7 +8,7 @@ from dataclasses import fields
 
 import pytest
 
-from finlora.run.summary import RunSummary
+from finlora.run.summary import RunSummary, print_summary
 
 
 def summary(**changes) -> RunSummary:
@@ -24,11 +24,12 @@ def summary(**changes) -> RunSummary:
 
 
 def legacy_keep_earlier(summary: dict, earlier: dict) -> dict:
-    """train.keep_earlier_training before the summary was typed, for comparison."""
+    """train.keep_earlier_training before the summary was typed, as dict operations, for comparison; with what the
+    earlier attempt measured as False or 0 carried too (it was dropped, and the summary printed without it)."""
     if earlier.get("steps") != summary["steps"]:
         return summary
     kept = {k: v for k, v in earlier.items() if not k.startswith("test/") and summary.get(k) in (None, 0, [], {})
-            and v not in (None, 0, [], {})}
+            and v is not None}
     return summary | kept | {"training_from_earlier_attempt": True}
 
 
@@ -76,3 +77,18 @@ def test_carry_training_without_an_earlier_file(tmp_path):
     s = summary(final_train_loss=None)
     s.carry_training(tmp_path / "metrics.json")
     assert s.to_dict() == summary(final_train_loss=None).to_dict()
+
+
+def test_a_resumed_attempt_prints_the_step_profile_it_carried(tmp_path, capsys):
+    """A GPU run resumed after its last step (the gate's rerun in a finished run folder): the earlier attempt's step
+    profile says `host_bound: False` and no host waits; both are carried, and the summary prints (it failed with
+    KeyError: 'host_bound' when a False or a 0 counted as nothing measured)."""
+    profile = {"step_ms": 12.2, "step_host_ms": 2.9, "host_bound": False, "host_syncs_per_step": 0.0, "sync_sites": []}
+    (tmp_path / "metrics.json").write_text(json.dumps(summary(profile=profile, best={}).to_dict()))
+    resumed = summary(final_train_loss=None, profile={}, best={},
+                      throughput={"padding_fraction": 0, "tokens_per_s": None})
+    resumed.carry_training(tmp_path / "metrics.json")
+    flat = resumed.to_dict()
+    assert {k: flat[k] for k in profile} == profile and flat["training_from_earlier_attempt"] is True
+    print_summary(flat, [])
+    assert "bound by the GPU" in capsys.readouterr().out

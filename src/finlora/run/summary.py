@@ -87,7 +87,7 @@ class RunSummary:
             return
         now = self.to_dict()
         kept = {k: v for k, v in earlier.items() if not k.startswith(names.TEST_PREFIX) and now.get(k) in EMPTY
-                and v not in EMPTY}
+                and v is not None}  # a False or a 0 it measured is carried: `host_bound`, `host_syncs_per_step`
         plain = {f.name for f in fields(self)} - {*self.SPREAD, "tested"}  # `tested` is absent until set
         for key, value in kept.items():
             if key in plain:
