@@ -140,8 +140,10 @@ def test_what_cannot_be_recorded_says_so_and_runs_eager(overrides, why, tmp_path
 def test_explicit_settings_are_kept(tmp_path) -> None:
     cfg, plan = _plan(["trainer.capture=false"], CUDA, tmp_path=tmp_path)
     assert (cfg.trainer.capture, cfg.data.batching, plan.path) == (False, Batching.packed, "eager")
-    cfg, plan = _plan(["trainer.compile=inductor", "trainer.compile_regions=true"], CUDA, tmp_path=tmp_path)
-    assert (cfg.trainer.capture, plan.path) == (True, "capture+regions")
+    cfg, plan = _plan(["trainer.compile=inductor", "trainer.compile_regions=true", "trainer.max_steps=20"], CUDA,
+                      tmp_path=tmp_path)  # asked for: the reason says so, not that 20 steps made it pay
+    assert (cfg.trainer.capture, plan.path, plan.reason) == (True, "capture+regions",
+                                                             "trainer.compile=inductor trainer.compile_regions=true")
     cfg, plan = _plan(["quant=8bit", "quant.int8_compute=llm_int8", "trainer.capture=true"], CUDA, tmp_path=tmp_path)
     assert (cfg.trainer.capture, plan.path) == (False, "eager")
 

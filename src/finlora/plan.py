@@ -64,7 +64,8 @@ def plan_step(cfg: Config, device_type: str, train_rows: int) -> StepPlan:
         t.capture = why_not is None
         if why_not and device_type == "cuda":
             log.warning("the step is not recorded: %s", why_not)
-    if t.compile is Compile.auto:
+    chosen = t.compile is Compile.auto  # the compilation is this plan's to choose, not the config's
+    if chosen:
         regions = t.capture and steps >= REGIONS_MIN_STEPS
         t.compile, t.compile_regions = (Compile.inductor, True) if regions else (Compile.eager, t.compile_regions)
     if cfg.data.batching is Batching.auto:
@@ -73,8 +74,8 @@ def plan_step(cfg: Config, device_type: str, train_rows: int) -> StepPlan:
     if t.capture:
         if t.compile is Compile.inductor:
             path = "capture+regions" if t.compile_regions else "capture+inductor"
-            reason = (f"{steps} steps >= {REGIONS_MIN_STEPS}: compiling the decoder layers pays for itself"
-                      if t.compile_regions else "trainer.compile=inductor")
+            reason = (f"{steps} steps >= {REGIONS_MIN_STEPS}: compiling the decoder layers pays for itself" if chosen
+                      else "trainer.compile=inductor" + (" trainer.compile_regions=true" if t.compile_regions else ""))
         else:
             path = "capture"
             reason = (f"recorded as CUDA graphs; {steps} steps < {REGIONS_MIN_STEPS}, too few for compiling to pay"
