@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -213,6 +214,8 @@ def failure(cell: dict, error: str, cpu: bool) -> str:
 
 def run_cell(cell: dict, args: argparse.Namespace, env: dict) -> dict:
     run_dir, eval_dir = args.work / cell["name"], args.work / f"{cell['name']}.eval"
+    for earlier in (run_dir, eval_dir):  # a finished run left there would be resumed, training nothing on this tree
+        shutil.rmtree(earlier, ignore_errors=True)
     train_log, eval_log = args.work / f"{cell['name']}.train.out", args.work / f"{cell['name']}.eval.out"
     record: dict[str, Any] = {**cell, "run_dir": str(run_dir)}
     cmd = [sys.executable, str(ROOT / "train.py"), *train_overrides(cell, run_dir, args)]
@@ -320,14 +323,10 @@ def materialize(model: Path, work: Path) -> Path:
         return model
     if not (model / "config.json").is_file():
         sys.exit(f"gpu_gate: --model {model} has neither weights nor a config.json")
-    import hashlib
-
     key = hashlib.sha256((model / "config.json").read_bytes()).hexdigest()[:12]
     target = work.parent / f"random-model-{key}"
     if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
         return target
-    import shutil
-
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -45,7 +45,7 @@ BESIDE=
 if [ "${BA:-1}" = beside ]; then ba & BESIDE=$!; fi
 if [ "${MEMORY:-1}" = 1 ]; then setsid bash -c "$(declare -f memory); memory" & MEM=$!; else MEM=; fi
 
-if [ "${GATE:-1}" = 1 ] && [ ! -f "$WORK/gate.done" ]; then
+if [ "${GATE:-1}" = 1 ] && { [ -n "${ONLY:-}" ] || [ ! -f "$WORK/gate.done" ]; }; then  # ONLY: asked anew
   TL=${TL:-300}; [ "$TL" -gt $(( $(left) - 30 )) ] && TL=$(( $(left) - 30 ))
   gate=(python scripts/gpu_gate.py --model .gpu/model --data-dir .gpu/data --commit "$COMMIT" --skip-tests)
   parts=()

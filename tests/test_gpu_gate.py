@@ -38,6 +38,13 @@ def test_the_gate_on_the_cpu_runs_an_eager_cell_through_train_and_eval_and_recor
     assert eager["config"]["batching"] == "packed" and eager["config"]["adapter"] == "lora"
     assert eager["eval"]["status"] == "ok" and eager["eval"]["rows"] == 4 and eager["eval"]["accuracy"] is not None
     assert (tmp_path / "runs" / "eager-lora-none" / "adapter" / "adapter_config.json").is_file()
+    # Again into the same --work (a gate cell rerun on a still-warm machine): the cell trains anew, not resuming the
+    # finished run it finds there.
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [again] = json.loads(out.read_text())["cells"]
+    metrics = json.loads((tmp_path / "runs" / "eager-lora-none" / "metrics.json").read_text())
+    assert again["status"] == "ok" and "training_from_earlier_attempt" not in metrics
 
 
 def test_the_gate_refuses_a_machine_without_cuda_unless_told(tmp_path):
