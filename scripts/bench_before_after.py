@@ -27,6 +27,8 @@ RUNS = {  # name: overrides; the paths the GPU gate covers, each where users mee
     "mission lora, capture+regions": [*MISSION, "adapter=lora", *REGIONS, "trainer.max_steps=150"],
     "dora 4bit, capture": [*MISSION, "quant=4bit", "trainer.capture=true", "data.batching=static",
                            "trainer.max_steps=150"],
+    "lora 4bit, capture": [*MISSION, "adapter=lora", "quant=4bit", "trainer.capture=true", "data.batching=static",
+                           "trainer.max_steps=150"],
     "dora none, eager": [*MISSION, "quant=none", "trainer.capture=false", "trainer.compile=eager",
                          "data.batching=packed", "trainer.max_steps=40"],
 }

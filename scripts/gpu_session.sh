@@ -10,7 +10,8 @@
 # as it goes, so a call cut short keeps what finished; a second call on the still-warm machine skips what is done.
 #   run: LIMIT=575 bash scripts/gpu_session.sh        (MEMORY=0: no part 2; TL: the gate's seconds, default 300;
 #                                                    BA_S: the seconds part 3 waits for, default 240;
-#                                                    BA_TITLE: what part 3's section says changed)
+#                                                    BA_TITLE: what part 3's section says changed;
+#                                                    BA_RUNS: its runs, ';' between names)
 # GATE=0, BA=0: no part 1, no part 3 (part 2 may then run to the end). BA=beside: part 3 from the start, beside
 # the others (its losses compare; its step times, taken on a busy GPU, do not). MEM_ONLY: part 2's bench_defaults.py
 # sections (default memory; "memory memory-speed" adds tokens/s at 8 examples). To finish a gate cut short: ONLY=a,b (the
@@ -36,11 +37,12 @@ ba() {
   timeout "$(left)" python scripts/bench_before_after.py --before .gpu/before --before-name "$(cat .gpu/before/commit.txt)" \
     --after-name "${COMMIT:0:7}" ${BA_TITLE:+--title "$BA_TITLE"} --data .gpu/data --tokenizer .gpu/model \
     --json "$OUT/before_after.json" --md "$OUT/benchmarks.md" --work "$WORK/ba" \
-    --runs "mission, capture+regions" "dora 4bit, capture" > "$WORK/ba.log" 2>&1 && touch "$WORK/ba.done"
+    --runs "${BA_RUNS[@]}" > "$WORK/ba.log" 2>&1 && touch "$WORK/ba.done"
   grep -E "^\[|^\|" "$WORK/ba.log" | tail -8
 }
 
 export WORK OUT
+IFS=';' read -r -a BA_RUNS <<< "${BA_RUNS:-mission, capture+regions;dora 4bit, capture}"
 BESIDE=
 if [ "${BA:-1}" = beside ]; then ba & BESIDE=$!; fi
 if [ "${MEMORY:-1}" = 1 ]; then setsid bash -c "$(declare -f memory); memory" & MEM=$!; else MEM=; fi

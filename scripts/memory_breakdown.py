@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-OUTSIDE = ("/torch/", "/lightning/", "<frozen", "/contextlib.py", "/functools.py")
+# Frames of these files are skipped: torch's and Lightning's packages (matched as installed packages, since a
+# machine may keep its environment under a folder named torch, as /opt/torch/.venv), and the standard library's glue.
+OUTSIDE = re.compile(r"[/\\](site|dist)-packages[/\\](torch|lightning)[/\\]|^<frozen|[/\\](contextlib|functools)\.py$")
 GIB, MIB = 2**30, 2**20
 
 
@@ -42,7 +45,7 @@ def site(event: dict[str, Any], frames: int = 3) -> str:
     """The innermost frame, then the first `frames` frames outside torch and Lightning."""
     stack = event.get("frames") or []
     ours = [f"{Path(f['filename']).name}:{f['line']}:{f['name']}" for f in stack
-            if not any(part in f["filename"] for part in OUTSIDE)][:frames]
+            if not OUTSIDE.search(f["filename"])][:frames]
     return f"[{stack[0]['name'] if stack else '?'}] " + (" < ".join(ours) or "(no frame outside torch)")
 
 

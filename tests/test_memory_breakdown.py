@@ -14,9 +14,12 @@ spec.loader.exec_module(memory_breakdown)
 MIB = 2**20
 
 
+ENV = "/opt/torch/.venv/lib/python3.12/site-packages"  # the GPU image keeps its environment under a folder named torch
+
+
 def frames(name: str) -> list[dict]:
-    return [{"filename": "/env/torch/nn/functional.py", "line": 1, "name": "linear"},
-            {"filename": "/env/transformers/models/llama/modeling_llama.py", "line": 7, "name": name}]
+    return [{"filename": f"{ENV}/torch/nn/functional.py", "line": 1, "name": "linear"},
+            {"filename": f"{ENV}/transformers/models/llama/modeling_llama.py", "line": 7, "name": name}]
 
 
 def event(action: str, addr: int, mib: int, name: str = "forward") -> dict:
@@ -42,3 +45,4 @@ def test_report_takes_what_was_allocated_before_the_window_from_the_end_state() 
     assert groups[0].split()[0] == "130.0" and "modeling_llama.py:7:mlp" in groups[0]  # blocks 1 and 3
     assert groups[1].split()[0] == "50.0" and "attention" in groups[1]
     assert groups[0].split("]")[0].endswith("[linear")  # the innermost frame, inside torch
+    assert "functional.py" not in groups[0]  # torch's frames are skipped, transformers' kept

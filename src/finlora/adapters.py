@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from finlora.compat.transformers import input_grads_enabled
 from finlora.config import AdapterConfig, AdapterMethod, DoraImpl
 from finlora.errors import ConfigError
+from finlora.lora_dropout import use_dropped_product
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,16 @@ def attach_adapter(model: PreTrainedModel, cfg: AdapterConfig, gradient_checkpoi
     layers' inputs need no gradient for the adapter's weights inside them to get theirs, so the hook that
     transformers puts on the embeddings for that (a `requires_grad_` that splits a compiled step in three graphs)
     is removed. It is enabled after peft wraps the model, which would add a second hook whose handle is lost.
+    LoRA adapters with dropout keep their layer input and a mask for backward, not a dropped copy each
+    (`finlora.lora_dropout`).
     """
     if getattr(model, "is_quantized", False):
         freeze_quantized(model)
     wrapped = model if cfg.method is AdapterMethod.none else get_peft_model(model, lora_config(cfg))
     if cfg.method is AdapterMethod.dora:
         choose_dora(wrapped, cfg.impl)
+    elif cfg.method is AdapterMethod.lora:
+        use_dropped_product(wrapped)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if input_grads_enabled(model):

@@ -1,17 +1,24 @@
-"""peft internals finlora's DoRA builds on: the per-adapter DoRA variant it subclasses, the keyword arguments a LoRA
-layer hands its variant, the LoRA layer classes on bitsandbytes bases, the input cast of a LoRA layer, and swapping a
-layer's class. Checked on peft 0.21 / bitsandbytes 0.50.2."""
+"""peft internals finlora's DoRA and LoRA dropout build on: the variant base class and the per-adapter DoRA variant
+they subclass, peft's LoRA linear layer, the keyword arguments a LoRA layer hands its variant, the LoRA layer classes on
+bitsandbytes bases, the input cast of a LoRA layer, and swapping a layer's class. Checked on peft 0.21 /
+bitsandbytes 0.50.2."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+from peft.tuners.lora.layer import VARIANT_KWARG_KEYS, LoraVariant
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.variants import DoraLinearVariant
 from torch import Tensor, nn
 
-__all__ = ["DoraLinearVariant", "VARIANT_KWARG_KEYS", "cast_input_dtype", "lora_bnb_layers", "swap_class"]
+__all__ = ["DoraLinearVariant", "LoraLinear", "LoraVariant", "VARIANT_KWARG_KEYS", "cast_input_dtype",
+           "lora_bnb_layers", "swap_class"]
+
+# `LoraVariant` (peft.tuners.lora.layer): what a LoRA layer's forward and merge call for an adapter found in
+# `module.lora_variant` (init, merge_safe, merge_unsafe, unmerge, forward) instead of vanilla LoRA's own code.
+# `LoraLinear` (peft.tuners.lora.layer.Linear): peft's LoRA layer on a plain nn.Linear base.
 
 # `DoraLinearVariant` (peft.tuners.lora.variants): the variant object peft keeps per adapter in
 # `module.lora_variant[adapter]` for a DoRA linear layer; finlora's subclasses it and replaces `forward`.

@@ -25,7 +25,8 @@ Each layer computes y = m / ‖W0 + s·B·A‖_rows ⊙ (W0·x + s·B·A·dropou
   frozen ‖W0_i‖² (`steps.prepare_compile`). Recorded as a CUDA graph, the cache is emptied first
   (`steps.forget_norms`), so the recorded forward recomputes the norms at every replay.
 - With dropout > 0 in training, dropout applies to the LoRA branch only (the formula above); peft instead runs the
-  base matmul a second time on dropout(x). Outside training, or with dropout 0, both compute the same function.
+  base matmul a second time on dropout(x). Outside training, or with dropout 0, both compute the same function. The
+  branch keeps x and the mask for backward, not a dropped copy (`finlora.lora_dropout`).
 
 Modules, in the order they build on each other: `reference` (the formula), `state` (what a layer keeps), `bases`
 (the frozen base weight), `kernels` (Triton), `ops` (autograd and custom operators), `constants` (batched refresh),

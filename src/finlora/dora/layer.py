@@ -18,6 +18,7 @@ from finlora.dora.bases import a_times_w0t, dequantizes_in_forward
 from finlora.dora.constants import branch_weights, frozen_sqnorm, layer_consts, refresh_batch, refresh_grams
 from finlora.dora.ops import Consts, DoraTail, base_and_cross, dora_tail_op
 from finlora.dora.state import Constants, Gram, ensure_state, held_state, key
+from finlora.lora_dropout import dropped_product
 
 
 def parts(module: nn.Module, adapter: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, float]:
@@ -42,12 +43,9 @@ class FastDoraLinearVariant(compat_peft.DoraLinearVariant):
                 **kwargs: Any) -> Tensor:
         """`cross`: the layer's A·W0ᵀ from its own forward (`DoraLinearQuantized`), whose norm is then computed here
         from it instead of read from the cache."""
-        dropout = module.lora_dropout[active_adapter]
-        if module.training and not isinstance(dropout, nn.Identity):
-            x = dropout(x)
         layer = parts(module, active_adapter)
         base, lora_a, lora_b, magnitude, scaling = layer
-        ax = F.linear(x, lora_a)  # not the module: saves a module call; the norm reads the weight anyway
+        ax = dropped_product(x, lora_a, module.lora_dropout[active_adapter], module.training)
         bias = getattr(base, "bias", None)
         compiling = torch.compiler.is_compiling()
         if cross is None and compiling:
