@@ -210,7 +210,7 @@ def test_on_cuda_a_4bit_lora_step_is_peft_s_and_keeps_the_input_once(tiny_model_
     for name, model in zip(("peft", "ours"), models, strict=True):
         attention = model.base_model.model.model.layers[0].self_attn
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            kept[name] = [t for t in _kept_for_backward(lambda h, a=attention: a.q_proj(h) .sum() + a.k_proj(h).sum()
+            kept[name] = [t for t in _kept_for_backward(lambda h, a=attention: a.q_proj(h).sum() + a.k_proj(h).sum()
                                                         + a.v_proj(h).sum(), hidden) if t.numel() == hidden.numel()]
     assert sum(t.dtype == torch.bfloat16 and t.data_ptr() != hidden.data_ptr() for t in kept["peft"]) == 3
     assert {t.data_ptr() for t in kept["ours"] if t.dtype == torch.bfloat16} == {hidden.data_ptr()}
